@@ -1,0 +1,191 @@
+"""The one architecture table: where each supported family keeps its projections.
+
+Every other module asks this table (never the model class) for a layer's q/k/v/o and
+gate/up/down projections, its norms, the attention geometry and the per-family flags
+that carry over into a pruned FlapLlama config.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from torch import nn
+
+from .errors import FlapDeployError
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Dense shapes of a decoder, read from its config."""
+
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per KV head."""
+        return self.num_heads // self.num_kv_heads
+
+
+@dataclass(frozen=True)
+class LayerModules:
+    """The projections and norms of one decoder layer (None where a module is absent)."""
+
+    q_proj: nn.Linear | None
+    k_proj: nn.Linear | None
+    v_proj: nn.Linear | None
+    o_proj: nn.Linear | None
+    gate_proj: nn.Linear | None
+    up_proj: nn.Linear | None
+    down_proj: nn.Linear | None
+    input_layernorm: nn.Module | None
+    post_attention_layernorm: nn.Module | None
+    q_norm: nn.Module | None
+    k_norm: nn.Module | None
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """How one architecture lays out a decoder layer."""
+
+    architecture: str
+    families: str
+    qkv_bias: Callable[[Any], bool]
+    o_bias: Callable[[Any], bool]
+    mlp_bias: Callable[[Any], bool]
+    qk_norm: bool
+    sliding_window: Callable[[Any], int | None]
+    attn: str = "self_attn"
+    mlp: str = "mlp"
+    q: str = "q_proj"
+    k: str = "k_proj"
+    v: str = "v_proj"
+    o: str = "o_proj"
+    gate: str = "gate_proj"
+    up: str = "up_proj"
+    down: str = "down_proj"
+
+    def geometry(self, config: Any) -> Geometry:
+        heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        return Geometry(
+            hidden_size=config.hidden_size,
+            num_layers=config.num_hidden_layers,
+            num_heads=heads,
+            num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+            head_dim=head_dim,
+            intermediate_size=config.intermediate_size,
+        )
+
+    def layers(self, model: nn.Module) -> nn.ModuleList:
+        """The decoder layers of a *ForCausalLM model."""
+        return model.model.layers
+
+    def layer_modules(self, model: nn.Module, index: int) -> LayerModules:
+        layer = self.layers(model)[index]
+        attn = getattr(layer, self.attn, None)
+        mlp = getattr(layer, self.mlp, None)
+
+        def part(module: nn.Module | None, name: str) -> nn.Module | None:
+            return getattr(module, name, None) if module is not None else None
+
+        return LayerModules(
+            q_proj=part(attn, self.q),
+            k_proj=part(attn, self.k),
+            v_proj=part(attn, self.v),
+            o_proj=part(attn, self.o),
+            gate_proj=part(mlp, self.gate),
+            up_proj=part(mlp, self.up),
+            down_proj=part(mlp, self.down),
+            input_layernorm=getattr(layer, "input_layernorm", None),
+            post_attention_layernorm=getattr(layer, "post_attention_layernorm", None),
+            q_norm=part(attn, "q_norm"),
+            k_norm=part(attn, "k_norm"),
+        )
+
+
+def _attr(name: str, default: Any = None) -> Callable[[Any], Any]:
+    return lambda config: getattr(config, name, default)
+
+
+def _qwen_window(config: Any) -> int | None:
+    if getattr(config, "use_sliding_window", False):
+        raise FlapDeployError(
+            f"{config.architectures[0] if config.architectures else 'Qwen'}: use_sliding_window=true "
+            "(per-layer sliding windows) is not supported"
+        )
+    return None
+
+
+ADAPTERS: dict[str, Adapter] = {
+    a.architecture: a
+    for a in (
+        Adapter(
+            "LlamaForCausalLM",
+            "Llama 1/2/3, SmolLM, TinyLlama (MHA or GQA, rope scaling)",
+            qkv_bias=_attr("attention_bias", False),
+            o_bias=_attr("attention_bias", False),
+            mlp_bias=_attr("mlp_bias", False),
+            qk_norm=False,
+            sliding_window=lambda c: None,
+        ),
+        Adapter(
+            "MistralForCausalLM",
+            "Mistral (GQA, optional sliding window)",
+            qkv_bias=lambda c: False,
+            o_bias=lambda c: False,
+            mlp_bias=lambda c: False,
+            qk_norm=False,
+            sliding_window=_attr("sliding_window"),
+        ),
+        Adapter(
+            "Qwen2ForCausalLM",
+            "Qwen2 / Qwen2.5 (GQA, q/k/v biases)",
+            qkv_bias=lambda c: True,
+            o_bias=lambda c: False,
+            mlp_bias=lambda c: False,
+            qk_norm=False,
+            sliding_window=_qwen_window,
+        ),
+        Adapter(
+            "Qwen3ForCausalLM",
+            "Qwen3 dense (GQA, per-head q/k RMSNorm)",
+            qkv_bias=_attr("attention_bias", False),
+            o_bias=_attr("attention_bias", False),
+            mlp_bias=lambda c: False,
+            qk_norm=True,
+            sliding_window=_qwen_window,
+        ),
+    )
+}
+
+SOURCE_ARCHITECTURES = list(ADAPTERS)
+
+
+def architecture_of(config: Any) -> str:
+    archs = getattr(config, "architectures", None) or []
+    if archs:
+        return archs[0]
+    model_type = getattr(config, "model_type", "")
+    by_type = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+               "qwen3": "Qwen3ForCausalLM", "flap_llama": "FlapLlamaForCausalLM"}
+    return by_type.get(model_type, model_type or "<unknown>")
+
+
+def get_adapter(config: Any) -> Adapter:
+    """The adapter of a config's architecture, or a FlapDeployError listing the supported ones."""
+    arch = architecture_of(config)
+    if arch not in ADAPTERS:
+        raise FlapDeployError(
+            f"unsupported architecture '{arch}'; supported: {', '.join(SOURCE_ARCHITECTURES)}"
+        )
+    return ADAPTERS[arch]
+
+
+def is_pruned(config: Any) -> bool:
+    return architecture_of(config) == "FlapLlamaForCausalLM"

@@ -1,0 +1,186 @@
+"""Pruned-checkpoint I/O: save (atomically, safetensors only), validate, expected shapes.
+
+The contract lives in ARCHITECTURE.md ("Pruned checkpoint contract"); the config rules are
+checked by ``validate_flap_config`` (shipped inside every checkpoint), the tensor rules here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from .atomic import atomic_directory
+from .errors import FlapDeployError
+from .modeling_flap_llama import FlapConfigError, validate_flap_config
+
+MODELING_FILE = Path(__file__).with_name("modeling_flap_llama.py")
+AUTO_MAP = {
+    "AutoConfig": "modeling_flap_llama.FlapLlamaConfig",
+    "AutoModelForCausalLM": "modeling_flap_llama.FlapLlamaForCausalLM",
+}
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+    "generation_config.json",
+)
+MAX_SHARD = "2GB"
+
+
+def read_config(path: str | os.PathLike) -> dict[str, Any]:
+    """config.json of a model directory, with one-line errors for a missing or broken file."""
+    path = Path(path)
+    if not path.exists():
+        raise FlapDeployError(f"{path}: no such file or directory")
+    if not path.is_dir():
+        raise FlapDeployError(f"{path}: not a directory")
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise FlapDeployError(f"{path}: not a model checkpoint (no config.json)")
+    try:
+        return json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise FlapDeployError(f"{cfg_file}: invalid JSON ({e})") from None
+
+
+def expected_tensor_shapes(cfg: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """Every tensor a pruned checkpoint must hold, with its shape (lm_head only if untied)."""
+    hidden, hd, vocab = cfg["hidden_size"], cfg["head_dim"], cfg["vocab_size"]
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,)}
+    if not cfg.get("tie_word_embeddings", False):
+        shapes["lm_head.weight"] = (vocab, hidden)
+    qkv_bias, mlp_bias = cfg.get("attention_bias", False), cfg.get("mlp_bias", False)
+    for i, (q, kv, inter) in enumerate(zip(cfg["num_attention_heads_per_layer"], cfg["num_key_value_heads_per_layer"],
+                                           cfg["intermediate_size_per_layer"])):
+        p = f"model.layers.{i}."
+        if q:
+            shapes[p + "input_layernorm.weight"] = (hidden,)
+            for name, rows in (("q_proj", q * hd), ("k_proj", kv * hd), ("v_proj", kv * hd)):
+                shapes[p + f"self_attn.{name}.weight"] = (rows, hidden)
+                if qkv_bias:
+                    shapes[p + f"self_attn.{name}.bias"] = (rows,)
+            shapes[p + "self_attn.o_proj.weight"] = (hidden, q * hd)
+            if cfg.get("qk_norm", False):
+                shapes[p + "self_attn.q_norm.weight"] = (hd,)
+                shapes[p + "self_attn.k_norm.weight"] = (hd,)
+        if cfg.get("o_proj_bias", False):
+            shapes[p + "self_attn.o_proj.bias"] = (hidden,)
+        if inter:
+            shapes[p + "post_attention_layernorm.weight"] = (hidden,)
+            for name in ("gate_proj", "up_proj"):
+                shapes[p + f"mlp.{name}.weight"] = (inter, hidden)
+                if mlp_bias:
+                    shapes[p + f"mlp.{name}.bias"] = (inter,)
+            shapes[p + "mlp.down_proj.weight"] = (hidden, inter)
+        if cfg.get("down_proj_bias", False):
+            shapes[p + "mlp.down_proj.bias"] = (hidden,)
+    return shapes
+
+
+def read_safetensors_header(file: Path) -> dict[str, dict[str, Any]]:
+    """Tensor entries of one safetensors file; checks that the file holds every byte it declares."""
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise FlapDeployError(f"{file}: truncated safetensors file (no header)")
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8:
+            raise FlapDeployError(f"{file}: truncated safetensors file (header of {n} bytes, file of {size})")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise FlapDeployError(f"{file}: corrupt safetensors header") from None
+    header.pop("__metadata__", None)
+    end = max((e["data_offsets"][1] for e in header.values()), default=0)
+    if 8 + n + end > size:
+        raise FlapDeployError(f"{file}: truncated safetensors file ({size} bytes, needs {8 + n + end})")
+    return header
+
+
+def checkpoint_tensors(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
+    """name -> (shape, file name) over all safetensors shards of a directory."""
+    pickles = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".pkl"))
+    if pickles:
+        raise FlapDeployError(f"{path}: pickle weight files are not accepted ({', '.join(pickles)}); use safetensors")
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FlapDeployError(f"{path}: no .safetensors weight files")
+    tensors: dict[str, tuple[tuple[int, ...], str]] = {}
+    for file in files:
+        for name, entry in read_safetensors_header(file).items():
+            tensors[name] = (tuple(entry["shape"]), file.name)
+    return tensors
+
+
+def validate_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Check a pruned checkpoint against every contract rule; return its config dict.
+
+    Raises FlapDeployError naming the file, key, tensor or layer that breaks a rule.
+    """
+    path = Path(path)
+    cfg = read_config(path)
+    cfg_file = path / "config.json"
+    if cfg.get("model_type") != "flap_llama":
+        raise FlapDeployError(f"{cfg_file}: model_type is {cfg.get('model_type')!r}, expected 'flap_llama'")
+    try:
+        validate_flap_config(cfg)
+    except FlapConfigError as e:
+        raise FlapDeployError(f"{cfg_file}: {e}") from None
+    for key in ("hidden_size", "vocab_size"):
+        if not isinstance(cfg.get(key), int) or cfg[key] <= 0:
+            raise FlapDeployError(f"{cfg_file}: config key '{key}' must be a positive integer, got {cfg.get(key)!r}")
+    expected = expected_tensor_shapes(cfg)
+    found = checkpoint_tensors(path)
+    tied = cfg.get("tie_word_embeddings", False)
+    for name, shape in expected.items():
+        if name not in found:
+            raise FlapDeployError(f"{path}: tensor '{name}' is missing{_layer_hint(name)}")
+        if found[name][0] != shape:
+            raise FlapDeployError(
+                f"{path / found[name][1]}: tensor '{name}' has shape {list(found[name][0])}, "
+                f"config says {list(shape)}{_layer_hint(name)}"
+            )
+    for name in found:
+        if name not in expected and not (tied and name == "lm_head.weight"):
+            raise FlapDeployError(f"{path / found[name][1]}: unexpected tensor '{name}'{_layer_hint(name)}")
+    return cfg
+
+
+def _layer_hint(name: str) -> str:
+    parts = name.split(".")
+    return f" (layer {parts[2]})" if len(parts) > 2 and parts[1] == "layers" else ""
+
+
+def copy_tokenizer_files(source: str | os.PathLike | None, dest: Path) -> None:
+    """Copy tokenizer and generation-config files from a model directory, when there is one."""
+    if source is None or not Path(source).is_dir():
+        return
+    for name in TOKENIZER_FILES:
+        src = Path(source) / name
+        if src.is_file():
+            shutil.copy2(src, dest / name)
+
+
+def save_checkpoint(model: nn.Module, out: str | os.PathLike, *, tokenizer_from: str | os.PathLike | None = None,
+                    tokenizer: Any = None, overwrite: bool = False) -> Path:
+    """Save a FlapLlamaForCausalLM as a contract checkpoint, atomically.
+
+    Weights go to safetensors (sharded past 2 GB), the self-contained modeling file and an
+    ``auto_map`` make it loadable with ``trust_remote_code=True`` without this package;
+    tokenizer files come from ``tokenizer`` or are copied from ``tokenizer_from``.
+    """
+    with atomic_directory(out, overwrite) as tmp:
+        model.config.auto_map = dict(AUTO_MAP)
+        model.save_pretrained(tmp, max_shard_size=MAX_SHARD)
+        shutil.copy2(MODELING_FILE, tmp / MODELING_FILE.name)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        copy_tokenizer_files(tokenizer_from, tmp)
+        validate_checkpoint(tmp)
+    return Path(out)

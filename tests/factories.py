@@ -1,0 +1,81 @@
+"""Tiny random models shared by the tests of every package."""
+
+from __future__ import annotations
+
+import torch
+import transformers
+
+from flap_deploy.compress import LayerMask, LayerMeans, compress
+from flap_deploy.modeling_flap_llama import FlapLlamaForCausalLM
+
+VOCAB = 128
+
+FAMILY_CONFIGS = {
+    "llama": lambda: transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=8,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=256, tie_word_embeddings=False,
+        rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+        architectures=["LlamaForCausalLM"],
+    ),
+    "mistral": lambda: transformers.MistralConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=256, sliding_window=None,
+        architectures=["MistralForCausalLM"],
+    ),
+    "qwen2": lambda: transformers.Qwen2Config(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
+        architectures=["Qwen2ForCausalLM"],
+    ),
+    "qwen3": lambda: transformers.Qwen3Config(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=32, max_position_embeddings=256, tie_word_embeddings=True,
+        architectures=["Qwen3ForCausalLM"],
+    ),
+}
+
+
+def _randomize_small_params(model: torch.nn.Module, seed: int) -> None:
+    """Give biases and norm weights non-trivial values, so that slicing mistakes show."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.copy_(p + 0.1 * torch.randn(p.shape, generator=g))
+
+
+def tiny_dense(family: str = "llama", seed: int = 0) -> torch.nn.Module:
+    """A random dense model of a supported family, float32, eval mode."""
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(FAMILY_CONFIGS[family](), dtype=torch.float32)
+    _randomize_small_params(model, seed)
+    return model.eval()
+
+
+def tiny_heterogeneous(seed: int = 0) -> FlapLlamaForCausalLM:
+    """A pruned model exercising every per-layer case.
+
+    Layer 0: 8 query / 2 KV heads (GQA 4), full MLP. Layer 1: attention removed.
+    Layer 2: 2 query / 1 KV heads (GQA 2), MLP removed. Layer 3: 2 query / 2 KV (GQA 1),
+    MLP halved. q/k/v biases from the source, o_proj/down_proj compensation biases.
+    """
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=8,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=256, attention_bias=True,
+        tie_word_embeddings=False, architectures=["LlamaForCausalLM"],
+    )
+    dense = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    _randomize_small_params(dense, seed)
+    b = lambda *v: torch.tensor(v, dtype=torch.bool)  # noqa: E731
+    masks = [
+        LayerMask(),
+        LayerMask(heads=torch.zeros(8, dtype=torch.bool)),
+        LayerMask(heads=b(0, 0, 0, 0, 1, 0, 1, 0), mlp=torch.zeros(96, dtype=torch.bool)),
+        LayerMask(heads=b(1, 0, 0, 0, 0, 0, 0, 1), mlp=torch.arange(96) % 2 == 0),
+    ]
+    g = torch.Generator().manual_seed(seed + 1)
+    means = [LayerMeans(attn=0.1 * torch.randn(128, generator=g), mlp=0.1 * torch.randn(96, generator=g))
+             for _ in range(4)]
+    return compress(dense, masks, means)
