@@ -34,5 +34,10 @@ def main() -> None:
     """
 
 
+@main.group()
+def export() -> None:
+    """Export a checkpoint for a runtime (ONNX Runtime, vLLM)."""
+
+
 if __name__ == "__main__":
     main()
