@@ -168,10 +168,12 @@ SOURCE_ARCHITECTURES = list(ADAPTERS)
 
 
 def architecture_of(config: Any) -> str:
-    archs = getattr(config, "architectures", None) or []
+    """The architecture name of a config object or a config.json dict."""
+    get = config.get if isinstance(config, dict) else (lambda k, d=None: getattr(config, k, d))
+    archs = get("architectures") or []
     if archs:
         return archs[0]
-    model_type = getattr(config, "model_type", "")
+    model_type = get("model_type") or ""
     by_type = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
                "qwen3": "Qwen3ForCausalLM", "flap_llama": "FlapLlamaForCausalLM"}
     return by_type.get(model_type, model_type or "<unknown>")

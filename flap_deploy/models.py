@@ -32,12 +32,7 @@ def check_model_dir(path: Path) -> dict[str, Any]:
     cfg = read_config(path)
     if cfg.get("model_type") == "flap_llama":
         return validate_checkpoint(path)
-
-    class _View:  # the adapter table reads attributes
-        def __init__(self, d: dict[str, Any]):
-            self.__dict__.update(d)
-
-    get_adapter(_View(cfg))
+    get_adapter(cfg)
     return cfg
 
 
