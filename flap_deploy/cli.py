@@ -103,5 +103,81 @@ def export() -> None:
     """Export a checkpoint for a runtime (ONNX Runtime, vLLM)."""
 
 
+def _int_list(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from None
+
+
+@main.command("compare")
+@click.argument("dense", required=False)
+@click.argument("pruned", required=False)
+@click.option("--backend", type=click.Choice(["vllm", "onnx"]), default=None,
+              help="Serving backend [default: vllm when installed, else onnx].")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("compare-out"), show_default=True,
+              help="Report directory (report.json, report.md, throughput.png, latency.png).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing non-empty --out directory.")
+@click.option("--concurrency", default="1,4,16", show_default=True, callback=_int_list,
+              help="Comma-separated concurrency levels to sweep.")
+@click.option("--num-prompts", default=32, show_default=True, help="Requests per concurrency level.")
+@click.option("--input-len", default=128, show_default=True, help="Prompt tokens per request.")
+@click.option("--output-len", default=64, show_default=True, help="Generated tokens per request (ignore_eos).")
+@click.option("--prompts", default="self", show_default=True,
+              help="Prompt source: 'self' (seeded random ordinary tokens) or a text file.")
+@click.option("--repeats", default=2, show_default=True,
+              help="Interleaved repeats (dense first, then pruned first, ...); medians are reported.")
+@click.option("--warmup", default=2, show_default=True, help="Warm-up requests before each level.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the prompts and of sampling.")
+@click.option("--port", default=8011, show_default=True, help="Port the servers are started on (127.0.0.1).")
+@click.option("--max-model-len", default=1024, show_default=True, help="Context length given to both servers.")
+@click.option("--max-num-seqs", default=16, show_default=True, help="Running-batch limit of both servers.")
+@click.option("--vllm-dtype", default="float32", show_default=True,
+              help="vLLM --dtype (float32 on CPU keeps results comparable; bfloat16 on GPUs).")
+@click.option("--vllm-arg", "vllm_args", multiple=True, help="Extra argument for vLLM's server (repeatable).")
+@click.option("--eval-text", type=click.Path(path_type=Path), default=None,
+              help="Also report perplexity / KL / top-1 agreement of pruned vs dense on this text.")
+@click.option("--eval-tokens", default=8192, show_default=True, help="Tokens of --eval-text to evaluate.")
+@click.option("--synthetic", default=None,
+              help="Build a dense + FLAP-shaped pruned pair of this architecture's shapes with random weights "
+                   "(llama2-7b, llama2-13b, llama3-8b, mistral-7b, qwen2.5-7b, smollm2-135m); vLLM only.")
+@click.option("--ratio", default=0.2, show_default=True, help="With --synthetic: fraction of decoder weights removed.")
+@click.option("--tp-size", default=1, show_default=True, help="With --synthetic: align widths to this TP size.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def compare_command(dense: str | None, pruned: str | None, backend: str | None, out: Path, overwrite: bool,
+                    concurrency: tuple[int, ...], num_prompts: int, input_len: int, output_len: int, prompts: str,
+                    repeats: int, warmup: int, seed: int, port: int, max_model_len: int, max_num_seqs: int,
+                    vllm_dtype: str, vllm_args: tuple[str, ...], eval_text: Path | None, eval_tokens: int,
+                    synthetic: str | None, ratio: float, tp_size: int, as_json: bool) -> None:
+    """Serve DENSE and PRUNED in turn on the same settings, run the same load, report the speed-up.
+
+    The report puts the measured pruned/dense throughput beside the ideal ratio (dense ÷ pruned
+    weights read per decode step) and, with --eval-text, the quality figures.
+    """
+    from serving.compare import CompareConfig, compare, default_backend
+    from serving.compare_report import format_table
+
+    cfg = CompareConfig(backend=backend or default_backend(), concurrency=concurrency, num_prompts=num_prompts,
+                        input_len=input_len, output_len=output_len, prompts=prompts, repeats=repeats,
+                        warmup=warmup, seed=seed, port=port, max_model_len=max_model_len,
+                        max_num_seqs=max_num_seqs, vllm_dtype=vllm_dtype, vllm_args=vllm_args,
+                        eval_text=str(eval_text) if eval_text else None, eval_tokens=eval_tokens,
+                        synthetic=synthetic is not None)
+    if synthetic:
+        from .synthetic import cached_synthetic_pair
+
+        if dense or pruned:
+            raise FlapDeployError("--synthetic builds its own DENSE and PRUNED: give neither")
+        dense, pruned = map(str, cached_synthetic_pair(synthetic, ratio, tp_size=tp_size, seed=seed))
+    elif not (dense and pruned):
+        raise FlapDeployError("compare needs DENSE and PRUNED models (or --synthetic NAME)")
+    report = compare(dense, pruned, out, cfg, overwrite=overwrite, progress=not as_json)
+    if as_json:
+        _echo_json({k: v for k, v in report.items() if k != "raw"})
+        return
+    click.echo(format_table(report))
+    click.echo(f"\nideal speed-up {report['ideal_speedup']:.3f}; report: {out / 'report.md'}")
+
+
 if __name__ == "__main__":
     main()

@@ -70,6 +70,18 @@ def evaluate(
     """Perplexity of ``model`` on ``text``; with ``reference``, also mean KL(reference‖model)
     and top-1 next-token agreement on the same positions."""
     windows = token_windows(tokenizer, text, seqlen, max_tokens)
+    return evaluate_windows(model, windows, reference=reference, batch_size=batch_size, progress=progress)
+
+
+@torch.no_grad()
+def evaluate_windows(
+    model: torch.nn.Module,
+    windows: torch.Tensor,
+    reference: torch.nn.Module | None = None,
+    batch_size: int = 1,
+    progress: bool = True,
+) -> EvalResult:
+    """The figures of ``evaluate`` on token windows [n, seqlen] (e.g. self-generated text)."""
     nll = kl = ref_nll = 0.0
     agree = count = 0
     for start in tqdm(range(0, len(windows), batch_size), desc="eval", unit="batch", disable=not progress):
@@ -83,7 +95,8 @@ def evaluate(
             ref_nll -= ref_logp.gather(-1, targets.unsqueeze(-1)).sum().item()
             kl += (ref_logp.exp() * (ref_logp - logp)).sum().item()
             agree += (ref_logp.argmax(-1) == logp.argmax(-1)).sum().item()
-    result = EvalResult(perplexity=math.exp(nll / count), tokens=count, windows=len(windows), seqlen=seqlen)
+    result = EvalResult(perplexity=math.exp(nll / count), tokens=count, windows=len(windows),
+                        seqlen=windows.shape[1])
     if reference is not None:
         result.reference_perplexity = math.exp(ref_nll / count)
         result.kl = kl / count

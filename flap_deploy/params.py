@@ -30,6 +30,18 @@ def count_params(cfg: dict[str, Any]) -> ParamCounts:
     return ParamCounts(total=sum(sizes.values()), decoder=decoder, decoder_linear=linear)
 
 
+def decode_step_params(cfg: dict[str, Any]) -> int:
+    """Weights read once per decode step: decoder layers, final norm and lm_head.
+
+    The input embedding is a row lookup, negligible; with tied embeddings the matrix is read
+    as the lm_head. Takes a pruned config.json dict or a dense one of a supported family.
+    """
+    flap = cfg if cfg.get("model_type") == "flap_llama" else as_flap_config(cfg)
+    counts = count_params(flap)
+    embedding = 0 if flap.get("tie_word_embeddings", False) else flap["vocab_size"] * flap["hidden_size"]
+    return counts.total - embedding
+
+
 def dense_config(cfg: dict[str, Any]) -> dict[str, Any]:
     """The config of a pruned checkpoint's dense source (uniform widths, no compensation biases)."""
     src = (cfg.get("flap") or {}).get("source_config") or {}

@@ -1,0 +1,124 @@
+"""`make demo`: the whole product on the bundled model, with no data and no network.
+
+materialize SmolLM2-135M → prune 20 % with FLAP on self-generated calibration → dense
+agreement on self-generated text → ONNX and vLLM exports → `compare` on the best installed
+backend → the table and the report path. Under CI=true the workload is smaller.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+BUNDLED = "smollm2-135m"
+
+
+def _step(title: str) -> float:
+    click.secho(f"\n==> {title}", bold=True, err=True)
+    return time.perf_counter()
+
+
+def run_demo(out: str | os.PathLike = "demo-out", *, quick: bool = False, backend: str | None = None) -> dict[str, Any]:
+    """Run every stage into ``out`` (replaced); return the summary that is also written as demo.json."""
+    import torch
+
+    from exporters.onnx import export_onnx
+    from exporters.vllm.export import export_vllm
+    from serving.compare import CompareConfig, compare, default_backend
+    from serving.compare_report import format_table
+
+    from .bundled import materialize
+    from .calibration import self_generated
+    from .evaluate import evaluate_windows
+    from .models import load_model, load_tokenizer
+    from .pruning import PruneConfig, prune
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    times: dict[str, float] = {}
+    torch.set_num_threads(os.cpu_count() or 1)
+
+    t = _step(f"materialize the bundled {BUNDLED}")
+    dense_dir = materialize(BUNDLED)
+    times["materialize_s"] = time.perf_counter() - t
+
+    t = _step("prune 20 % with FLAP (self-generated calibration, no data needed)")
+    dense = load_model(dense_dir, dtype=torch.float32)
+    tokenizer = load_tokenizer(dense_dir)
+    config = PruneConfig(ratio=0.2, calib="self", nsamples=32 if quick else 128, seqlen=128, seed=0)
+    pruned = prune(dense, config, tokenizer=tokenizer)
+    pruned_dir = pruned.save(out / "pruned", overwrite=True)
+    times["prune_s"] = time.perf_counter() - t
+    click.echo(f"pruned checkpoint: {pruned_dir} (removed {100 * pruned.achieved_ratio:.1f} % of decoder linear weights)",
+               err=True)
+
+    t = _step("agreement with the dense model on self-generated text")
+    windows = self_generated(dense, tokenizer, nsamples=4 if quick else 16, seqlen=256, seed=1234)
+    quality = evaluate_windows(pruned.model, windows, reference=dense).to_dict()
+    times["eval_s"] = time.perf_counter() - t
+    del dense, pruned
+
+    t = _step("export ONNX (verified against PyTorch)")
+    onnx_dir = export_onnx(pruned_dir, out / "onnx-pruned", overwrite=True)
+    times["export_onnx_s"] = time.perf_counter() - t
+
+    t = _step("export vLLM directory")
+    vllm_dir = export_vllm(pruned_dir, out / "vllm-pruned", dtype="float32", overwrite=True)
+    times["export_vllm_s"] = time.perf_counter() - t
+
+    backend = backend or default_backend()
+    t = _step(f"compare dense vs pruned on {backend}")
+    cfg = CompareConfig(backend=backend, concurrency=(1, 4, 16), num_prompts=16 if quick else 32,
+                        input_len=128, output_len=32 if quick else 64, repeats=1 if quick else 2,
+                        warmup=1 if quick else 2)
+    pruned_served = vllm_dir if backend == "vllm" else onnx_dir
+    report = compare(str(dense_dir), str(pruned_served), out / "compare", cfg, overwrite=True)
+    times["compare_s"] = time.perf_counter() - t
+    times["total_s"] = time.perf_counter() - start
+
+    summary = {
+        "dense": str(dense_dir), "pruned": str(pruned_dir), "onnx": str(onnx_dir), "vllm": str(vllm_dir),
+        "achieved_ratio": json.loads((pruned_dir / "config.json").read_text())["flap"]["achieved_ratio"],
+        "quality_self_text": quality, "backend": backend, "ideal_speedup": report["ideal_speedup"],
+        "speedup": {str(r["concurrency"]): r["speedup"] for r in report["levels"]},
+        "report": str(out / "compare" / "report.md"), "times": times, "quick": quick,
+    }
+    (out / "demo.json").write_text(json.dumps(summary, indent=2))
+    click.secho("\n==> result", bold=True)
+    click.echo(f"quality vs dense (self-generated text, {quality['tokens']} tokens): "
+               f"top-1 agreement {100 * quality['top1_agreement']:.1f} %, KL {quality['kl']:.3f}, "
+               f"perplexity {quality['reference_perplexity']:.2f} -> {quality['perplexity']:.2f}")
+    click.echo(format_table(report))
+    click.echo(f"ideal speed-up {report['ideal_speedup']:.3f}; report: {summary['report']}; "
+               f"demo took {times['total_s'] / 60:.1f} min")
+    return summary
+
+
+@click.command()
+@click.option("--out", default="demo-out", show_default=True, type=click.Path(path_type=Path),
+              help="Working directory of the demo (replaced).")
+@click.option("--quick/--full", default=None, help="Smaller workload [default: quick when CI=true].")
+@click.option("--backend", type=click.Choice(["vllm", "onnx"]), default=None,
+              help="Serving backend for compare [default: vllm when installed, else onnx].")
+def main(out: Path, quick: bool | None, backend: str | None) -> None:
+    """The end-to-end demo on the bundled model (what `make demo` runs)."""
+    from .cli import USER_ERRORS
+
+    if quick is None:
+        quick = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+    try:
+        run_demo(out, quick=quick, backend=backend)
+    except USER_ERRORS as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
