@@ -1,0 +1,91 @@
+"""Perplexity, and agreement with a reference (dense) model, on fixed token windows."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .errors import FlapDeployError
+
+
+@dataclass
+class EvalResult:
+    """Figures over ``tokens`` predicted positions of ``windows`` windows of ``seqlen`` tokens."""
+
+    perplexity: float
+    tokens: int
+    windows: int
+    seqlen: int
+    reference_perplexity: float | None = None
+    kl: float | None = None
+    top1_agreement: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def token_windows(tokenizer: Any, text: str, seqlen: int, max_tokens: int | None = None) -> torch.Tensor:
+    """Non-overlapping windows [n, seqlen] of the text's tokens (first ``max_tokens`` tokens at most)."""
+    if seqlen < 2:
+        raise FlapDeployError(f"--seqlen must be at least 2, got {seqlen}")
+    if max_tokens is not None and max_tokens < seqlen:
+        raise FlapDeployError(f"--max-tokens {max_tokens} is less than one window of {seqlen} tokens")
+    # Tokenizing a long text is slow; with a token budget, a prefix of the text suffices.
+    chars = len(text) if max_tokens is None else min(len(text), max_tokens * 8)
+    while True:
+        ids = tokenizer(text[:chars], add_special_tokens=False, return_attention_mask=False)["input_ids"]
+        if max_tokens is None or len(ids) >= max_tokens or chars >= len(text):
+            break
+        chars = min(len(text), chars * 2)
+    if max_tokens is not None:
+        ids = ids[:max_tokens]
+    n = len(ids) // seqlen
+    if n == 0:
+        raise FlapDeployError(f"the text has {len(ids)} tokens, fewer than one window of {seqlen}")
+    return torch.tensor(ids[: n * seqlen], dtype=torch.long).view(n, seqlen)
+
+
+@torch.no_grad()
+def _log_probs(model: torch.nn.Module, window: torch.Tensor) -> torch.Tensor:
+    logits = model(input_ids=window, use_cache=False).logits[:, :-1].float()
+    return F.log_softmax(logits, dim=-1)
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    text: str,
+    seqlen: int = 512,
+    max_tokens: int | None = None,
+    reference: torch.nn.Module | None = None,
+    batch_size: int = 1,
+    progress: bool = True,
+) -> EvalResult:
+    """Perplexity of ``model`` on ``text``; with ``reference``, also mean KL(reference‖model)
+    and top-1 next-token agreement on the same positions."""
+    windows = token_windows(tokenizer, text, seqlen, max_tokens)
+    nll = kl = ref_nll = 0.0
+    agree = count = 0
+    for start in tqdm(range(0, len(windows), batch_size), desc="eval", unit="batch", disable=not progress):
+        batch = windows[start : start + batch_size]
+        targets = batch[:, 1:]
+        logp = _log_probs(model, batch)
+        nll -= logp.gather(-1, targets.unsqueeze(-1)).sum().item()
+        count += targets.numel()
+        if reference is not None:
+            ref_logp = _log_probs(reference, batch)
+            ref_nll -= ref_logp.gather(-1, targets.unsqueeze(-1)).sum().item()
+            kl += (ref_logp.exp() * (ref_logp - logp)).sum().item()
+            agree += (ref_logp.argmax(-1) == logp.argmax(-1)).sum().item()
+    result = EvalResult(perplexity=math.exp(nll / count), tokens=count, windows=len(windows), seqlen=seqlen)
+    if reference is not None:
+        result.reference_perplexity = math.exp(ref_nll / count)
+        result.kl = kl / count
+        result.top1_agreement = agree / count
+    return result
