@@ -207,7 +207,13 @@ def allocate(attn_scores: list[torch.Tensor], mlp_scores: list[torch.Tensor], ge
     if structure.startswith("UL"):
         a_ratio = ratio if structure == "UL-UM" else a_ratio
         a_pick = [m.by_cost((1 - a_ratio) * attn_dense) for m in attn]
-        m_pick = [mlp[i].by_cost((1 - ratio) * layer_dense - int(attn[i].cost[a_pick[i]])) for i in range(L)]
+        # Each layer's MLP takes the rest of the layer's budget; the rounding left by aligned
+        # widths is carried to the next layer so that the total stays on target.
+        m_pick, carry = [], 0.0
+        for i in range(L):
+            want = (1 - ratio) * layer_dense - int(attn[i].cost[a_pick[i]]) + carry
+            m_pick.append(mlp[i].by_cost(want))
+            carry = want - int(mlp[i].cost[m_pick[-1]])
     else:
         if structure == "AL-AM":
             a_pick = fit_threshold(attn + mlp, target)[:L]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +94,8 @@ class PrunedModel:
     model: torch.nn.Module
     masks: list[LayerMask]
     provenance: dict[str, Any]
+    means: list[LayerMeans] | None = None
+    statistics: "Statistics | None" = None
     source: Path | None = None
     tokenizer: Any = None
     timings: dict[str, float] = field(default_factory=dict)
@@ -122,46 +124,85 @@ def write_report(path: Path) -> None:
     (path / "flap_report.txt").write_text(format_report(rep) + "\n")
 
 
+def check_alignment(model_config: Any, config: PruneConfig, align: Alignment) -> None:
+    """Raise FlapDeployError when no non-zero width of a layer satisfies the alignment."""
+    from .allocation import attention_menu, mlp_menu
+
+    geom = get_adapter(model_config).geometry(model_config)
+    attention_menu(0, torch.zeros(geom.num_heads), geom, align, config.attn_granularity)
+    mlp_menu(0, torch.zeros(geom.intermediate_size), geom, align)
+
+
 def linear_weights(model: torch.nn.Module) -> int:
     """q/k/v/o and gate/up/down weights of the decoder layers."""
     return sum(p.numel() for name, p in model.named_parameters()
                if name.startswith("model.layers.") and name.endswith("_proj.weight"))
 
 
-def _load(model: str | os.PathLike | torch.nn.Module, tokenizer: Any) -> tuple[torch.nn.Module, Any, Path | None, str]:
-    if isinstance(model, torch.nn.Module):
-        name = getattr(model.config, "_name_or_path", "") or "<in-memory model>"
-        return model, tokenizer, Path(name) if Path(name).is_dir() else None, name
+def _load(model: str | os.PathLike | torch.nn.Module, tokenizer: Any,
+          check: Any = None) -> tuple[torch.nn.Module, Any, Path | None, str]:
     from .models import load_model, load_tokenizer, resolve_model
 
-    path = resolve_model(model)
-    loaded = load_model(path)
+    if isinstance(model, torch.nn.Module):
+        name = getattr(model.config, "_name_or_path", "") or "<in-memory model>"
+        path = Path(name) if name and Path(name).is_dir() else None
+        loaded = model
+    else:
+        path = resolve_model(model)
+        name = str(model)
+        if check is not None:  # config-level problems (e.g. alignment) before loading the weights
+            from transformers import AutoConfig
+
+            check(AutoConfig.from_pretrained(path))
+        loaded = load_model(path)
+    if path is None:
+        return loaded, tokenizer, None, name
     if tokenizer is None:
         try:
             tokenizer = load_tokenizer(path)
         except FlapDeployError:
             tokenizer = None
-    return loaded, tokenizer, path, str(model)
+    return loaded, tokenizer, path, name
+
+
+@dataclass
+class Statistics:
+    """FLAP's calibration statistics of every layer (metric-independent, so reusable across
+    ratios, metrics, structures and alignments of the same model and calibration set)."""
+
+    layers: list[LayerStats]
+    calibration: dict[str, Any]
+
+
+def collect_statistics(model: torch.nn.Module, config: PruneConfig, tokenizer: Any = None) -> Statistics:
+    """Calibrate ``model`` layer by layer (dense outputs feed the next layer) and keep the statistics."""
+    calib = calibration_windows(config.calib, model, tokenizer, config.nsamples, config.seqlen, config.seed,
+                                progress=config.progress)
+    layers: list[LayerStats] = []
+
+    def keep(i: int, stats: LayerStats) -> None:
+        layers.append(stats)
+
+    calibrate_layers(model, calib.input_ids, keep, batch_size=config.batch_size, progress=config.progress)
+    return Statistics(layers=layers, calibration=calib.describe(config.seed))
 
 
 @torch.no_grad()
 def prune(model: str | os.PathLike | torch.nn.Module, config: PruneConfig | None = None,
-          tokenizer: Any = None) -> PrunedModel:
+          tokenizer: Any = None, statistics: Statistics | None = None) -> PrunedModel:
     """Prune a dense model (a loaded model, a checkpoint directory or a bundled name).
 
-    The dense model is left untouched. Raises FlapDeployError for bad input before any work.
+    ``statistics`` (from ``collect_statistics`` or an earlier ``PrunedModel.statistics`` of the
+    same model) skips FLAP's calibration. The dense model is left untouched. Raises
+    FlapDeployError for bad input before any work.
     """
     config = config or PruneConfig()
     config.validate()
-    model, tokenizer, source, name = _load(model, tokenizer)
+    align = Alignment(config.mlp_multiple, config.tp_size)
+    model, tokenizer, source, name = _load(model, tokenizer, lambda cfg: check_alignment(cfg, config, align))
+    check_alignment(model.config, config, align)
     adapter = get_adapter(model.config)
     geom = adapter.geometry(model.config)
-    align = Alignment(config.mlp_multiple, config.tp_size)
-    # Alignment problems surface now, before calibration: score-free menus raise the same errors.
-    from .allocation import attention_menu, mlp_menu
-
-    attention_menu(0, torch.zeros(geom.num_heads), geom, align, config.attn_granularity)
-    mlp_menu(0, torch.zeros(geom.intermediate_size), geom, align)
 
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -169,39 +210,42 @@ def prune(model: str | os.PathLike | torch.nn.Module, config: PruneConfig | None
     attn_scores: list[torch.Tensor] = []
     mlp_scores: list[torch.Tensor] = []
     means: list[LayerMeans] = []
-    ratio_now = config.ratio
 
     if config.method == "mag-sp":  # weights only, no calibration
         for i in range(geom.num_layers):
             m = adapter.layer_modules(model, i)
             attn_scores.append(head_scores(magnitude_metric(m.o_proj.weight), geom.head_dim, "sum").cpu())
             mlp_scores.append(magnitude_metric(m.down_proj.weight).cpu())
-    else:
+    elif config.method == "flap":
+        if statistics is None:
+            statistics = collect_statistics(model, config, tokenizer)
+        elif len(statistics.layers) != geom.num_layers:
+            raise FlapDeployError(f"statistics of {len(statistics.layers)} layers for a model of {geom.num_layers}")
+        calib_info = statistics.calibration
+        for i, stats in enumerate(statistics.layers):
+            m = adapter.layer_modules(model, i)
+            a, s = flap_scores(config.metric, m.o_proj.weight, stats.attn, m.down_proj.weight, stats.mlp,
+                               geom.head_dim)
+            attn_scores.append(a)
+            mlp_scores.append(s)
+            means.append(LayerMeans(attn=stats.attn.mean.cpu(), mlp=stats.mlp.mean.cpu()))
+    else:  # Wanda-sp: uniform per layer, decided during calibration so the next layer sees pruned outputs
         calib = calibration_windows(config.calib, model, tokenizer, config.nsamples, config.seqlen, config.seed,
                                     progress=config.progress)
         calib_info = calib.describe(config.seed)
-        timings["calibration_data_s"] = time.perf_counter() - t0
+        one_layer = replace(geom, num_layers=1)
 
-        def on_layer(i: int, stats: LayerStats) -> LayerMask | None:
+        def on_layer(i: int, stats: LayerStats) -> LayerMask:
             m = adapter.layer_modules(model, i)
-            if config.method == "flap":
-                a, s = flap_scores(config.metric, m.o_proj.weight, stats.attn, m.down_proj.weight, stats.mlp,
-                                   geom.head_dim)
-                attn_scores.append(a)
-                mlp_scores.append(s)
-                means.append(LayerMeans(attn=stats.attn.mean.cpu(), mlp=stats.mlp.mean.cpu()))
-                return None
-            # Wanda-sp: uniform per layer, decided now so the next layer sees pruned outputs.
             a = head_scores(wanda_metric(m.o_proj.weight, stats.attn), geom.head_dim, "sum").cpu()
             s = wanda_metric(m.down_proj.weight, stats.mlp).cpu()
             attn_scores.append(a)
             mlp_scores.append(s)
-            one = _one_layer_geometry(geom)
-            return allocate([a], [s], one, ratio=ratio_now, structure="UL-UM",
+            return allocate([a], [s], one_layer, ratio=config.ratio, structure="UL-UM",
                             granularity=config.attn_granularity, align=align).masks[0]
 
-        calibrate_layers(model, calib.input_ids, on_layer, batch_size=config.batch_size,
-                         propagate_pruned=config.method == "wanda-sp", progress=config.progress)
+        calibrate_layers(model, calib.input_ids, on_layer, batch_size=config.batch_size, propagate_pruned=True,
+                         progress=config.progress)
     timings["calibrate_s"] = time.perf_counter() - t0
 
     structure = config.structure if config.method == "flap" else "UL-UM"
@@ -235,14 +279,9 @@ def prune(model: str | os.PathLike | torch.nn.Module, config: PruneConfig | None
     provenance["achieved_ratio"] = 1 - provenance["pruned_linear_weights"] / provenance["dense_linear_weights"]
     pruned.config.flap = {**pruned.config.flap, **provenance}
     timings["total_s"] = time.perf_counter() - t0
-    return PrunedModel(model=pruned, masks=allocation.masks, provenance=pruned.config.flap, source=source,
+    return PrunedModel(model=pruned, masks=allocation.masks, provenance=pruned.config.flap,
+                       means=means if use_bias else None, statistics=statistics, source=source,
                        tokenizer=tokenizer, timings=timings)
 
 
-def _one_layer_geometry(geom):
-    from dataclasses import replace
-
-    return replace(geom, num_layers=1)
-
-
-__all__ = ["PruneConfig", "PrunedModel", "prune", "METHODS"]
+__all__ = ["PruneConfig", "PrunedModel", "Statistics", "collect_statistics", "prune", "METHODS"]
