@@ -27,4 +27,6 @@ def _register() -> None:
 
 _register()
 
-__all__ = ["FlapLlamaConfig", "FlapLlamaForCausalLM", "__version__"]
+from .pruning import PruneConfig, PrunedModel, prune  # noqa: E402  (after registration)
+
+__all__ = ["FlapLlamaConfig", "FlapLlamaForCausalLM", "PruneConfig", "PrunedModel", "prune", "__version__"]

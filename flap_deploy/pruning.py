@@ -1,0 +1,287 @@
+"""FLAP pruning (and the Wanda-sp / magnitude-sp baselines) end to end.
+
+calibrate (layer by layer) → stream statistics → score → allocate widths → ``compress``.
+``prune(model, config)`` returns a ``PrunedModel``; the CLI ``flap-deploy prune`` only wraps it.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .adapters import get_adapter
+from .allocation import GRANULARITIES, STRUCTURES, Alignment, allocate
+from .calibration import calibration_windows
+from .compress import LayerMask, LayerMeans, compress
+from .errors import FlapDeployError
+from .layerwise import LayerStats, calibrate_layers
+from .metrics import METRICS, flap_scores, head_scores, magnitude_metric, wanda_metric
+
+METHODS = ("flap", "wanda-sp", "mag-sp")
+
+
+@dataclass
+class PruneConfig:
+    """Everything that decides a pruning run (and is recorded in the checkpoint's provenance).
+
+    ratio: fraction of the decoder layers' linear weights (q/k/v/o, gate/up/down) to remove.
+    method: ``flap`` or the baselines ``wanda-sp`` / ``mag-sp`` (uniform per layer, no compensation).
+    metric / structure: FLAP's importance metric and width structure (see ``metrics``, ``allocation``).
+    attn_ratio: fraction of attention weights removed by the manual-module structures UL-MM / AL-MM
+        (default 0.75 x ratio, the authors' ablation setting of 384 of 1024 heads at 50 %).
+    attn_granularity: ``group`` (a KV group is a unit) or ``head`` (query heads inside groups,
+        equal group sizes within a layer).
+    bias: compensate removed channels with their calibration mean through o_proj / down_proj biases.
+    calib: ``self`` | ``hf:wikitext2`` | a text file or directory. nsamples x seqlen tokens, seed.
+    mlp_multiple / tp_size: alignment of every layer's widths (see ``allocation.Alignment``).
+    batch_size: calibration windows per layer forward.
+    """
+
+    ratio: float = 0.2
+    method: str = "flap"
+    metric: str = "WIFV"
+    structure: str = "AL-AM"
+    attn_ratio: float | None = None
+    attn_granularity: str = "group"
+    bias: bool = True
+    calib: str = "self"
+    nsamples: int = 1024
+    seqlen: int = 128
+    seed: int = 0
+    mlp_multiple: int = 1
+    tp_size: int = 1
+    batch_size: int = 8
+    progress: bool = True
+
+    def validate(self) -> None:
+        """One-line errors for values no run could use."""
+        if not 0 <= self.ratio < 1:
+            raise FlapDeployError(f"--ratio must be in [0, 1), got {self.ratio}")
+        if self.attn_ratio is not None and not 0 <= self.attn_ratio < 1:
+            raise FlapDeployError(f"--attn-ratio must be in [0, 1), got {self.attn_ratio}")
+        if self.method not in METHODS:
+            raise FlapDeployError(f"unknown method '{self.method}'; choose from {', '.join(METHODS)}")
+        if self.metric not in METRICS:
+            raise FlapDeployError(f"unknown metric '{self.metric}'; choose from {', '.join(METRICS)}")
+        if self.structure not in STRUCTURES:
+            raise FlapDeployError(f"unknown structure '{self.structure}'; choose from {', '.join(STRUCTURES)}")
+        if self.attn_granularity not in GRANULARITIES:
+            raise FlapDeployError(
+                f"unknown attention granularity '{self.attn_granularity}'; choose from {', '.join(GRANULARITIES)}")
+        for name in ("nsamples", "seqlen", "mlp_multiple", "tp_size", "batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise FlapDeployError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+        if self.seqlen < 2:
+            raise FlapDeployError(f"--seqlen must be at least 2, got {self.seqlen}")
+
+    @property
+    def effective_attn_ratio(self) -> float | None:
+        if self.structure in ("UL-MM", "AL-MM"):
+            return self.attn_ratio if self.attn_ratio is not None else 0.75 * self.ratio
+        return None
+
+
+@dataclass
+class PrunedModel:
+    """A pruned FlapLlamaForCausalLM with its masks, provenance and timings."""
+
+    model: torch.nn.Module
+    masks: list[LayerMask]
+    provenance: dict[str, Any]
+    means: list[LayerMeans] | None = None
+    statistics: "Statistics | None" = None
+    source: Path | None = None
+    tokenizer: Any = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def achieved_ratio(self) -> float:
+        return self.provenance["achieved_ratio"]
+
+    def save(self, out: str | os.PathLike, overwrite: bool = False, report: bool = True) -> Path:
+        """Write the contract checkpoint (atomically), then its per-layer widths report and plot."""
+        from .checkpoint import save_checkpoint
+
+        out = save_checkpoint(self.model, out, tokenizer_from=self.source,
+                              tokenizer=self.tokenizer if self.source is None else None, overwrite=overwrite)
+        if report:
+            write_report(out)
+        return out
+
+
+def write_report(path: Path) -> None:
+    """The per-layer report beside the weights (flap_report.txt and flap_widths.png)."""
+    from .info import checkpoint_report, format_report, plot_widths
+
+    rep = checkpoint_report(path)
+    plot_widths(rep, path / "flap_widths.png")
+    (path / "flap_report.txt").write_text(format_report(rep) + "\n")
+
+
+def check_alignment(model_config: Any, config: PruneConfig, align: Alignment) -> None:
+    """Raise FlapDeployError when no non-zero width of a layer satisfies the alignment."""
+    from .allocation import attention_menu, mlp_menu
+
+    geom = get_adapter(model_config).geometry(model_config)
+    attention_menu(0, torch.zeros(geom.num_heads), geom, align, config.attn_granularity)
+    mlp_menu(0, torch.zeros(geom.intermediate_size), geom, align)
+
+
+def linear_weights(model: torch.nn.Module) -> int:
+    """q/k/v/o and gate/up/down weights of the decoder layers."""
+    return sum(p.numel() for name, p in model.named_parameters()
+               if name.startswith("model.layers.") and name.endswith("_proj.weight"))
+
+
+def _load(model: str | os.PathLike | torch.nn.Module, tokenizer: Any,
+          check: Any = None) -> tuple[torch.nn.Module, Any, Path | None, str]:
+    from .models import load_model, load_tokenizer, resolve_model
+
+    if isinstance(model, torch.nn.Module):
+        name = getattr(model.config, "_name_or_path", "") or "<in-memory model>"
+        path = Path(name) if name and Path(name).is_dir() else None
+        loaded = model
+    else:
+        path = resolve_model(model)
+        name = str(model)
+        if check is not None:  # config-level problems (e.g. alignment) before loading the weights
+            from transformers import AutoConfig
+
+            check(AutoConfig.from_pretrained(path))
+        loaded = load_model(path)
+    if path is None:
+        return loaded, tokenizer, None, name
+    if tokenizer is None:
+        try:
+            tokenizer = load_tokenizer(path)
+        except FlapDeployError:
+            tokenizer = None
+    return loaded, tokenizer, path, name
+
+
+@dataclass
+class Statistics:
+    """FLAP's calibration statistics of every layer (metric-independent, so reusable across
+    ratios, metrics, structures and alignments of the same model and calibration set)."""
+
+    layers: list[LayerStats]
+    calibration: dict[str, Any]
+
+
+def collect_statistics(model: torch.nn.Module, config: PruneConfig, tokenizer: Any = None) -> Statistics:
+    """Calibrate ``model`` layer by layer (dense outputs feed the next layer) and keep the statistics."""
+    calib = calibration_windows(config.calib, model, tokenizer, config.nsamples, config.seqlen, config.seed,
+                                progress=config.progress)
+    layers: list[LayerStats] = []
+
+    def keep(i: int, stats: LayerStats) -> None:
+        layers.append(stats)
+
+    calibrate_layers(model, calib.input_ids, keep, batch_size=config.batch_size, progress=config.progress)
+    return Statistics(layers=layers, calibration=calib.describe(config.seed))
+
+
+@torch.no_grad()
+def prune(model: str | os.PathLike | torch.nn.Module, config: PruneConfig | None = None,
+          tokenizer: Any = None, statistics: Statistics | None = None) -> PrunedModel:
+    """Prune a dense model (a loaded model, a checkpoint directory or a bundled name).
+
+    ``statistics`` (from ``collect_statistics`` or an earlier ``PrunedModel.statistics`` of the
+    same model) skips FLAP's calibration. The dense model is left untouched. Raises
+    FlapDeployError for bad input before any work.
+    """
+    config = config or PruneConfig()
+    config.validate()
+    align = Alignment(config.mlp_multiple, config.tp_size)
+    model, tokenizer, source, name = _load(model, tokenizer, lambda cfg: check_alignment(cfg, config, align))
+    check_alignment(model.config, config, align)
+    adapter = get_adapter(model.config)
+    geom = adapter.geometry(model.config)
+
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    calib_info: dict[str, Any] | None = None
+    attn_scores: list[torch.Tensor] = []
+    mlp_scores: list[torch.Tensor] = []
+    means: list[LayerMeans] = []
+
+    if config.method == "mag-sp":  # weights only, no calibration
+        for i in range(geom.num_layers):
+            m = adapter.layer_modules(model, i)
+            attn_scores.append(head_scores(magnitude_metric(m.o_proj.weight), geom.head_dim, "sum").cpu())
+            mlp_scores.append(magnitude_metric(m.down_proj.weight).cpu())
+    elif config.method == "flap":
+        if statistics is None:
+            statistics = collect_statistics(model, config, tokenizer)
+        elif len(statistics.layers) != geom.num_layers:
+            raise FlapDeployError(f"statistics of {len(statistics.layers)} layers for a model of {geom.num_layers}")
+        calib_info = statistics.calibration
+        for i, stats in enumerate(statistics.layers):
+            m = adapter.layer_modules(model, i)
+            a, s = flap_scores(config.metric, m.o_proj.weight, stats.attn, m.down_proj.weight, stats.mlp,
+                               geom.head_dim)
+            attn_scores.append(a)
+            mlp_scores.append(s)
+            means.append(LayerMeans(attn=stats.attn.mean.cpu(), mlp=stats.mlp.mean.cpu()))
+    else:  # Wanda-sp: uniform per layer, decided during calibration so the next layer sees pruned outputs
+        calib = calibration_windows(config.calib, model, tokenizer, config.nsamples, config.seqlen, config.seed,
+                                    progress=config.progress)
+        calib_info = calib.describe(config.seed)
+        one_layer = replace(geom, num_layers=1)
+
+        def on_layer(i: int, stats: LayerStats) -> LayerMask:
+            m = adapter.layer_modules(model, i)
+            a = head_scores(wanda_metric(m.o_proj.weight, stats.attn), geom.head_dim, "sum").cpu()
+            s = wanda_metric(m.down_proj.weight, stats.mlp).cpu()
+            attn_scores.append(a)
+            mlp_scores.append(s)
+            return allocate([a], [s], one_layer, ratio=config.ratio, structure="UL-UM",
+                            granularity=config.attn_granularity, align=align).masks[0]
+
+        calibrate_layers(model, calib.input_ids, on_layer, batch_size=config.batch_size, propagate_pruned=True,
+                         progress=config.progress)
+    timings["calibrate_s"] = time.perf_counter() - t0
+
+    structure = config.structure if config.method == "flap" else "UL-UM"
+    allocation = allocate(attn_scores, mlp_scores, geom, ratio=config.ratio, structure=structure,
+                          attn_ratio=config.effective_attn_ratio, granularity=config.attn_granularity, align=align)
+    use_bias = config.method == "flap" and config.bias
+    from . import __version__
+
+    provenance = {
+        "method": config.method,
+        "metric": config.metric if config.method == "flap" else ("wanda" if config.method == "wanda-sp" else "magnitude"),
+        "structure": structure,
+        "attn_granularity": config.attn_granularity,
+        "attn_ratio": config.effective_attn_ratio if config.method == "flap" else None,
+        "target_ratio": config.ratio,
+        "achieved_ratio": allocation.achieved_ratio,
+        "bias_compensation": use_bias,
+        "calibration": calib_info,
+        "source_model": name,
+        "source_architecture": adapter.architecture,
+        "alignment": align.to_dict(),
+        "package_version": __version__,
+    }
+    pruned = compress(model, allocation.masks, means if use_bias else None, provenance)
+    dense_params = sum(p.numel() for p in model.parameters())
+    pruned_params = sum(p.numel() for p in pruned.parameters())
+    provenance.update(
+        dense_params=dense_params, pruned_params=pruned_params,
+        dense_linear_weights=linear_weights(model), pruned_linear_weights=linear_weights(pruned),
+    )
+    provenance["achieved_ratio"] = 1 - provenance["pruned_linear_weights"] / provenance["dense_linear_weights"]
+    pruned.config.flap = {**pruned.config.flap, **provenance}
+    timings["total_s"] = time.perf_counter() - t0
+    return PrunedModel(model=pruned, masks=allocation.masks, provenance=pruned.config.flap,
+                       means=means if use_bias else None, statistics=statistics, source=source,
+                       tokenizer=tokenizer, timings=timings)
+
+
+__all__ = ["PruneConfig", "PrunedModel", "Statistics", "collect_statistics", "prune", "METHODS"]
