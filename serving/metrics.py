@@ -48,6 +48,11 @@ class ServerMetrics:
         self.e2e = Histogram("flap:e2e_request_latency_seconds", "Time from arrival to the last token", lab,
                              buckets=_LATENCY_BUCKETS, registry=r)
         self.name = model_name
+        # create the unlabelled-by-request children now, so that /metrics lists them from the start
+        for metric in (self.prompt_tokens, self.generation_tokens, self.running, self.waiting, self.rejected,
+                       self.aborted, self.batch_size, self.step_time, self.prefill_time, self.queue_time,
+                       self.ttft, self.tpot, self.e2e):
+            self.of(metric)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
