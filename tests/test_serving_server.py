@@ -244,8 +244,12 @@ def test_queue_full_is_503(tokenizer):
 
 
 def test_disconnect_mid_stream_frees_the_slot(tokenizer):
-    server = _server(tokenizer, max_num_seqs=1, max_model_len=256)
-    server.engine._idle_wait_s = 0.05
+    class Slow(TinyNumpyLM):  # so that the stream is surely still running when the client leaves
+        def forward(self, *args):
+            time.sleep(0.01)
+            return super().forward(*args)
+
+    server = OnnxServer(Slow(vocab=len(tokenizer)), tokenizer, model_name="tiny", max_model_len=256, max_num_seqs=1)
     with running(create_app(server)) as url:
         body = {"prompt": "hi", "max_tokens": 250, "stream": True, "ignore_eos": True, "temperature": 0}
         with httpx.stream("POST", url + "/completions", json=body, timeout=30) as r:
