@@ -28,7 +28,7 @@ from typing import Any, Callable, Protocol
 
 import numpy as np
 
-from .sampling import sample_next, top_logprobs
+from .sampling import DrawParams, sample_next, top_logprobs
 
 
 class ContractModel(Protocol):
@@ -51,6 +51,7 @@ class SamplingParams:
     max_tokens: int
     temperature: float = 1.0
     top_p: float = 1.0
+    top_k: int = 0
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
@@ -76,6 +77,7 @@ class _Sequence:
     sink: Callable[[TokenEvent | BaseException], None]
     arrival: float
     rng: np.random.Generator
+    draw: DrawParams
     output_ids: list[int] = field(default_factory=list)
     length: int = 0  # tokens held in the KV cache
     first_token_time: float | None = None
@@ -84,6 +86,11 @@ class _Sequence:
 
 def _present_to_past(name: str) -> str:
     return "past_key_values." + name[len("present."):] if name.startswith("present.") else name
+
+
+def _array(x: Any) -> np.ndarray:
+    """A numpy view of a cache tensor (the ONNX runtime hands back OrtValues)."""
+    return x if isinstance(x, np.ndarray) else x.numpy()
 
 
 class Engine:
@@ -146,7 +153,9 @@ class Engine:
                              f"the context length {self.max_model_len}")
         seq = _Sequence(id=next(self._ids), prompt_ids=list(prompt_ids), params=params, sink=sink,
                         arrival=time.perf_counter(),
-                        rng=np.random.default_rng(params.seed) if params.seed is not None else self._global_rng)
+                        rng=np.random.default_rng(params.seed) if params.seed is not None else self._global_rng,
+                        draw=DrawParams(max_new_tokens=params.max_tokens, temperature=params.temperature,
+                                        top_p=params.top_p, top_k=params.top_k, seed=params.seed))
         with self._cond:
             if self._stop or not self.alive:
                 raise EngineDead("the engine is not running")
@@ -224,8 +233,7 @@ class Engine:
         p = seq.params
         n_out = len(seq.output_ids)
         banned = p.stop_token_ids if n_out < p.min_tokens else ()
-        token, logprob = sample_next(logits, temperature=p.temperature, top_p=p.top_p, rng=seq.rng,
-                                     banned=banned, want_logprob=p.logprobs is not None)
+        token, logprob = sample_next(logits, seq.draw, seq.rng, banned=banned, want_logprob=p.logprobs is not None)
         top = top_logprobs(logits, p.logprobs) if p.logprobs else None
         seq.output_ids.append(token)
         now = time.perf_counter()
@@ -274,14 +282,14 @@ class Engine:
     def _join(self, past: dict[str, np.ndarray], seq: _Sequence) -> None:
         """Add a prefilled sequence (batch-1 cache of its own length) to the running batch."""
         if not self._rows:
-            self._rows, self._past = [seq], past
+            self._rows, self._past = [seq], past  # fed back as they are (OrtValues stay in ORT)
             self._mask = np.ones((1, seq.length), dtype=np.int64)
             return
         p_old = self._mask.shape[1]
         p_new = max(p_old, seq.length)
         merged = {}
         for name, batch_arr in self._past.items():
-            mine = past[name]
+            batch_arr, mine = _array(batch_arr), _array(past[name])
             b, h, _, d = batch_arr.shape
             out = np.zeros((b + 1, h, p_new, d), dtype=batch_arr.dtype)
             out[:b, :, p_new - p_old:, :] = batch_arr
@@ -306,7 +314,7 @@ class Engine:
         p_new = max(s.length for s in rows)  # columns left of this are padding in every kept row
         cut = p_old - p_new
         idx = np.asarray(keep)
-        self._past = {k: np.ascontiguousarray(v[idx, :, cut:, :]) for k, v in self._past.items()}
+        self._past = {k: np.ascontiguousarray(_array(v)[idx, :, cut:, :]) for k, v in self._past.items()}
         self._mask = np.ascontiguousarray(self._mask[idx, cut:])
         self._rows = rows
 

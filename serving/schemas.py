@@ -43,6 +43,7 @@ class _SamplingFields(BaseModel):
     stream_options: StreamOptions | None = None
     user: str | None = None
     # extensions (vLLM names)
+    top_k: int | None = None  # 0 or -1: no limit
     ignore_eos: bool = False
     min_tokens: int = Field(0, ge=0)
 

@@ -76,10 +76,9 @@ class OnnxServer:
         self.max_model_len = max_model_len
         self.api_key = api_key
         self.metrics = ServerMetrics(model_name)
-        eos = set()
-        for tid in (getattr(tokenizer, "eos_token_id", None),):
-            if isinstance(tid, int):
-                eos.add(tid)
+        eos = set(getattr(model, "eos_token_ids", None) or ())  # the model's (generation) EOS ids
+        if isinstance(getattr(tokenizer, "eos_token_id", None), int):
+            eos.add(tokenizer.eos_token_id)
         self.eos_token_ids = tuple(sorted(eos))
         self.engine = Engine(model, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
                              max_queue=max_queue, eos_token_ids=self.eos_token_ids, metrics=self.metrics)
@@ -127,6 +126,7 @@ class OnnxServer:
         temperature = 1.0 if body.temperature is None else body.temperature
         return SamplingParams(
             max_tokens=max_tokens, temperature=temperature, top_p=1.0 if body.top_p is None else body.top_p,
+            top_k=max(body.top_k or 0, 0),
             seed=None if body.seed is None else body.seed + seed_offset, stop_token_ids=self.eos_token_ids,
             ignore_eos=body.ignore_eos, min_tokens=min(body.min_tokens, max_tokens), logprobs=logprobs)
 

@@ -22,7 +22,7 @@ SENTENCES = (
 
 
 def tiny_tokenizer(vocab_size: int = 64, save_to: Path | None = None):
-    """A word-level tokenizer with a chat template, built in memory (nothing downloaded)."""
+    """A word-level tokenizer of exactly `vocab_size` ids with a chat template, built in memory."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -30,8 +30,9 @@ def tiny_tokenizer(vocab_size: int = 64, save_to: Path | None = None):
     for w in SENTENCES.split():
         if w not in words:
             words.append(w)
-    vocab = {t: i for i, t in enumerate(SPECIALS + words[: vocab_size - len(SPECIALS)])}
-    assert len(vocab) <= vocab_size
+    words = (SPECIALS + words)[:vocab_size]
+    words += [f"w{i}" for i in range(len(words), vocab_size)]  # filler: every model id decodes
+    vocab = {t: i for i, t in enumerate(words)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with spaces
