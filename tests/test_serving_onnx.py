@@ -1,0 +1,85 @@
+"""The server on a real ONNX Runtime model (tiny heterogeneous FlapLlama exported to ONNX)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import openai
+import pytest
+from factories import tiny_heterogeneous
+from serving_util import running, tiny_tokenizer
+
+from serving.server import create_app, load_onnx_server
+
+
+@pytest.fixture(scope="module")
+def onnx_dir(tmp_path_factory):
+    from exporters.onnx import export_onnx
+    from flap_deploy.checkpoint import save_checkpoint
+
+    root = tmp_path_factory.mktemp("tiny-onnx")
+    model = tiny_heterogeneous()
+    tok = tiny_tokenizer(model.config.vocab_size)
+    ckpt = save_checkpoint(model, root / "ckpt", tokenizer=tok)
+    return export_onnx(ckpt, root / "onnx", progress=False)
+
+
+@pytest.fixture(scope="module")
+def served(onnx_dir):
+    server = load_onnx_server(onnx_dir, served_model_name="tiny-onnx", max_num_seqs=8, max_model_len=128, threads=1)
+    with running(create_app(server)) as url:
+        yield server, url
+
+
+def test_greedy_matches_onnx_generate(served):
+    """The engine's continuous batching gives what the exporter's own generate() gives."""
+    server, url = served
+    client = openai.OpenAI(base_url=url, api_key="x", max_retries=0)
+    model = server.engine.model
+    prompts = [[5, 9, 17, 33], [7], [100, 3, 64, 2, 90, 11, 8]]
+    ref = model.generate(prompts, max_new_tokens=10, temperature=0.0, ignore_eos=True)
+    for p, g in zip(prompts, ref):
+        r = client.completions.create(model="tiny-onnx", prompt=p, max_tokens=10, temperature=0,
+                                      logprobs=0, extra_body={"ignore_eos": True})
+        tokens = r.choices[0].logprobs.tokens
+        assert r.usage.completion_tokens == 10 and len(tokens) == 10
+        assert r.choices[0].text == server.tokenizer.decode(g.token_ids, skip_special_tokens=True)
+
+
+def test_32_concurrent_streams_on_onnx(served):
+    server, url = served
+    rng = np.random.default_rng(0)
+    prompts = [[int(t) for t in rng.integers(6, 128, size=int(rng.integers(1, 24)))] for _ in range(32)]
+    lens = [int(n) for n in rng.integers(1, 20, size=32)]
+    client = openai.OpenAI(base_url=url, api_key="x", max_retries=0)
+    alone = [client.completions.create(model="tiny-onnx", prompt=p, max_tokens=n, temperature=0,
+                                       extra_body={"ignore_eos": True}).choices[0].text for p, n in zip(prompts, lens)]
+
+    async def one(ac, p, n):
+        stream = await ac.completions.create(model="tiny-onnx", prompt=p, max_tokens=n, temperature=0, stream=True,
+                                             stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+        text, chunks, usage = "", 0, None
+        async for c in stream:
+            if c.choices:
+                text, chunks = text + c.choices[0].text, chunks + 1
+            if c.usage:
+                usage = c.usage.completion_tokens
+        return text, chunks, usage
+
+    async def main():
+        ac = openai.AsyncOpenAI(base_url=url, api_key="x", max_retries=0, timeout=300)
+        return await asyncio.gather(*(one(ac, p, n) for p, n in zip(prompts, lens)))
+
+    results = asyncio.run(main())
+    assert [r[0] for r in results] == alone
+    assert [r[1] for r in results] == lens and [r[2] for r in results] == lens
+    assert server.engine.stats() == {"running": 0, "waiting": 0}
+
+
+def test_chat_on_onnx(served):
+    server, url = served
+    client = openai.OpenAI(base_url=url, api_key="x", max_retries=0)
+    r = client.chat.completions.create(model="tiny-onnx", messages=[{"role": "user", "content": "hello world"}],
+                                       max_tokens=4, temperature=0, extra_body={"ignore_eos": True})
+    assert r.usage.completion_tokens == 4 and r.choices[0].message.role == "assistant"
