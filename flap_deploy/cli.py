@@ -39,5 +39,122 @@ def export() -> None:
     """Export a checkpoint for a runtime (ONNX Runtime, vLLM)."""
 
 
+def _default_backend() -> str:
+    import importlib.util
+
+    return "vllm" if importlib.util.find_spec("vllm") is not None else "onnx"
+
+
+@main.command()
+@click.argument("model")
+@click.option("--backend", type=click.Choice(["onnx", "vllm"]), default=None,
+              help="Runtime: vllm when vLLM is installed, else onnx (the built-in ONNX Runtime server).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to bind (0.0.0.0 for all).")
+@click.option("--port", default=8000, show_default=True, type=int, help="TCP port.")
+@click.option("--api-key", default=None, envvar="FLAP_DEPLOY_API_KEY",
+              help="Require 'Authorization: Bearer KEY' on /v1/* (env FLAP_DEPLOY_API_KEY).")
+@click.option("--max-num-seqs", default=8, show_default=True, type=int, help="Sequences decoded together at most.")
+@click.option("--max-model-len", default=None, type=int,
+              help="Context length (prompt + output tokens); default: the model's max positions.")
+@click.option("--max-queue", default=256, show_default=True, type=int,
+              help="onnx: waiting requests at most; beyond it requests get 503.")
+@click.option("--threads", default=None, type=int, help="onnx: ONNX Runtime intra-op threads (default: ORT's).")
+@click.option("--served-model-name", default=None, help="Model id in the API (default: the directory name).")
+def serve(model: str, backend: str | None, host: str, port: int, api_key: str | None, max_num_seqs: int,
+          max_model_len: int | None, max_queue: int, threads: int | None, served_model_name: str | None) -> None:
+    """Serve MODEL with an OpenAI-compatible API (/v1/completions, /v1/chat/completions, /v1/models, /health,
+    /metrics).
+
+    MODEL: an ONNX export directory, or a checkpoint / `smollm2-135m` (the onnx backend exports it once into
+    the cache first).
+    """
+    backend = backend or _default_backend()
+    if max_num_seqs < 1:
+        raise FlapDeployError(f"--max-num-seqs must be at least 1, got {max_num_seqs}")
+    if backend == "vllm":
+        raise FlapDeployError("the vllm backend is not part of this build (serving/vllm_launcher.py); "
+                              "use --backend onnx")
+    from serving.server import serve_onnx
+
+    serve_onnx(model, host=host, port=port, api_key=api_key, max_num_seqs=max_num_seqs,
+               max_model_len=max_model_len, max_queue=max_queue, served_model_name=served_model_name,
+               threads=threads)
+
+
+def _int_list(text: str | None) -> list[int | None]:
+    if not text:
+        return [None]
+    try:
+        return [None if v.strip() in ("inf", "0") else int(v) for v in text.split(",")]
+    except ValueError:
+        raise FlapDeployError(f"--concurrency {text!r}: expected comma-separated integers, e.g. 1,4,16") from None
+
+
+@main.command()
+@click.option("--base-url", default="http://127.0.0.1:8000/v1", show_default=True,
+              help="The OpenAI-compatible endpoint (ours, vLLM's, anyone's).")
+@click.option("--model", default=None, help="Model id to request (default: the first of /v1/models).")
+@click.option("--tokenizer", default=None,
+              help="Tokenizer (directory or bundled name) for prompts and counting; default: the model root the "
+                   "server reports, when it is a local directory.")
+@click.option("--endpoint", type=click.Choice(["completions", "chat"]), default="completions", show_default=True,
+              help="completions sends token-id prompts (exact input lengths); chat sends the decoded text.")
+@click.option("--prompts", default="self", show_default=True,
+              help="'self' (seeded random tokens) or a text FILE (seeded windows of its tokens).")
+@click.option("--num-prompts", default=64, show_default=True, type=int, help="Requests per run.")
+@click.option("--input-len", default=128, show_default=True, type=int, help="Prompt tokens per request.")
+@click.option("--output-len", default=64, show_default=True, type=int, help="max_tokens per request.")
+@click.option("--ignore-eos/--no-ignore-eos", default=True, show_default=True,
+              help="Ask the server to generate exactly --output-len tokens.")
+@click.option("--concurrency", default=None,
+              help="Comma-separated max concurrency levels, one run each (e.g. 1,4,16); default: unbounded.")
+@click.option("--request-rate", default=float("inf"), type=float,
+              help="Poisson arrival rate in requests/s (default inf: all at once).")
+@click.option("--warmup", default=1, show_default=True, type=int, help="Sequential warm-up requests per run.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of prompts and arrival times.")
+@click.option("--temperature", default=0.0, show_default=True, type=float, help="Sampling temperature sent.")
+@click.option("--percentiles", default="50,90,99", show_default=True, help="Latency percentiles to report.")
+@click.option("--api-key", default=None, envvar="OPENAI_API_KEY", help="Bearer key (env OPENAI_API_KEY).")
+@click.option("--timeout", default=600.0, show_default=True, type=float, help="Seconds per request at most.")
+@click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False),
+              help="Write bench.json, bench.md and bench.png here.")
+@click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def bench(base_url: str, model: str | None, tokenizer: str | None, endpoint: str, prompts: str, num_prompts: int,
+          input_len: int, output_len: int, ignore_eos: bool, concurrency: str | None, request_rate: float,
+          warmup: int, seed: int, temperature: float, percentiles: str, api_key: str | None, timeout: float,
+          out_dir: str | None, overwrite: bool, as_json: bool) -> None:
+    """Load-test an OpenAI-compatible endpoint: throughput, TTFT, TPOT, ITL, end-to-end latency."""
+    import json as _json
+
+    from serving.bench import build_requests, run_bench, server_tokenizer
+    from serving.bench_report import format_console, summary_rows, write_report
+
+    if out_dir:
+        from .atomic import check_output_dir
+
+        check_output_dir(out_dir, overwrite)
+    try:
+        pcts = [float(p) for p in percentiles.split(",")]
+    except ValueError:
+        raise FlapDeployError(f"--percentiles {percentiles!r}: expected numbers like 50,90,99") from None
+    if request_rate <= 0:
+        raise FlapDeployError(f"--request-rate must be positive, got {request_rate}")
+    tok, model = server_tokenizer(base_url, tokenizer, model, api_key)
+    chat = endpoint == "chat"
+    reqs = build_requests(tok, prompts, num_prompts, input_len, output_len, seed=seed, chat=chat)
+    result = run_bench(base_url, reqs, model=model, concurrency=_int_list(concurrency), request_rate=request_rate,
+                       chat=chat, api_key=api_key, seed=seed, ignore_eos=ignore_eos, temperature=temperature,
+                       warmup=warmup, timeout_s=timeout, tokenizer=tok, percentiles=pcts, progress=not as_json)
+    if out_dir:
+        write_report(result, out_dir, overwrite)
+    if as_json:
+        click.echo(_json.dumps(summary_rows(result), indent=1))
+    else:
+        click.echo(format_console(result))
+        if out_dir:
+            click.echo(f"wrote {out_dir}/bench.json, bench.md, bench.png")
+
+
 if __name__ == "__main__":
     main()
