@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 import numpy as np
 import openai
@@ -11,6 +12,8 @@ from factories import tiny_heterogeneous
 from serving_util import running, tiny_tokenizer
 
 from serving.server import create_app, load_onnx_server
+
+pytestmark = pytest.mark.slow  # exports a model (~30 s) and runs ONNX Runtime
 
 
 @pytest.fixture(scope="module")
@@ -83,3 +86,44 @@ def test_chat_on_onnx(served):
     r = client.chat.completions.create(model="tiny-onnx", messages=[{"role": "user", "content": "hello world"}],
                                        max_tokens=4, temperature=0, extra_body={"ignore_eos": True})
     assert r.usage.completion_tokens == 4 and r.choices[0].message.role == "assistant"
+
+
+def test_bench_full_metric_set_on_onnx(served):
+    from serving.bench import build_requests, run_bench
+
+    server, url = served
+    reqs = build_requests(server.tokenizer, "self", 12, 10, 6, seed=0)
+    result = run_bench(url, reqs, concurrency=[2, 8], tokenizer=server.tokenizer, progress=False)
+    for run in result["runs"]:
+        assert run["completed"] == 12 and run["failed"] == 0
+        assert run["total_input_tokens"] == 120 and run["total_output_tokens"] == 72
+        for key in ("request_throughput", "output_throughput", "total_token_throughput"):
+            assert run[key] > 0
+        for key in ("ttft_ms", "tpot_ms", "itl_ms", "e2el_ms"):
+            assert {"mean", "median", "p90", "p99"} <= set(run[key]) and run[key]["p99"] >= run[key]["median"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_vllm_bench_serve_against_onnx_server(served, tmp_path):
+    """`vllm bench serve` (from the vLLM install) runs against our server without errors."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("vllm")
+    server, url = served
+    repo = Path(__file__).resolve().parent.parent
+    cmd = [sys.executable, "-m", "serving.vllm_bench", "--backend", "openai", "--base-url", url[:-3],
+           "--model", "tiny-onnx", "--tokenizer", server.model_root, "--dataset-name", "random",
+           "--random-input-len", "12", "--random-output-len", "6", "--num-prompts", "16", "--ignore-eos",
+           "--max-concurrency", "4", "--seed", "0", "--save-result", "--result-dir", str(tmp_path)]
+    env = dict(os.environ, PYTHONPATH=f"{repo}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    (result_file,) = tmp_path.glob("*.json")
+    result = json.loads(result_file.read_text())
+    assert result["completed"] == 16 and result["failed"] == 0
+    assert result["total_output_tokens"] == 16 * 6
+    assert result["mean_ttft_ms"] > 0 and result["mean_tpot_ms"] > 0
