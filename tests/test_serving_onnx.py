@@ -127,3 +127,60 @@ def test_vllm_bench_serve_against_onnx_server(served, tmp_path):
     assert result["completed"] == 16 and result["failed"] == 0
     assert result["total_output_tokens"] == 16 * 6
     assert result["mean_ttft_ms"] > 0 and result["mean_tpot_ms"] > 0
+
+
+def test_serve_cli_subprocess(onnx_dir, tmp_path):
+    """`flap-deploy serve DIR --backend onnx` binds 127.0.0.1, checks the key, serves, stops on SIGTERM."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import httpx
+    from serving_util import free_port
+
+    repo = Path(__file__).resolve().parent.parent
+    port = free_port()
+    env = dict(os.environ, PYTHONPATH=f"{repo}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    proc = subprocess.Popen([sys.executable, "-m", "flap_deploy.cli", "serve", str(onnx_dir), "--backend", "onnx",
+                             "--port", str(port), "--api-key", "k1", "--max-num-seqs", "2", "--max-model-len", "64",
+                             "--threads", "1"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 90
+        while True:
+            try:
+                if httpx.get(base + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None and time.time() < deadline, "server did not come up"
+            time.sleep(0.3)
+        client = openai.OpenAI(base_url=base + "/v1", api_key="k1", max_retries=0)
+        card = client.models.list().data[0]
+        assert card.id == Path(onnx_dir).name and card.max_model_len == 64
+        r = client.completions.create(model=card.id, prompt=[5, 6, 7], max_tokens=3, temperature=0,
+                                      extra_body={"ignore_eos": True})
+        assert r.usage.completion_tokens == 3
+        with pytest.raises(openai.BadRequestError):
+            client.completions.create(model=card.id, prompt=[5] * 60, max_tokens=10)
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=base + "/v1", api_key="k2", max_retries=0).models.list()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+    # uvicorn re-raises SIGTERM after its graceful shutdown
+    assert proc.returncode in (0, -signal.SIGTERM) and "Application shutdown complete" in out, out[-2000:]
+
+
+def test_serve_cli_user_errors(tmp_path):
+    from click.testing import CliRunner
+
+    from flap_deploy.cli import main
+
+    r = CliRunner().invoke(main, ["serve", str(tmp_path / "nope"), "--backend", "onnx"])
+    assert r.exit_code == 2 and "not found" in r.output
+    r = CliRunner().invoke(main, ["serve", str(tmp_path), "--backend", "onnx", "--max-num-seqs", "0"])
+    assert r.exit_code == 2 and "--max-num-seqs" in r.output
