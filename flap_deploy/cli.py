@@ -156,5 +156,57 @@ def bench(base_url: str, model: str | None, tokenizer: str | None, endpoint: str
             click.echo(f"wrote {out_dir}/bench.json, bench.md, bench.png")
 
 
+@main.command()
+@click.argument("dense")
+@click.argument("pruned")
+@click.option("--backend", type=click.Choice(["onnx", "vllm"]), default=None,
+              help="Server runtime for both models: vllm when vLLM is installed, else onnx.")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Directory for report.json, report.md, throughput.png, latency.png.")
+@click.option("--concurrency", default="1,4,8", show_default=True, help="Comma-separated max concurrency levels.")
+@click.option("--num-prompts", default=32, show_default=True, type=int, help="Requests per level.")
+@click.option("--input-len", default=128, show_default=True, type=int, help="Prompt tokens per request.")
+@click.option("--output-len", default=64, show_default=True, type=int, help="Output tokens per request (ignore_eos).")
+@click.option("--repeats", default=2, show_default=True, type=int,
+              help="Interleaved repeats (dense, pruned, pruned, dense, ...); medians are reported.")
+@click.option("--prompts", default="self", show_default=True, help="'self' or a text FILE (see bench).")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the prompts.")
+@click.option("--warmup", default=2, show_default=True, type=int, help="Warm-up requests per server and level.")
+@click.option("--max-num-seqs", default=8, show_default=True, type=int, help="Server batch bound (both models).")
+@click.option("--max-model-len", default=None, type=int, help="Server context length (both models).")
+@click.option("--threads", default=None, type=int, help="onnx: ONNX Runtime threads.")
+@click.option("--eval-text", default=None, type=click.Path(exists=True),
+              help="Also report perplexity, KL and top-1 agreement on this text.")
+@click.option("--eval-max-tokens", default=16384, show_default=True, type=int, help="Tokens of --eval-text to use.")
+@click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print the ratios as JSON.")
+def compare(dense: str, pruned: str, backend: str | None, out_dir: str, concurrency: str, num_prompts: int,
+            input_len: int, output_len: int, repeats: int, prompts: str, seed: int, warmup: int, max_num_seqs: int,
+            max_model_len: int | None, threads: int | None, eval_text: str | None, eval_max_tokens: int,
+            overwrite: bool, as_json: bool) -> None:
+    """Serve DENSE and PRUNED in turn on the same settings, run the same workload, report measured vs ideal."""
+    import json as _json
+
+    from serving.compare import compare as run_compare
+
+    levels = [c for c in _int_list(concurrency) if c is not None]
+    if not levels:
+        raise FlapDeployError(f"--concurrency {concurrency!r}: give at least one positive level")
+    report = run_compare(dense, pruned, backend=backend or _default_backend(), out_dir=out_dir, concurrency=levels,
+                         num_prompts=num_prompts, input_len=input_len, output_len=output_len, repeats=repeats,
+                         prompts=prompts, seed=seed, warmup=warmup, max_num_seqs=max_num_seqs,
+                         max_model_len=max_model_len, threads=threads, eval_text=eval_text,
+                         eval_max_tokens=eval_max_tokens, overwrite=overwrite, progress=not as_json)
+    if as_json:
+        click.echo(_json.dumps({"weights": report["weights"], "ratios": report["ratios"],
+                                "quality": report["quality"]}, indent=1))
+        return
+    click.echo(f"ideal ratio (weight bytes per decode step): {report['weights']['ideal_ratio']:.3f}")
+    for r in report["ratios"]:
+        click.echo(f"concurrency {r['max_concurrency']}: output throughput x{r['output_throughput_ratio']:.3f}, "
+                   f"TPOT x{r['tpot_ratio']:.3f}")
+    click.echo(f"wrote {out_dir}/report.md, report.json, throughput.png, latency.png")
+
+
 if __name__ == "__main__":
     main()
