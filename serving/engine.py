@@ -219,14 +219,14 @@ class Engine:
                 pending = list(self._rows) + list(self._waiting)
                 self._rows, self._waiting = [], collections.deque()
             for s in pending:
-                s.sink(e)
+                self._send(s, e)
             raise
         finally:
             with self._cond:
                 pending = list(self._rows) + list(self._waiting)
                 self._rows, self._waiting = [], collections.deque()
             for s in pending:
-                s.sink(EngineDead("the engine stopped"))
+                self._send(s, EngineDead("the engine stopped"))
 
     def _emit(self, seq: _Sequence, logits: np.ndarray) -> None:
         """Sample the next token of `seq` from its last-position logits and send it."""
@@ -249,7 +249,14 @@ class Engine:
             self._record_finish(seq, finish, now)
         if self.metrics:
             self.metrics.of(self.metrics.generation_tokens).inc()
-        seq.sink(TokenEvent(token, logprob, top, finish))
+        self._send(seq, TokenEvent(token, logprob, top, finish))
+
+    def _send(self, seq: _Sequence, event: TokenEvent | BaseException) -> None:
+        """Deliver to the request's sink; a failing sink (its consumer gone) ends that sequence only."""
+        try:
+            seq.sink(event)
+        except Exception:
+            seq.finished = True
 
     def _record_finish(self, seq: _Sequence, reason: str, now: float) -> None:
         m = self.metrics

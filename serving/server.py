@@ -65,6 +65,18 @@ class _Choice:
     logprobs: list[TokenEvent] = field(default_factory=list)
 
 
+def _sink(loop: asyncio.AbstractEventLoop, out: asyncio.Queue, index: int):
+    """Engine-thread callback that hands an event to the request's event loop (never blocks)."""
+
+    def put(event: Any) -> None:
+        try:
+            loop.call_soon_threadsafe(out.put_nowait, (index, event))
+        except RuntimeError:  # the loop is closed: nobody is waiting for this request any more
+            pass
+
+    return put
+
+
 class OnnxServer:
     """The engine, the tokenizer and the request handling behind the FastAPI app."""
 
@@ -178,8 +190,7 @@ class OnnxServer:
                            code="overloaded")
         try:
             for ids, sp, ch in zip(prompts, params, choices):
-                sink = lambda ev, i=ch.index: loop.call_soon_threadsafe(out.put_nowait, (i, ev))  # noqa: E731
-                ch.request_id = self.engine.submit(ids, sp, sink)
+                ch.request_id = self.engine.submit(ids, sp, _sink(loop, out, ch.index))
         except QueueFull:
             self.abort(choices)
             raise ApiError(503, "The server is overloaded (waiting queue full); retry later.",

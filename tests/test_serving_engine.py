@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -110,8 +111,7 @@ def test_context_limit_and_queue_bound(model):
     try:
         # a sink that blocks the engine thread keeps the queue from draining
         first = engine.submit([1], SamplingParams(max_tokens=3, temperature=0.0), lambda ev: gate.wait(10))
-        import time
-        for _ in range(100):
+        for _ in range(100):  # until the engine took it (and blocks in its sink)
             if engine.stats()["running"] == 0 and engine.stats()["waiting"] == 0:
                 break
             time.sleep(0.01)
@@ -138,5 +138,19 @@ def test_abort_frees_the_slot(model):
         text = metrics.render().decode()
         assert 'flap:num_requests_running{model_name="tiny"} 0.0' in text
         assert 'flap:requests_aborted_total{model_name="tiny"} 1.0' in text
+    finally:
+        engine.shutdown()
+
+
+def test_a_failing_sink_ends_only_its_sequence(model):
+    engine = Engine(model, max_model_len=64, max_num_seqs=4).start()
+
+    def broken(ev):
+        raise RuntimeError("consumer gone")
+
+    try:
+        engine.submit([1, 2], SamplingParams(max_tokens=20, temperature=0.0), broken)
+        out, reason = _drain(_collect(engine, [3], SamplingParams(max_tokens=6, temperature=0.0))[1])
+        assert len(out) == 6 and reason == "length" and engine.alive
     finally:
         engine.shutdown()
