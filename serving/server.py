@@ -280,6 +280,9 @@ class OnnxServer:
 # ------------------------------------------------------------------------------ app
 
 
+_ENDPOINTS = ("/v1/models", "/v1/completions", "/v1/chat/completions")
+
+
 def create_app(server: OnnxServer) -> FastAPI:
     """The FastAPI app; the engine thread starts and stops with the app's lifespan."""
 
@@ -305,9 +308,10 @@ def create_app(server: OnnxServer) -> FastAPI:
     @app.middleware("http")
     async def _count(request: Request, call_next):
         response = await call_next(request)
-        if request.url.path.startswith("/v1/"):
-            server.metrics.of(server.metrics.requests, endpoint=request.url.path,
-                              status=str(response.status_code)).inc()
+        path = request.url.path
+        if path.startswith("/v1/"):  # unknown paths share one label: bounded cardinality
+            endpoint = path if path in _ENDPOINTS else "other"
+            server.metrics.of(server.metrics.requests, endpoint=endpoint, status=str(response.status_code)).inc()
         return response
 
     @app.get("/health")

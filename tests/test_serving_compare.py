@@ -77,3 +77,21 @@ def test_compare_user_errors(pair, tmp_path):
     r = CliRunner().invoke(main, ["compare", str(dense_dir), str(tmp_path / "missing"), "--backend", "onnx",
                                   "--out", str(tmp_path / "o")])
     assert r.exit_code == 2 and "not found" in r.output
+
+
+def test_quality_figures_in_the_report(pair, tmp_path, wikitext_dir):
+    """With an eval text, the report carries perplexities, KL and top-1 agreement (flap_deploy.evaluate)."""
+    pytest.importorskip("flap_deploy.evaluate")
+    from serving.compare import quality
+    from serving.compare_report import format_markdown
+
+    dense_dir, pruned_dir, _, _ = pair
+    q = quality(str(dense_dir), str(pruned_dir), str(wikitext_dir / "valid.txt"), max_tokens=256, seqlen=32)
+    assert q["perplexity"] > 1 and q["reference_perplexity"] > 1 and q["kl"] > 0
+    assert 0 <= q["top1_agreement"] <= 1
+    report = {"backend": "onnx", "dense": "d", "pruned": "p",
+              "workload": {"prompts": "self", "num_prompts": 1, "input_len": 1, "output_len": 1, "concurrency": [1],
+                           "repeats": 1, "seed": 0, "max_num_seqs": 1},
+              "weights": {"dense_decode_params": 2e6, "pruned_decode_params": 1e6, "ideal_ratio": 2.0},
+              "ratios": [], "medians": {"dense": [], "pruned": []}, "quality": q}
+    assert f"{q['perplexity']:.3f}" in format_markdown(report)
