@@ -224,8 +224,7 @@ class OnnxServer:
         # hold back an incomplete UTF-8 character and a possible stop-string prefix
         end = len(full)
         if not finished:
-            if full.endswith("\ufffd"):
-                end -= 1
+            end = len(full.rstrip("\ufffd"))  # a character whose bytes are still arriving
             end = max(ch.sent, end - hold)
         delta = full[ch.sent:end]
         ch.sent = max(ch.sent, end)
