@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from flap_deploy.atomic import atomic_directory, check_output_dir
+from flap_deploy.atomic import check_output_dir
 from flap_deploy.errors import FlapDeployError
 
 from .bench import build_requests, run_bench
