@@ -166,8 +166,10 @@ def test_int8_quantized_export_is_verified_and_generates(tmp_path):
     assert m["quantize"] == "int8" and set(m["verification"]) == {"fp32", "int8"}
     q = m["verification"]["int8"]
     assert q["finite"] and 0 < q["max_abs_logit_diff"]  # int8 weights do change the logits
-    ops = {n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node}
-    assert ops & {"DynamicQuantizeMatMul", "MatMulInteger", "DynamicQuantizeLinear"}
+    graph = onnx.load(str(out / "model.onnx")).graph
+    weights = {i.name for i in graph.initializer}
+    assert any(n.op_type == "MatMulNBits" for n in graph.node)
+    assert not [n.name for n in graph.node if n.op_type == "MatMul" and n.input[1] in weights]  # all int8
     assert not (out / "model.onnx.float").exists()
     g = OnnxCausalLM.from_dir(out).generate([[1, 2, 3]], max_new_tokens=8, ignore_eos=True)
     assert len(g[0].token_ids) == 8
