@@ -14,6 +14,7 @@ import io
 import json
 import logging
 import os
+import shutil
 import time
 import warnings
 from pathlib import Path
@@ -46,6 +47,9 @@ def load_flap_model(model_dir_or_name: str | os.PathLike) -> tuple[FlapLlamaForC
     """Load a pruned checkpoint, or a dense one converted to FlapLlama (all-true masks), in float32."""
     path = resolve_model(model_dir_or_name)
     cfg = check_model_dir(path)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one bar (ours) per export
     model = load_model(path, dtype=torch.float32)
     if cfg.get("model_type") != "flap_llama":
         model = compress(model, [LayerMask()] * model.config.num_hidden_layers,
@@ -109,6 +113,58 @@ def _verify(tmp: Path, model: torch.nn.Module, prompts: list[list[int]], label: 
     return figures
 
 
+def _quantize_in_place(tmp: Path, manifest: dict[str, Any], model: torch.nn.Module | None,
+                       prompts: list[list[int]], threads: int | None) -> None:
+    """Replace tmp/model.onnx by its int8 version; verify it against ``model`` when given."""
+    float_file = tmp / f"{MODEL_NAME}.float"
+    os.replace(tmp / MODEL_NAME, float_file)
+    quantize_int8(float_file, tmp / MODEL_NAME, manifest["external_data"])
+    for leftover in tmp.glob(f"{MODEL_NAME}.float*"):
+        leftover.unlink()
+    manifest["quantize"] = "int8"
+    _write_manifest(tmp, manifest)
+    if model is not None:
+        # int8 is reported, not asserted: its error is a property of the weights.
+        manifest["verification"]["int8"] = _verify(tmp, model, prompts, "int8", threads, None)
+
+
+def quantize_export(onnx_dir: str | os.PathLike, out_dir: str | os.PathLike, verify: bool = True,
+                    overwrite: bool = False, threads: int | None = None) -> Path:
+    """Write an int8 copy of an existing fp32 export (no re-trace); verified against its source.
+
+    The source checkpoint is found through the manifest's ``source.path``; with
+    ``verify=False`` it is not needed.
+    """
+    from .manifest import read_manifest
+
+    src = Path(onnx_dir)
+    manifest = read_manifest(src)
+    if manifest.get("quantize") or manifest["dtype"] != "float32":
+        raise FlapDeployError(f"{src}: int8 quantization starts from an unquantized float32 export")
+    out = check_output_dir(out_dir, overwrite)
+    started = time.perf_counter()
+    model = prompts = None
+    if verify:
+        model, _ = load_flap_model(manifest["source"]["path"])
+    with atomic_directory(out, overwrite) as tmp:
+        for f in src.iterdir():
+            if f.is_file():
+                shutil.copy2(f, tmp / f.name)
+        tokenizer = None
+        if manifest.get("tokenizer"):
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(tmp)
+        prompts = verification_prompts(tokenizer, manifest["vocab_size"])
+        manifest["verification"] = {k: v for k, v in manifest["verification"].items() if k != "int8"}
+        _quantize_in_place(tmp, manifest, model, prompts, threads)
+        manifest["quantize_seconds"] = round(time.perf_counter() - started, 1)
+        manifest["size_bytes"] = _directory_bytes(tmp)
+        manifest["graph_bytes"] = sum(f.stat().st_size for f in tmp.glob(f"{MODEL_NAME}*"))
+        _write_manifest(tmp, manifest)
+    return Path(out)
+
+
 def export_onnx(model_dir_or_name: str | os.PathLike, out_dir: str | os.PathLike, opset: int = 20,
                 dtype: str = "fp32", quantize: str | None = None, verify: bool = True, overwrite: bool = False,
                 threads: int | None = None, progress: bool = True) -> Path:
@@ -129,6 +185,7 @@ def export_onnx(model_dir_or_name: str | os.PathLike, out_dir: str | os.PathLike
     if quantize and dtype != "fp32":
         raise FlapDeployError("--quantize int8 starts from an fp32 graph; use --dtype fp32")
     out = check_output_dir(out_dir, overwrite)
+    check_model_dir(resolve_model(model_dir_or_name))  # fail on a bad source before any work
     started = time.perf_counter()
     steps = 2 + verify + (1 + verify) * bool(quantize)
     bar = tqdm(total=steps, desc="export onnx", disable=not progress, unit="step")
@@ -172,20 +229,8 @@ def export_onnx(model_dir_or_name: str | os.PathLike, out_dir: str | os.PathLike
             bar.update()
         if quantize:
             bar.set_postfix_str("quantize int8")
-            float_file = tmp / f"{MODEL_NAME}.float"
-            os.replace(tmp / MODEL_NAME, float_file)
-            quantize_int8(float_file, tmp / MODEL_NAME, external)
-            float_file.unlink()
-            for data in tmp.glob(f"{MODEL_NAME}.float*"):
-                data.unlink()
-            manifest["quantize"] = quantize
-            _write_manifest(tmp, manifest)
-            bar.update()
-            if verify:
-                bar.set_postfix_str("verify int8")
-                # int8 is reported, not asserted: its error is a property of the weights.
-                manifest["verification"]["int8"] = _verify(tmp, model, prompts, "int8", threads, None)
-                bar.update()
+            _quantize_in_place(tmp, manifest, model if verify else None, prompts, threads)
+            bar.update(1 + verify)
         manifest["export_seconds"] = round(time.perf_counter() - started, 1)
         manifest["trace_seconds"] = round(trace_seconds, 1)
         manifest["size_bytes"] = _directory_bytes(tmp)
@@ -195,4 +240,4 @@ def export_onnx(model_dir_or_name: str | os.PathLike, out_dir: str | os.PathLike
     return Path(out)
 
 
-__all__ = ["export_onnx", "export_graph", "load_flap_model"]
+__all__ = ["export_onnx", "quantize_export", "export_graph", "load_flap_model"]
