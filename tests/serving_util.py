@@ -1,4 +1,4 @@
-"""Helpers for serving tests: a tiny in-memory tokenizer and a uvicorn server in a thread."""
+"""Helpers for serving tests: a tokenizer with a chat template, and a uvicorn server in a thread."""
 
 from __future__ import annotations
 
@@ -10,38 +10,20 @@ from pathlib import Path
 from typing import Iterator
 
 CHAT_TEMPLATE = (
-    "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} </s> {% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|> {% endif %}"
-)
-SPECIALS = ["<unk>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>"]
-SENTENCES = (
-    "the quick brown fox jumps over the lazy dog . a small model says hello to the world , "
-    "and the world answers with one more word : pruning keeps what matters most in every layer "
-    "while serving many requests at once is what batching does best"
+    "{% for m in messages %}{{ m['role'] }} {{ m['content'] }} </s> {% endfor %}"
+    "{% if add_generation_prompt %}assistant {% endif %}"
 )
 
 
-def tiny_tokenizer(vocab_size: int = 64, save_to: Path | None = None):
-    """A word-level tokenizer of exactly `vocab_size` ids with a chat template, built in memory."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+def tiny_tokenizer(save_to: Path | None = None):
+    """The ONNX tests' word-level tokenizer (w0..w125, <unk>, </s>) plus a chat template."""
+    from onnx_helpers import tiny_tokenizer as word_tokenizer
 
-    words = []
-    for w in SENTENCES.split():
-        if w not in words:
-            words.append(w)
-    words = (SPECIALS + words)[:vocab_size]
-    words += [f"w{i}" for i in range(len(words), vocab_size)]  # filler: every model id decodes
-    vocab = {t: i for i, t in enumerate(words)}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with spaces
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-                                   additional_special_tokens=SPECIALS[3:])
-    fast.chat_template = CHAT_TEMPLATE
+    tok = word_tokenizer()
+    tok.chat_template = CHAT_TEMPLATE
     if save_to is not None:
-        fast.save_pretrained(save_to)
-    return fast
+        tok.save_pretrained(save_to)
+    return tok
 
 
 def free_port() -> int:

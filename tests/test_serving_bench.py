@@ -33,13 +33,13 @@ def test_metric_definitions_follow_vllm():
 
 
 def test_build_requests_self_and_file(tmp_path):
-    tok = tiny_tokenizer(64)
+    tok = tiny_tokenizer()
     a = build_requests(tok, "self", 5, 12, 3, seed=1)
     b = build_requests(tok, "self", 5, 12, 3, seed=1)
     assert [r.prompt for r in a] == [r.prompt for r in b] and all(len(r.prompt) == 12 for r in a)
     assert not set(t for r in a for t in r.prompt) & set(tok.all_special_ids)
     text = tmp_path / "t.txt"
-    text.write_text("the quick brown fox jumps over the lazy dog . " * 10)
+    text.write_text(" ".join(f"w{i % 37}" for i in range(300)))
     f = build_requests(tok, str(text), 4, 6, 2, seed=0)
     stream = tok.encode(text.read_text(), add_special_tokens=False)
     for r in f:
@@ -53,8 +53,8 @@ def test_build_requests_self_and_file(tmp_path):
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     tok_dir = tmp_path_factory.mktemp("tok")
-    tok = tiny_tokenizer(64, save_to=tok_dir)
-    server = OnnxServer(TinyNumpyLM(vocab=64), tok, model_name="tiny", max_model_len=128, max_num_seqs=4,
+    tok = tiny_tokenizer(save_to=tok_dir)
+    server = OnnxServer(TinyNumpyLM(vocab=len(tok)), tok, model_name="tiny", max_model_len=128, max_num_seqs=4,
                         model_root=str(tok_dir))
     with running(create_app(server)) as url:
         yield url, tok

@@ -20,7 +20,7 @@ from serving.compare import decode_weight_params, ideal_ratio
 def pair(tmp_path_factory):
     root = tmp_path_factory.mktemp("pair")
     dense = tiny_dense("llama")
-    tok = tiny_tokenizer(dense.config.vocab_size)
+    tok = tiny_tokenizer()
     dense.save_pretrained(root / "dense")
     tok.save_pretrained(root / "dense")
     keep_half = torch.arange(8) < 4  # query heads 0-3: the whole first KV group

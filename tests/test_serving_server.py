@@ -63,16 +63,16 @@ def test_models_health_metrics(base_url, client):
 
 
 def test_completion_chat_and_usage(client, tokenizer):
-    prompt = "the quick brown fox"
+    prompt = "w1 w2 w3 w4"
     r = client.completions.create(model="tiny", prompt=prompt, max_tokens=7, temperature=0, extra_body={
         "ignore_eos": True})
     assert r.usage.prompt_tokens == len(tokenizer.encode(prompt))
     assert r.usage.completion_tokens == 7 and r.usage.total_tokens == r.usage.prompt_tokens + 7
     assert r.choices[0].finish_reason == "length" and isinstance(r.choices[0].text, str)
 
-    c = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hello world"}],
+    c = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "w5 w6"}],
                                        max_tokens=5, temperature=0, extra_body={"ignore_eos": True})
-    chat_ids = tokenizer.apply_chat_template([{"role": "user", "content": "hello world"}],
+    chat_ids = tokenizer.apply_chat_template([{"role": "user", "content": "w5 w6"}],
                                              add_generation_prompt=True, tokenize=True)
     chat_ids = chat_ids["input_ids"] if isinstance(chat_ids, dict) or hasattr(chat_ids, "keys") else chat_ids
     assert c.usage.prompt_tokens == len(chat_ids) and c.usage.completion_tokens == 5
@@ -85,7 +85,7 @@ def test_completion_chat_and_usage(client, tokenizer):
 
 
 def test_streaming_matches_non_streaming(client):
-    kw = dict(model="tiny", prompt="a small model says", max_tokens=9, temperature=0, extra_body={"ignore_eos": True})
+    kw = dict(model="tiny", prompt="w7 w8 w9 w10", max_tokens=9, temperature=0, extra_body={"ignore_eos": True})
     full = client.completions.create(**kw)
     chunks = list(client.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
     text = "".join(c.choices[0].text for c in chunks if c.choices)
@@ -94,7 +94,7 @@ def test_streaming_matches_non_streaming(client):
     assert chunks[-1].usage.completion_tokens == 9 and not chunks[-1].choices
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
 
-    chat_kw = dict(model="tiny", messages=[{"role": "user", "content": "hello"}], max_tokens=6, temperature=0,
+    chat_kw = dict(model="tiny", messages=[{"role": "user", "content": "w5"}], max_tokens=6, temperature=0,
                    extra_body={"ignore_eos": True})
     whole = client.chat.completions.create(**chat_kw)
     parts = list(client.chat.completions.create(stream=True, **chat_kw))
@@ -104,15 +104,15 @@ def test_streaming_matches_non_streaming(client):
 
 
 def test_n_seed_logprobs_and_stop(client):
-    r = client.completions.create(model="tiny", prompt="the world", max_tokens=6, n=3, temperature=1.0, seed=11,
+    r = client.completions.create(model="tiny", prompt="w11 w12", max_tokens=6, n=3, temperature=1.0, seed=11,
                                   extra_body={"ignore_eos": True})
-    again = client.completions.create(model="tiny", prompt="the world", max_tokens=6, n=3, temperature=1.0,
+    again = client.completions.create(model="tiny", prompt="w11 w12", max_tokens=6, n=3, temperature=1.0,
                                       seed=11, extra_body={"ignore_eos": True})
     assert [c.index for c in r.choices] == [0, 1, 2]
     assert [c.text for c in r.choices] == [c.text for c in again.choices]
     assert r.usage.completion_tokens == 18
 
-    lp = client.completions.create(model="tiny", prompt="the world", max_tokens=4, temperature=0, logprobs=2,
+    lp = client.completions.create(model="tiny", prompt="w11 w12", max_tokens=4, temperature=0, logprobs=2,
                                    extra_body={"ignore_eos": True})
     lps = lp.choices[0].logprobs
     assert len(lps.tokens) == 4 and len(lps.token_logprobs) == 4 and all(x <= 0 for x in lps.token_logprobs)
@@ -124,11 +124,11 @@ def test_n_seed_logprobs_and_stop(client):
     content = chat.choices[0].logprobs.content
     assert len(content) == 3 and content[0].top_logprobs[0].logprob == pytest.approx(content[0].logprob)
 
-    free = client.completions.create(model="tiny", prompt="the world", max_tokens=12, temperature=0,
+    free = client.completions.create(model="tiny", prompt="w11 w12", max_tokens=12, temperature=0,
                                      extra_body={"ignore_eos": True}).choices[0].text
     words = free.split()
     stop_word = words[2] if len(words) > 2 else words[-1]
-    cut = client.completions.create(model="tiny", prompt="the world", max_tokens=12, temperature=0, stop=[stop_word],
+    cut = client.completions.create(model="tiny", prompt="w11 w12", max_tokens=12, temperature=0, stop=[stop_word],
                                     extra_body={"ignore_eos": True})
     assert cut.choices[0].text == free[: free.find(stop_word)]
     assert cut.choices[0].finish_reason == "stop"
@@ -198,10 +198,10 @@ def test_max_tokens_not_positive(base_url, max_tokens):
 
 
 def test_beyond_context(base_url, client):
-    err = _assert_error(_post(base_url, "/completions", {"prompt": "the world", "max_tokens": 63}), 400, "max_tokens")
+    err = _assert_error(_post(base_url, "/completions", {"prompt": "w11 w12", "max_tokens": 63}), 400, "max_tokens")
     assert "maximum context length is 64" in err["message"]
     with pytest.raises(openai.BadRequestError):
-        client.completions.create(model="tiny", prompt="the " * 70, max_tokens=1)
+        client.completions.create(model="tiny", prompt="w1 " * 70, max_tokens=1)
 
 
 @pytest.mark.parametrize("field,value", [("max_tokens", "many"), ("temperature", "hot"), ("n", [1]),
