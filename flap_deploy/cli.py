@@ -160,5 +160,247 @@ def prune_command(model: str, out: Path, ratio: float, method: str, metric: str,
     click.echo(f"wrote {path} (per-layer report: {path / 'flap_report.txt'}, plot: {path / 'flap_widths.png'})")
 
 
+@export.command("onnx")
+@click.argument("model")
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--opset", type=click.Choice(["20", "23"]), default="20", show_default=True,
+              help="ONNX opset; 23 adds fused RMSNormalization (needs onnxruntime >= 1.22).")
+@click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
+              help="Weight and KV-cache dtype of the graph.")
+@click.option("--quantize", type=click.Choice(["int8"]), default=None,
+              help="After export, store MatMul weights as int8 (ONNX Runtime dynamic quantization).")
+@click.option("--verify/--no-verify", default=True, show_default=True,
+              help="Compare with PyTorch on fixed prompts (prefill + 8 decode steps, batch 2, left padding); "
+                   "fail if float logits are off.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists and is not empty.")
+@click.option("--threads", type=int, default=None, help="ONNX Runtime threads for verification.")
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+def export_onnx_cmd(model, out, opset, dtype, quantize, verify, overwrite, threads, as_json) -> None:
+    """Export MODEL (pruned or dense checkpoint, or `smollm2-135m`) to an ONNX Runtime directory OUT.
+
+    OUT holds model.onnx (KV-cache decoder, contract I/O), the tokenizer files and flap_onnx.json
+    (per-layer KV heads, source identity, verification figures).
+    """
+    import json
+
+    from exporters.onnx.export import export_onnx
+    from exporters.onnx.manifest import MANIFEST_NAME
+
+    path = export_onnx(model, out, opset=int(opset), dtype=dtype, quantize=quantize, verify=verify,
+                       overwrite=overwrite, threads=threads)
+    manifest = json.loads((path / MANIFEST_NAME).read_text())
+    if as_json:
+        click.echo(json.dumps(manifest, indent=2))
+        return
+    click.echo(f"wrote {path} ({manifest['size_bytes'] / 1e6:.1f} MB, {manifest['export_seconds']:.0f} s, "
+               f"opset {manifest['opset']}, {manifest['dtype']}{', int8' if manifest['quantize'] else ''})")
+    for label, v in manifest["verification"].items():
+        click.echo(f"  verify {label}: max |dlogit| {v['max_abs_logit_diff']:.3g} "
+                   f"({v['relative_logit_diff']:.2g} of range), greedy agreement {v['greedy_matches']}/{v['greedy_total']}")
+
+
+@main.command()
+@click.argument("model")
+@click.argument("prompt", nargs=-1, required=True)
+@click.option("--max-new-tokens", "-n", type=int, default=64, show_default=True, help="Tokens to generate.")
+@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy.")
+@click.option("--top-p", type=float, default=1.0, show_default=True, help="Nucleus sampling mass.")
+@click.option("--top-k", type=int, default=0, show_default=True, help="Sample among the k best (0 = all).")
+@click.option("--seed", type=int, default=None, help="Seed for sampling.")
+@click.option("--stop", multiple=True, help="Stop string (repeatable); the text is cut before it.")
+@click.option("--chat", is_flag=True, help="Wrap each prompt in the tokenizer's chat template.")
+@click.option("--threads", type=int, default=None, help="CPU threads.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON records (runtime, tokens, text, finish reason).")
+def generate(model, prompt, max_new_tokens, temperature, top_p, top_k, seed, stop, chat, threads, as_json) -> None:
+    """Generate text for each PROMPT with MODEL: an ONNX export directory runs on ONNX Runtime,
+    a checkpoint directory (or `smollm2-135m`) on PyTorch."""
+    import json
+
+    from exporters.generate import generate as run_generate
+    from exporters.onnx.sampling import SamplingParams
+
+    try:
+        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                                seed=seed, stop=tuple(stop))
+    except ValueError as e:
+        raise FlapDeployError(str(e)) from None
+    runtime, results = run_generate(model, list(prompt), params, threads=threads, chat=chat)
+    for g in results:
+        if as_json:
+            click.echo(json.dumps({"runtime": runtime, "prompt_tokens": len(g.prompt_ids), "token_ids": g.token_ids,
+                                   "text": g.text, "finish_reason": g.finish_reason}))
+        else:
+            click.echo(g.text)
+
+
+def _default_backend() -> str:
+    import importlib.util
+
+    return "vllm" if importlib.util.find_spec("vllm") is not None else "onnx"
+
+
+@main.command()
+@click.argument("model")
+@click.option("--backend", type=click.Choice(["onnx", "vllm"]), default=None,
+              help="Runtime: vllm when vLLM is installed, else onnx (the built-in ONNX Runtime server).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to bind (0.0.0.0 for all).")
+@click.option("--port", default=8000, show_default=True, type=int, help="TCP port.")
+@click.option("--api-key", default=None, envvar="FLAP_DEPLOY_API_KEY",
+              help="Require 'Authorization: Bearer KEY' on /v1/* (env FLAP_DEPLOY_API_KEY).")
+@click.option("--max-num-seqs", default=8, show_default=True, type=int, help="Sequences decoded together at most.")
+@click.option("--max-model-len", default=None, type=int,
+              help="Context length (prompt + output tokens); default: the model's max positions.")
+@click.option("--max-queue", default=256, show_default=True, type=int,
+              help="onnx: waiting requests at most; beyond it requests get 503.")
+@click.option("--threads", default=None, type=int, help="onnx: ONNX Runtime intra-op threads (default: ORT's).")
+@click.option("--served-model-name", default=None, help="Model id in the API (default: the directory name).")
+def serve(model: str, backend: str | None, host: str, port: int, api_key: str | None, max_num_seqs: int,
+          max_model_len: int | None, max_queue: int, threads: int | None, served_model_name: str | None) -> None:
+    """Serve MODEL with an OpenAI-compatible API (/v1/completions, /v1/chat/completions, /v1/models, /health,
+    /metrics).
+
+    MODEL: an ONNX export directory, or a checkpoint / `smollm2-135m` (the onnx backend exports it once into
+    the cache first).
+    """
+    backend = backend or _default_backend()
+    if max_num_seqs < 1:
+        raise FlapDeployError(f"--max-num-seqs must be at least 1, got {max_num_seqs}")
+    if backend == "vllm":
+        raise FlapDeployError("the vllm backend is not part of this build (serving/vllm_launcher.py); "
+                              "use --backend onnx")
+    from serving.server import serve_onnx
+
+    serve_onnx(model, host=host, port=port, api_key=api_key, max_num_seqs=max_num_seqs,
+               max_model_len=max_model_len, max_queue=max_queue, served_model_name=served_model_name,
+               threads=threads)
+
+
+def _int_list(text: str | None) -> list[int | None]:
+    if not text:
+        return [None]
+    try:
+        return [None if v.strip() in ("inf", "0") else int(v) for v in text.split(",")]
+    except ValueError:
+        raise FlapDeployError(f"--concurrency {text!r}: expected comma-separated integers, e.g. 1,4,16") from None
+
+
+@main.command()
+@click.option("--base-url", default="http://127.0.0.1:8000/v1", show_default=True,
+              help="The OpenAI-compatible endpoint (ours, vLLM's, anyone's).")
+@click.option("--model", default=None, help="Model id to request (default: the first of /v1/models).")
+@click.option("--tokenizer", default=None,
+              help="Tokenizer (directory or bundled name) for prompts and counting; default: the model root the "
+                   "server reports, when it is a local directory.")
+@click.option("--endpoint", type=click.Choice(["completions", "chat"]), default="completions", show_default=True,
+              help="completions sends token-id prompts (exact input lengths); chat sends the decoded text.")
+@click.option("--prompts", default="self", show_default=True,
+              help="'self' (seeded random tokens) or a text FILE (seeded windows of its tokens).")
+@click.option("--num-prompts", default=64, show_default=True, type=int, help="Requests per run.")
+@click.option("--input-len", default=128, show_default=True, type=int, help="Prompt tokens per request.")
+@click.option("--output-len", default=64, show_default=True, type=int, help="max_tokens per request.")
+@click.option("--ignore-eos/--no-ignore-eos", default=True, show_default=True,
+              help="Ask the server to generate exactly --output-len tokens.")
+@click.option("--concurrency", default=None,
+              help="Comma-separated max concurrency levels, one run each (e.g. 1,4,16); default: unbounded.")
+@click.option("--request-rate", default=float("inf"), type=float,
+              help="Poisson arrival rate in requests/s (default inf: all at once).")
+@click.option("--warmup", default=1, show_default=True, type=int, help="Sequential warm-up requests per run.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of prompts and arrival times.")
+@click.option("--temperature", default=0.0, show_default=True, type=float, help="Sampling temperature sent.")
+@click.option("--percentiles", default="50,90,99", show_default=True, help="Latency percentiles to report.")
+@click.option("--api-key", default=None, envvar="OPENAI_API_KEY", help="Bearer key (env OPENAI_API_KEY).")
+@click.option("--timeout", default=600.0, show_default=True, type=float, help="Seconds per request at most.")
+@click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False),
+              help="Write bench.json, bench.md and bench.png here.")
+@click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def bench(base_url: str, model: str | None, tokenizer: str | None, endpoint: str, prompts: str, num_prompts: int,
+          input_len: int, output_len: int, ignore_eos: bool, concurrency: str | None, request_rate: float,
+          warmup: int, seed: int, temperature: float, percentiles: str, api_key: str | None, timeout: float,
+          out_dir: str | None, overwrite: bool, as_json: bool) -> None:
+    """Load-test an OpenAI-compatible endpoint: throughput, TTFT, TPOT, ITL, end-to-end latency."""
+    import json as _json
+
+    from serving.bench import build_requests, run_bench, server_tokenizer
+    from serving.bench_report import format_console, summary_rows, write_report
+
+    if out_dir:
+        from .atomic import check_output_dir
+
+        check_output_dir(out_dir, overwrite)
+    try:
+        pcts = [float(p) for p in percentiles.split(",")]
+    except ValueError:
+        raise FlapDeployError(f"--percentiles {percentiles!r}: expected numbers like 50,90,99") from None
+    if request_rate <= 0:
+        raise FlapDeployError(f"--request-rate must be positive, got {request_rate}")
+    tok, model = server_tokenizer(base_url, tokenizer, model, api_key)
+    chat = endpoint == "chat"
+    reqs = build_requests(tok, prompts, num_prompts, input_len, output_len, seed=seed, chat=chat)
+    result = run_bench(base_url, reqs, model=model, concurrency=_int_list(concurrency), request_rate=request_rate,
+                       chat=chat, api_key=api_key, seed=seed, ignore_eos=ignore_eos, temperature=temperature,
+                       warmup=warmup, timeout_s=timeout, tokenizer=tok, percentiles=pcts, progress=not as_json)
+    if out_dir:
+        write_report(result, out_dir, overwrite)
+    if as_json:
+        click.echo(_json.dumps(summary_rows(result), indent=1))
+    else:
+        click.echo(format_console(result))
+        if out_dir:
+            click.echo(f"wrote {out_dir}/bench.json, bench.md, bench.png")
+
+
+@main.command()
+@click.argument("dense")
+@click.argument("pruned")
+@click.option("--backend", type=click.Choice(["onnx", "vllm"]), default=None,
+              help="Server runtime for both models: vllm when vLLM is installed, else onnx.")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Directory for report.json, report.md, throughput.png, latency.png.")
+@click.option("--concurrency", default="1,4,8", show_default=True, help="Comma-separated max concurrency levels.")
+@click.option("--num-prompts", default=32, show_default=True, type=int, help="Requests per level.")
+@click.option("--input-len", default=128, show_default=True, type=int, help="Prompt tokens per request.")
+@click.option("--output-len", default=64, show_default=True, type=int, help="Output tokens per request (ignore_eos).")
+@click.option("--repeats", default=2, show_default=True, type=int,
+              help="Interleaved repeats (dense, pruned, pruned, dense, ...); medians are reported.")
+@click.option("--prompts", default="self", show_default=True, help="'self' or a text FILE (see bench).")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the prompts.")
+@click.option("--warmup", default=2, show_default=True, type=int, help="Warm-up requests per server and level.")
+@click.option("--max-num-seqs", default=8, show_default=True, type=int, help="Server batch bound (both models).")
+@click.option("--max-model-len", default=None, type=int, help="Server context length (both models).")
+@click.option("--threads", default=None, type=int, help="onnx: ONNX Runtime threads.")
+@click.option("--eval-text", default=None, type=click.Path(exists=True),
+              help="Also report perplexity, KL and top-1 agreement on this text.")
+@click.option("--eval-max-tokens", default=16384, show_default=True, type=int, help="Tokens of --eval-text to use.")
+@click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print the ratios as JSON.")
+def compare(dense: str, pruned: str, backend: str | None, out_dir: str, concurrency: str, num_prompts: int,
+            input_len: int, output_len: int, repeats: int, prompts: str, seed: int, warmup: int, max_num_seqs: int,
+            max_model_len: int | None, threads: int | None, eval_text: str | None, eval_max_tokens: int,
+            overwrite: bool, as_json: bool) -> None:
+    """Serve DENSE and PRUNED in turn on the same settings, run the same workload, report measured vs ideal."""
+    import json as _json
+
+    from serving.compare import compare as run_compare
+
+    levels = [c for c in _int_list(concurrency) if c is not None]
+    if not levels:
+        raise FlapDeployError(f"--concurrency {concurrency!r}: give at least one positive level")
+    report = run_compare(dense, pruned, backend=backend or _default_backend(), out_dir=out_dir, concurrency=levels,
+                         num_prompts=num_prompts, input_len=input_len, output_len=output_len, repeats=repeats,
+                         prompts=prompts, seed=seed, warmup=warmup, max_num_seqs=max_num_seqs,
+                         max_model_len=max_model_len, threads=threads, eval_text=eval_text,
+                         eval_max_tokens=eval_max_tokens, overwrite=overwrite, progress=not as_json)
+    if as_json:
+        click.echo(_json.dumps({"weights": report["weights"], "ratios": report["ratios"],
+                                "quality": report["quality"]}, indent=1))
+        return
+    click.echo(f"ideal ratio (weight bytes per decode step): {report['weights']['ideal_ratio']:.3f}")
+    for r in report["ratios"]:
+        click.echo(f"concurrency {r['max_concurrency']}: output throughput x{r['output_throughput_ratio']:.3f}, "
+                   f"TPOT x{r['tpot_ratio']:.3f}")
+    click.echo(f"wrote {out_dir}/report.md, report.json, throughput.png, latency.png")
+
+
 if __name__ == "__main__":
     main()

@@ -1,0 +1,243 @@
+"""``export_onnx``: a checkpoint (pruned or dense) -> an ONNX Runtime directory.
+
+Dense sources are first turned into a FlapLlama with all-true masks (``compress``), so
+dense and pruned models share one graph family and one exporter. The graph comes from
+``torch.onnx.export(dynamo=True)`` on ``OnnxDecoder`` with explicit dynamic axes; the whole
+directory is written atomically, and verification against PyTorch runs before it is
+renamed into place, so a failed export leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import shutil
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from flap_deploy.atomic import atomic_directory, check_output_dir
+from flap_deploy.checkpoint import TOKENIZER_FILES, copy_tokenizer_files
+from flap_deploy.compress import LayerMask, compress
+from flap_deploy.errors import FlapDeployError
+from flap_deploy.modeling_flap_llama import FlapLlamaForCausalLM
+from flap_deploy.models import check_model_dir, load_model, resolve_model
+
+from .graph import OnnxDecoder, cache_layers, input_names, output_names
+from .manifest import DTYPES, MANIFEST_NAME, MODEL_NAME, build_manifest, source_identity
+from .quantize import quantize_int8
+from .verify import TOLERANCE, compare_with_torch, verification_prompts
+
+SUPPORTED_OPSETS = (18, 19, 20, 21, 22, 23)
+QUANTIZE = ("int8",)
+# torch.onnx keeps weights inside model.onnx only below protobuf's 2 GB limit.
+EXTERNAL_DATA_BYTES = 1_800_000_000
+# Example sizes for tracing: all > 1 and all different, or torch.export specializes them.
+EXAMPLE_BATCH, EXAMPLE_SEQ, EXAMPLE_PAST = 2, 3, 5
+
+
+def load_flap_model(model_dir_or_name: str | os.PathLike) -> tuple[FlapLlamaForCausalLM, Path]:
+    """Load a pruned checkpoint, or a dense one converted to FlapLlama (all-true masks), in float32."""
+    path = resolve_model(model_dir_or_name)
+    cfg = check_model_dir(path)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one bar (ours) per export
+    model = load_model(path, dtype=torch.float32)
+    if cfg.get("model_type") != "flap_llama":
+        model = compress(model, [LayerMask()] * model.config.num_hidden_layers,
+                         provenance={"method": "dense", "source_model": str(path)})
+    return model.eval(), path
+
+
+def export_graph(model: FlapLlamaForCausalLM, file: Path, opset: int, external_data: bool) -> None:
+    """Trace ``OnnxDecoder(model)`` with dynamic batch / seq / past axes into ``file``."""
+    from torch.export import Dim
+
+    decoder = OnnxDecoder(model).eval()
+    layers = decoder.layers
+    cfg = model.config
+    b, s, p = EXAMPLE_BATCH, EXAMPLE_SEQ, EXAMPLE_PAST
+    dtype = next(model.parameters()).dtype
+    ids = torch.randint(0, cfg.vocab_size, (b, s))
+    mask = torch.ones(b, p + s, dtype=torch.long)
+    pos = torch.arange(p, p + s)[None].repeat(b, 1)
+    past = tuple(torch.zeros(b, c.kv_heads, p, c.head_dim, dtype=dtype) for c in layers for _ in (0, 1))
+    batch, seq, past_len, total = Dim("batch"), Dim("seq"), Dim("past_sequence_length"), Dim("total_sequence_length")
+    shapes = ({0: batch, 1: seq}, {0: batch, 1: total}, {0: batch, 1: seq}, tuple({0: batch, 2: past_len} for _ in past))
+    # The exporter reports its steps on stdout and warns about optional torchvision ops: noise here.
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+        logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+        with torch.no_grad():
+            program = torch.onnx.export(
+                decoder, (ids, mask, pos, past), dynamo=True, dynamic_shapes=shapes, opset_version=opset,
+                input_names=input_names(layers), output_names=output_names(layers), optimize=True,
+                verbose=False, external_data=external_data,
+            )
+        program.save(str(file), external_data=external_data)
+
+
+def _directory_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def _write_manifest(path: Path, manifest: dict[str, Any]) -> None:
+    (path / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def _verify(tmp: Path, model: torch.nn.Module, prompts: list[list[int]], label: str, threads: int | None,
+            assert_tolerance: float | None) -> dict[str, Any]:
+    from .runtime import OnnxCausalLM
+
+    lm = OnnxCausalLM.from_dir(tmp, threads=threads)
+    figures = compare_with_torch(lm, model, prompts)
+    figures["reference"] = "pytorch float32"
+    if not figures["finite"]:
+        raise FlapDeployError(f"export verification failed ({label}): the ONNX graph produced non-finite logits")
+    if assert_tolerance is not None:
+        figures["tolerance_relative"] = assert_tolerance
+        if figures["relative_logit_diff"] > assert_tolerance:
+            raise FlapDeployError(
+                f"export verification failed ({label}): max |Δlogit| {figures['max_abs_logit_diff']:.3g} is "
+                f"{figures['relative_logit_diff']:.3g} of the logit range, above {assert_tolerance:g}"
+            )
+    return figures
+
+
+def _quantize_in_place(tmp: Path, manifest: dict[str, Any], model: torch.nn.Module | None,
+                       prompts: list[list[int]], threads: int | None) -> None:
+    """Replace tmp/model.onnx by its int8 version; verify it against ``model`` when given."""
+    float_file = tmp / f"{MODEL_NAME}.float"
+    os.replace(tmp / MODEL_NAME, float_file)
+    quantize_int8(float_file, tmp / MODEL_NAME, manifest["external_data"])
+    for leftover in tmp.glob(f"{MODEL_NAME}.float*"):
+        leftover.unlink()
+    manifest["quantize"] = "int8"
+    _write_manifest(tmp, manifest)
+    if model is not None:
+        # int8 is reported, not asserted: its error is a property of the weights.
+        manifest["verification"]["int8"] = _verify(tmp, model, prompts, "int8", threads, None)
+
+
+def quantize_export(onnx_dir: str | os.PathLike, out_dir: str | os.PathLike, verify: bool = True,
+                    overwrite: bool = False, threads: int | None = None) -> Path:
+    """Write an int8 copy of an existing fp32 export (no re-trace); verified against its source.
+
+    The source checkpoint is found through the manifest's ``source.path``; with
+    ``verify=False`` it is not needed.
+    """
+    from .manifest import read_manifest
+
+    src = Path(onnx_dir)
+    manifest = read_manifest(src)
+    if manifest.get("quantize") or manifest["dtype"] != "float32":
+        raise FlapDeployError(f"{src}: int8 quantization starts from an unquantized float32 export")
+    out = check_output_dir(out_dir, overwrite)
+    started = time.perf_counter()
+    model = prompts = None
+    if verify:
+        model, _ = load_flap_model(manifest["source"]["path"])
+    with atomic_directory(out, overwrite) as tmp:
+        for f in src.iterdir():
+            if f.is_file():
+                shutil.copy2(f, tmp / f.name)
+        tokenizer = None
+        if manifest.get("tokenizer"):
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(tmp)
+        prompts = verification_prompts(tokenizer, manifest["vocab_size"])
+        manifest["verification"] = {k: v for k, v in manifest["verification"].items() if k != "int8"}
+        _quantize_in_place(tmp, manifest, model, prompts, threads)
+        manifest["quantize_seconds"] = round(time.perf_counter() - started, 1)
+        manifest["size_bytes"] = _directory_bytes(tmp)
+        manifest["graph_bytes"] = sum(f.stat().st_size for f in tmp.glob(f"{MODEL_NAME}*"))
+        _write_manifest(tmp, manifest)
+    return Path(out)
+
+
+def export_onnx(model_dir_or_name: str | os.PathLike, out_dir: str | os.PathLike, opset: int = 20,
+                dtype: str = "fp32", quantize: str | None = None, verify: bool = True, overwrite: bool = False,
+                threads: int | None = None, progress: bool = True) -> Path:
+    """Export a pruned or dense checkpoint to ``out_dir``: model.onnx + flap_onnx.json + tokenizer.
+
+    ``opset``: 18-23 (23 lets ORT use RMSNormalization). ``dtype``: "fp32" | "fp16".
+    ``quantize``: None | "int8" (dynamic int8 MatMul weights, applied after the float export
+    has been verified). ``verify``: compare with PyTorch on fixed prompts and record the
+    figures in the manifest; fails (FlapDeployError, nothing written) when float logits
+    differ by more than the tolerance. Returns ``out_dir``.
+    """
+    if opset not in SUPPORTED_OPSETS:
+        raise FlapDeployError(f"opset {opset} is not supported (choose one of {', '.join(map(str, SUPPORTED_OPSETS))})")
+    if dtype not in DTYPES:
+        raise FlapDeployError(f"dtype {dtype!r} is not supported (choose fp32 or fp16)")
+    if quantize not in (None, *QUANTIZE):
+        raise FlapDeployError(f"quantize {quantize!r} is not supported (choose int8)")
+    if quantize and dtype != "fp32":
+        raise FlapDeployError("--quantize int8 starts from an fp32 graph; use --dtype fp32")
+    out = check_output_dir(out_dir, overwrite)
+    check_model_dir(resolve_model(model_dir_or_name))  # fail on a bad source before any work
+    started = time.perf_counter()
+    steps = 2 + verify + (1 + verify) * bool(quantize)
+    bar = tqdm(total=steps, desc="export onnx", disable=not progress, unit="step")
+
+    bar.set_postfix_str("load")
+    model, source = load_flap_model(model_dir_or_name)
+    torch_dtype = torch.float16 if dtype == "fp16" else torch.float32
+    graph_model = model if dtype == "fp32" else FlapLlamaForCausalLM(model.config).to(torch_dtype).eval()
+    if graph_model is not model:
+        graph_model.load_state_dict({k: v.to(torch_dtype) for k, v in model.state_dict().items()})
+    bar.update()
+
+    layers = cache_layers(model.config)
+    weight_bytes = sum(p.numel() * p.element_size() for p in graph_model.parameters())
+    external = weight_bytes > EXTERNAL_DATA_BYTES
+    with atomic_directory(out, overwrite) as tmp:
+        bar.set_postfix_str("trace")
+        t0 = time.perf_counter()
+        export_graph(graph_model, tmp / MODEL_NAME, opset, external)
+        trace_seconds = time.perf_counter() - t0
+        bar.update()
+
+        copy_tokenizer_files(source, tmp)
+        has_tokenizer = any((tmp / f).is_file() for f in TOKENIZER_FILES if f.startswith("tokenizer"))
+        manifest = build_manifest(
+            config=model.config, layers=layers, opset=opset, dtype=dtype, quantize=None,
+            source=source_identity(source), input_names=input_names(layers), output_names=output_names(layers),
+            external_data=external, tokenizer=has_tokenizer,
+        )
+        _write_manifest(tmp, manifest)
+        tokenizer = None
+        if has_tokenizer:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(tmp)
+        prompts = verification_prompts(tokenizer, model.config.vocab_size)
+        if verify:
+            bar.set_postfix_str("verify " + dtype)
+            manifest["verification"][dtype] = _verify(tmp, model, prompts, dtype, threads,
+                                                      TOLERANCE[DTYPES[dtype]])
+            bar.update()
+        if quantize:
+            bar.set_postfix_str("quantize int8")
+            _quantize_in_place(tmp, manifest, model if verify else None, prompts, threads)
+            bar.update(1 + verify)
+        manifest["export_seconds"] = round(time.perf_counter() - started, 1)
+        manifest["trace_seconds"] = round(trace_seconds, 1)
+        manifest["size_bytes"] = _directory_bytes(tmp)
+        manifest["graph_bytes"] = sum(f.stat().st_size for f in tmp.glob(f"{MODEL_NAME}*"))
+        _write_manifest(tmp, manifest)
+    bar.close()
+    return Path(out)
+
+
+__all__ = ["export_onnx", "quantize_export", "export_graph", "load_flap_model"]

@@ -1,0 +1,247 @@
+"""``OnnxCausalLM``: drive an exported decoder with ONNX Runtime, KV cache kept as OrtValues.
+
+One ``forward`` is one call of the contract graph. ``generate`` runs prefill and cached
+decode for a left-padded batch, with greedy or sampled tokens (``sampling.py``), EOS and
+stop strings. The cache never leaves ORT between steps: each step's ``present.*`` OrtValues
+are fed back as the next step's ``past_key_values.*``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from flap_deploy.errors import FlapDeployError
+
+from .graph import CacheLayer
+from .manifest import MODEL_NAME, cache_layers_of, check_graph_io, read_manifest
+from .sampling import SamplingParams, find_stop, next_token
+
+OPT_LEVELS = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+NP_DTYPES = {"float32": np.float32, "float16": np.float16}
+
+Past = dict[str, Any]  # name -> OrtValue | np.ndarray
+
+
+@dataclass
+class Generation:
+    """What ``generate`` returns for one prompt."""
+
+    prompt_ids: list[int]
+    token_ids: list[int]
+    text: str | None
+    finish_reason: str  # "length" | "stop" (EOS or a stop string)
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """input_ids and attention_mask (int64) of a batch padded on the left."""
+    width = max(len(p) for p in prompts)
+    ids = np.full((len(prompts), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(prompts), width), dtype=np.int64)
+    for r, p in enumerate(prompts):
+        if len(p):
+            ids[r, width - len(p):] = p
+            mask[r, width - len(p):] = 1
+    return ids, mask
+
+
+def positions(mask: np.ndarray) -> np.ndarray:
+    """position_ids for a left-padded mask: 0 at each row's first real token."""
+    return np.clip(np.cumsum(mask, axis=1) - 1, 0, None).astype(np.int64)
+
+
+class OnnxCausalLM:
+    """An exported FlapLlama decoder on ONNX Runtime."""
+
+    def __init__(self, path: Path, session: ort.InferenceSession, manifest: dict[str, Any], tokenizer: Any = None):
+        self.path = path
+        self.session = session
+        self.manifest = manifest
+        self.tokenizer = tokenizer
+        self.layers: list[CacheLayer] = cache_layers_of(manifest)
+        self.dtype = NP_DTYPES[manifest["dtype"]]
+        self.output_names: list[str] = list(manifest["outputs"])
+        eos = manifest.get("eos_token_id") or []
+        self.eos_token_ids: list[int] = [int(e) for e in eos]
+        pad = manifest.get("pad_token_id")
+        self.pad_token_id: int = int(pad if pad is not None else (self.eos_token_ids or [0])[0])
+
+    @classmethod
+    def from_dir(cls, path: str | os.PathLike, threads: int | None = None,
+                 graph_optimization_level: str | ort.GraphOptimizationLevel = "all",
+                 providers: Sequence[str] | None = None) -> OnnxCausalLM:
+        """Load an export directory (graph, manifest, tokenizer when present).
+
+        ``threads``: ORT intra-op threads (None = ORT's default). ``graph_optimization_level``:
+        "disable" | "basic" | "extended" | "all" or an ``ort.GraphOptimizationLevel``.
+        Raises FlapDeployError when the manifest does not describe the graph.
+        """
+        path = Path(path)
+        manifest = read_manifest(path)
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = int(threads)
+            opts.inter_op_num_threads = 1
+        if isinstance(graph_optimization_level, str):
+            if graph_optimization_level not in OPT_LEVELS:
+                raise FlapDeployError(
+                    f"graph optimization level {graph_optimization_level!r}: expected one of {', '.join(OPT_LEVELS)}"
+                )
+            graph_optimization_level = OPT_LEVELS[graph_optimization_level]
+        opts.graph_optimization_level = graph_optimization_level
+        try:
+            session = ort.InferenceSession(str(path / manifest.get("model", MODEL_NAME)), opts,
+                                           providers=list(providers or ["CPUExecutionProvider"]))
+        except Exception as e:  # ORT raises its own exception types for an unreadable graph
+            raise FlapDeployError(f"{path}: ONNX Runtime cannot load the graph ({str(e).splitlines()[0]})") from None
+        check_graph_io(manifest, session.get_inputs(), session.get_outputs(), path)
+        tokenizer = None
+        if manifest.get("tokenizer"):
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(path)
+        return cls(path, session, manifest, tokenizer)
+
+    # -- one graph call -------------------------------------------------------------------
+
+    def empty_past(self, batch: int) -> dict[str, ort.OrtValue]:
+        """A zero-length cache for ``batch`` rows (the past of a prefill)."""
+        past = {}
+        for c in self.layers:
+            for name in c.past_names:
+                past[name] = ort.OrtValue.ortvalue_from_numpy(np.zeros((batch, c.kv_heads, 0, c.head_dim), self.dtype))
+        return past
+
+    @staticmethod
+    def past_from_present(present: dict[str, Any]) -> dict[str, Any]:
+        """Rename ``present.{i}.key|value`` to ``past_key_values.{i}.key|value`` for the next step."""
+        return {("past_key_values." + k[len("present."):]) if k.startswith("present.") else k: v
+                for k, v in present.items()}
+
+    def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
+                past: Past) -> tuple[np.ndarray, dict[str, ort.OrtValue]]:
+        """Run the graph once.
+
+        ``past`` maps ``past_key_values.{i}.key|value`` (or the previous step's
+        ``present.*`` names) to OrtValues or arrays [batch, kv_heads_i, past, head_dim];
+        ``attention_mask`` covers past + new tokens. Returns logits [batch, seq, vocab]
+        (numpy) and ``present.{i}.key|value`` as OrtValues, ready to be fed back.
+        """
+        feed: dict[str, ort.OrtValue] = {
+            "input_ids": _ortvalue(input_ids, np.int64),
+            "attention_mask": _ortvalue(attention_mask, np.int64),
+            "position_ids": _ortvalue(position_ids, np.int64),
+        }
+        past = self.past_from_present(past)
+        for c in self.layers:
+            for name in c.past_names:
+                if name not in past:
+                    raise FlapDeployError(f"forward: past is missing '{name}'")
+                feed[name] = _ortvalue(past[name], self.dtype)
+        outputs = self.session.run_with_ort_values(self.output_names, feed)
+        present = dict(zip(self.output_names[1:], outputs[1:]))
+        return outputs[0].numpy(), present
+
+    # -- generation -----------------------------------------------------------------------
+
+    def encode(self, prompts: str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]]) -> list[list[int]]:
+        """Token ids for text prompts (needs a tokenizer) or pass ids through; always a batch."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if not prompts:
+            raise FlapDeployError("generate: no prompts")
+        if all(isinstance(t, (int, np.integer)) for t in prompts):
+            return [[int(t) for t in prompts]]
+        out = []
+        for p in prompts:
+            if isinstance(p, str):
+                if self.tokenizer is None:
+                    raise FlapDeployError(f"{self.path}: no tokenizer in the export; pass token ids instead of text")
+                out.append(list(self.tokenizer(p)["input_ids"]))
+            else:
+                out.append([int(t) for t in p])
+        if any(len(p) == 0 for p in out):
+            raise FlapDeployError("generate: empty prompt")
+        return out
+
+    def decode(self, ids: Sequence[int]) -> str | None:
+        return None if self.tokenizer is None else self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def generate(self, prompts: str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]], *,
+                 max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+                 seed: int | None = None, stop: str | Sequence[str] | None = None, ignore_eos: bool = False,
+                 params: SamplingParams | None = None) -> list[Generation]:
+        """Generate for a batch of prompts (text or token ids), left-padded, with the KV cache.
+
+        Temperature 0 is greedy; otherwise tokens are sampled with top-k / top-p, row ``r``
+        using seed ``seed + r`` when a seed is given. A row ends at EOS (unless
+        ``ignore_eos``), at a stop string (text is cut before it) or after ``max_new_tokens``.
+        """
+        if params is None:
+            try:
+                params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                        top_k=top_k, seed=seed, stop=tuple([stop] if isinstance(stop, str) else stop or ()),
+                                        ignore_eos=ignore_eos)
+            except ValueError as e:
+                raise FlapDeployError(f"generate: {e}") from None
+        if params.stop and self.tokenizer is None:
+            raise FlapDeployError(f"{self.path}: stop strings need a tokenizer, and the export has none")
+        batch = self.encode(prompts)
+        n = len(batch)
+        rngs = [np.random.default_rng(None if params.seed is None else params.seed + r) for r in range(n)]
+        eos = set() if params.ignore_eos else set(self.eos_token_ids)
+        new: list[list[int]] = [[] for _ in range(n)]
+        reasons: list[str | None] = [None] * n
+        texts: list[str | None] = [None] * n
+
+        ids, mask = left_pad(batch, self.pad_token_id)
+        pos = positions(mask)
+        past: Past = self.empty_past(n)
+        for _ in range(params.max_new_tokens):
+            logits, present = self.forward(ids, mask, pos, past)
+            past = present
+            last = logits[:, -1, :]
+            step = np.full((n, 1), self.pad_token_id, dtype=np.int64)
+            for r in range(n):
+                if reasons[r] is not None:
+                    continue
+                tok = next_token(last[r], params, rngs[r])
+                new[r].append(tok)
+                step[r, 0] = tok
+                if tok in eos:
+                    reasons[r] = "stop"
+                elif params.stop:
+                    text = self.decode(new[r])
+                    cut = find_stop(text, params.stop)
+                    if cut is not None:
+                        reasons[r], texts[r] = "stop", text[:cut]
+                if reasons[r] is None and len(new[r]) >= params.max_new_tokens:
+                    reasons[r] = "length"
+            if all(x is not None for x in reasons):
+                break
+            ids = step
+            mask = np.concatenate([mask, np.ones((n, 1), dtype=np.int64)], axis=1)
+            pos = pos[:, -1:] + 1
+        out = []
+        for r in range(n):
+            text = texts[r] if texts[r] is not None else self.decode([t for t in new[r] if t not in eos])
+            out.append(Generation(batch[r], new[r], text, reasons[r] or "length"))
+        return out
+
+
+def _ortvalue(x: Any, dtype: Any) -> ort.OrtValue:
+    if isinstance(x, ort.OrtValue):
+        return x
+    return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(np.asarray(x, dtype=dtype)))

@@ -1,0 +1,243 @@
+"""Dense vs pruned on the same server settings and the same workload.
+
+Each model's server is started in turn (`flap-deploy serve MODEL --backend B`, a subprocess,
+so both backends go through the one `serve` command), the same fixed requests are sent at
+every concurrency level, and the order alternates between repeats (dense, pruned, then
+pruned, dense, ...) so that slow drifts of the machine hit both models alike. Per model and
+concurrency the report keeps the median over repeats.
+
+The ideal speed-up is the ratio of weight bytes read per decode step (dense ÷ pruned):
+every linear layer, the norms and the LM head are read once per step, the input embedding
+only one row per token (so an untied embedding table is not counted; a tied one is, as the
+LM head). Decoding small batches on a CPU is bound by those reads, so the measured output
+throughput ratio approaches this figure when nothing else (Python, attention over the KV
+cache, the HTTP layer) dominates.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+from flap_deploy.atomic import check_output_dir
+from flap_deploy.errors import FlapDeployError
+
+from .bench import build_requests, run_bench
+from .bench_report import summary_rows
+
+_ST_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+             "F8_E4M3": 1, "F8_E5M2": 1}
+SUMMARY_KEYS = ("output_throughput", "total_token_throughput", "request_throughput", "ttft_median_ms",
+                "ttft_p99_ms", "tpot_median_ms", "tpot_p99_ms", "itl_median_ms", "itl_p99_ms", "e2el_median_ms",
+                "e2el_p90_ms", "e2el_p99_ms")
+
+
+# ------------------------------------------------------------------------------ weight bytes
+
+
+def _safetensors_shapes(model_dir: Path) -> dict[str, tuple[list[int], str]]:
+    shapes = {}
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise FlapDeployError(f"{model_dir}: no *.safetensors weights to count")
+    for file in files:
+        with open(file, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+        for name, info in header.items():
+            if name != "__metadata__":
+                shapes[name] = (info["shape"], info["dtype"])
+    return shapes
+
+
+def decode_weight_params(model_dir: str | Path) -> int:
+    """Parameters read per decode step: all weights but an untied input-embedding table."""
+    shapes = _safetensors_shapes(Path(model_dir))
+    tied = not any(name.endswith("lm_head.weight") for name in shapes)
+    total = 0
+    for name, (shape, _) in shapes.items():
+        if name.endswith("embed_tokens.weight") and not tied:
+            continue  # only one row per token is read
+        n = 1
+        for d in shape:
+            n *= d
+        total += n
+    return total
+
+
+def ideal_ratio(dense_dir: str | Path, pruned_dir: str | Path) -> dict[str, Any]:
+    """Dense ÷ pruned weight bytes per decode step (same runtime dtype, so a parameter ratio)."""
+    d, p = decode_weight_params(dense_dir), decode_weight_params(pruned_dir)
+    return {"dense_decode_params": d, "pruned_decode_params": p, "ideal_ratio": d / p,
+            "dense_decode_bytes_fp32": 4 * d, "pruned_decode_bytes_fp32": 4 * p}
+
+
+# ------------------------------------------------------------------------------ one server
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def launched_server(model: str, backend: str, *, port: int | None = None, max_num_seqs: int = 8,
+                    max_model_len: int | None = None, threads: int | None = None, served_model_name: str | None = None,
+                    startup_timeout: float = 900.0, log_dir: Path | None = None) -> Iterator[str]:
+    """Start `flap-deploy serve MODEL --backend B` on 127.0.0.1 and yield its /v1 URL; stop it after."""
+    import httpx
+
+    port = port or _free_port()
+    cmd = [sys.executable, "-m", "flap_deploy.cli", "serve", str(model), "--backend", backend, "--port", str(port),
+           "--max-num-seqs", str(max_num_seqs)]
+    if max_model_len:
+        cmd += ["--max-model-len", str(max_model_len)]
+    if threads and backend == "onnx":
+        cmd += ["--threads", str(threads)]
+    if served_model_name:
+        cmd += ["--served-model-name", served_model_name]
+    env = dict(os.environ)
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    log = tempfile.NamedTemporaryFile("w+", prefix="flap-serve-", suffix=".log", dir=log_dir, delete=False)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+
+    def tail() -> str:
+        log.flush()
+        return "".join(Path(log.name).read_text(errors="replace").splitlines(keepends=True)[-15:])
+
+    try:
+        deadline = time.time() + startup_timeout
+        while True:
+            if proc.poll() is not None:
+                raise FlapDeployError(f"the {backend} server for {model} exited ({proc.returncode}):\n{tail()}")
+            try:
+                if httpx.get(base + "/health", timeout=2, trust_env=False).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.time() > deadline:
+                raise FlapDeployError(f"the {backend} server for {model} did not start in {startup_timeout:.0f} s:\n"
+                                      f"{tail()}")
+            time.sleep(0.5)
+        yield base + "/v1"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)  # its own session: vLLM's engine processes go too
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(10)
+        log.close()
+        os.unlink(log.name)
+
+
+# ------------------------------------------------------------------------------ the comparison
+
+
+def _median_rows(runs: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Median over repeats of each summary figure, per concurrency level."""
+    out = []
+    for level_rows in zip(*runs):
+        row = {"max_concurrency": level_rows[0]["max_concurrency"], "repeats": len(level_rows),
+               "failed": sum(r["failed"] for r in level_rows), "completed": sum(r["completed"] for r in level_rows)}
+        for key in SUMMARY_KEYS:
+            row[key] = statistics.median(r[key] for r in level_rows)
+        out.append(row)
+    return out
+
+
+def quality(dense: str, pruned: str, text_path: str, max_tokens: int | None, seqlen: int) -> dict[str, Any]:
+    """Perplexity of both models, KL and top-1 agreement of pruned vs dense (flap_deploy.evaluate)."""
+    try:
+        import torch
+
+        from flap_deploy.evaluate import evaluate
+        from flap_deploy.models import load_model, load_tokenizer
+        from flap_deploy.text import load_text
+    except ImportError as e:
+        raise FlapDeployError(f"--eval-text needs flap_deploy.evaluate ({e})") from None
+    text = load_text(text_path)
+    tok = load_tokenizer(dense)
+    dense_model = load_model(dense, dtype=torch.float32)
+    result = evaluate(load_model(pruned, dtype=torch.float32), tok, text, seqlen=seqlen, max_tokens=max_tokens,
+                      reference=dense_model, progress=False)
+    return {"text": str(text_path), "max_tokens": max_tokens, "seqlen": seqlen, **result.to_dict()}
+
+
+def compare(dense: str, pruned: str, *, backend: str, out_dir: str | Path, concurrency: Sequence[int] = (1, 4, 8),
+            num_prompts: int = 32, input_len: int = 128, output_len: int = 64, repeats: int = 2,
+            prompts: str = "self", seed: int = 0, warmup: int = 2, max_num_seqs: int = 8,
+            max_model_len: int | None = None, threads: int | None = None, eval_text: str | None = None,
+            eval_max_tokens: int | None = 16384, eval_seqlen: int = 512, overwrite: bool = False,
+            startup_timeout: float = 900.0, progress: bool = True) -> dict[str, Any]:
+    """Benchmark DENSE and PRUNED alike and write report.json, report.md and plots into `out_dir`."""
+    from flap_deploy.models import load_tokenizer, resolve_model
+
+    if backend not in ("onnx", "vllm"):
+        raise FlapDeployError(f"backend {backend!r}: choose onnx or vllm")
+    if repeats < 1:
+        raise FlapDeployError(f"--repeats must be at least 1, got {repeats}")
+    check_output_dir(out_dir, overwrite)
+    dirs = {"dense": resolve_model(dense), "pruned": resolve_model(pruned)}
+    ideal = ideal_ratio(dirs["dense"], dirs["pruned"])
+    serve_target = dict(dirs)
+    if backend == "onnx":  # export once, before any server runs, so startups stay short
+        from .server import ensure_onnx
+
+        serve_target = {k: ensure_onnx(v, progress=progress) for k, v in dirs.items()}
+    tokenizer = load_tokenizer(dirs["dense"])
+    requests = build_requests(tokenizer, prompts, num_prompts, input_len, output_len, seed=seed)
+    runs: dict[str, list[list[dict[str, Any]]]] = {"dense": [], "pruned": []}
+    raw: list[dict[str, Any]] = []
+    order = ["dense", "pruned"]
+    for rep in range(repeats):
+        for name in (order if rep % 2 == 0 else order[::-1]):
+            with launched_server(str(serve_target[name]), backend, max_num_seqs=max_num_seqs,
+                                 max_model_len=max_model_len, threads=threads, served_model_name=name,
+                                 startup_timeout=startup_timeout) as url:
+                result = run_bench(url, requests, model=name, concurrency=list(concurrency), seed=seed,
+                                   warmup=warmup, tokenizer=tokenizer, progress=progress)
+            for run in result["runs"]:
+                run.pop("requests", None)  # per-request timings stay out of the report
+            rows = summary_rows(result)
+            runs[name].append(rows)
+            raw.append({"model": name, "repeat": rep, "rows": rows})
+    medians = {name: _median_rows(r) for name, r in runs.items()}
+    ratios = []
+    for d, p in zip(medians["dense"], medians["pruned"]):
+        ratios.append({
+            "max_concurrency": d["max_concurrency"],
+            "output_throughput_ratio": p["output_throughput"] / d["output_throughput"] if d["output_throughput"] else None,
+            "tpot_ratio": d["tpot_median_ms"] / p["tpot_median_ms"] if p["tpot_median_ms"] else None,
+            "e2el_ratio": d["e2el_median_ms"] / p["e2el_median_ms"] if p["e2el_median_ms"] else None,
+            "ideal_ratio": ideal["ideal_ratio"],
+        })
+    report = {
+        "backend": backend, "dense": str(dense), "pruned": str(pruned),
+        "workload": {"prompts": prompts, "num_prompts": num_prompts, "input_len": input_len, "output_len": output_len,
+                     "concurrency": list(concurrency), "repeats": repeats, "seed": seed, "warmup": warmup,
+                     "max_num_seqs": max_num_seqs, "max_model_len": max_model_len, "threads": threads,
+                     "ignore_eos": True, "temperature": 0.0},
+        "weights": ideal, "medians": medians, "ratios": ratios, "runs": raw,
+        "quality": quality(str(dirs["dense"]), str(dirs["pruned"]), eval_text, eval_max_tokens, eval_seqlen)
+        if eval_text else None,
+    }
+    from .compare_report import write_compare_report
+
+    write_compare_report(report, out_dir, overwrite)
+    return report

@@ -1,0 +1,344 @@
+"""Continuous-batching generation engine over a model with the ONNX KV-cache contract.
+
+One engine thread owns the model session and loops over steps. Each step:
+  1. drops aborted sequences (client gone, stop string seen),
+  2. admits waiting requests while fewer than `max_num_seqs` run: each prompt is prefilled
+     alone (batch 1, no padding) and its first token sampled,
+  3. runs one decode step for the whole running batch.
+
+The running batch keeps its KV cache as batched arrays `[batch, kv_heads, P, head_dim]`
+with each row's real entries at the right end and zeros on the left; the attention mask
+has zeros over the padding and `position_ids` are per row, so a padded row computes what it
+would compute alone. The arrays returned by one step are fed to the next unchanged; they
+are re-packed only when a sequence joins (left-pad to the longest row) or leaves (drop
+its row, trim columns that are padding in every row).
+
+The model is anything with `forward(input_ids, attention_mask, position_ids, past) ->
+(logits, present)` and `empty_past(batch)` on the ONNX contract (`exporters.onnx.OnnxCausalLM`).
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
+
+import numpy as np
+
+from .sampling import DrawParams, sample_next, top_logprobs
+
+
+class ContractModel(Protocol):
+    def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
+                past: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]: ...
+
+    def empty_past(self, batch: int) -> dict[str, np.ndarray]: ...
+
+
+class QueueFull(Exception):
+    """The waiting queue is at its bound; the server answers 503."""
+
+
+class EngineDead(Exception):
+    """The engine thread stopped (shut down or crashed)."""
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    logprobs: int | None = None  # None: none; 0: the sampled token's; k: also the top k
+
+
+@dataclass
+class TokenEvent:
+    """One generated token, sent to the request's sink from the engine thread."""
+
+    token_id: int
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
+    finish_reason: str | None = None  # "stop" (stop token), "length", or None while running
+
+
+@dataclass
+class _Sequence:
+    id: int
+    prompt_ids: list[int]
+    params: SamplingParams
+    sink: Callable[[TokenEvent | BaseException], None]
+    arrival: float
+    rng: np.random.Generator
+    draw: DrawParams
+    output_ids: list[int] = field(default_factory=list)
+    length: int = 0  # tokens held in the KV cache
+    first_token_time: float | None = None
+    finished: bool = False
+
+
+def _present_to_past(name: str) -> str:
+    return "past_key_values." + name[len("present."):] if name.startswith("present.") else name
+
+
+def _array(x: Any) -> np.ndarray:
+    """A numpy view of a cache tensor (the ONNX runtime hands back OrtValues)."""
+    return x if isinstance(x, np.ndarray) else x.numpy()
+
+
+class Engine:
+    """Continuous batching over a contract model; thread-safe `submit` / `abort`."""
+
+    def __init__(self, model: ContractModel, *, max_model_len: int, max_num_seqs: int = 8,
+                 max_queue: int = 256, eos_token_ids: tuple[int, ...] = (), metrics: Any = None,
+                 idle_wait_s: float = 0.5):
+        if max_num_seqs < 1 or max_queue < 0 or max_model_len < 2:
+            raise ValueError("max_num_seqs >= 1, max_queue >= 0 and max_model_len >= 2 are required")
+        self.model = model
+        self.max_model_len = max_model_len
+        self.max_num_seqs = max_num_seqs
+        self.max_queue = max_queue
+        self.eos_token_ids = tuple(eos_token_ids)
+        self.metrics = metrics
+        self._idle_wait_s = idle_wait_s
+        self._ids = itertools.count(1)
+        self._cond = threading.Condition()
+        self._waiting: collections.deque[_Sequence] = collections.deque()
+        self._aborts: set[int] = set()
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+        # the running batch
+        self._rows: list[_Sequence] = []
+        self._past: dict[str, np.ndarray] = {}
+        self._mask = np.zeros((0, 0), dtype=np.int64)
+        self._global_rng = np.random.default_rng()
+
+    # ---------------------------------------------------------------- public API
+
+    def start(self) -> "Engine":
+        self._thread = threading.Thread(target=self._run, name="flap-engine", daemon=True)
+        self._thread.start()
+        return self
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and self.error is None
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams,
+               sink: Callable[[TokenEvent | BaseException], None]) -> int:
+        """Queue a request; its tokens go to `sink` (called from the engine thread).
+
+        Raises QueueFull when the waiting queue is at its bound, EngineDead when stopped,
+        ValueError when the request cannot fit the context.
+        """
+        if not prompt_ids:
+            raise ValueError("the prompt is empty")
+        if len(prompt_ids) + params.max_tokens > self.max_model_len:
+            raise ValueError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds "
+                             f"the context length {self.max_model_len}")
+        seq = _Sequence(id=next(self._ids), prompt_ids=list(prompt_ids), params=params, sink=sink,
+                        arrival=time.perf_counter(),
+                        rng=np.random.default_rng(params.seed) if params.seed is not None else self._global_rng,
+                        draw=DrawParams(max_new_tokens=params.max_tokens, temperature=params.temperature,
+                                        top_p=params.top_p, top_k=params.top_k, seed=params.seed))
+        with self._cond:
+            if self._stop or not self.alive:
+                raise EngineDead("the engine is not running")
+            if len(self._waiting) >= self.max_queue:
+                if self.metrics:
+                    self.metrics.of(self.metrics.rejected).inc()
+                raise QueueFull(f"the waiting queue is full ({self.max_queue} requests)")
+            self._waiting.append(seq)
+            self._set_gauges()
+            self._cond.notify_all()
+        return seq.id
+
+    def abort(self, request_id: int) -> None:
+        """Stop a request (client disconnected, stop string seen); its slot frees next step."""
+        with self._cond:
+            self._aborts.add(request_id)
+            self._cond.notify_all()
+
+    def stats(self) -> dict[str, int]:
+        with self._cond:
+            return {"running": len(self._rows), "waiting": len(self._waiting)}
+
+    # ---------------------------------------------------------------- engine thread
+
+    def _set_gauges(self) -> None:
+        if self.metrics:
+            self.metrics.of(self.metrics.running).set(len(self._rows))
+            self.metrics.of(self.metrics.waiting).set(len(self._waiting))
+
+    def _run(self) -> None:
+        try:
+            while True:
+                admitted: list[_Sequence] = []
+                with self._cond:
+                    while not self._stop and not self._rows and not self._waiting and not self._aborts:
+                        self._cond.wait(self._idle_wait_s)
+                    if self._stop:
+                        break
+                    aborts, self._aborts = self._aborts, set()
+                    if aborts:
+                        self._waiting = collections.deque(s for s in self._waiting if s.id not in aborts)
+                    while self._waiting and len(self._rows) + len(admitted) < self.max_num_seqs:
+                        admitted.append(self._waiting.popleft())
+                    self._set_gauges()
+                if aborts:
+                    for s in self._rows:
+                        if s.id in aborts:
+                            s.finished = True
+                            if self.metrics:
+                                self.metrics.of(self.metrics.aborted).inc()
+                    self._drop_finished()
+                for seq in admitted:
+                    self._prefill(seq)
+                if self._rows:
+                    self._decode_step()
+                with self._cond:
+                    self._set_gauges()
+        except BaseException as e:  # a bug or a runtime failure: fail every request loudly
+            self.error = e
+            with self._cond:
+                pending = list(self._rows) + list(self._waiting)
+                self._rows, self._waiting = [], collections.deque()
+            for s in pending:
+                self._send(s, e)
+            raise
+        finally:
+            with self._cond:
+                pending = list(self._rows) + list(self._waiting)
+                self._rows, self._waiting = [], collections.deque()
+            for s in pending:
+                self._send(s, EngineDead("the engine stopped"))
+
+    def _emit(self, seq: _Sequence, logits: np.ndarray) -> None:
+        """Sample the next token of `seq` from its last-position logits and send it."""
+        p = seq.params
+        n_out = len(seq.output_ids)
+        banned = p.stop_token_ids if n_out < p.min_tokens else ()
+        token, logprob = sample_next(logits, seq.draw, seq.rng, banned=banned, want_logprob=p.logprobs is not None)
+        top = top_logprobs(logits, p.logprobs) if p.logprobs else None
+        seq.output_ids.append(token)
+        now = time.perf_counter()
+        if seq.first_token_time is None:
+            seq.first_token_time = now
+        finish = None
+        if token in p.stop_token_ids and not p.ignore_eos:
+            finish = "stop"
+        elif len(seq.output_ids) >= p.max_tokens or seq.length + 1 >= self.max_model_len:
+            finish = "length"
+        if finish:
+            seq.finished = True
+            self._record_finish(seq, finish, now)
+        if self.metrics:
+            self.metrics.of(self.metrics.generation_tokens).inc()
+        self._send(seq, TokenEvent(token, logprob, top, finish))
+
+    def _send(self, seq: _Sequence, event: TokenEvent | BaseException) -> None:
+        """Deliver to the request's sink; a failing sink (its consumer gone) ends that sequence only."""
+        try:
+            seq.sink(event)
+        except Exception:
+            seq.finished = True
+
+    def _record_finish(self, seq: _Sequence, reason: str, now: float) -> None:
+        m = self.metrics
+        if not m:
+            return
+        m.of(m.finished, finished_reason=reason).inc()
+        m.of(m.e2e).observe(now - seq.arrival)
+        if len(seq.output_ids) > 1 and seq.first_token_time is not None:
+            m.of(m.tpot).observe((now - seq.first_token_time) / (len(seq.output_ids) - 1))
+
+    def _prefill(self, seq: _Sequence) -> None:
+        t0 = time.perf_counter()
+        n = len(seq.prompt_ids)
+        ids = np.asarray([seq.prompt_ids], dtype=np.int64)
+        mask = np.ones((1, n), dtype=np.int64)
+        pos = np.arange(n, dtype=np.int64)[None, :]
+        logits, present = self.model.forward(ids, mask, pos, self.model.empty_past(1))
+        seq.length = n
+        if self.metrics:
+            m = self.metrics
+            m.of(m.prefill_time).observe(time.perf_counter() - t0)
+            m.of(m.queue_time).observe(t0 - seq.arrival)
+            m.of(m.prompt_tokens).inc(n)
+        self._emit(seq, logits[0, -1])
+        if self.metrics:
+            self.metrics.of(self.metrics.ttft).observe(time.perf_counter() - seq.arrival)
+        if not seq.finished:
+            self._join({_present_to_past(k): v for k, v in present.items()}, seq)
+
+    def _join(self, past: dict[str, np.ndarray], seq: _Sequence) -> None:
+        """Add a prefilled sequence (batch-1 cache of its own length) to the running batch."""
+        if not self._rows:
+            self._rows, self._past = [seq], past  # fed back as they are (OrtValues stay in ORT)
+            self._mask = np.ones((1, seq.length), dtype=np.int64)
+            return
+        p_old = self._mask.shape[1]
+        p_new = max(p_old, seq.length)
+        merged = {}
+        for name, batch_arr in self._past.items():
+            batch_arr, mine = _array(batch_arr), _array(past[name])
+            b, h, _, d = batch_arr.shape
+            out = np.zeros((b + 1, h, p_new, d), dtype=batch_arr.dtype)
+            out[:b, :, p_new - p_old:, :] = batch_arr
+            out[b, :, p_new - seq.length:, :] = mine[0]
+            merged[name] = out
+        mask = np.zeros((len(self._rows) + 1, p_new), dtype=np.int64)
+        mask[:-1, p_new - p_old:] = self._mask
+        mask[-1, p_new - seq.length:] = 1
+        self._rows.append(seq)
+        self._past, self._mask = merged, mask
+
+    def _drop_finished(self) -> None:
+        keep = [i for i, s in enumerate(self._rows) if not s.finished]
+        if len(keep) == len(self._rows):
+            return
+        if not keep:
+            self._rows, self._past = [], {}
+            self._mask = np.zeros((0, 0), dtype=np.int64)
+            return
+        rows = [self._rows[i] for i in keep]
+        p_old = self._mask.shape[1]
+        p_new = max(s.length for s in rows)  # columns left of this are padding in every kept row
+        cut = p_old - p_new
+        idx = np.asarray(keep)
+        self._past = {k: np.ascontiguousarray(_array(v)[idx, :, cut:, :]) for k, v in self._past.items()}
+        self._mask = np.ascontiguousarray(self._mask[idx, cut:])
+        self._rows = rows
+
+    def _decode_step(self) -> None:
+        t0 = time.perf_counter()
+        rows = self._rows
+        ids = np.asarray([[s.output_ids[-1]] for s in rows], dtype=np.int64)
+        pos = np.asarray([[s.length] for s in rows], dtype=np.int64)
+        mask = np.concatenate([self._mask, np.ones((len(rows), 1), dtype=np.int64)], axis=1)
+        logits, present = self.model.forward(ids, mask, pos, self._past)
+        self._past = {_present_to_past(k): v for k, v in present.items()}
+        self._mask = mask
+        if self.metrics:
+            m = self.metrics
+            m.of(m.step_time).observe(time.perf_counter() - t0)
+            m.of(m.batch_size).observe(len(rows))
+        for b, seq in enumerate(rows):
+            seq.length += 1
+            self._emit(seq, logits[b, -1])
+        self._drop_finished()

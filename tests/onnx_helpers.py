@@ -1,0 +1,45 @@
+"""Shared pieces of the ONNX tests: a livelier tiny model and a tiny word-level tokenizer."""
+
+from __future__ import annotations
+
+import torch
+
+from factories import VOCAB, tiny_heterogeneous
+
+
+def lively_tiny_heterogeneous(seed: int = 0):
+    """tiny_heterogeneous() with larger weights, so greedy decoding does not settle on one token."""
+    model = tiny_heterogeneous(seed)
+    g = torch.Generator().manual_seed(seed + 7)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.copy_(torch.randn(p.shape, generator=g) * (1.5 / p.shape[1] ** 0.5))
+    return model
+
+
+def tiny_tokenizer():
+    """A word-level fast tokenizer over the tiny vocabulary: words w0..w{VOCAB-3}, <unk>, </s>."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"w{i}": i for i in range(VOCAB - 2)}
+    vocab["<unk>"], vocab["</s>"] = VOCAB - 2, VOCAB - 1
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="</s>", pad_token="</s>")
+
+
+def hf_greedy(model, prompts: list[list[int]], n: int) -> list[list[int]]:
+    """PyTorch greedy continuation of left-padded prompts, ignoring EOS."""
+    width = max(map(len, prompts))
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for r, p in enumerate(prompts):
+        ids[r, width - len(p):] = torch.tensor(p)
+        mask[r, width - len(p):] = 1
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+                             do_sample=False, eos_token_id=None, pad_token_id=0)
+    return out[:, width:].tolist()

@@ -1,0 +1,51 @@
+"""Integration: the bundled SmolLM2-135M, pruned ~20 %, exported to ONNX (slow)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from benchmarks.fixed_prune import fixed_prune
+from exporters.onnx import OnnxCausalLM, export_onnx
+from exporters.onnx.manifest import MANIFEST_NAME
+from flap_deploy.checkpoint import save_checkpoint
+from flap_deploy.models import load_model, load_tokenizer
+from onnx_helpers import hf_greedy
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = ("The capital of France is", "Write a short poem about the sea. The waves")
+
+
+@pytest.fixture(scope="module")
+def pruned_export(bundled_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("bundled_onnx")
+    dense = load_model(bundled_dir, dtype=torch.float32)
+    tokenizer = load_tokenizer(bundled_dir)
+    pruned = fixed_prune(dense, tokenizer)
+    ckpt = save_checkpoint(pruned, root / "pruned", tokenizer_from=bundled_dir)
+    out = export_onnx(ckpt, root / "onnx", progress=False)
+    return load_model(ckpt, dtype=torch.float32), tokenizer, out
+
+
+def test_pruned_bundled_export_verifies(pruned_export):
+    model, _, out = pruned_export
+    m = json.loads((out / MANIFEST_NAME).read_text())
+    assert m["num_key_value_heads_per_layer"] == model.config.num_key_value_heads_per_layer
+    assert len(set(m["num_key_value_heads_per_layer"])) == 2  # really heterogeneous
+    v = m["verification"]["fp32"]
+    assert v["relative_logit_diff"] <= 1e-3 and v["greedy_agreement"] == 1.0
+
+
+def test_pruned_bundled_32_greedy_tokens_equal_pytorch(pruned_export):
+    model, tokenizer, out = pruned_export
+    lm = OnnxCausalLM.from_dir(out, threads=2)
+    prompts = [tokenizer(p)["input_ids"] for p in PROMPTS]
+    want = hf_greedy(model, prompts, 32)
+    got = lm.generate(prompts, max_new_tokens=32, ignore_eos=True)  # batch 2, left padded
+    assert [g.token_ids for g in got] == want
+    single = lm.generate(PROMPTS[0], max_new_tokens=32, ignore_eos=True)[0]  # batch 1, from text
+    assert single.token_ids == hf_greedy(model, prompts[:1], 32)[0]
+    assert single.text == tokenizer.decode(single.token_ids, skip_special_tokens=True)

@@ -1,0 +1,103 @@
+"""The load generator: metric definitions (as `vllm bench serve`), prompts, a run against our server."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from serving_fakes import TinyNumpyLM
+from serving_util import running, tiny_tokenizer
+
+from flap_deploy.cli import main
+from flap_deploy.errors import FlapDeployError
+from serving.bench import RequestResult, build_requests, calculate_metrics, run_bench
+from serving.server import OnnxServer, create_app
+
+
+def test_metric_definitions_follow_vllm():
+    rs = [RequestResult(success=True, latency=1.0, ttft=0.2, itl=[0.2, 0.3, 0.3], prompt_len=10, output_tokens=4),
+          RequestResult(success=True, latency=0.5, ttft=0.5, itl=[], prompt_len=7, output_tokens=1),
+          RequestResult(success=False, error="HTTP 503: full", prompt_len=9)]
+    m = calculate_metrics(rs, duration=2.0)
+    assert m["completed"] == 2 and m["failed"] == 1 and m["errors"] == {"HTTP 503: full": 1}
+    assert m["total_input_tokens"] == 17 and m["total_output_tokens"] == 5
+    assert m["request_throughput"] == pytest.approx(1.0)
+    assert m["output_throughput"] == pytest.approx(2.5) and m["total_token_throughput"] == pytest.approx(11.0)
+    # TPOT only for requests with more than one token: (1.0 - 0.2) / 3
+    assert m["tpot_ms"]["mean"] == pytest.approx(800 / 3)
+    assert m["ttft_ms"]["mean"] == pytest.approx(350) and m["ttft_ms"]["median"] == pytest.approx(350)
+    assert m["itl_ms"]["p50"] == pytest.approx(300) and m["itl_ms"]["p99"] == pytest.approx(np.percentile([200, 300, 300], 99))
+    assert m["e2el_ms"]["p90"] == pytest.approx(np.percentile([1000, 500], 90))
+
+
+def test_build_requests_self_and_file(tmp_path):
+    tok = tiny_tokenizer()
+    a = build_requests(tok, "self", 5, 12, 3, seed=1)
+    b = build_requests(tok, "self", 5, 12, 3, seed=1)
+    assert [r.prompt for r in a] == [r.prompt for r in b] and all(len(r.prompt) == 12 for r in a)
+    assert not set(t for r in a for t in r.prompt) & set(tok.all_special_ids)
+    text = tmp_path / "t.txt"
+    text.write_text(" ".join(f"w{i % 37}" for i in range(300)))
+    f = build_requests(tok, str(text), 4, 6, 2, seed=0)
+    stream = tok.encode(text.read_text(), add_special_tokens=False)
+    for r in f:
+        assert any(stream[i:i + 6] == r.prompt for i in range(len(stream) - 5))
+    with pytest.raises(FlapDeployError, match="no such file"):
+        build_requests(tok, str(tmp_path / "missing.txt"), 1, 2, 2)
+    with pytest.raises(FlapDeployError, match="fewer than"):
+        build_requests(tok, str(text), 1, 10_000, 2)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    tok_dir = tmp_path_factory.mktemp("tok")
+    tok = tiny_tokenizer(save_to=tok_dir)
+    server = OnnxServer(TinyNumpyLM(vocab=len(tok)), tok, model_name="tiny", max_model_len=128, max_num_seqs=4,
+                        model_root=str(tok_dir))
+    with running(create_app(server)) as url:
+        yield url, tok
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_run_bench_against_our_server(served, chat):
+    url, tok = served
+    reqs = build_requests(tok, "self", 10, 8, 5, seed=0, chat=chat)
+    result = run_bench(url, reqs, concurrency=[1, 4], chat=chat, tokenizer=tok, progress=False)
+    assert result["model"] == "tiny" and len(result["runs"]) == 2
+    for run in result["runs"]:
+        assert run["completed"] == 10 and run["failed"] == 0
+        assert run["total_output_tokens"] == 50  # ignore_eos: exactly output_len each
+        if not chat:
+            assert run["total_input_tokens"] == 80
+        assert run["request_throughput"] > 0 and run["output_throughput"] > 0
+        for key in ("ttft_ms", "tpot_ms", "itl_ms", "e2el_ms"):
+            assert set(run[key]) == {"mean", "median", "std", "p50", "p90", "p99"}
+            assert run[key]["mean"] > 0
+        for r in run["requests"]:
+            assert len(r["itl"]) == 4 and r["output_tokens"] == 5
+
+
+def test_poisson_rate_and_errors_are_counted(served):
+    url, tok = served
+    reqs = build_requests(tok, "self", 6, 8, 3, seed=0)
+    reqs[2].output_len = 1000  # beyond the context: a 400 that the run must count, not crash on
+    result = run_bench(url, reqs, request_rate=50.0, tokenizer=tok, progress=False, warmup=0)
+    run = result["runs"][0]
+    assert run["completed"] == 5 and run["failed"] == 1
+    assert any("HTTP 400" in e for e in run["errors"])
+
+
+def test_bench_cli_writes_report(served, tmp_path):
+    url, _ = served
+    out = tmp_path / "report"
+    r = CliRunner().invoke(main, ["bench", "--base-url", url, "--num-prompts", "6", "--input-len", "8",
+                                  "--output-len", "4", "--concurrency", "1,3", "--out", str(out), "--json"])
+    assert r.exit_code == 0, r.output
+    rows = json.loads(r.output)
+    assert [row["max_concurrency"] for row in rows] == [1, 3] and all(row["completed"] == 6 for row in rows)
+    assert {p.name for p in out.iterdir()} == {"bench.json", "bench.md", "bench.png"}
+    assert "TTFT" in (out / "bench.md").read_text()
+    bad = CliRunner().invoke(main, ["bench", "--base-url", "http://127.0.0.1:9/v1", "--num-prompts", "1"])
+    assert bad.exit_code == 2 and "cannot reach" in bad.output

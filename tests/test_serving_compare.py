@@ -1,0 +1,97 @@
+"""`compare`: ideal ratio from weight bytes, and a full run on a tiny dense/pruned pair (ONNX backend)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+from factories import tiny_dense
+from serving_util import tiny_tokenizer
+
+from flap_deploy.checkpoint import save_checkpoint
+from flap_deploy.cli import main
+from flap_deploy.compress import LayerMask, compress
+from serving.compare import decode_weight_params, ideal_ratio
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pair")
+    dense = tiny_dense("llama")
+    tok = tiny_tokenizer()
+    dense.save_pretrained(root / "dense")
+    tok.save_pretrained(root / "dense")
+    keep_half = torch.arange(8) < 4  # query heads 0-3: the whole first KV group
+    masks = [LayerMask(heads=keep_half, mlp=torch.arange(96) % 2 == 0), LayerMask(mlp=torch.arange(96) < 24),
+             LayerMask(heads=torch.zeros(8, dtype=torch.bool))]
+    pruned = compress(tiny_dense("llama"), masks, None)
+    save_checkpoint(pruned, root / "pruned", tokenizer=tok)
+    return root / "dense", root / "pruned", dense, pruned
+
+
+def _decode_params(model) -> int:
+    """Parameters read per step, counted from the module tree (independent of the safetensors reader)."""
+    names = dict(model.named_parameters())
+    tied = model.config.tie_word_embeddings
+    return sum(p.numel() for n, p in names.items() if tied or not n.endswith("embed_tokens.weight"))
+
+
+def test_ideal_ratio_counts_weights_read_per_step(pair):
+    dense_dir, pruned_dir, dense, pruned = pair
+    assert decode_weight_params(dense_dir) == _decode_params(dense)
+    assert decode_weight_params(pruned_dir) == _decode_params(pruned)
+    r = ideal_ratio(dense_dir, pruned_dir)
+    assert r["ideal_ratio"] == pytest.approx(_decode_params(dense) / _decode_params(pruned)) and r["ideal_ratio"] > 1
+
+
+@pytest.mark.slow
+def test_compare_onnx_end_to_end(pair, tmp_path):
+    dense_dir, pruned_dir, _, _ = pair
+    out = tmp_path / "cmp"
+    r = CliRunner().invoke(main, ["compare", str(dense_dir), str(pruned_dir), "--backend", "onnx", "--out", str(out),
+                                  "--concurrency", "1,4", "--num-prompts", "6", "--input-len", "8", "--output-len",
+                                  "6", "--repeats", "2", "--warmup", "1", "--threads", "1", "--json"],
+                           env={"FLAP_DEPLOY_CACHE": str(tmp_path / "cache")})
+    assert r.exit_code == 0, r.output
+    assert {p.name for p in out.iterdir()} == {"report.json", "report.md", "throughput.png", "latency.png"}
+    report = json.loads((out / "report.json").read_text())
+    assert [x["model"] for x in report["runs"]] == ["dense", "pruned", "pruned", "dense"]  # interleaved
+    for name in ("dense", "pruned"):
+        rows = report["medians"][name]
+        assert [x["max_concurrency"] for x in rows] == [1, 4]
+        assert all(x["completed"] == 12 and x["failed"] == 0 and x["output_throughput"] > 0 for x in rows)
+    for ratio in report["ratios"]:
+        assert ratio["output_throughput_ratio"] > 0 and ratio["ideal_ratio"] == report["weights"]["ideal_ratio"]
+    assert "ideal ratio" in (out / "report.md").read_text()
+
+
+def test_compare_user_errors(pair, tmp_path):
+    dense_dir, pruned_dir, _, _ = pair
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "x").write_text("x")
+    r = CliRunner().invoke(main, ["compare", str(dense_dir), str(pruned_dir), "--backend", "onnx",
+                                  "--out", str(tmp_path / "taken")])
+    assert r.exit_code == 2 and "not empty" in r.output
+    r = CliRunner().invoke(main, ["compare", str(dense_dir), str(tmp_path / "missing"), "--backend", "onnx",
+                                  "--out", str(tmp_path / "o")])
+    assert r.exit_code == 2 and "not found" in r.output
+
+
+def test_quality_figures_in_the_report(pair, tmp_path, wikitext_dir):
+    """With an eval text, the report carries perplexities, KL and top-1 agreement (flap_deploy.evaluate)."""
+    pytest.importorskip("flap_deploy.evaluate")
+    from serving.compare import quality
+    from serving.compare_report import format_markdown
+
+    dense_dir, pruned_dir, _, _ = pair
+    q = quality(str(dense_dir), str(pruned_dir), str(wikitext_dir / "valid.txt"), max_tokens=256, seqlen=32)
+    assert q["perplexity"] > 1 and q["reference_perplexity"] > 1 and q["kl"] > 0
+    assert 0 <= q["top1_agreement"] <= 1
+    report = {"backend": "onnx", "dense": "d", "pruned": "p",
+              "workload": {"prompts": "self", "num_prompts": 1, "input_len": 1, "output_len": 1, "concurrency": [1],
+                           "repeats": 1, "seed": 0, "max_num_seqs": 1},
+              "weights": {"dense_decode_params": 2e6, "pruned_decode_params": 1e6, "ideal_ratio": 2.0},
+              "ratios": [], "medians": {"dense": [], "pruned": []}, "quality": q}
+    assert f"{q['perplexity']:.3f}" in format_markdown(report)

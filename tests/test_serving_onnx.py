@@ -1,0 +1,186 @@
+"""The server on a real ONNX Runtime model (tiny heterogeneous FlapLlama exported to ONNX)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import numpy as np
+import openai
+import pytest
+from factories import tiny_heterogeneous
+from serving_util import running, tiny_tokenizer
+
+from serving.server import create_app, load_onnx_server
+
+pytestmark = pytest.mark.slow  # exports a model (~30 s) and runs ONNX Runtime
+
+
+@pytest.fixture(scope="module")
+def onnx_dir(tmp_path_factory):
+    from exporters.onnx import export_onnx
+    from flap_deploy.checkpoint import save_checkpoint
+
+    root = tmp_path_factory.mktemp("tiny-onnx")
+    model = tiny_heterogeneous()
+    tok = tiny_tokenizer()
+    ckpt = save_checkpoint(model, root / "ckpt", tokenizer=tok)
+    return export_onnx(ckpt, root / "onnx", progress=False)
+
+
+@pytest.fixture(scope="module")
+def served(onnx_dir):
+    server = load_onnx_server(onnx_dir, served_model_name="tiny-onnx", max_num_seqs=8, max_model_len=128, threads=1)
+    with running(create_app(server)) as url:
+        yield server, url
+
+
+def test_greedy_matches_onnx_generate(served):
+    """The engine's continuous batching gives what the exporter's own generate() gives."""
+    server, url = served
+    client = openai.OpenAI(base_url=url, api_key="x", max_retries=0)
+    model = server.engine.model
+    prompts = [[5, 9, 17, 33], [7], [100, 3, 64, 2, 90, 11, 8]]
+    ref = model.generate(prompts, max_new_tokens=10, temperature=0.0, ignore_eos=True)
+    for p, g in zip(prompts, ref):
+        r = client.completions.create(model="tiny-onnx", prompt=p, max_tokens=10, temperature=0,
+                                      logprobs=0, extra_body={"ignore_eos": True})
+        tokens = r.choices[0].logprobs.tokens
+        assert r.usage.completion_tokens == 10 and len(tokens) == 10
+        assert r.choices[0].text == server.tokenizer.decode(g.token_ids, skip_special_tokens=True)
+
+
+def test_32_concurrent_streams_on_onnx(served):
+    server, url = served
+    rng = np.random.default_rng(0)
+    prompts = [[int(t) for t in rng.integers(6, 128, size=int(rng.integers(1, 24)))] for _ in range(32)]
+    lens = [int(n) for n in rng.integers(1, 20, size=32)]
+    client = openai.OpenAI(base_url=url, api_key="x", max_retries=0)
+    alone = [client.completions.create(model="tiny-onnx", prompt=p, max_tokens=n, temperature=0,
+                                       extra_body={"ignore_eos": True}).choices[0].text for p, n in zip(prompts, lens)]
+
+    async def one(ac, p, n):
+        stream = await ac.completions.create(model="tiny-onnx", prompt=p, max_tokens=n, temperature=0, stream=True,
+                                             stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+        text, chunks, usage = "", 0, None
+        async for c in stream:
+            if c.choices:
+                text, chunks = text + c.choices[0].text, chunks + 1
+            if c.usage:
+                usage = c.usage.completion_tokens
+        return text, chunks, usage
+
+    async def main():
+        ac = openai.AsyncOpenAI(base_url=url, api_key="x", max_retries=0, timeout=300)
+        return await asyncio.gather(*(one(ac, p, n) for p, n in zip(prompts, lens)))
+
+    results = asyncio.run(main())
+    assert [r[0] for r in results] == alone
+    assert [r[1] for r in results] == lens and [r[2] for r in results] == lens
+    assert server.engine.stats() == {"running": 0, "waiting": 0}
+
+
+def test_chat_on_onnx(served):
+    server, url = served
+    client = openai.OpenAI(base_url=url, api_key="x", max_retries=0)
+    r = client.chat.completions.create(model="tiny-onnx", messages=[{"role": "user", "content": "w5 w6"}],
+                                       max_tokens=4, temperature=0, extra_body={"ignore_eos": True})
+    assert r.usage.completion_tokens == 4 and r.choices[0].message.role == "assistant"
+
+
+def test_bench_full_metric_set_on_onnx(served):
+    from serving.bench import build_requests, run_bench
+
+    server, url = served
+    reqs = build_requests(server.tokenizer, "self", 12, 10, 6, seed=0)
+    result = run_bench(url, reqs, concurrency=[2, 8], tokenizer=server.tokenizer, progress=False)
+    for run in result["runs"]:
+        assert run["completed"] == 12 and run["failed"] == 0
+        assert run["total_input_tokens"] == 120 and run["total_output_tokens"] == 72
+        for key in ("request_throughput", "output_throughput", "total_token_throughput"):
+            assert run[key] > 0
+        for key in ("ttft_ms", "tpot_ms", "itl_ms", "e2el_ms"):
+            assert {"mean", "median", "p90", "p99"} <= set(run[key]) and run[key]["p99"] >= run[key]["median"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_vllm_bench_serve_against_onnx_server(served, tmp_path):
+    """`vllm bench serve` (from the vLLM install) runs against our server without errors."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("vllm")
+    server, url = served
+    repo = Path(__file__).resolve().parent.parent
+    cmd = [sys.executable, "-m", "serving.vllm_bench", "--backend", "openai", "--base-url", url[:-3],
+           "--model", "tiny-onnx", "--tokenizer", server.model_root, "--dataset-name", "random",
+           "--random-input-len", "12", "--random-output-len", "6", "--num-prompts", "16", "--ignore-eos",
+           "--max-concurrency", "4", "--seed", "0", "--save-result", "--result-dir", str(tmp_path)]
+    env = dict(os.environ, PYTHONPATH=f"{repo}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    (result_file,) = tmp_path.glob("*.json")
+    result = json.loads(result_file.read_text())
+    assert result["completed"] == 16 and result["failed"] == 0
+    assert result["total_output_tokens"] == 16 * 6
+    assert result["mean_ttft_ms"] > 0 and result["mean_tpot_ms"] > 0
+
+
+def test_serve_cli_subprocess(onnx_dir, tmp_path):
+    """`flap-deploy serve DIR --backend onnx` binds 127.0.0.1, checks the key, serves, stops on SIGTERM."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import httpx
+    from serving_util import free_port
+
+    repo = Path(__file__).resolve().parent.parent
+    port = free_port()
+    env = dict(os.environ, PYTHONPATH=f"{repo}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    proc = subprocess.Popen([sys.executable, "-m", "flap_deploy.cli", "serve", str(onnx_dir), "--backend", "onnx",
+                             "--port", str(port), "--api-key", "k1", "--max-num-seqs", "2", "--max-model-len", "64",
+                             "--threads", "1"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 90
+        while True:
+            try:
+                if httpx.get(base + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None and time.time() < deadline, "server did not come up"
+            time.sleep(0.3)
+        client = openai.OpenAI(base_url=base + "/v1", api_key="k1", max_retries=0)
+        card = client.models.list().data[0]
+        assert card.id == Path(onnx_dir).name and card.max_model_len == 64
+        r = client.completions.create(model=card.id, prompt=[5, 6, 7], max_tokens=3, temperature=0,
+                                      extra_body={"ignore_eos": True})
+        assert r.usage.completion_tokens == 3
+        with pytest.raises(openai.BadRequestError):
+            client.completions.create(model=card.id, prompt=[5] * 60, max_tokens=10)
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=base + "/v1", api_key="k2", max_retries=0).models.list()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+    # uvicorn re-raises SIGTERM after its graceful shutdown
+    assert proc.returncode in (0, -signal.SIGTERM) and "Application shutdown complete" in out, out[-2000:]
+
+
+def test_serve_cli_user_errors(tmp_path):
+    from click.testing import CliRunner
+
+    from flap_deploy.cli import main
+
+    r = CliRunner().invoke(main, ["serve", str(tmp_path / "nope"), "--backend", "onnx"])
+    assert r.exit_code == 2 and "not found" in r.output
+    r = CliRunner().invoke(main, ["serve", str(tmp_path), "--backend", "onnx", "--max-num-seqs", "0"])
+    assert r.exit_code == 2 and "--max-num-seqs" in r.output
