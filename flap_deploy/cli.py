@@ -233,12 +233,6 @@ def generate(model, prompt, max_new_tokens, temperature, top_p, top_k, seed, sto
             click.echo(g.text)
 
 
-def _default_backend() -> str:
-    import importlib.util
-
-    return "vllm" if importlib.util.find_spec("vllm") is not None else "onnx"
-
-
 @main.command()
 @click.argument("model")
 @click.option("--backend", type=click.Choice(["onnx", "vllm"]), default=None,
@@ -262,7 +256,9 @@ def serve(model: str, backend: str | None, host: str, port: int, api_key: str | 
     MODEL: an ONNX export directory, or a checkpoint / `smollm2-135m` (the onnx backend exports it once into
     the cache first).
     """
-    backend = backend or _default_backend()
+    from serving.compare import default_backend
+
+    backend = backend or default_backend()
     if max_num_seqs < 1:
         raise FlapDeployError(f"--max-num-seqs must be at least 1, got {max_num_seqs}")
     if backend == "vllm":
@@ -319,8 +315,6 @@ def bench(base_url: str, model: str | None, tokenizer: str | None, endpoint: str
           warmup: int, seed: int, temperature: float, percentiles: str, api_key: str | None, timeout: float,
           out_dir: str | None, overwrite: bool, as_json: bool) -> None:
     """Load-test an OpenAI-compatible endpoint: throughput, TTFT, TPOT, ITL, end-to-end latency."""
-    import json as _json
-
     from serving.bench import build_requests, run_bench, server_tokenizer
     from serving.bench_report import format_console, summary_rows, write_report
 
@@ -343,7 +337,7 @@ def bench(base_url: str, model: str | None, tokenizer: str | None, endpoint: str
     if out_dir:
         write_report(result, out_dir, overwrite)
     if as_json:
-        click.echo(_json.dumps(summary_rows(result), indent=1))
+        click.echo(json.dumps(summary_rows(result), indent=1))
     else:
         click.echo(format_console(result))
         if out_dir:
@@ -379,20 +373,18 @@ def compare(dense: str, pruned: str, backend: str | None, out_dir: str, concurre
             max_model_len: int | None, threads: int | None, eval_text: str | None, eval_max_tokens: int,
             overwrite: bool, as_json: bool) -> None:
     """Serve DENSE and PRUNED in turn on the same settings, run the same workload, report measured vs ideal."""
-    import json as _json
-
-    from serving.compare import compare as run_compare
+    from serving.compare import compare as run_compare, default_backend
 
     levels = [c for c in _int_list(concurrency) if c is not None]
     if not levels:
         raise FlapDeployError(f"--concurrency {concurrency!r}: give at least one positive level")
-    report = run_compare(dense, pruned, backend=backend or _default_backend(), out_dir=out_dir, concurrency=levels,
+    report = run_compare(dense, pruned, backend=backend or default_backend(), out_dir=out_dir, concurrency=levels,
                          num_prompts=num_prompts, input_len=input_len, output_len=output_len, repeats=repeats,
                          prompts=prompts, seed=seed, warmup=warmup, max_num_seqs=max_num_seqs,
                          max_model_len=max_model_len, threads=threads, eval_text=eval_text,
                          eval_max_tokens=eval_max_tokens, overwrite=overwrite, progress=not as_json)
     if as_json:
-        click.echo(_json.dumps({"weights": report["weights"], "ratios": report["ratios"],
+        click.echo(json.dumps({"weights": report["weights"], "ratios": report["ratios"],
                                 "quality": report["quality"]}, indent=1))
         return
     click.echo(f"ideal ratio (weight bytes per decode step): {report['weights']['ideal_ratio']:.3f}")

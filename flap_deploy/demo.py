@@ -30,8 +30,8 @@ def run_demo(out: str | os.PathLike = "demo-out", *, quick: bool = False, backen
 
     from exporters.onnx import export_onnx
     from exporters.vllm.export import export_vllm
-    from serving.compare import CompareConfig, compare, default_backend
-    from serving.compare_report import format_table
+    from serving.compare import compare, default_backend
+    from serving.compare_report import format_markdown
 
     from .bundled import materialize
     from .calibration import self_generated
@@ -75,19 +75,20 @@ def run_demo(out: str | os.PathLike = "demo-out", *, quick: bool = False, backen
 
     backend = backend or default_backend()
     t = _step(f"compare dense vs pruned on {backend}")
-    cfg = CompareConfig(backend=backend, concurrency=(1, 4, 16), num_prompts=16 if quick else 32,
-                        input_len=128, output_len=32 if quick else 64, repeats=1 if quick else 2,
-                        warmup=1 if quick else 2)
     pruned_served = vllm_dir if backend == "vllm" else onnx_dir
-    report = compare(str(dense_dir), str(pruned_served), out / "compare", cfg, overwrite=True)
+    report = compare(str(dense_dir), str(pruned_served), backend=backend, out_dir=out / "compare",
+                     concurrency=(1, 4, 16), num_prompts=16 if quick else 32, input_len=128,
+                     output_len=32 if quick else 64, repeats=1 if quick else 2, warmup=1 if quick else 2,
+                     max_num_seqs=16, max_model_len=512, overwrite=True)
     times["compare_s"] = time.perf_counter() - t
     times["total_s"] = time.perf_counter() - start
+    ideal = report["weights"]["ideal_ratio"]
 
     summary = {
         "dense": str(dense_dir), "pruned": str(pruned_dir), "onnx": str(onnx_dir), "vllm": str(vllm_dir),
         "achieved_ratio": json.loads((pruned_dir / "config.json").read_text())["flap"]["achieved_ratio"],
-        "quality_self_text": quality, "backend": backend, "ideal_speedup": report["ideal_speedup"],
-        "speedup": {str(r["concurrency"]): r["speedup"] for r in report["levels"]},
+        "quality_self_text": quality, "backend": backend, "ideal_speedup": ideal,
+        "speedup": {str(r["max_concurrency"]): r["output_throughput_ratio"] for r in report["ratios"]},
         "report": str(out / "compare" / "report.md"), "times": times, "quick": quick,
     }
     (out / "demo.json").write_text(json.dumps(summary, indent=2))
@@ -95,8 +96,8 @@ def run_demo(out: str | os.PathLike = "demo-out", *, quick: bool = False, backen
     click.echo(f"quality vs dense (self-generated text, {quality['tokens']} tokens): "
                f"top-1 agreement {100 * quality['top1_agreement']:.1f} %, KL {quality['kl']:.3f}, "
                f"perplexity {quality['reference_perplexity']:.2f} -> {quality['perplexity']:.2f}")
-    click.echo(format_table(report))
-    click.echo(f"ideal speed-up {report['ideal_speedup']:.3f}; report: {summary['report']}; "
+    click.echo(format_markdown(report))
+    click.echo(f"ideal speed-up {ideal:.3f}; report: {summary['report']}; "
                f"demo took {times['total_s'] / 60:.1f} min")
     return summary
 

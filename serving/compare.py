@@ -42,6 +42,13 @@ SUMMARY_KEYS = ("output_throughput", "total_token_throughput", "request_throughp
                 "e2el_p90_ms", "e2el_p99_ms")
 
 
+def default_backend() -> str:
+    """vLLM when it is installed, else the built-in ONNX Runtime server."""
+    import importlib.util
+
+    return "vllm" if importlib.util.find_spec("vllm") is not None else "onnx"
+
+
 # ------------------------------------------------------------------------------ weight bytes
 
 
