@@ -59,7 +59,7 @@ def test_cli_export_one_line_error(tiny_dir, tmp_path):
     assert r.exit_code == 2 and r.output.count("\n") == 1 and r.output.startswith("error: ")
     r = CliRunner().invoke(main, ["export", "vllm", str(tiny_dir), str(tmp_path / "o"), "--dtype", "float32", "--json"])
     assert r.exit_code == 0, r.output
-    assert json.loads(r.output)["dtype"] == "float32"
+    assert json.loads(r.stdout)["dtype"] == "float32"
 
 
 def _foreign(model, out: Path, model_type: str, cfg_keys: dict) -> Path:

@@ -92,6 +92,15 @@ def layer_widths(path: Path, cfg: dict[str, Any]) -> tuple[list[LayerWidths], in
     return widths, head_dim
 
 
+def widths_config(path: Path, cfg: dict[str, Any]) -> dict[str, Any]:
+    """The contract's width keys (per-layer lists and maxima) of a foreign checkpoint, from shapes only."""
+    widths, head_dim = layer_widths(path, cfg)
+    heads, kv, mlp = ([getattr(w, k) for w in widths] for k in ("heads", "kv_heads", "mlp"))
+    return {**cfg, "head_dim": head_dim, "num_attention_heads_per_layer": heads, "num_key_value_heads_per_layer": kv,
+            "intermediate_size_per_layer": mlp, "num_attention_heads": max(max(heads), 1),
+            "num_key_value_heads": max(max(kv), 1), "intermediate_size": max(max(mlp), 1)}
+
+
 def import_per_layer_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32) -> FlapLlamaForCausalLM:
     """Load a per-layer-width checkpoint of a supported source family as a FlapLlamaForCausalLM."""
     path = Path(path)

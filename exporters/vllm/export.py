@@ -43,6 +43,16 @@ Layers: {layers} (query heads / KV heads / MLP width per layer; 0 = removed):
 """
 
 
+def widths_of(path: Path) -> dict[str, Any]:
+    """config.json of a contract checkpoint (validated), or the width keys of a foreign one."""
+    cfg = read_config(path)
+    if cfg.get("model_type") == "flap_llama":
+        return validate_checkpoint(path)
+    from .convert import widths_config
+
+    return widths_config(path, cfg)
+
+
 def load_for_export(path: Path, dtype: torch.dtype) -> tuple[torch.nn.Module, str]:
     """A FlapLlamaForCausalLM from a contract checkpoint or another pruner's per-layer-width one."""
     cfg = read_config(path)
@@ -68,9 +78,9 @@ def export_vllm(model: str | os.PathLike, out: str | os.PathLike, *, dtype: str 
         raise FlapDeployError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     check_output_dir(out, overwrite)
     path = resolve_model(model)
+    validate_for_vllm(widths_of(path), tp_size, source=f"{path}")  # before loading any weight
     loaded, origin = load_for_export(path, DTYPES[dtype])
     cfg = loaded.config.to_dict()
-    validate_for_vllm(cfg, tp_size, source=f"{path}")
     out = Path(out)
     with atomic_directory(out, overwrite) as tmp:
         save_checkpoint(loaded, tmp, tokenizer_from=path, overwrite=True)
