@@ -39,6 +39,15 @@ def vllm_result(tiny_model, prompts, tmp_path_factory):
                              "dtype": "float32", "max_model_len": 128}, work)
 
 
+@pytest.fixture(scope="module")
+def vllm_tp2_result(tiny_model, prompts, tmp_path_factory):
+    """Tensor parallelism over 2 CPU ranks (the tiny model is TP-2 aligned; layer 2's one KV head is replicated)."""
+    work = tmp_path_factory.mktemp("vllm_tiny_tp2")
+    save_checkpoint(tiny_model, work / "ckpt")
+    return run_vllm_offline({"model": str(work / "ckpt"), "prompts": prompts, "max_tokens": MAX_TOKENS,
+                             "dtype": "float32", "max_model_len": 128, "tp_size": 2}, work)
+
+
 def test_heterogeneous_layers_present(tiny_model):
     cfg = tiny_model.config
     assert 0 in cfg.num_attention_heads_per_layer and 0 in cfg.intermediate_size_per_layer
@@ -64,3 +73,10 @@ def test_teacher_forced_top1_and_logprobs(tiny_model, prompts, vllm_result):
         total += len(ref_top1)
         torch.testing.assert_close(torch.tensor(logprob), torch.tensor(ref_logprob), atol=2e-4, rtol=1e-4)
     assert agree / total >= 0.99
+
+
+def test_tensor_parallel_2_matches_pytorch(tiny_model, prompts, vllm_tp2_result):
+    assert vllm_tp2_result["greedy"] == [torch_greedy(tiny_model, p, MAX_TOKENS) for p in prompts]
+    for prompt, logprob in zip(prompts, vllm_tp2_result["top1_logprob"]):
+        torch.testing.assert_close(torch.tensor(logprob), torch.tensor(torch_top1(tiny_model, prompt)[1]),
+                                   atol=2e-4, rtol=1e-4)

