@@ -72,7 +72,18 @@ def check_servable(model: str | os.PathLike, tp_size: int = 1) -> tuple[Path, di
     if cfg.get("model_type") == "flap_llama":
         validate_for_vllm(cfg, tp_size, source=str(path / "config.json"))
     else:  # a dense model of a supported family: vLLM serves it natively
-        heads, kv = cfg["num_attention_heads"], cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
+        from exporters.vllm.convert import widths_config
+
+        widths = widths_config(path, cfg)  # from the tensor shapes: another pruner's output is not dense
+        for key, dense in (("num_attention_heads_per_layer", widths["num_attention_heads"]),
+                           ("num_key_value_heads_per_layer", widths["num_key_value_heads"]),
+                           ("intermediate_size_per_layer", widths["intermediate_size"])):
+            if any(v != dense for v in widths[key]) or isinstance(cfg.get(key.replace("_per_layer", "")), list):
+                raise FlapDeployError(
+                    f"{path}: layers of different widths in a {cfg.get('model_type')} checkpoint; convert it first: "
+                    f"flap-deploy export vllm {path} OUT"
+                )
+        heads, kv = widths["num_attention_heads"], widths["num_key_value_heads"]
         if heads % tp_size or (kv % tp_size and tp_size % kv):
             raise FlapDeployError(
                 f"{path / 'config.json'}: {heads} query / {kv} KV heads cannot be split over tensor-parallel size {tp_size}"

@@ -114,3 +114,19 @@ def test_serve_pruned_bundled_with_openai_client(bundled_dir, wikitext_dir, tmp_
     time.sleep(0.5)
     left = [p for p in tree if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
     assert not left, f"processes left: {left}"
+
+
+def test_foreign_per_layer_checkpoint_needs_export(tmp_path):
+    import json
+
+    from safetensors.torch import save_file
+
+    model = tiny_heterogeneous(head_dim=32)
+    out = tmp_path / "other"
+    out.mkdir()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, out / "model.safetensors")
+    cfg = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 64, "num_hidden_layers": 4,
+           "num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 32, "intermediate_size": 96,
+           "vocab_size": 128, "layer_inter_size": model.config.intermediate_size_per_layer}
+    (out / "config.json").write_text(json.dumps(cfg))
+    _one_line_error(_serve(str(out)), "convert it first: flap-deploy export vllm")

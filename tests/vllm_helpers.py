@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -26,15 +23,14 @@ def vllm_env() -> dict[str, str]:
     return env
 
 
-def run_vllm_offline(request: dict[str, Any], workdir: Path, timeout: float = 600) -> dict[str, Any]:
+def run_vllm_offline(request: dict[str, Any], workdir: Path, timeout: float = 900) -> dict[str, Any]:
     """``exporters.vllm.offline`` in a subprocess (vLLM's engine processes stay out of pytest)."""
-    req, res = workdir / "request.json", workdir / "result.json"
-    req.write_text(json.dumps(request))
-    proc = subprocess.run([sys.executable, "-m", "exporters.vllm.offline", str(req), str(res)], cwd=REPO,
-                          env=vllm_env(), capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
-        raise AssertionError(f"vLLM offline run failed (rc {proc.returncode}):\n{proc.stderr[-6000:]}")
-    return json.loads(res.read_text())
+    from exporters.vllm.offline import run_offline_subprocess
+
+    try:
+        return run_offline_subprocess(request, workdir, timeout=timeout, env=vllm_env())
+    except RuntimeError as e:
+        raise AssertionError(str(e)) from None
 
 
 @torch.no_grad()

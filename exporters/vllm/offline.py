@@ -75,6 +75,27 @@ def run_offline(model: str, prompts: list[list[int]], max_tokens: int = 16, dtyp
     return result
 
 
+def run_offline_subprocess(request: dict[str, Any], workdir: str | os.PathLike, timeout: float = 900,
+                           env: dict[str, str] | None = None) -> dict[str, Any]:
+    """``run_offline(**request)`` in a fresh interpreter (vLLM's engine processes stay out of the caller)."""
+    import subprocess
+    from pathlib import Path
+
+    workdir = Path(workdir)
+    req, res = workdir / "request.json", workdir / "result.json"
+    req.write_text(json.dumps(request))
+    res.unlink(missing_ok=True)
+    repo = str(Path(__file__).resolve().parents[2])
+    env = dict(os.environ if env is None else env)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (repo, env.get("PYTHONPATH", "")) if p)
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    proc = subprocess.run([sys.executable, "-m", "exporters.vllm.offline", str(req), str(res)], cwd=repo, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"vLLM offline run failed (rc {proc.returncode}):\n{proc.stderr[-6000:]}")
+    return json.loads(res.read_text())
+
+
 def main(argv: list[str]) -> None:
     request_file, result_file = argv
     with open(request_file) as f:
