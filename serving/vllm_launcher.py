@@ -86,7 +86,8 @@ def check_servable(model: str | os.PathLike, tp_size: int = 1) -> tuple[Path, di
         heads, kv = widths["num_attention_heads"], widths["num_key_value_heads"]
         if heads % tp_size or (kv % tp_size and tp_size % kv):
             raise FlapDeployError(
-                f"{path / 'config.json'}: {heads} query / {kv} KV heads cannot be split over tensor-parallel size {tp_size}"
+                f"{path / 'config.json'}: {heads} query / {kv} KV heads cannot be split over "
+                f"tensor-parallel size {tp_size}"
             )
     return path, cfg
 

@@ -88,7 +88,8 @@ def test_import_llama_with_per_layer_config_keys(tmp_path):
     model = tiny_heterogeneous(head_dim=32)
     c = model.config
     foreign = _foreign(model, tmp_path / "llm_pruner", "llama",
-                       {"layer_head_num": c.num_attention_heads_per_layer, "layer_inter_size": c.intermediate_size_per_layer})
+                       {"layer_head_num": c.num_attention_heads_per_layer,
+                        "layer_inter_size": c.intermediate_size_per_layer})
     imported = import_per_layer_checkpoint(foreign)
     assert imported.config.num_key_value_heads_per_layer == c.num_key_value_heads_per_layer
     torch.testing.assert_close(_logits(imported, IDS), _logits(model, IDS))

