@@ -233,44 +233,6 @@ def generate(model, prompt, max_new_tokens, temperature, top_p, top_k, seed, sto
             click.echo(g.text)
 
 
-@main.command()
-@click.argument("model")
-@click.option("--backend", type=click.Choice(["onnx", "vllm"]), default=None,
-              help="Runtime: vllm when vLLM is installed, else onnx (the built-in ONNX Runtime server).")
-@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to bind (0.0.0.0 for all).")
-@click.option("--port", default=8000, show_default=True, type=int, help="TCP port.")
-@click.option("--api-key", default=None, envvar="FLAP_DEPLOY_API_KEY",
-              help="Require 'Authorization: Bearer KEY' on /v1/* (env FLAP_DEPLOY_API_KEY).")
-@click.option("--max-num-seqs", default=8, show_default=True, type=int, help="Sequences decoded together at most.")
-@click.option("--max-model-len", default=None, type=int,
-              help="Context length (prompt + output tokens); default: the model's max positions.")
-@click.option("--max-queue", default=256, show_default=True, type=int,
-              help="onnx: waiting requests at most; beyond it requests get 503.")
-@click.option("--threads", default=None, type=int, help="onnx: ONNX Runtime intra-op threads (default: ORT's).")
-@click.option("--served-model-name", default=None, help="Model id in the API (default: the directory name).")
-def serve(model: str, backend: str | None, host: str, port: int, api_key: str | None, max_num_seqs: int,
-          max_model_len: int | None, max_queue: int, threads: int | None, served_model_name: str | None) -> None:
-    """Serve MODEL with an OpenAI-compatible API (/v1/completions, /v1/chat/completions, /v1/models, /health,
-    /metrics).
-
-    MODEL: an ONNX export directory, or a checkpoint / `smollm2-135m` (the onnx backend exports it once into
-    the cache first).
-    """
-    from serving.compare import default_backend
-
-    backend = backend or default_backend()
-    if max_num_seqs < 1:
-        raise FlapDeployError(f"--max-num-seqs must be at least 1, got {max_num_seqs}")
-    if backend == "vllm":
-        raise FlapDeployError("the vllm backend is not part of this build (serving/vllm_launcher.py); "
-                              "use --backend onnx")
-    from serving.server import serve_onnx
-
-    serve_onnx(model, host=host, port=port, api_key=api_key, max_num_seqs=max_num_seqs,
-               max_model_len=max_model_len, max_queue=max_queue, served_model_name=served_model_name,
-               threads=threads)
-
-
 def _int_list(text: str | None) -> list[int | None]:
     if not text:
         return [None]
@@ -392,6 +354,97 @@ def compare(dense: str, pruned: str, backend: str | None, out_dir: str, concurre
         click.echo(f"concurrency {r['max_concurrency']}: output throughput x{r['output_throughput_ratio']:.3f}, "
                    f"TPOT x{r['tpot_ratio']:.3f}")
     click.echo(f"wrote {out_dir}/report.md, report.json, throughput.png, latency.png")
+
+
+@export.command("vllm")
+@click.argument("model")
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16", show_default=True,
+              help="Weight dtype of the exported checkpoint.")
+@click.option("--tp-size", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Tensor-parallel size to check the per-layer widths against (heads, KV heads, MLP widths).")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def export_vllm_cmd(model: str, out: str, dtype: str, tp_size: int, overwrite: bool, as_json: bool) -> None:
+    """Write MODEL as a ready-to-serve vLLM directory OUT.
+
+    MODEL is a pruned checkpoint, a per-layer-width Llama/Mistral/Qwen2/Qwen3 checkpoint of
+    another pruner (widths in config keys like layer_inter_size / layer_head_num, or only in
+    the tensor shapes; converted to the flap_llama format), or `smollm2-135m`. The widths are
+    checked against vLLM's rules for --tp-size before anything is written.
+    """
+    from exporters.vllm.export import export_vllm
+
+    summary = export_vllm(model, out, dtype=dtype, tp_size=tp_size, overwrite=overwrite)
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+    else:
+        click.echo(f"wrote {summary['output']} ({summary['origin']}, {dtype}, {summary['parameters']:,} parameters, "
+                   f"checked for --tp-size {tp_size}); serve it with: flap-deploy serve {summary['output']} "
+                   f"--backend vllm --tp-size {tp_size}")
+
+
+SERVE_BACKENDS = ("onnx", "vllm")
+
+
+@main.command()
+@click.argument("model")
+@click.option("--backend", type=click.Choice(SERVE_BACKENDS), default=None,
+              help="Engine behind the endpoint: vllm when vLLM is installed, else onnx (the built-in ONNX Runtime "
+                   "server with continuous batching).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (0.0.0.0 exposes it).")
+@click.option("--port", type=int, default=8000, show_default=True, help="TCP port of the endpoint.")
+@click.option("--api-key", default=None, envvar="FLAP_DEPLOY_API_KEY",
+              help="Require 'Authorization: Bearer KEY' on /v1/* (env FLAP_DEPLOY_API_KEY).")
+@click.option("--served-model-name", default=None,
+              help="Model id in /v1/models and requests (default: the bundled name or the directory name).")
+@click.option("--max-num-seqs", default=None, type=click.IntRange(min=1),
+              help="Sequences decoded together at most [onnx default: 8; vllm: its own default].")
+@click.option("--max-model-len", default=None, type=click.IntRange(min=1),
+              help="Context length (prompt + output tokens); default: the model's max positions.")
+@click.option("--tp-size", type=click.IntRange(min=1), default=1, show_default=True,
+              help="vllm: tensor-parallel size; the checkpoint is checked against it before the engine starts.")
+@click.option("--ready-timeout", type=float, default=900.0, show_default=True,
+              help="vllm: seconds to wait for the engine to answer /health.")
+@click.option("--max-queue", default=256, show_default=True, type=int,
+              help="onnx: waiting requests at most; beyond it requests get 503.")
+@click.option("--threads", default=None, type=int, help="onnx: ONNX Runtime intra-op threads (default: ORT's).")
+@click.argument("backend_args", nargs=-1, type=click.UNPROCESSED)
+def serve(model: str, backend: str | None, host: str, port: int, api_key: str | None, served_model_name: str | None,
+          max_num_seqs: int | None, max_model_len: int | None, tp_size: int, ready_timeout: float, max_queue: int,
+          threads: int | None, backend_args: tuple[str, ...]) -> None:
+    """Serve MODEL on an OpenAI-compatible endpoint (/v1/completions, /v1/chat/completions, /v1/models,
+    /health, /metrics) until Ctrl-C / SIGTERM.
+
+    MODEL: a checkpoint (pruned or dense), `smollm2-135m`, or (onnx) an ONNX export directory; the onnx
+    backend exports a checkpoint once into the cache first. Arguments after `--` go to vLLM unchanged,
+    e.g. `flap-deploy serve DIR --backend vllm -- --enforce-eager`.
+    """
+    from serving.compare import default_backend
+
+    backend = backend or default_backend()
+    if backend == "vllm":
+        from serving.vllm_launcher import prepare_vllm_server, serve_vllm
+
+        extra = [*(["--max-num-seqs", str(max_num_seqs)] if max_num_seqs else []),
+                 *(["--max-model-len", str(max_model_len)] if max_model_len else []), *backend_args]
+        cfg = prepare_vllm_server(model, host=host, port=port, tp_size=tp_size, api_key=api_key,
+                                  extra_args=extra, served_model_name=served_model_name)
+
+        def ready(server, seconds: float) -> None:
+            click.echo(f"flap-deploy: {cfg.served_model_name} ready at {cfg.base_url}/v1 after {seconds:.1f} s "
+                       "(Ctrl-C stops it)", err=True)
+
+        sys.exit(serve_vllm(cfg, ready_timeout=ready_timeout, on_ready=ready))
+    if tp_size != 1:
+        raise FlapDeployError("--tp-size needs --backend vllm")
+    if backend_args:
+        raise FlapDeployError(f"arguments after -- are for vLLM; the onnx backend takes none ({' '.join(backend_args)})")
+    from serving.server import serve_onnx
+
+    serve_onnx(model, host=host, port=port, api_key=api_key, max_num_seqs=max_num_seqs or 8,
+               max_model_len=max_model_len, max_queue=max_queue, served_model_name=served_model_name,
+               threads=threads)
 
 
 if __name__ == "__main__":

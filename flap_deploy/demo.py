@@ -70,7 +70,7 @@ def run_demo(out: str | os.PathLike = "demo-out", *, quick: bool = False, backen
     times["export_onnx_s"] = time.perf_counter() - t
 
     t = _step("export vLLM directory")
-    vllm_dir = export_vllm(pruned_dir, out / "vllm-pruned", dtype="float32", overwrite=True)
+    vllm_dir = Path(export_vllm(pruned_dir, out / "vllm-pruned", dtype="float32", overwrite=True)["output"])
     times["export_vllm_s"] = time.perf_counter() - t
 
     backend = backend or default_backend()

