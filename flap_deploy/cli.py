@@ -307,10 +307,20 @@ def bench(base_url: str, model: str | None, tokenizer: str | None, endpoint: str
 
 
 @main.command()
-@click.argument("dense")
-@click.argument("pruned")
+@click.argument("dense", required=False)
+@click.argument("pruned", required=False)
 @click.option("--backend", type=click.Choice(["onnx", "vllm"]), default=None,
               help="Server runtime for both models: vllm when vLLM is installed, else onnx.")
+@click.option("--synthetic", default=None,
+              help="Instead of DENSE and PRUNED: a dense and a FLAP-shaped pruned checkpoint of this architecture's "
+                   "shapes with random weights (vllm --load-format dummy): llama2-7b, llama2-13b, llama3-8b, "
+                   "mistral-7b, qwen2.5-7b, smollm2-135m.")
+@click.option("--ratio", default=0.2, show_default=True, type=float,
+              help="--synthetic: fraction of decoder linear weights the pruned shapes remove.")
+@click.option("--tp-size", default=1, show_default=True, type=click.IntRange(min=1),
+              help="--synthetic: align the pruned widths to this tensor-parallel size.")
+@click.option("--vllm-arg", "vllm_args", multiple=True,
+              help="Extra argument for both vLLM servers (repeatable), e.g. --vllm-arg=--enforce-eager.")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
               help="Directory for report.json, report.md, throughput.png, latency.png.")
 @click.option("--concurrency", default="1,4,8", show_default=True, help="Comma-separated max concurrency levels.")
@@ -330,17 +340,31 @@ def bench(base_url: str, model: str | None, tokenizer: str | None, endpoint: str
 @click.option("--eval-max-tokens", default=16384, show_default=True, type=int, help="Tokens of --eval-text to use.")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the ratios as JSON.")
-def compare(dense: str, pruned: str, backend: str | None, out_dir: str, concurrency: str, num_prompts: int,
+def compare(dense: str | None, pruned: str | None, backend: str | None, synthetic: str | None, ratio: float,
+            tp_size: int, vllm_args: tuple[str, ...], out_dir: str, concurrency: str, num_prompts: int,
             input_len: int, output_len: int, repeats: int, prompts: str, seed: int, warmup: int, max_num_seqs: int,
             max_model_len: int | None, threads: int | None, eval_text: str | None, eval_max_tokens: int,
             overwrite: bool, as_json: bool) -> None:
     """Serve DENSE and PRUNED in turn on the same settings, run the same workload, report measured vs ideal."""
     from serving.compare import compare as run_compare, default_backend
 
+    backend = backend or default_backend()
+    if synthetic:
+        from .synthetic import cached_synthetic_pair
+
+        if dense or pruned:
+            raise FlapDeployError("--synthetic builds its own DENSE and PRUNED: give neither")
+        if backend != "vllm":
+            raise FlapDeployError("--synthetic needs --backend vllm (random weights come from --load-format dummy)")
+        dense, pruned = map(str, cached_synthetic_pair(synthetic, ratio, tp_size=tp_size, seed=seed))
+        vllm_args = ("--load-format", "dummy", *vllm_args)
+    elif not (dense and pruned):
+        raise FlapDeployError("compare needs DENSE and PRUNED (or --synthetic NAME)")
+
     levels = [c for c in _int_list(concurrency) if c is not None]
     if not levels:
         raise FlapDeployError(f"--concurrency {concurrency!r}: give at least one positive level")
-    report = run_compare(dense, pruned, backend=backend or default_backend(), out_dir=out_dir, concurrency=levels,
+    report = run_compare(dense, pruned, backend=backend, out_dir=out_dir, concurrency=levels, vllm_args=vllm_args,
                          num_prompts=num_prompts, input_len=input_len, output_len=output_len, repeats=repeats,
                          prompts=prompts, seed=seed, warmup=warmup, max_num_seqs=max_num_seqs,
                          max_model_len=max_model_len, threads=threads, eval_text=eval_text,

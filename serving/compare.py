@@ -21,7 +21,6 @@ import json
 import os
 import signal
 import statistics
-import struct
 import subprocess
 import sys
 import tempfile
@@ -52,39 +51,12 @@ def default_backend() -> str:
 # ------------------------------------------------------------------------------ weight bytes
 
 
-def _safetensors_shapes(model_dir: Path) -> dict[str, tuple[list[int], str]]:
-    shapes = {}
-    files = sorted(model_dir.glob("*.safetensors"))
-    if not files:
-        raise FlapDeployError(f"{model_dir}: no *.safetensors weights to count")
-    for file in files:
-        with open(file, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(n))
-        for name, info in header.items():
-            if name != "__metadata__":
-                shapes[name] = (info["shape"], info["dtype"])
-    return shapes
-
-
-def decode_weight_params(model_dir: str | Path) -> int:
-    """Parameters read per decode step: all weights but an untied input-embedding table."""
-    shapes = _safetensors_shapes(Path(model_dir))
-    tied = not any(name.endswith("lm_head.weight") for name in shapes)
-    total = 0
-    for name, (shape, _) in shapes.items():
-        if name.endswith("embed_tokens.weight") and not tied:
-            continue  # only one row per token is read
-        n = 1
-        for d in shape:
-            n *= d
-        total += n
-    return total
-
-
 def ideal_ratio(dense_dir: str | Path, pruned_dir: str | Path) -> dict[str, Any]:
     """Dense ÷ pruned weight bytes per decode step (same runtime dtype, so a parameter ratio)."""
-    d, p = decode_weight_params(dense_dir), decode_weight_params(pruned_dir)
+    from flap_deploy.checkpoint import read_config
+    from flap_deploy.params import decode_step_params
+
+    d, p = (decode_step_params(read_config(x)) for x in (dense_dir, pruned_dir))
     return {"dense_decode_params": d, "pruned_decode_params": p, "ideal_ratio": d / p,
             "dense_decode_bytes_fp32": 4 * d, "pruned_decode_bytes_fp32": 4 * p}
 
@@ -102,6 +74,7 @@ def _free_port() -> int:
 
 @contextlib.contextmanager
 def launched_server(model: str, backend: str, *, port: int | None = None, max_num_seqs: int = 8,
+                    vllm_args: Sequence[str] = (),
                     max_model_len: int | None = None, threads: int | None = None, served_model_name: str | None = None,
                     startup_timeout: float = 900.0, log_dir: Path | None = None) -> Iterator[str]:
     """Start `flap-deploy serve MODEL --backend B` on 127.0.0.1 and yield its /v1 URL; stop it after."""
@@ -116,6 +89,8 @@ def launched_server(model: str, backend: str, *, port: int | None = None, max_nu
         cmd += ["--threads", str(threads)]
     if served_model_name:
         cmd += ["--served-model-name", served_model_name]
+    if vllm_args and backend == "vllm":
+        cmd += ["--", *vllm_args]
     env = dict(os.environ)
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     log = tempfile.NamedTemporaryFile("w+", prefix="flap-serve-", suffix=".log", dir=log_dir, delete=False)
@@ -191,6 +166,7 @@ def compare(dense: str, pruned: str, *, backend: str, out_dir: str | Path, concu
             prompts: str = "self", seed: int = 0, warmup: int = 2, max_num_seqs: int = 8,
             max_model_len: int | None = None, threads: int | None = None, eval_text: str | None = None,
             eval_max_tokens: int | None = 16384, eval_seqlen: int = 512, overwrite: bool = False,
+            vllm_args: Sequence[str] = (),
             startup_timeout: float = 900.0, progress: bool = True) -> dict[str, Any]:
     """Benchmark DENSE and PRUNED alike and write report.json, report.md and plots into `out_dir`."""
     from flap_deploy.models import load_tokenizer, resolve_model
@@ -216,7 +192,7 @@ def compare(dense: str, pruned: str, *, backend: str, out_dir: str | Path, concu
         for name in (order if rep % 2 == 0 else order[::-1]):
             with launched_server(str(serve_target[name]), backend, max_num_seqs=max_num_seqs,
                                  max_model_len=max_model_len, threads=threads, served_model_name=name,
-                                 startup_timeout=startup_timeout) as url:
+                                 startup_timeout=startup_timeout, vllm_args=vllm_args) as url:
                 result = run_bench(url, requests, model=name, concurrency=list(concurrency), seed=seed,
                                    warmup=warmup, tokenizer=tokenizer, progress=progress)
             for run in result["runs"]:

@@ -62,13 +62,26 @@ def check_port_free(host: str, port: int) -> None:
             raise FlapDeployError(f"port {port} on {host} is not available ({e.strerror or e})") from None
 
 
-def check_servable(model: str | os.PathLike, tp_size: int = 1) -> tuple[Path, dict[str, Any]]:
-    """Resolve ``model`` and check it for vLLM at ``tp_size``: a pruned checkpoint or a dense supported one."""
+def check_servable(model: str | os.PathLike, tp_size: int = 1, weights: bool = True) -> tuple[Path, dict[str, Any]]:
+    """Resolve ``model`` and check it for vLLM at ``tp_size``: a pruned checkpoint or a dense supported one.
+
+    ``weights=False`` (vLLM's ``--load-format dummy``) checks the config alone.
+    """
     from exporters.vllm.validate import validate_for_vllm
+    from flap_deploy.adapters import get_adapter
+    from flap_deploy.checkpoint import read_config
+    from flap_deploy.modeling_flap_llama import validate_flap_config
     from flap_deploy.models import check_model_dir, resolve_model
 
     path = resolve_model(model)
-    cfg = check_model_dir(path)
+    if weights:
+        cfg = check_model_dir(path)
+    else:
+        cfg = read_config(path)
+        if cfg.get("model_type") == "flap_llama":
+            validate_flap_config(cfg)
+        else:
+            get_adapter(cfg)
     if cfg.get("model_type") == "flap_llama":
         validate_for_vllm(cfg, tp_size, source=str(path / "config.json"))
     else:  # a dense model of a supported family: vLLM serves it natively
@@ -258,7 +271,10 @@ def prepare_vllm_server(model: str | os.PathLike, *, host: str = "127.0.0.1", po
     """Every check that can run before the engine: installation, checkpoint, TP rules, port."""
     if tp_size < 1:
         raise FlapDeployError(f"--tp-size must be a positive integer, got {tp_size}")
-    path, _ = check_servable(model, tp_size)
+    args = list(extra_args or [])
+    dummy = any(a == "--load-format=dummy" or (a == "--load-format" and args[i + 1:i + 2] == ["dummy"])
+                for i, a in enumerate(args))
+    path, _ = check_servable(model, tp_size, weights=not dummy)
     check_vllm_installed()
     check_port_free(host, port)
     from flap_deploy.bundled import BUNDLED
