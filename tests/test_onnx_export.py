@@ -241,3 +241,31 @@ def test_loading_rejects_a_manifest_that_does_not_match_the_graph(tiny, tmp_path
     assert "manifest inputs do not match the graph" in msg
     (bad / MANIFEST_NAME).unlink()
     assert "no flap_onnx.json" in str(pytest.raises(FlapDeployError, OnnxCausalLM.from_dir, bad).value)
+
+
+def test_large_models_keep_weights_in_external_data(tmp_path, monkeypatch):
+    from exporters.onnx import export as export_mod
+
+    monkeypatch.setattr(export_mod, "EXTERNAL_DATA_BYTES", 0)  # as if the weights were past 2 GB
+    model = lively_tiny_heterogeneous(seed=3)
+    ckpt = save_checkpoint(model, tmp_path / "ckpt")
+    out = export_onnx(ckpt, tmp_path / "onnx", progress=False)
+    m = json.loads((out / MANIFEST_NAME).read_text())
+    data = [f for f in out.iterdir() if f.name.startswith("model.onnx") and f.name != "model.onnx"]
+    assert m["external_data"] and data and (out / "model.onnx").stat().st_size < data[0].stat().st_size
+    assert m["verification"]["fp32"]["greedy_agreement"] == 1.0
+    prompts = [[9, 8, 7, 6], [1, 2]]
+    got = OnnxCausalLM.from_dir(out).generate(prompts, max_new_tokens=8, ignore_eos=True)
+    assert [g.token_ids for g in got] == hf_greedy(model, prompts, 8)
+
+
+def test_quantize_export_makes_a_verified_int8_copy(tiny, tmp_path):
+    from exporters.onnx.export import quantize_export
+
+    out = quantize_export(tiny[2], tmp_path / "int8")
+    m = json.loads((out / MANIFEST_NAME).read_text())
+    assert m["quantize"] == "int8" and m["verification"]["int8"]["finite"]
+    assert m["verification"]["fp32"] == json.loads((tiny[2] / MANIFEST_NAME).read_text())["verification"]["fp32"]
+    assert (out / "model.onnx").stat().st_size < (tiny[2] / "model.onnx").stat().st_size
+    with pytest.raises(FlapDeployError, match="unquantized float32"):
+        quantize_export(out, tmp_path / "again")

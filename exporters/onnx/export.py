@@ -76,6 +76,8 @@ def export_graph(model: FlapLlamaForCausalLM, file: Path, opset: int, external_d
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+        logging.getLogger("onnxscript").setLevel(logging.WARNING)
+        logging.getLogger("onnx_ir").setLevel(logging.WARNING)
         logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
         with torch.no_grad():
             program = torch.onnx.export(

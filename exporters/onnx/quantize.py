@@ -24,8 +24,24 @@ def quantize_int8(src: Path, dst: Path, external_data: bool = False, method: str
     """Write ``dst``: ``src`` with every MatMul weight (projections and lm_head) stored as int8."""
     if method not in METHODS:
         raise ValueError(f"unknown int8 method {method!r} (choose {', '.join(METHODS)})")
-    for name in ("root", "onnxruntime.quantization.matmul_nbits_quantizer"):
-        logging.getLogger(name).setLevel(logging.ERROR)  # the tools log every node
+    root = logging.getLogger()
+    level = root.level
+    try:
+        _quantize(Path(src), Path(dst), external_data, method)
+    finally:
+        # ORT's quantization modules call logging.basicConfig(INFO) on import: undo it for the caller.
+        root.setLevel(level)
+        for handler in list(root.handlers):
+            if handler not in _root_handlers:
+                root.removeHandler(handler)
+
+
+_root_handlers = list(logging.getLogger().handlers)
+
+
+def _quantize(src: Path, dst: Path, external_data: bool, method: str) -> None:
+    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.ERROR)
+    logging.getLogger().setLevel(logging.ERROR)  # the tools log every node
     if method == "dynamic":
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
