@@ -86,7 +86,7 @@ def start_token(model: torch.nn.Module, tokenizer: Any | None) -> int:
 
 @torch.no_grad()
 def self_generated(model: torch.nn.Module, tokenizer: Any | None, nsamples: int, seqlen: int, seed: int,
-                   batch_size: int = 64, progress: bool = True) -> torch.Tensor:
+                   batch_size: int = 128, progress: bool = True) -> torch.Tensor:
     """Windows sampled from the model itself, starting at BOS (temperature 1, EOS suppressed so
     every window is full length). Batches are drawn in a fixed order from one seeded generator."""
     device = next(model.parameters()).device

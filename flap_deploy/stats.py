@@ -25,8 +25,8 @@ class ChannelStats:
         n_b = x.shape[0]
         if n_b == 0:
             return
-        mean_b = x.mean(dim=0)
-        m2_b = (x - mean_b).square().sum(dim=0)
+        var_b, mean_b = torch.var_mean(x, dim=0, correction=0)  # one fused pass
+        m2_b = var_b * n_b
         n_a = self.count
         n = n_a + n_b
         delta = mean_b - self.mean
