@@ -17,14 +17,10 @@ cache, the HTTP layer) dominates.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -33,6 +29,7 @@ from flap_deploy.errors import FlapDeployError
 
 from .bench import build_requests, run_bench
 from .bench_report import summary_rows
+from .process import ManagedServer
 
 _ST_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
              "F8_E4M3": 1, "F8_E5M2": 1}
@@ -78,8 +75,6 @@ def launched_server(model: str, backend: str, *, port: int | None = None, max_nu
                     max_model_len: int | None = None, threads: int | None = None, served_model_name: str | None = None,
                     startup_timeout: float = 900.0, log_dir: Path | None = None) -> Iterator[str]:
     """Start `flap-deploy serve MODEL --backend B` on 127.0.0.1 and yield its /v1 URL; stop it after."""
-    import httpx
-
     port = port or _free_port()
     cmd = [sys.executable, "-m", "flap_deploy.cli", "serve", str(model), "--backend", backend, "--port", str(port),
            "--max-num-seqs", str(max_num_seqs)]
@@ -91,41 +86,18 @@ def launched_server(model: str, backend: str, *, port: int | None = None, max_nu
         cmd += ["--served-model-name", served_model_name]
     if vllm_args and backend == "vllm":
         cmd += ["--", *vllm_args]
-    env = dict(os.environ)
-    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    log = tempfile.NamedTemporaryFile("w+", prefix="flap-serve-", suffix=".log", dir=log_dir, delete=False)
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-
-    def tail() -> str:
-        log.flush()
-        return "".join(Path(log.name).read_text(errors="replace").splitlines(keepends=True)[-15:])
-
-    try:
-        deadline = time.time() + startup_timeout
-        while True:
-            if proc.poll() is not None:
-                raise FlapDeployError(f"the {backend} server for {model} exited ({proc.returncode}):\n{tail()}")
+    env = {"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
+    with tempfile.NamedTemporaryFile("w+", prefix="flap-serve-", suffix=".log", dir=log_dir) as log:
+        server = ManagedServer(cmd, f"http://127.0.0.1:{port}", name=f"the {backend} server for {model}", env=env,
+                               log=log)
+        with server:
             try:
-                if httpx.get(base + "/health", timeout=2, trust_env=False).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.time() > deadline:
-                raise FlapDeployError(f"the {backend} server for {model} did not start in {startup_timeout:.0f} s:\n"
-                                      f"{tail()}")
-            time.sleep(0.5)
-        yield base + "/v1"
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)  # its own session: vLLM's engine processes go too
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(10)
-        log.close()
-        os.unlink(log.name)
+                server.wait_ready(startup_timeout)
+            except FlapDeployError as e:
+                log.flush()
+                tail = "".join(Path(log.name).read_text(errors="replace").splitlines(keepends=True)[-15:])
+                raise FlapDeployError(f"{e}:\n{tail}") from None
+            yield server.base_url + "/v1"
 
 
 # ------------------------------------------------------------------------------ the comparison

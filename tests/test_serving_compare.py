@@ -13,7 +13,9 @@ from serving_util import tiny_tokenizer
 from flap_deploy.checkpoint import save_checkpoint
 from flap_deploy.cli import main
 from flap_deploy.compress import LayerMask, compress
-from serving.compare import decode_weight_params, ideal_ratio
+from flap_deploy.checkpoint import read_config
+from flap_deploy.params import decode_step_params
+from serving.compare import ideal_ratio
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +42,8 @@ def _decode_params(model) -> int:
 
 def test_ideal_ratio_counts_weights_read_per_step(pair):
     dense_dir, pruned_dir, dense, pruned = pair
-    assert decode_weight_params(dense_dir) == _decode_params(dense)
-    assert decode_weight_params(pruned_dir) == _decode_params(pruned)
+    assert decode_step_params(read_config(dense_dir)) == _decode_params(dense)
+    assert decode_step_params(read_config(pruned_dir)) == _decode_params(pruned)
     r = ideal_ratio(dense_dir, pruned_dir)
     assert r["ideal_ratio"] == pytest.approx(_decode_params(dense) / _decode_params(pruned)) and r["ideal_ratio"] > 1
 
