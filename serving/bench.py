@@ -250,8 +250,8 @@ def resolve_endpoint(base_url: str, chat: bool) -> str:
     return base + ("/chat/completions" if chat else "/completions")
 
 
-def served_model(base_url: str, api_key: str | None = None, timeout: float = 30.0) -> str:
-    """The first model id listed by the endpoint's /v1/models."""
+def model_cards(base_url: str, api_key: str | None = None, timeout: float = 30.0) -> tuple[str, list[dict[str, Any]]]:
+    """The endpoint's /v1/models URL and its model cards (at least one)."""
     import httpx
 
     url = resolve_endpoint(base_url, False).rsplit("/", 1)[0] + "/models"
@@ -262,10 +262,15 @@ def served_model(base_url: str, api_key: str | None = None, timeout: float = 30.
         raise FlapDeployError(f"cannot reach {url}: {e}") from None
     if r.status_code != 200:
         raise FlapDeployError(f"{url} answered HTTP {r.status_code}: {r.text[:200]}")
-    data = r.json().get("data") or []
-    if not data:
+    cards = r.json().get("data") or []
+    if not cards:
         raise FlapDeployError(f"{url} lists no model")
-    return data[0]["id"]
+    return url, cards
+
+
+def served_model(base_url: str, api_key: str | None = None, timeout: float = 30.0) -> str:
+    """The first model id listed by the endpoint's /v1/models."""
+    return model_cards(base_url, api_key, timeout)[1][0]["id"]
 
 
 def run_bench(base_url: str, requests: Sequence[BenchRequest], *, model: str | None = None,
@@ -306,22 +311,10 @@ def server_tokenizer(base_url: str, tokenizer: str | None, model: str | None, ap
     Without `tokenizer`, the model's `root` from /v1/models is used when it is a local
     directory (our server and vLLM both report the model path there).
     """
-    import httpx
-
     from flap_deploy.models import load_tokenizer
 
     api_key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY")
-    url = resolve_endpoint(base_url, False).rsplit("/", 1)[0] + "/models"
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    try:
-        r = httpx.get(url, headers=headers, timeout=30, trust_env=False)
-    except httpx.HTTPError as e:
-        raise FlapDeployError(f"cannot reach {url}: {e}") from None
-    if r.status_code != 200:
-        raise FlapDeployError(f"{url} answered HTTP {r.status_code}: {r.text[:200]}")
-    cards = r.json().get("data") or []
-    if not cards:
-        raise FlapDeployError(f"{url} lists no model")
+    url, cards = model_cards(base_url, api_key)
     card = next((c for c in cards if c["id"] == model), None) if model else cards[0]
     if card is None:
         raise FlapDeployError(f"model {model!r} is not served at {url} (it serves {', '.join(c['id'] for c in cards)})")

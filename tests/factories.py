@@ -80,3 +80,22 @@ def tiny_heterogeneous(seed: int = 0, head_dim: int = 16) -> FlapLlamaForCausalL
     means = [LayerMeans(attn=0.1 * torch.randn(8 * head_dim, generator=g), mlp=0.1 * torch.randn(96, generator=g))
              for _ in range(4)]
     return compress(dense, masks, means)
+
+
+def logits_without_package(checkpoint, ids: list[list[int]], workdir) -> list[float]:
+    """Last-position logits of a checkpoint loaded with trust_remote_code=True in a fresh
+    interpreter where importing flap_deploy fails: proves the checkpoint is self-contained."""
+    import json
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, json, torch, transformers\n"
+        "sys.modules['flap_deploy'] = None  # importing it would fail: prove it is not needed\n"
+        f"m = transformers.AutoModelForCausalLM.from_pretrained({str(checkpoint)!r}, trust_remote_code=True)\n"
+        f"print(json.dumps(m(torch.tensor({ids})).logits[0, -1].tolist()))\n"
+    )
+    env = {"HF_MODULES_CACHE": str(workdir / "modules"), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"}
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=workdir)
+    assert res.returncode == 0, res.stderr[-2000:]
+    return json.loads(res.stdout.strip().splitlines()[-1])

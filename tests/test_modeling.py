@@ -1,15 +1,11 @@
 """FlapLlamaForCausalLM: per-layer widths, removed modules, generation, save/load."""
 
-import json
-import subprocess
-import sys
-
 import pytest
 import torch
 import transformers
 
 import flap_deploy  # noqa: F401  registers flap_llama
-from factories import tiny_heterogeneous
+from factories import logits_without_package, tiny_heterogeneous
 from flap_deploy.checkpoint import save_checkpoint, validate_checkpoint
 from flap_deploy.modeling_flap_llama import FlapLlamaForCausalLM
 
@@ -77,14 +73,5 @@ def test_trust_remote_code_without_the_package(model, tmp_path):
     ids = [[5, 6, 7, 8, 9]]
     with torch.no_grad():
         want = model(torch.tensor(ids)).logits[0, -1].tolist()
-    script = (
-        "import sys, json, torch, transformers\n"
-        "sys.modules['flap_deploy'] = None  # importing it would fail: prove it is not needed\n"
-        f"m = transformers.AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True)\n"
-        f"print(json.dumps(m(torch.tensor({ids})).logits[0, -1].tolist()))\n"
-    )
-    env = {"HF_MODULES_CACHE": str(tmp_path / "modules"), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"}
-    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path)
-    assert res.returncode == 0, res.stderr[-2000:]
-    got = json.loads(res.stdout.strip().splitlines()[-1])
+    got = logits_without_package(out, ids, tmp_path)
     assert max(abs(x - y) for x, y in zip(got, want)) < 1e-5
