@@ -46,7 +46,9 @@ class OrtRunner:
     def __init__(self, path: Path, threads: int):
         from exporters.onnx import OnnxCausalLM
 
-        self.lm = OnnxCausalLM.from_dir(path, threads=threads)
+        # No spinning: ORT's idle workers would otherwise spin into the next (PyTorch) run.
+        self.lm = OnnxCausalLM.from_dir(path, threads=threads,
+                                        session_config={"session.intra_op.allow_spinning": "0"})
 
     def run(self, ids: np.ndarray, new_tokens: int) -> tuple[float, float, list[list[int]]]:
         lm = self.lm
@@ -186,7 +188,8 @@ def main() -> None:
                   "new_tokens": args.new_tokens, "batches": args.batches, "machine": platform.processor() or platform.machine(),
                   "cpu_count": __import__("os").cpu_count(), "torch": torch.__version__,
                   "onnxruntime": __import__("onnxruntime").__version__,
-                  "note": "interleaved round-robin runs, medians; greedy decode, EOS ignored; same token-id prompts"},
+                  "note": "interleaved round-robin runs, medians; greedy decode, EOS ignored; same token-id prompts; "
+                          "ORT thread spinning off"},
         "linear_bytes": env["linear_bytes"], "ideal_ratio": ideal,
         "rows": rows, "pruned_over_dense": ratios, "ort_vs_eager": speedups, "token_agreement_vs_eager": agree,
         "exports": {m: {q: {k: manifests[m][q].get(k) for k in ("export_seconds", "trace_seconds", "quantize_seconds",
@@ -207,7 +210,8 @@ def render(r: dict) -> str:
         "",
         f"`python benchmarks/onnx_speed.py` - {s['threads']} threads, prompt {s['prompt_len']} tokens, "
         f"{s['new_tokens']} greedy tokens, {s['reps']} interleaved rounds, medians; "
-        f"torch {s['torch']}, onnxruntime {s['onnxruntime']}, {s['cpu_count']} CPUs (shared with other jobs).",
+        f"torch {s['torch']}, onnxruntime {s['onnxruntime']} (thread spinning off), {s['cpu_count']} CPUs "
+        "(shared with other jobs, so absolute figures are noisy).",
         "",
         "| model | runtime | batch | prefill ms | decode tok/s |",
         "|---|---|---:|---:|---:|",

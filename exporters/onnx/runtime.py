@@ -80,11 +80,14 @@ class OnnxCausalLM:
     @classmethod
     def from_dir(cls, path: str | os.PathLike, threads: int | None = None,
                  graph_optimization_level: str | ort.GraphOptimizationLevel = "all",
-                 providers: Sequence[str] | None = None) -> OnnxCausalLM:
+                 providers: Sequence[str] | None = None,
+                 session_config: dict[str, str] | None = None) -> OnnxCausalLM:
         """Load an export directory (graph, manifest, tokenizer when present).
 
         ``threads``: ORT intra-op threads (None = ORT's default). ``graph_optimization_level``:
         "disable" | "basic" | "extended" | "all" or an ``ort.GraphOptimizationLevel``.
+        ``session_config``: extra ORT session config entries, e.g.
+        ``{"session.intra_op.allow_spinning": "0"}`` when other work shares the cores.
         Raises FlapDeployError when the manifest does not describe the graph.
         """
         path = Path(path)
@@ -100,6 +103,8 @@ class OnnxCausalLM:
                 )
             graph_optimization_level = OPT_LEVELS[graph_optimization_level]
         opts.graph_optimization_level = graph_optimization_level
+        for key, value in (session_config or {}).items():
+            opts.add_session_config_entry(key, str(value))
         try:
             session = ort.InferenceSession(str(path / manifest.get("model", MODEL_NAME)), opts,
                                            providers=list(providers or ["CPUExecutionProvider"]))
