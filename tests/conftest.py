@@ -30,3 +30,21 @@ def _cpu_threads():
     import torch
 
     torch.set_num_threads(int(os.environ.get("FLAP_TEST_THREADS", "2")))
+
+
+@pytest.fixture(scope="session")
+def flap20_dir(bundled_dir) -> Path:
+    """The bundled model pruned 20 % by the real FLAP pruner (32 calibration windows from
+    WikiText-2 valid, or self-generated without the data; MLP widths multiple of 16), cached
+    beside the bundled model for the whole run."""
+    from flap_deploy.bundled import cache_dir
+    from flap_deploy.pruning import PruneConfig, prune
+
+    valid = WIKITEXT / "valid.txt"
+    calib = str(valid) if valid.is_file() else "self"
+    out = cache_dir() / f"test-smollm2-135m-flap20-{'wikitext' if valid.is_file() else 'self'}32-m16"
+    if not (out / "config.json").is_file():
+        config = PruneConfig(ratio=0.2, calib=calib, nsamples=32, seqlen=128, seed=0, mlp_multiple=16,
+                             progress=False)
+        prune(bundled_dir, config).save(out, overwrite=True)
+    return out

@@ -1,4 +1,4 @@
-"""Integration: the bundled SmolLM2-135M, pruned ~20 %, exported to ONNX (slow)."""
+"""Integration: the bundled SmolLM2-135M, pruned 20 % with FLAP, exported to ONNX (slow)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,8 @@ import json
 import pytest
 import torch
 
-from benchmarks.fixed_prune import fixed_prune
 from exporters.onnx import OnnxCausalLM, export_onnx
 from exporters.onnx.manifest import MANIFEST_NAME
-from flap_deploy.checkpoint import save_checkpoint
 from flap_deploy.models import load_model, load_tokenizer
 from onnx_helpers import hf_greedy
 
@@ -20,21 +18,17 @@ PROMPTS = ("The capital of France is", "Write a short poem about the sea. The wa
 
 
 @pytest.fixture(scope="module")
-def pruned_export(bundled_dir, tmp_path_factory):
+def pruned_export(flap20_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("bundled_onnx")
-    dense = load_model(bundled_dir, dtype=torch.float32)
-    tokenizer = load_tokenizer(bundled_dir)
-    pruned = fixed_prune(dense, tokenizer)
-    ckpt = save_checkpoint(pruned, root / "pruned", tokenizer_from=bundled_dir)
-    out = export_onnx(ckpt, root / "onnx", progress=False)
-    return load_model(ckpt, dtype=torch.float32), tokenizer, out
+    out = export_onnx(flap20_dir, root / "onnx", progress=False)
+    return load_model(flap20_dir, dtype=torch.float32), load_tokenizer(flap20_dir), out
 
 
 def test_pruned_bundled_export_verifies(pruned_export):
     model, _, out = pruned_export
     m = json.loads((out / MANIFEST_NAME).read_text())
     assert m["num_key_value_heads_per_layer"] == model.config.num_key_value_heads_per_layer
-    assert len(set(m["num_key_value_heads_per_layer"])) == 2  # really heterogeneous
+    assert len(set(m["num_key_value_heads_per_layer"])) > 1  # really heterogeneous
     v = m["verification"]["fp32"]
     assert v["relative_logit_diff"] <= 1e-3 and v["greedy_agreement"] == 1.0
 

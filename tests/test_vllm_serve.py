@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from factories import tiny_heterogeneous
 from flap_deploy.checkpoint import save_checkpoint
 from flap_deploy.cli import main
-from vllm_helpers import REPO, needs_vllm, prune_bundled_fixed, vllm_env
+from vllm_helpers import REPO, needs_vllm, vllm_env
 
 
 def _serve(*args):
@@ -59,12 +59,11 @@ def _free_port() -> int:
 @needs_vllm
 @pytest.mark.slow
 @pytest.mark.vllm
-def test_serve_pruned_bundled_with_openai_client(bundled_dir, wikitext_dir, tmp_path):
+def test_serve_pruned_bundled_with_openai_client(flap20_dir, tmp_path):
     import psutil
     from openai import OpenAI
 
-    texts = [line for line in (wikitext_dir / "valid.txt").read_text().split("\n") if len(line) > 400][:4]
-    model = prune_bundled_fixed(bundled_dir, tmp_path / "smollm2-135m-flap20", texts)
+    model = flap20_dir
     port = _free_port()
     cmd = [sys.executable, "-m", "flap_deploy.cli", "serve", str(model), "--backend", "vllm", "--port", str(port),
            "--api-key", "secret", "--", "--max-model-len", "512", "--enforce-eager"]
