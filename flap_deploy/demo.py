@@ -60,7 +60,7 @@ def run_demo(out: str | os.PathLike = "demo-out", *, quick: bool = False, backen
                err=True)
 
     t = _step("agreement with the dense model on self-generated text")
-    windows = self_generated(dense, tokenizer, nsamples=4 if quick else 16, seqlen=256, seed=1234)
+    windows = self_generated(dense, tokenizer, nsamples=4 if quick else 8, seqlen=256, seed=1234)
     quality = evaluate_windows(pruned.model, windows, reference=dense).to_dict()
     times["eval_s"] = time.perf_counter() - t
     del dense, pruned
