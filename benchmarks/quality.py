@@ -34,7 +34,6 @@ sys.path.insert(0, str(REPO))
 
 from flap_deploy import PruneConfig, __version__, prune  # noqa: E402
 from flap_deploy.evaluate import token_windows  # noqa: E402
-from flap_deploy.layerwise import embed_inputs  # noqa: E402
 from flap_deploy.models import load_model, load_tokenizer  # noqa: E402
 from flap_deploy.text import load_text  # noqa: E402
 
