@@ -28,6 +28,7 @@ import torch
 from .adapters import Geometry
 from .compress import LayerMask
 from .errors import FlapDeployError
+from .params import layer_linear_params
 
 STRUCTURES = ("AL-AM", "AL-MM", "UL-MM", "UL-UM")
 GRANULARITIES = ("group", "head")
@@ -166,8 +167,8 @@ def fit_threshold(menus: list[Menu], target: float) -> list[int]:
 
 def dense_layer_cost(geom: Geometry) -> tuple[int, int]:
     """(attention, MLP) linear weights of one dense layer."""
-    attn = (2 * geom.num_heads + 2 * geom.num_kv_heads) * geom.head_dim * geom.hidden_size
-    return attn, 3 * geom.hidden_size * geom.intermediate_size
+    attn = layer_linear_params(geom.hidden_size, geom.head_dim, geom.num_heads, geom.num_kv_heads, 0)
+    return attn, layer_linear_params(geom.hidden_size, geom.head_dim, 0, 0, geom.intermediate_size)
 
 
 @dataclass
