@@ -52,3 +52,31 @@ def running(app, port: int | None = None) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(15)
+
+
+def concurrent_streams(base_url: str, model: str, prompts: list[str], lens: list[int],
+                       timeout: float = 120) -> list[tuple[str, int, int | None]]:
+    """Stream every prompt at once through the official async openai client (greedy, ignore_eos).
+
+    Returns (text, content chunks, usage.completion_tokens) per prompt, in order.
+    """
+    import asyncio
+
+    import openai
+
+    async def one(ac, p, n):
+        stream = await ac.completions.create(model=model, prompt=p, max_tokens=n, temperature=0, stream=True,
+                                             stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+        text, chunks, usage = "", 0, None
+        async for c in stream:
+            if c.choices:
+                text, chunks = text + c.choices[0].text, chunks + 1
+            if c.usage:
+                usage = c.usage.completion_tokens
+        return text, chunks, usage
+
+    async def main():
+        ac = openai.AsyncOpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=timeout)
+        return await asyncio.gather(*(one(ac, p, n) for p, n in zip(prompts, lens)))
+
+    return asyncio.run(main())

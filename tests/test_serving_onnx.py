@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 
 import numpy as np
 import openai
 import pytest
 from factories import tiny_heterogeneous
-from serving_util import running, tiny_tokenizer
+from serving_util import concurrent_streams, running, tiny_tokenizer
 
 from serving.server import create_app, load_onnx_server
 
@@ -59,22 +58,7 @@ def test_32_concurrent_streams_on_onnx(served):
     alone = [client.completions.create(model="tiny-onnx", prompt=p, max_tokens=n, temperature=0,
                                        extra_body={"ignore_eos": True}).choices[0].text for p, n in zip(prompts, lens)]
 
-    async def one(ac, p, n):
-        stream = await ac.completions.create(model="tiny-onnx", prompt=p, max_tokens=n, temperature=0, stream=True,
-                                             stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
-        text, chunks, usage = "", 0, None
-        async for c in stream:
-            if c.choices:
-                text, chunks = text + c.choices[0].text, chunks + 1
-            if c.usage:
-                usage = c.usage.completion_tokens
-        return text, chunks, usage
-
-    async def main():
-        ac = openai.AsyncOpenAI(base_url=url, api_key="x", max_retries=0, timeout=300)
-        return await asyncio.gather(*(one(ac, p, n) for p, n in zip(prompts, lens)))
-
-    results = asyncio.run(main())
+    results = concurrent_streams(url, "tiny-onnx", prompts, lens, timeout=300)
     assert [r[0] for r in results] == alone
     assert [r[1] for r in results] == lens and [r[2] for r in results] == lens
     assert server.engine.stats() == {"running": 0, "waiting": 0}

@@ -6,7 +6,6 @@ on a real ONNX Runtime model.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 
@@ -14,7 +13,7 @@ import httpx
 import openai
 import pytest
 from serving_fakes import TinyNumpyLM
-from serving_util import running, tiny_tokenizer
+from serving_util import concurrent_streams, running, tiny_tokenizer
 
 from serving.server import OnnxServer, create_app
 
@@ -141,23 +140,7 @@ def test_32_concurrent_streams_equal_alone(base_url, client, tokenizer):
     alone = [client.completions.create(model="tiny", prompt=p, max_tokens=n, temperature=0,
                                        extra_body={"ignore_eos": True}).choices[0].text for p, n in zip(prompts, lens)]
 
-    async def one(ac: openai.AsyncOpenAI, p: str, n: int) -> tuple[str, int, int]:
-        stream = await ac.completions.create(model="tiny", prompt=p, max_tokens=n, temperature=0, stream=True,
-                                             stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
-        text, chunks, usage = "", 0, None
-        async for c in stream:
-            if c.choices:
-                text += c.choices[0].text
-                chunks += 1
-            if c.usage:
-                usage = c.usage.completion_tokens
-        return text, chunks, usage
-
-    async def main():
-        ac = openai.AsyncOpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=120)
-        return await asyncio.gather(*(one(ac, p, n) for p, n in zip(prompts, lens)))
-
-    results = asyncio.run(main())
+    results = concurrent_streams(base_url, "tiny", prompts, lens, timeout=120)
     assert [r[0] for r in results] == alone
     assert [r[1] for r in results] == lens and [r[2] for r in results] == lens
     assert _metric(base_url, "flap:num_requests_running") == 0
