@@ -15,7 +15,8 @@ from pathlib import Path
 from flap_deploy.errors import FlapDeployError
 
 from .onnx.manifest import MANIFEST_NAME
-from .onnx.runtime import Generation, left_pad
+from .onnx.padding import left_pad
+from .onnx.runtime import Generation
 from .onnx.sampling import SamplingParams, find_stop
 
 

@@ -2,8 +2,10 @@
 
 One engine thread owns the model session and loops over steps. Each step:
   1. drops aborted sequences (client gone, stop string seen),
-  2. admits waiting requests while fewer than `max_num_seqs` run: each prompt is prefilled
-     alone (batch 1, no padding) and its first token sampled,
+  2. admits waiting requests while fewer than `max_num_seqs` run: the admitted prompts are
+     prefilled together, left-padded, in batches of at most `max_prefill_tokens` padded tokens
+     (one graph call instead of one per prompt, so TTFT does not grow with every arrival),
+     and their first tokens sampled,
   3. runs one decode step for the whole running batch.
 
 The running batch keeps its KV cache as batched arrays `[batch, kv_heads, P, head_dim]`
@@ -24,9 +26,11 @@ import itertools
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 import numpy as np
+
+from exporters.onnx.padding import left_pad, positions
 
 from .sampling import DrawParams, sample_next, top_logprobs
 
@@ -98,10 +102,13 @@ class Engine:
 
     def __init__(self, model: ContractModel, *, max_model_len: int, max_num_seqs: int = 8,
                  max_queue: int = 256, eos_token_ids: tuple[int, ...] = (), metrics: Any = None,
-                 idle_wait_s: float = 0.5):
-        if max_num_seqs < 1 or max_queue < 0 or max_model_len < 2:
-            raise ValueError("max_num_seqs >= 1, max_queue >= 0 and max_model_len >= 2 are required")
+                 idle_wait_s: float = 0.5, max_prefill_tokens: int = 4096):
+        if max_num_seqs < 1 or max_queue < 0 or max_model_len < 2 or max_prefill_tokens < 1:
+            raise ValueError("max_num_seqs >= 1, max_queue >= 0, max_model_len >= 2 and max_prefill_tokens >= 1 "
+                             "are required")
         self.model = model
+        # bounds one prefill call: its logits are [batch, padded length, vocab]
+        self.max_prefill_tokens = max_prefill_tokens
         self.max_model_len = max_model_len
         self.max_num_seqs = max_num_seqs
         self.max_queue = max_queue
@@ -207,8 +214,8 @@ class Engine:
                             if self.metrics:
                                 self.metrics.of(self.metrics.aborted).inc()
                     self._drop_finished()
-                for seq in admitted:
-                    self._prefill(seq)
+                for group in self._prefill_groups(admitted):
+                    self._prefill(group)
                 if self._rows:
                     self._decode_step()
                 with self._cond:
@@ -267,46 +274,68 @@ class Engine:
         if len(seq.output_ids) > 1 and seq.first_token_time is not None:
             m.of(m.tpot).observe((now - seq.first_token_time) / (len(seq.output_ids) - 1))
 
-    def _prefill(self, seq: _Sequence) -> None:
-        t0 = time.perf_counter()
-        n = len(seq.prompt_ids)
-        ids = np.asarray([seq.prompt_ids], dtype=np.int64)
-        mask = np.ones((1, n), dtype=np.int64)
-        pos = np.arange(n, dtype=np.int64)[None, :]
-        logits, present = self.model.forward(ids, mask, pos, self.model.empty_past(1))
-        seq.length = n
-        if self.metrics:
-            m = self.metrics
-            m.of(m.prefill_time).observe(time.perf_counter() - t0)
-            m.of(m.queue_time).observe(t0 - seq.arrival)
-            m.of(m.prompt_tokens).inc(n)
-        self._emit(seq, logits[0, -1])
-        if self.metrics:
-            self.metrics.of(self.metrics.ttft).observe(time.perf_counter() - seq.arrival)
-        if not seq.finished:
-            self._join({_present_to_past(k): v for k, v in present.items()}, seq)
+    def _prefill_groups(self, seqs: list[_Sequence]) -> Iterator[list[_Sequence]]:
+        """Admitted sequences in prefill batches of at most `max_prefill_tokens` padded tokens."""
+        group: list[_Sequence] = []
+        width = 0
+        for seq in sorted(seqs, key=lambda s: len(s.prompt_ids)):  # neighbours in length pad little
+            n = len(seq.prompt_ids)
+            if group and max(width, n) * (len(group) + 1) > self.max_prefill_tokens:
+                yield group
+                group, width = [], 0
+            group.append(seq)
+            width = max(width, n)
+        if group:
+            yield group
 
-    def _join(self, past: dict[str, np.ndarray], seq: _Sequence) -> None:
-        """Add a prefilled sequence (batch-1 cache of its own length) to the running batch."""
-        if not self._rows:
-            self._rows, self._past = [seq], past  # fed back as they are (OrtValues stay in ORT)
-            self._mask = np.ones((1, seq.length), dtype=np.int64)
+    def _prefill(self, seqs: list[_Sequence]) -> None:
+        """One left-padded graph call for `seqs`; sample their first tokens; join the survivors."""
+        t0 = time.perf_counter()
+        ids, mask = left_pad([s.prompt_ids for s in seqs], pad_id=0)  # pad rows are masked out
+        logits, present = self.model.forward(ids, mask, positions(mask), self.model.empty_past(len(seqs)))
+        elapsed = time.perf_counter() - t0
+        for r, seq in enumerate(seqs):
+            seq.length = len(seq.prompt_ids)
+            if self.metrics:
+                m = self.metrics
+                m.of(m.prefill_time).observe(elapsed)
+                m.of(m.queue_time).observe(t0 - seq.arrival)
+                m.of(m.prompt_tokens).inc(seq.length)
+            self._emit(seq, logits[r, -1])
+            if self.metrics:
+                self.metrics.of(self.metrics.ttft).observe(time.perf_counter() - seq.arrival)
+        joining = [(r, s) for r, s in enumerate(seqs) if not s.finished]
+        if joining:
+            self._join({_present_to_past(k): v for k, v in present.items()}, mask, joining)
+
+    def _join(self, past: dict[str, Any], mask: np.ndarray, joining: list[tuple[int, _Sequence]]) -> None:
+        """Add prefilled rows (`past` and `mask` of one prefill call, row index per sequence) to the batch."""
+        new_rows = [s for _, s in joining]
+        if not self._rows and len(joining) == mask.shape[0]:
+            # the prefill batch becomes the running batch as it is (OrtValues stay in ORT)
+            self._rows, self._past, self._mask = new_rows, past, mask
             return
-        p_old = self._mask.shape[1]
-        p_new = max(p_old, seq.length)
+        b_old = len(self._rows)
+        p_old = self._mask.shape[1] if b_old else 0
+        p_new = max([p_old] + [s.length for s in new_rows])
+        width = mask.shape[1]
         merged = {}
-        for name, batch_arr in self._past.items():
-            batch_arr, mine = _array(batch_arr), _array(past[name])
-            b, h, _, d = batch_arr.shape
-            out = np.zeros((b + 1, h, p_new, d), dtype=batch_arr.dtype)
-            out[:b, :, p_new - p_old:, :] = batch_arr
-            out[b, :, p_new - seq.length:, :] = mine[0]
+        for name, arr in past.items():
+            arr = _array(arr)
+            _, h, _, d = arr.shape
+            out = np.zeros((b_old + len(new_rows), h, p_new, d), dtype=arr.dtype)
+            if b_old:
+                out[:b_old, :, p_new - p_old:, :] = _array(self._past[name])
+            for i, (r, seq) in enumerate(joining):
+                out[b_old + i, :, p_new - seq.length:, :] = arr[r, :, width - seq.length:, :]
             merged[name] = out
-        mask = np.zeros((len(self._rows) + 1, p_new), dtype=np.int64)
-        mask[:-1, p_new - p_old:] = self._mask
-        mask[-1, p_new - seq.length:] = 1
-        self._rows.append(seq)
-        self._past, self._mask = merged, mask
+        new_mask = np.zeros((b_old + len(new_rows), p_new), dtype=np.int64)
+        if b_old:
+            new_mask[:b_old, p_new - p_old:] = self._mask
+        for i, seq in enumerate(new_rows):
+            new_mask[b_old + i, p_new - seq.length:] = 1
+        self._rows = self._rows + new_rows
+        self._past, self._mask = merged, new_mask
 
     def _drop_finished(self) -> None:
         keep = [i for i, s in enumerate(self._rows) if not s.finished]

@@ -479,7 +479,9 @@ def load_onnx_server(model_dir: str | Path, *, served_model_name: str | None = N
     from flap_deploy.errors import FlapDeployError
 
     path = ensure_onnx(model_dir)
-    model = OnnxCausalLM.from_dir(path, threads=threads) if threads else OnnxCausalLM.from_dir(path)
+    # No spinning: between graph calls ORT's idle workers would otherwise busy-wait on the cores
+    # that the event loop needs for HTTP, tokenization and streaming.
+    model = OnnxCausalLM.from_dir(path, threads=threads, session_config={"session.intra_op.allow_spinning": "0"})
     tokenizer = getattr(model, "tokenizer", None)
     if tokenizer is None:
         raise FlapDeployError(f"{path}: no tokenizer files beside model.onnx; the server needs one")

@@ -66,9 +66,38 @@ def test_batched_equals_alone_and_reference(model):
     assert together == alone
     assert [len(t) for t in together] == lens
     assert max(b for b, s in model.calls if s == 1) > 1  # decode steps really were batched
+    assert max(b for b, s in model.calls if s > 1) > 1  # and so were prefills (left-padded)
     assert max(b for b, s in model.calls) <= 5
     for p, n, out in zip(prompts[:3], lens, together):
         assert out == _reference(model, p, n)
+
+
+def test_prefill_batches_respect_the_token_budget(model):
+    rng = np.random.default_rng(2)
+    prompts = [list(rng.integers(0, 64, size=int(n))) for n in (3, 17, 9, 30, 12, 5)]
+    greedy = SamplingParams(max_tokens=4, temperature=0.0)
+    alone = [_reference(model, p, 4) for p in prompts]
+    engine = Engine(model, max_model_len=64, max_num_seqs=8, max_prefill_tokens=40).start()
+    gate = threading.Event()
+    try:
+        # a sink that blocks the engine thread lets all six prompts queue up for one admission
+        engine.submit([1], SamplingParams(max_tokens=1, temperature=0.0), lambda ev: gate.wait(10))
+        for _ in range(100):
+            if engine.stats()["waiting"] == 0:
+                break
+            time.sleep(0.01)
+        model.calls.clear()
+        qs = [_collect(engine, p, greedy)[1] for p in prompts]
+        gate.set()
+        outs = [_drain(q)[0] for q in qs]
+    finally:
+        gate.set()
+        engine.shutdown()
+    assert outs == alone
+    prefills = [(b, s) for b, s in model.calls if s > 1]
+    assert sum(b for b, _ in prefills) == len(prompts)
+    assert all(b * s <= 40 or b == 1 for b, s in prefills)
+    assert any(b > 1 for b, _ in prefills)
 
 
 def test_seeded_sampling_is_reproducible_in_a_batch(model):

@@ -21,6 +21,7 @@ from flap_deploy.errors import FlapDeployError
 
 from .graph import CacheLayer
 from .manifest import MODEL_NAME, cache_layers_of, check_graph_io, read_manifest
+from .padding import left_pad, positions
 from .sampling import SamplingParams, find_stop, next_token
 
 OPT_LEVELS = {
@@ -42,23 +43,6 @@ class Generation:
     token_ids: list[int]
     text: str | None
     finish_reason: str  # "length" | "stop" (EOS or a stop string)
-
-
-def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """input_ids and attention_mask (int64) of a batch padded on the left."""
-    width = max(len(p) for p in prompts)
-    ids = np.full((len(prompts), width), pad_id, dtype=np.int64)
-    mask = np.zeros((len(prompts), width), dtype=np.int64)
-    for r, p in enumerate(prompts):
-        if len(p):
-            ids[r, width - len(p):] = p
-            mask[r, width - len(p):] = 1
-    return ids, mask
-
-
-def positions(mask: np.ndarray) -> np.ndarray:
-    """position_ids for a left-padded mask: 0 at each row's first real token."""
-    return np.clip(np.cumsum(mask, axis=1) - 1, 0, None).astype(np.int64)
 
 
 class OnnxCausalLM:

@@ -13,7 +13,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .runtime import OnnxCausalLM, left_pad, positions
+from .padding import left_pad, positions
+from .runtime import OnnxCausalLM
 
 PROMPTS = (
     "The capital of France is",
