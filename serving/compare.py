@@ -17,7 +17,6 @@ cache, the HTTP layer) dominates.
 from __future__ import annotations
 
 import contextlib
-import os
 import statistics
 import sys
 import tempfile
@@ -86,10 +85,8 @@ def launched_server(model: str, backend: str, *, port: int | None = None, max_nu
         cmd += ["--served-model-name", served_model_name]
     if vllm_args and backend == "vllm":
         cmd += ["--", *vllm_args]
-    env = {"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
     with tempfile.NamedTemporaryFile("w+", prefix="flap-serve-", suffix=".log", dir=log_dir) as log:
-        server = ManagedServer(cmd, f"http://127.0.0.1:{port}", name=f"the {backend} server for {model}", env=env,
-                               log=log)
+        server = ManagedServer(cmd, f"http://127.0.0.1:{port}", name=f"the {backend} server for {model}", log=log)
         with server:
             try:
                 server.wait_ready(startup_timeout)

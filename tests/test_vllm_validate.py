@@ -106,3 +106,13 @@ def test_cpu_tp_binding(monkeypatch):
     assert cpu.cpu_tp_env(2, {"VLLM_CPU_OMP_THREADS_BIND": "nobind"}) == {}
     monkeypatch.setattr(cpu, "numa_nodes", lambda: 2)
     assert cpu.cpu_tp_env(2, {}) == {}
+
+
+def test_cpu_engine_env_sizes_the_kv_cache_unless_the_user_did(monkeypatch):
+    from exporters.vllm import cpu
+
+    monkeypatch.setattr(cpu, "numa_nodes", lambda: 1)
+    monkeypatch.setattr(cpu.os, "sched_getaffinity", lambda _pid: {0, 1})
+    assert cpu.cpu_engine_env(1, {}) == {"VLLM_CPU_KVCACHE_SPACE": cpu.DEFAULT_KVCACHE_GIB}
+    assert cpu.cpu_engine_env(1, {"VLLM_CPU_KVCACHE_SPACE": "8"}) == {}
+    assert set(cpu.cpu_engine_env(2, {})) == {"VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_OMP_THREADS_BIND"}

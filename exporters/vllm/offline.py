@@ -25,12 +25,11 @@ def run_offline(model: str, prompts: list[list[int]], max_tokens: int = 16, dtyp
                 tp_size: int = 1, max_model_len: int = 256, throughput_prompts: int = 0,
                 throughput_tokens: int = 64, prompt_logprobs: bool = True) -> dict[str, Any]:
     """Greedy generation and teacher-forced top-1 of ``prompts`` with vLLM on ``model``."""
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    from .cpu import cpu_tp_env
+    from .cpu import cpu_engine_env
     from .validate import vllm_distribution
 
     if vllm_distribution() == "vllm-cpu":
-        os.environ.update(cpu_tp_env(tp_size))
+        os.environ.update(cpu_engine_env(tp_size))
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -89,7 +88,6 @@ def run_offline_subprocess(request: dict[str, Any], workdir: str | os.PathLike, 
     repo = str(Path(__file__).resolve().parents[2])
     env = dict(os.environ if env is None else env)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (repo, env.get("PYTHONPATH", "")) if p)
-    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     proc = subprocess.run([sys.executable, "-m", "exporters.vllm.offline", str(req), str(res)], cwd=repo, env=env,
                           capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
