@@ -1,7 +1,7 @@
 """ONNX Runtime vs PyTorch eager, dense vs pruned: decode tokens/s and prefill latency.
 
-Models: the bundled SmolLM2-135M (dense) and its ~20 % pruned version from
-``benchmarks/fixed_prune.py``. Runtimes: ONNX Runtime fp32, ONNX Runtime int8 (dynamic
+Models: the bundled SmolLM2-135M (dense) and its 20 % FLAP-pruned version
+(``benchmarks/flap_model.py``). Runtimes: ONNX Runtime fp32, ONNX Runtime int8 (dynamic
 quantization) and PyTorch eager fp32 (transformers, DynamicCache). Batch 1 and 8, the
 same prompts (token ids) for every configuration, runs interleaved round-robin, medians
 reported. Greedy decoding of a fixed number of tokens (EOS ignored).
@@ -26,19 +26,17 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
-sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]  # this checkout's packages, and fixed_prune
+sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]  # this checkout's packages, and flap_model
 
 
 def _prompts(tokenizer, batch: int, length: int) -> np.ndarray:
     """``batch`` different prompts of exactly ``length`` tokens (WikiText-2 when present)."""
-    wikitext = REPO.parent / "shared" / "data" / "wikitext-2" / "test.txt"
-    if wikitext.is_file():
-        text = wikitext.read_text()[:200_000]
-    else:
-        from fixed_prune import CALIBRATION  # noqa: F401 (run as a script: benchmarks/ is on sys.path)
+    from flap_model import WIKITEXT
 
-        text = " ".join(CALIBRATION) * 50
-    ids = tokenizer(text)["input_ids"]
+    wikitext = WIKITEXT / "test.txt"
+    if not wikitext.is_file():
+        sys.exit(f"error: {wikitext} is missing (the prompts come from WikiText-2 test)")
+    ids = tokenizer(wikitext.read_text()[:200_000])["input_ids"]
     return np.array([ids[i * 997: i * 997 + length] for i in range(batch)], dtype=np.int64)
 
 
@@ -93,16 +91,16 @@ class TorchRunner:
 def prepare(work: Path, threads: int) -> dict:
     """Checkpoints and exports (reused when already in ``work``)."""
     from exporters.onnx.export import export_onnx, quantize_export
-    from fixed_prune import fixed_prune, linear_bytes
-    from flap_deploy.checkpoint import save_checkpoint
+    from flap_model import flap_pruned_bundled
+
+    from flap_deploy.checkpoint import read_config
     from flap_deploy.models import load_model, load_tokenizer, resolve_model
+    from flap_deploy.params import decode_step_params
 
     dense_dir = resolve_model("smollm2-135m")
-    pruned_dir = work / "pruned-ckpt"
+    pruned_dir = flap_pruned_bundled(work)
     dense = load_model(dense_dir, dtype=torch.float32)
     tokenizer = load_tokenizer(dense_dir)
-    if not pruned_dir.is_dir():
-        save_checkpoint(fixed_prune(dense, tokenizer), pruned_dir, tokenizer_from=dense_dir)
     pruned = load_model(pruned_dir, dtype=torch.float32)
     dirs = {}
     for name, src in (("dense", dense_dir), ("pruned", pruned_dir)):
@@ -113,7 +111,9 @@ def prepare(work: Path, threads: int) -> dict:
             quantize_export(fp32, int8, threads=threads, overwrite=True)
         dirs[name] = {"fp32": fp32, "int8": int8}
     return {"tokenizer": tokenizer, "models": {"dense": dense, "pruned": pruned}, "dirs": dirs,
-            "linear_bytes": {"dense": linear_bytes(dense), "pruned": linear_bytes(pruned)}}
+            "pruned_dir": str(pruned_dir),
+            "decode_step_params": {"dense": decode_step_params(read_config(dense_dir)),
+                                   "pruned": decode_step_params(read_config(pruned_dir))}}
 
 
 def main() -> None:
@@ -159,7 +159,7 @@ def main() -> None:
         rows.append({"model": m, "runtime": rt, "batch": b, "prefill_ms": 1000 * prefill,
                      "decode_tok_s": b * args.new_tokens / decode, "runs": len(runs)})
     get = {(r["model"], r["runtime"], r["batch"]): r for r in rows}
-    ideal = env["linear_bytes"]["dense"] / env["linear_bytes"]["pruned"]
+    ideal = env["decode_step_params"]["dense"] / env["decode_step_params"]["pruned"]  # as in `compare`
     ratios = []
     for rt in ("ort-fp32", "ort-int8", "torch-eager-fp32"):
         for b in args.batches:
@@ -190,7 +190,8 @@ def main() -> None:
                   "onnxruntime": __import__("onnxruntime").__version__,
                   "note": "interleaved round-robin runs, medians; greedy decode, EOS ignored; same token-id prompts; "
                           "ORT thread spinning off"},
-        "linear_bytes": env["linear_bytes"], "ideal_ratio": ideal,
+        "pruned_model": env["pruned_dir"], "decode_step_params": env["decode_step_params"],
+        "ideal_ratio": ideal,
         "rows": rows, "pruned_over_dense": ratios, "ort_vs_eager": speedups, "token_agreement_vs_eager": agree,
         "exports": {m: {q: {k: manifests[m][q].get(k) for k in ("export_seconds", "trace_seconds", "quantize_seconds",
                                                                "size_bytes", "graph_bytes", "verification")}
@@ -208,6 +209,8 @@ def render(r: dict) -> str:
     lines = [
         "# ONNX Runtime speed: dense vs pruned SmolLM2-135M",
         "",
+        f"Pruned model: FLAP 20 % (`benchmarks/flap_model.py`, `{Path(r['pruned_model']).name}`).",
+        "",
         f"`python benchmarks/onnx_speed.py` - {s['threads']} threads, prompt {s['prompt_len']} tokens, "
         f"{s['new_tokens']} greedy tokens, {s['reps']} interleaved rounds, medians; "
         f"torch {s['torch']}, onnxruntime {s['onnxruntime']} (thread spinning off), {s['cpu_count']} CPUs "
@@ -219,7 +222,7 @@ def render(r: dict) -> str:
     for row in sorted(r["rows"], key=lambda x: (x["batch"], x["runtime"], x["model"])):
         lines.append(f"| {row['model']} | {row['runtime']} | {row['batch']} | {row['prefill_ms']:.1f} | "
                      f"{row['decode_tok_s']:.1f} |")
-    lines += ["", f"Ideal pruned/dense ratio (dense linear bytes / pruned linear bytes, incl. lm_head): "
+    lines += ["", f"Ideal pruned/dense ratio (weights read per decode step, dense / pruned, as in `compare`): "
               f"**{r['ideal_ratio']:.3f}**", "", "| runtime | batch | pruned/dense decode tok/s | of ideal |",
               "|---|---:|---:|---:|"]
     for x in r["pruned_over_dense"]:

@@ -2,8 +2,8 @@
 
     PYTHONPATH=. python benchmarks/vllm_offline.py [--work DIR] [--prompts 8] [--new-tokens 32]
 
-Builds a ~20 %-pruned, TP-2-aligned model (the fixed-mask stand-in of the tests, until the
-FLAP pruner lands), then runs vLLM offline (CPU backend, enforce_eager) three times:
+Prunes the bundled model 20 % with FLAP, aligned for tensor-parallel size 2
+(``benchmarks/flap_model.py``), then runs vLLM offline (CPU backend, enforce_eager) three times:
 
 * pruned, float32: greedy tokens and teacher-forced top-1 vs PyTorch float32, engine start;
 * pruned, bfloat16: the same vs PyTorch float32, plus a throughput run;
@@ -26,14 +26,14 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(REPO), str(REPO / "tests")]  # the fixed-mask stand-in pruner and PyTorch references
+sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]  # this checkout's packages, and flap_model
 
 from exporters.vllm.offline import run_offline_subprocess  # noqa: E402
 from flap_deploy.bundled import materialize  # noqa: E402
+from flap_deploy.evaluate import teacher_forced_top1  # noqa: E402
 from flap_deploy.models import load_model, load_tokenizer  # noqa: E402
-from vllm_helpers import prune_bundled_fixed, torch_top1  # noqa: E402
+from flap_model import WIKITEXT, flap_pruned_bundled  # noqa: E402
 
-WIKITEXT = REPO.parent / "shared" / "data" / "wikitext-2"
 RESULTS = REPO / "benchmarks" / "results"
 
 
@@ -76,16 +76,12 @@ def main() -> None:
     ap.add_argument("--throughput-tokens", type=int, default=64)
     ap.add_argument("--reuse", action="store_true", help="reuse vLLM results already in --work (same settings)")
     args = ap.parse_args()
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     work = args.work or Path(tempfile.mkdtemp(prefix="vllm-bench-"))
     work.mkdir(parents=True, exist_ok=True)
 
     dense_dir = materialize("smollm2-135m")
     tok = load_tokenizer(dense_dir)
-    pruned_dir = work / "smollm2-135m-flap20"
-    if not (pruned_dir / "config.json").is_file():
-        texts = [line for line in (WIKITEXT / "valid.txt").read_text().split("\n") if len(line) > 400][:8]
-        prune_bundled_fixed(dense_dir, pruned_dir, texts)
+    pruned_dir = flap_pruned_bundled(work, tp_size=2)
     prompts = wikitext_prompts(tok, args.prompts, args.prompt_len)
     pruned = load_model(pruned_dir, dtype=torch.float32)
     dense_params = sum(p.numel() for p in load_model(dense_dir).parameters())
@@ -109,11 +105,11 @@ def main() -> None:
 
     print("PyTorch float32 references", flush=True)
     greedy_ref = [cached_greedy(pruned, p, args.new_tokens) for p in prompts]
-    top1_ref = [torch_top1(pruned, p)[0] for p in prompts]
+    top1_ref = [teacher_forced_top1(pruned, p)[0] for p in prompts]
     # PyTorch itself in bfloat16, to tell bfloat16 rounding from vLLM kernel differences.
     pruned_bf16 = load_model(pruned_dir, dtype=torch.bfloat16)
     torch_bf16 = {"greedy": [cached_greedy(pruned_bf16, p, args.new_tokens) for p in prompts],
-                  "top1": [torch_top1(pruned_bf16, p)[0] for p in prompts]}
+                  "top1": [teacher_forced_top1(pruned_bf16, p)[0] for p in prompts]}
     results = {
         "machine": {"cpus": len(os.sched_getaffinity(0)), "platform": platform.platform(),
                     "torch": torch.__version__, "note": "vllm-cpu 0.32.0, enforce_eager, shared 2-core machine"},
@@ -142,8 +138,8 @@ def report(r: dict) -> str:
         "# vLLM offline: agreement with PyTorch, dense vs pruned throughput",
         "",
         f"SmolLM2-135M ({r['models']['dense_parameters']:,} parameters) and a ~20 %-pruned, TP-2-aligned variant "
-        f"({r['models']['pruned_parameters']:,}, {r['models']['pruned_ratio']:.1%} fewer; fixed-mask stand-in "
-        "pruner with bias compensation). vllm-cpu 0.32.0, CPU backend, enforce_eager, "
+        f"({r['models']['pruned_parameters']:,}, {r['models']['pruned_ratio']:.1%} fewer; FLAP 20 % with bias "
+        "compensation, `benchmarks/flap_model.py`). vllm-cpu 0.32.0, CPU backend, enforce_eager, "
         f"{r['machine']['cpus']} CPU cores shared with other jobs. Produced by `benchmarks/vllm_offline.py`.",
         "",
         f"## Agreement of the pruned model with PyTorch float32 (greedy, {r['settings']['prompts']} WikiText-2 "

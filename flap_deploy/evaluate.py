@@ -56,6 +56,12 @@ def _log_probs(model: torch.nn.Module, window: torch.Tensor) -> torch.Tensor:
     return F.log_softmax(logits, dim=-1)
 
 
+def teacher_forced_top1(model: torch.nn.Module, ids: list[int]) -> tuple[list[int], list[float]]:
+    """Argmax and its log-probability at every position of ``ids`` but the last (one forward)."""
+    best = _log_probs(model, torch.tensor([ids]))[0].max(dim=-1)
+    return best.indices.tolist(), best.values.tolist()
+
+
 @torch.no_grad()
 def evaluate(
     model: torch.nn.Module,

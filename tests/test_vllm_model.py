@@ -12,7 +12,8 @@ import torch
 
 from factories import tiny_heterogeneous
 from flap_deploy.checkpoint import save_checkpoint
-from vllm_helpers import needs_vllm, run_vllm_offline, torch_greedy, torch_top1
+from flap_deploy.evaluate import teacher_forced_top1
+from vllm_helpers import needs_vllm, run_vllm_offline, torch_greedy
 
 pytestmark = [needs_vllm, pytest.mark.slow, pytest.mark.vllm]
 
@@ -72,7 +73,7 @@ def test_greedy_tokens_identical(tiny_model, prompts, vllm_result):
 def test_teacher_forced_top1_and_logprobs(tiny_model, prompts, vllm_result):
     agree = total = 0
     for prompt, top1, logprob in zip(prompts, vllm_result["top1"], vllm_result["top1_logprob"]):
-        ref_top1, ref_logprob = torch_top1(tiny_model, prompt)
+        ref_top1, ref_logprob = teacher_forced_top1(tiny_model, prompt)
         assert len(top1) == len(ref_top1)
         agree += sum(a == b for a, b in zip(top1, ref_top1))
         total += len(ref_top1)
@@ -83,5 +84,5 @@ def test_teacher_forced_top1_and_logprobs(tiny_model, prompts, vllm_result):
 def test_tensor_parallel_2_matches_pytorch(tiny_model, prompts, vllm_tp2_result):
     assert vllm_tp2_result["greedy"] == [torch_greedy(tiny_model, p, MAX_TOKENS) for p in prompts]
     for prompt, logprob in zip(prompts, vllm_tp2_result["top1_logprob"]):
-        torch.testing.assert_close(torch.tensor(logprob), torch.tensor(torch_top1(tiny_model, prompt)[1]),
+        torch.testing.assert_close(torch.tensor(logprob), torch.tensor(teacher_forced_top1(tiny_model, prompt)[1]),
                                    atol=2e-4, rtol=1e-4)
