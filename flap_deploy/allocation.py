@@ -84,7 +84,6 @@ def attention_menu(layer: int, head_scores: torch.Tensor, geom: Geometry, align:
     """Options (k KV groups, h query heads per group); ``group`` granularity has h = group size only."""
     g, nkv = geom.group_size, geom.num_kv_heads
     s = head_scores.double().view(nkv, g)
-    unit_cost = geom.head_dim * geom.hidden_size
     options = [(0, 0, 0.0, None)]  # (kv, heads per group, value, mask)
     sizes = range(1, g + 1) if granularity == "head" else [g]
     for h in sizes:
@@ -110,7 +109,8 @@ def attention_menu(layer: int, head_scores: torch.Tensor, geom: Geometry, align:
         layer=layer, kind="attn",
         units=torch.tensor([o[0] * o[1] for o in options], dtype=torch.long),
         value=torch.tensor([o[2] for o in options], dtype=torch.float64),
-        cost=torch.tensor([o[0] * (2 * o[1] + 2) * unit_cost for o in options], dtype=torch.long),
+        cost=torch.tensor([layer_linear_params(geom.hidden_size, geom.head_dim, o[0] * o[1], o[0], 0) for o in options],
+                          dtype=torch.long),
         mask_of=lambda i: masks[i],
         kv=torch.tensor([o[0] for o in options], dtype=torch.long),
     )
@@ -135,7 +135,8 @@ def mlp_menu(layer: int, channel_scores: torch.Tensor, geom: Geometry, align: Al
         return mask
 
     return Menu(layer=layer, kind="mlp", units=widths, value=prefix[widths],
-                cost=widths * 3 * geom.hidden_size, mask_of=mask_of)
+                cost=torch.tensor([layer_linear_params(geom.hidden_size, geom.head_dim, 0, 0, int(w)) for w in widths],
+                                  dtype=torch.long), mask_of=mask_of)
 
 
 def fit_threshold(menus: list[Menu], target: float) -> list[int]:
