@@ -47,12 +47,38 @@ def default_backend() -> str:
 # ------------------------------------------------------------------------------ weight bytes
 
 
-def ideal_ratio(dense_dir: str | Path, pruned_dir: str | Path) -> dict[str, Any]:
-    """Dense ÷ pruned weight bytes per decode step (same runtime dtype, so a parameter ratio)."""
+def weights_per_step(model_dir: str | Path) -> int:
+    """Parameters read per decode step by MODEL_DIR: a checkpoint, or an ONNX export.
+
+    An export states the figure in its manifest; older exports are traced to their source
+    checkpoint when it is still there, unchanged.
+    """
     from flap_deploy.checkpoint import read_config
     from flap_deploy.params import decode_step_params
 
-    d, p = (decode_step_params(read_config(x)) for x in (dense_dir, pruned_dir))
+    path = Path(model_dir)
+    if (path / "config.json").is_file():
+        return decode_step_params(read_config(path))
+    from exporters.onnx import MANIFEST_NAME
+
+    if (path / MANIFEST_NAME).is_file():
+        from exporters.onnx.manifest import read_manifest, source_identity
+
+        manifest = read_manifest(path)
+        if "decode_step_params" in manifest:
+            return int(manifest["decode_step_params"])
+        source = manifest.get("source") or {}
+        src = Path(source.get("path", ""))
+        if (src / "config.json").is_file() and source_identity(src)["config_sha256"] == source.get("config_sha256"):
+            return decode_step_params(read_config(src))
+        raise FlapDeployError(f"{path}: the export does not state its size and its source checkpoint is gone; "
+                              "re-export it or pass the checkpoint")
+    raise FlapDeployError(f"{path}: neither a model checkpoint (config.json) nor an ONNX export ({MANIFEST_NAME})")
+
+
+def ideal_ratio(dense_dir: str | Path, pruned_dir: str | Path) -> dict[str, Any]:
+    """Dense ÷ pruned weight bytes per decode step (same runtime dtype, so a parameter ratio)."""
+    d, p = weights_per_step(dense_dir), weights_per_step(pruned_dir)
     return {"dense_decode_params": d, "pruned_decode_params": p, "ideal_ratio": d / p,
             "dense_decode_bytes_fp32": 4 * d, "pruned_decode_bytes_fp32": 4 * p}
 
@@ -146,6 +172,11 @@ def compare(dense: str, pruned: str, *, backend: str, out_dir: str | Path, concu
         raise FlapDeployError(f"--repeats must be at least 1, got {repeats}")
     check_output_dir(out_dir, overwrite)
     dirs = {"dense": resolve_model(dense), "pruned": resolve_model(pruned)}
+    if eval_text:
+        for name, path in dirs.items():
+            if not (path / "config.json").is_file():
+                raise FlapDeployError(f"--eval-text evaluates checkpoints with PyTorch; the {name} model {path} "
+                                      "is not one (pass the checkpoint it was exported from)")
     ideal = ideal_ratio(dirs["dense"], dirs["pruned"])
     serve_target = dict(dirs)
     if backend == "onnx":  # export once, before any server runs, so startups stay short

@@ -15,7 +15,7 @@ from flap_deploy.cli import main
 from flap_deploy.compress import LayerMask, compress
 from flap_deploy.checkpoint import read_config
 from flap_deploy.params import decode_step_params
-from serving.compare import ideal_ratio
+from serving.compare import ideal_ratio, weights_per_step
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +46,28 @@ def test_ideal_ratio_counts_weights_read_per_step(pair):
     assert decode_step_params(read_config(pruned_dir)) == _decode_params(pruned)
     r = ideal_ratio(dense_dir, pruned_dir)
     assert r["ideal_ratio"] == pytest.approx(_decode_params(dense) / _decode_params(pruned)) and r["ideal_ratio"] > 1
+
+
+def test_weights_per_step_of_an_onnx_export(pair, tmp_path):
+    """An ONNX export counts as its checkpoint: from its manifest, else from its source while unchanged."""
+    from exporters.onnx import MANIFEST_NAME, export_onnx
+
+    from flap_deploy.errors import FlapDeployError
+
+    _, pruned_dir, _, pruned = pair
+    src = tmp_path / "ckpt"
+    save_checkpoint(pruned, src, tokenizer_from=pruned_dir)
+    export = export_onnx(src, tmp_path / "onnx", progress=False)
+    assert weights_per_step(export) == _decode_params(pruned)
+    manifest = json.loads((export / MANIFEST_NAME).read_text())
+    del manifest["decode_step_params"]  # an export from before the manifest stated it
+    (export / MANIFEST_NAME).write_text(json.dumps(manifest))
+    assert weights_per_step(export) == _decode_params(pruned)
+    (src / "config.json").unlink()
+    with pytest.raises(FlapDeployError, match="source checkpoint is gone"):
+        weights_per_step(export)
+    with pytest.raises(FlapDeployError, match="neither a model checkpoint"):
+        weights_per_step(tmp_path)
 
 
 @pytest.mark.slow

@@ -46,6 +46,7 @@ def build_manifest(*, config: Any, layers: list[CacheLayer], opset: int, dtype: 
                    external_data: bool, tokenizer: bool) -> dict[str, Any]:
     """The manifest of a fresh export (verification figures are added by the exporter)."""
     from flap_deploy import __version__
+    from flap_deploy.params import decode_step_params
 
     eos = config.eos_token_id
     return {
@@ -71,6 +72,8 @@ def build_manifest(*, config: Any, layers: list[CacheLayer], opset: int, dtype: 
         "max_position_embeddings": config.max_position_embeddings,
         "tokenizer": tokenizer,
         "source": source,
+        # weights read per decode step, so that `compare` can take an export without its checkpoint
+        "decode_step_params": decode_step_params(config.to_dict()),
         "flap": config.flap,
         "verification": {},
         "flap_deploy_version": __version__,
