@@ -213,8 +213,7 @@ def render(r: dict) -> str:
         "",
         f"`python benchmarks/onnx_speed.py` - {s['threads']} threads, prompt {s['prompt_len']} tokens, "
         f"{s['new_tokens']} greedy tokens, {s['reps']} interleaved rounds, medians; "
-        f"torch {s['torch']}, onnxruntime {s['onnxruntime']} (thread spinning off), {s['cpu_count']} CPUs "
-        "(shared with other jobs, so absolute figures are noisy).",
+        f"torch {s['torch']}, onnxruntime {s['onnxruntime']} (thread spinning off), {s['cpu_count']} CPUs.",
         "",
         "| model | runtime | batch | prefill ms | decode tok/s |",
         "|---|---|---:|---:|---:|",

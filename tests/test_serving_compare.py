@@ -84,6 +84,7 @@ def test_compare_onnx_end_to_end(pair, tmp_path, servers, starts):
     assert {p.name for p in out.iterdir()} == {"report.json", "report.md", "throughput.png", "latency.png"}
     report = json.loads((out / "report.json").read_text())
     assert [x["model"] for x in report["runs"]] == ["dense", "pruned", "pruned", "dense"]  # interleaved
+    assert all([x["max_concurrency"] for x in run["rows"]] == [1, 4] for run in report["runs"])
     # auto on onnx: both servers up once for every repeat; in-turn: a fresh server per model and repeat
     assert report["workload"]["servers"] == ("together" if servers == "auto" else servers)
     assert {k: len(v) for k, v in report["server_start_s"].items()} == {"dense": starts, "pruned": starts}
