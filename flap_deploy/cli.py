@@ -262,7 +262,7 @@ def _int_list(text: str | None) -> list[int | None]:
               help="Comma-separated max concurrency levels, one run each (e.g. 1,4,16); default: unbounded.")
 @click.option("--request-rate", default=float("inf"), type=float,
               help="Poisson arrival rate in requests/s (default inf: all at once).")
-@click.option("--warmup", default=1, show_default=True, type=int, help="Sequential warm-up requests per run.")
+@click.option("--warmup", default=1, show_default=True, type=int, help="Warm-up requests per run, sent at once under the run's concurrency bound (as vllm bench serve).")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of prompts and arrival times.")
 @click.option("--temperature", default=0.0, show_default=True, type=float, help="Sampling temperature sent.")
 @click.option("--percentiles", default="50,90,99", show_default=True, help="Latency percentiles to report.")
@@ -335,7 +335,8 @@ def bench(base_url: str, model: str | None, tokenizer: str | None, endpoint: str
                    "accelerators where two engines do not fit. auto: together for onnx and vllm-cpu, else in-turn.")
 @click.option("--prompts", default="self", show_default=True, help="'self' or a text FILE (see bench).")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the prompts.")
-@click.option("--warmup", default=2, show_default=True, type=int, help="Warm-up requests per server and level.")
+@click.option("--warmup", default=2, show_default=True, type=int, help="Warm-up requests per server and level; at least the level's concurrency, so the full batch "
+                   "has run once (0: none).")
 @click.option("--max-num-seqs", default=8, show_default=True, type=int, help="Server batch bound (both models).")
 @click.option("--max-model-len", default=None, type=int, help="Server context length (both models).")
 @click.option("--threads", default=None, type=int, help="onnx: ONNX Runtime threads.")

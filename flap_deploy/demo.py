@@ -78,7 +78,7 @@ def run_demo(out: str | os.PathLike = "demo-out", *, quick: bool = False, backen
     pruned_served = vllm_dir if backend == "vllm" else onnx_dir
     report = compare(str(dense_dir), str(pruned_served), backend=backend, out_dir=out / "compare",
                      concurrency=(1, 4, 16), num_prompts=16, input_len=128,
-                     output_len=32 if quick else 64, repeats=1 if quick else 3, warmup=1 if quick else 2,
+                     output_len=32 if quick else 64, repeats=1 if quick else 2, warmup=1 if quick else 2,
                      max_num_seqs=16, max_model_len=512, overwrite=True)
     times["compare_s"] = time.perf_counter() - t
     times["total_s"] = time.perf_counter() - start

@@ -173,19 +173,23 @@ async def _run(url: str, model: str, requests: Sequence[BenchRequest], *, chat: 
     timeout = aiohttp.ClientTimeout(total=timeout_s)
     kw = dict(chat=chat, api_key=api_key, ignore_eos=ignore_eos, temperature=temperature, extra_body=extra_body)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout, trust_env=False) as session:
-        for i in range(warmup):
-            r = await send_request(session, url, model, requests[i % len(requests)], **kw)
-            if not r.success:
-                raise FlapDeployError(f"warm-up request failed: {r.error}")
         sem = asyncio.Semaphore(concurrency) if concurrency else None
+
+        async def send(req: BenchRequest) -> RequestResult:
+            if sem is None:
+                return await send_request(session, url, model, req, **kw)
+            async with sem:
+                return await send_request(session, url, model, req, **kw)
+
+        # as in `vllm bench serve`: warm-up requests go out at once, under the run's concurrency bound
+        warm = await asyncio.gather(*(send(requests[i % len(requests)]) for i in range(warmup)))
+        failed = next((r for r in warm if not r.success), None)
+        if failed is not None:
+            raise FlapDeployError(f"warm-up request failed: {failed.error}")
         bar = tqdm(total=len(requests), desc=f"bench c={concurrency or 'inf'} rate={request_rate}", disable=not progress)
 
         async def one(req: BenchRequest) -> RequestResult:
-            if sem is None:
-                r = await send_request(session, url, model, req, **kw)
-            else:
-                async with sem:
-                    r = await send_request(session, url, model, req, **kw)
+            r = await send(req)
             bar.update()
             return r
 

