@@ -262,7 +262,8 @@ def _int_list(text: str | None) -> list[int | None]:
               help="Comma-separated max concurrency levels, one run each (e.g. 1,4,16); default: unbounded.")
 @click.option("--request-rate", default=float("inf"), type=float,
               help="Poisson arrival rate in requests/s (default inf: all at once).")
-@click.option("--warmup", default=1, show_default=True, type=int, help="Warm-up requests per run, sent at once under the run's concurrency bound (as vllm bench serve).")
+@click.option("--warmup", default=1, show_default=True, type=int,
+              help="Warm-up requests per run, sent at once under the run's concurrency bound (as vllm bench serve).")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of prompts and arrival times.")
 @click.option("--temperature", default=0.0, show_default=True, type=float, help="Sampling temperature sent.")
 @click.option("--percentiles", default="50,90,99", show_default=True, help="Latency percentiles to report.")
@@ -335,7 +336,8 @@ def bench(base_url: str, model: str | None, tokenizer: str | None, endpoint: str
                    "accelerators where two engines do not fit. auto: together for onnx and vllm-cpu, else in-turn.")
 @click.option("--prompts", default="self", show_default=True, help="'self' or a text FILE (see bench).")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the prompts.")
-@click.option("--warmup", default=2, show_default=True, type=int, help="Warm-up requests per server and level; at least the level's concurrency, so the full batch "
+@click.option("--warmup", default=2, show_default=True, type=int,
+              help="Warm-up requests per server and level; at least the level's concurrency, so the full batch "
                    "has run once (0: none).")
 @click.option("--max-num-seqs", default=8, show_default=True, type=int, help="Server batch bound (both models).")
 @click.option("--max-model-len", default=None, type=int, help="Server context length (both models).")
@@ -348,8 +350,8 @@ def bench(base_url: str, model: str | None, tokenizer: str | None, endpoint: str
 def compare(dense: str | None, pruned: str | None, backend: str | None, synthetic: str | None, ratio: float,
             tp_size: int, vllm_args: tuple[str, ...], out_dir: str, concurrency: str, num_prompts: int,
             input_len: int, output_len: int, repeats: int, servers: str, prompts: str, seed: int, warmup: int,
-            max_num_seqs: int, max_model_len: int | None, threads: int | None, eval_text: str | None, eval_max_tokens: int,
-            overwrite: bool, as_json: bool) -> None:
+            max_num_seqs: int, max_model_len: int | None, threads: int | None, eval_text: str | None,
+            eval_max_tokens: int, overwrite: bool, as_json: bool) -> None:
     """Serve DENSE and PRUNED on the same settings, run the same workload on each, report measured vs ideal."""
     from serving.compare import compare as run_compare, default_backend
 
