@@ -122,7 +122,7 @@ def resolve_server_mode(mode: str, backend: str) -> str:
 
 
 @contextlib.contextmanager
-def launched_servers(models: dict[str, str], backend: str, *, max_num_seqs: int = 8,
+def launched_servers(models: dict[str, str | Path], backend: str, *, max_num_seqs: int = 8,
                      vllm_args: Sequence[str] = (), max_model_len: int | None = None, threads: int | None = None,
                      startup_timeout: float = 900.0, log_dir: Path | None = None) -> Iterator[dict[str, Any]]:
     """Start `flap-deploy serve MODEL --backend B` for every NAME -> MODEL on 127.0.0.1, one after the other.
@@ -235,7 +235,7 @@ def compare(dense: str, pruned: str, *, backend: str, out_dir: str | Path, concu
         rows[rep, name] += summary_rows(result)  # per-request timings stay out of the report
 
     if servers == "together":
-        with launched_servers({k: str(v) for k, v in serve_target.items()}, backend, **settings) as live:
+        with launched_servers(serve_target, backend, **settings) as live:
             for name, server in live.items():
                 start_s[name].append(server["start_s"])
             # all repeats of one level back to back: the runs a ratio pairs are seconds apart, not minutes
@@ -244,7 +244,7 @@ def compare(dense: str, pruned: str, *, backend: str, out_dir: str | Path, concu
                     measure(rep, name, live[name]["url"], level)
     else:
         for rep, name in schedule:
-            with launched_servers({name: str(serve_target[name])}, backend, **settings) as live:
+            with launched_servers({name: serve_target[name]}, backend, **settings) as live:
                 start_s[name].append(live[name]["start_s"])
                 for level in concurrency:
                     measure(rep, name, live[name]["url"], level)
