@@ -32,7 +32,7 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow"
 
 demo: $(STAMP)
-	$(PY) -m flap_deploy.demo
+	$(PY) -m flap_deploy_cli.demo
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -33,7 +33,7 @@ fi
 "$PY" -c "from flap_deploy.bundled import materialize; print(materialize('smollm2-135m'))"
 
 export VLLM_LOGGING_LEVEL=WARNING
-timeout 420 "$PY" -m flap_deploy.cli compare --synthetic "$SHAPE" --ratio "$RATIO" --backend vllm \
+timeout 420 "$PY" -m flap_deploy_cli compare --synthetic "$SHAPE" --ratio "$RATIO" --backend vllm \
   --concurrency 1,8,32 --num-prompts 64 --input-len 512 --output-len 128 --repeats 1 --warmup 4 \
   --vllm-dtype bfloat16 --max-model-len 2048 --max-num-seqs 64 --out "$OUT" --overwrite \
   --vllm-arg=--gpu-memory-utilization=0.85

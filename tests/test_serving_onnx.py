@@ -128,7 +128,7 @@ def test_serve_cli_subprocess(onnx_dir, tmp_path):
     repo = Path(__file__).resolve().parent.parent
     port = free_port()
     env = dict(os.environ, PYTHONPATH=f"{repo}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-    proc = subprocess.Popen([sys.executable, "-m", "flap_deploy.cli", "serve", str(onnx_dir), "--backend", "onnx",
+    proc = subprocess.Popen([sys.executable, "-m", "flap_deploy_cli", "serve", str(onnx_dir), "--backend", "onnx",
                              "--port", str(port), "--api-key", "k1", "--max-num-seqs", "2", "--max-model-len", "64",
                              "--threads", "1"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -162,7 +162,7 @@ def test_serve_cli_subprocess(onnx_dir, tmp_path):
 def test_serve_cli_user_errors(tmp_path):
     from click.testing import CliRunner
 
-    from flap_deploy.cli import main
+    from flap_deploy_cli import main
 
     r = CliRunner().invoke(main, ["serve", str(tmp_path / "nope"), "--backend", "onnx"])
     assert r.exit_code == 2 and "not found" in r.output

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 from factories import tiny_heterogeneous
 from flap_deploy.checkpoint import save_checkpoint
-from flap_deploy.cli import main
+from flap_deploy_cli import main
 from vllm_helpers import REPO, needs_vllm, vllm_env
 
 
@@ -65,7 +65,7 @@ def test_serve_pruned_bundled_with_openai_client(flap20_dir, tmp_path):
 
     model = flap20_dir
     port = _free_port()
-    cmd = [sys.executable, "-m", "flap_deploy.cli", "serve", str(model), "--backend", "vllm", "--port", str(port),
+    cmd = [sys.executable, "-m", "flap_deploy_cli", "serve", str(model), "--backend", "vllm", "--port", str(port),
            "--api-key", "secret", "--", "--max-model-len", "512", "--enforce-eager"]
     proc = subprocess.Popen(cmd, cwd=REPO, env=vllm_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     log: list[str] = []

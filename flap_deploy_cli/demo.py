@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import click
+
+from serving.backends import BACKENDS
+
+from .common import FlapCommand
 
 BUNDLED = "smollm2-135m"
 
@@ -30,14 +33,15 @@ def run_demo(out: str | os.PathLike = "demo-out", *, quick: bool = False, backen
 
     from exporters.onnx import export_onnx
     from exporters.vllm.export import export_vllm
-    from serving.compare import compare, default_backend
+    from serving.backends import default_backend
+    from serving.compare import compare
     from serving.compare_report import format_markdown
 
-    from .bundled import materialize
-    from .calibration import self_generated
-    from .evaluate import evaluate_windows
-    from .models import load_model, load_tokenizer
-    from .pruning import PruneConfig, prune
+    from flap_deploy.bundled import materialize
+    from flap_deploy.calibration import self_generated
+    from flap_deploy.evaluate import evaluate_windows
+    from flap_deploy.models import load_model, load_tokenizer
+    from flap_deploy.pruning import PruneConfig, prune
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -102,23 +106,17 @@ def run_demo(out: str | os.PathLike = "demo-out", *, quick: bool = False, backen
     return summary
 
 
-@click.command()
+@click.command(cls=FlapCommand)
 @click.option("--out", default="demo-out", show_default=True, type=click.Path(path_type=Path),
               help="Working directory of the demo (replaced).")
 @click.option("--quick/--full", default=None, help="Smaller workload [default: quick when CI=true].")
-@click.option("--backend", type=click.Choice(["vllm", "onnx"]), default=None,
+@click.option("--backend", type=click.Choice(BACKENDS), default=None,
               help="Serving backend for compare [default: vllm when installed, else onnx].")
 def main(out: Path, quick: bool | None, backend: str | None) -> None:
     """The end-to-end demo on the bundled model (what `make demo` runs)."""
-    from .cli import USER_ERRORS
-
     if quick is None:
         quick = os.environ.get("CI", "").lower() in ("1", "true", "yes")
-    try:
-        run_demo(out, quick=quick, backend=backend)
-    except USER_ERRORS as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(2)
+    run_demo(out, quick=quick, backend=backend)
 
 
 if __name__ == "__main__":

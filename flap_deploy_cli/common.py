@@ -1,0 +1,77 @@
+"""What every command shares: one-line user errors, flow-ordered groups, one JSON printer, common flags."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import click
+
+# Error classes are looked up in sys.modules rather than imported: a class that was never
+# loaded cannot have been raised, and importing the library here would cost every --help.
+USER_ERROR_CLASSES = (("flap_deploy.errors", "FlapDeployError"), ("flap_deploy.modeling_flap_llama", "FlapConfigError"))
+
+
+def user_error_message(error: BaseException, command: click.Command) -> str | None:
+    """The one-line message of a user error (None for a bug), with a library parameter named by its flag."""
+    classes = tuple(getattr(sys.modules[m], name) for m, name in USER_ERROR_CLASSES if m in sys.modules)
+    if not isinstance(error, classes):
+        return None
+    message = str(error)
+    param = getattr(error, "param", None)
+    for option in command.params:
+        if param and option.name == param and isinstance(option, click.Option):
+            return f"{option.opts[0]} {message.removeprefix(param + ' ')}"
+    return message
+
+
+class FlapCommand(click.Command):
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except Exception as e:
+            message = user_error_message(e, self)
+            if message is None:
+                raise
+            click.echo(f"error: {message}", err=True)
+            sys.exit(2)
+
+
+class FlapGroup(click.Group):
+    """Lists its commands in the order they were added (the flow), not alphabetically."""
+
+    command_class = FlapCommand
+    group_class = type  # subgroups are FlapGroups too
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(self.commands)
+
+
+def echo_json(data: Any, *, one_line: bool = False) -> None:
+    """The only way a command prints JSON (stdout then carries nothing else)."""
+    click.echo(json.dumps(data, indent=None if one_line else 2, default=str))
+
+
+json_option = click.option("--json", "as_json", is_flag=True,
+                           help="Print the result as JSON on stdout (messages and progress go to stderr).")
+overwrite_option = click.option("--overwrite", is_flag=True, help="Replace the output directory if it exists.")
+
+
+def int_list(text: str | None, flag: str) -> list[int | None]:
+    """Comma-separated levels; 0 or 'inf' mean unbounded (None)."""
+    if not text:
+        return [None]
+    try:
+        return [None if v.strip() in ("inf", "0") else int(v) for v in text.split(",")]
+    except ValueError:
+        raise CliError(f"{flag} {text!r}: expected comma-separated integers, e.g. 1,4,16") from None
+
+
+class CliError(click.ClickException):
+    """A flag combination the command refuses, printed like every user error: one line, exit 2."""
+
+    exit_code = 2
+
+    def show(self, file=None) -> None:
+        click.echo(f"error: {self.format_message()}", err=True)

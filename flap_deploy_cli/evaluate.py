@@ -1,0 +1,67 @@
+"""`flap-deploy info` and `flap-deploy eval`: what a checkpoint is, and how good it is."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from .common import FlapCommand, echo_json, json_option
+
+
+@click.command(cls=FlapCommand)
+@click.argument("model")
+@click.option("--plot", type=click.Path(path_type=Path), default=None,
+              help="Where to write the widths PNG [default: MODEL_DIR/flap_widths.png].")
+@click.option("--no-plot", is_flag=True, help="Do not write the PNG.")
+@json_option
+def info(model: str, plot: Path | None, no_plot: bool, as_json: bool) -> None:
+    """Per-layer widths, parameter counts and provenance of a checkpoint, and a widths plot."""
+    from flap_deploy.info import checkpoint_report, format_report, plot_widths
+    from flap_deploy.models import resolve_model
+
+    path = resolve_model(model)
+    report = checkpoint_report(path)
+    if not no_plot:
+        report["plot"] = str(plot_widths(report, plot or path / "flap_widths.png"))
+    if as_json:
+        echo_json(report)
+        return
+    click.echo(format_report(report))
+    if not no_plot:
+        click.echo(f"\nplot: {report['plot']}")
+
+
+@click.command("eval", cls=FlapCommand)
+@click.argument("model")
+@click.option("--text", "text_path", required=True, type=click.Path(path_type=Path),
+              help="Text file or directory of .txt files to evaluate on (WikiText is detokenized).")
+@click.option("--seqlen", default=512, show_default=True, help="Tokens per evaluation window.")
+@click.option("--max-tokens", type=int, default=None, help="Use only the first N tokens of the text.")
+@click.option("--compare", "reference", default=None,
+              help="Dense (reference) MODEL: also report mean KL(reference||model) and top-1 agreement.")
+@click.option("--batch-size", default=1, show_default=True, help="Windows per forward pass.")
+@json_option
+def eval_command(model: str, text_path: Path, seqlen: int, max_tokens: int | None, reference: str | None,
+                 batch_size: int, as_json: bool) -> None:
+    """Perplexity of MODEL on a text, optionally against a dense reference model."""
+    import torch
+
+    from flap_deploy.evaluate import evaluate
+    from flap_deploy.models import load_model, load_tokenizer
+    from flap_deploy.text import load_text
+
+    text = load_text(text_path)
+    tokenizer = load_tokenizer(model)
+    result = evaluate(load_model(model, dtype=torch.float32), tokenizer, text, seqlen=seqlen,
+                      max_tokens=max_tokens, batch_size=batch_size,
+                      reference=load_model(reference, dtype=torch.float32) if reference else None,
+                      progress=not as_json)
+    if as_json:
+        echo_json({"model": model, "reference": reference, "text": str(text_path), **result.to_dict()})
+        return
+    click.echo(f"perplexity {result.perplexity:.3f} over {result.tokens} tokens ({result.windows} x {seqlen})")
+    if reference:
+        click.echo(f"reference perplexity {result.reference_perplexity:.3f}")
+        click.echo(f"mean KL(reference||model) {result.kl:.4f} nats/token")
+        click.echo(f"top-1 agreement {100 * result.top1_agreement:.2f} %")

@@ -1,0 +1,82 @@
+"""`flap-deploy export onnx|vllm`: a checkpoint made ready for a runtime."""
+
+from __future__ import annotations
+
+import click
+
+from .common import FlapCommand, FlapGroup, echo_json, json_option, overwrite_option
+
+ONNX_DTYPES = ("fp32", "fp16")
+ONNX_OPSETS = ("20", "23")
+VLLM_DTYPES = ("bfloat16", "float16", "float32")
+
+
+@click.group(cls=FlapGroup)
+def export() -> None:
+    """Export a checkpoint for a runtime (ONNX Runtime, vLLM)."""
+
+
+@export.command("onnx", cls=FlapCommand)
+@click.argument("model")
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--opset", type=click.Choice(ONNX_OPSETS), default="20", show_default=True,
+              help="ONNX opset; 23 adds fused RMSNormalization (needs onnxruntime >= 1.22).")
+@click.option("--dtype", type=click.Choice(ONNX_DTYPES), default="fp32", show_default=True,
+              help="Weight and KV-cache dtype of the graph.")
+@click.option("--quantize", type=click.Choice(["int8"]), default=None,
+              help="After export, store MatMul weights as blockwise int8 (MatMulNBits).")
+@click.option("--verify/--no-verify", default=True, show_default=True,
+              help="Compare with PyTorch on fixed prompts (prefill + 8 decode steps, batch 2, left padding); "
+                   "fail if float logits are off.")
+@overwrite_option
+@click.option("--threads", type=int, default=None, help="ONNX Runtime threads for verification.")
+@json_option
+def export_onnx(model: str, out: str, opset: str, dtype: str, quantize: str | None, verify: bool, overwrite: bool,
+                threads: int | None, as_json: bool) -> None:
+    """Export MODEL (pruned or dense checkpoint, or `smollm2-135m`) to an ONNX Runtime directory OUT.
+
+    OUT holds model.onnx (KV-cache decoder, contract I/O), the tokenizer files and flap_onnx.json
+    (per-layer KV heads, source identity, verification figures).
+    """
+    from exporters.onnx.export import export_onnx as run_export
+    from exporters.onnx.manifest import read_manifest
+
+    path = run_export(model, out, opset=int(opset), dtype=dtype, quantize=quantize, verify=verify,
+                      overwrite=overwrite, threads=threads, progress=not as_json)
+    manifest = read_manifest(path)
+    if as_json:
+        echo_json(manifest)
+        return
+    click.echo(f"wrote {path} ({manifest['size_bytes'] / 1e6:.1f} MB, {manifest['export_seconds']:.0f} s, "
+               f"opset {manifest['opset']}, {manifest['dtype']}{', int8' if manifest['quantize'] else ''})")
+    for label, v in manifest["verification"].items():
+        click.echo(f"  verify {label}: max |dlogit| {v['max_abs_logit_diff']:.3g} "
+                   f"({v['relative_logit_diff']:.2g} of range), greedy agreement {v['greedy_matches']}/{v['greedy_total']}")
+
+
+@export.command("vllm", cls=FlapCommand)
+@click.argument("model")
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--dtype", type=click.Choice(VLLM_DTYPES), default="bfloat16", show_default=True,
+              help="Weight dtype of the exported checkpoint.")
+@click.option("--tp-size", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Tensor-parallel size to check the per-layer widths against (heads, KV heads, MLP widths).")
+@overwrite_option
+@json_option
+def export_vllm(model: str, out: str, dtype: str, tp_size: int, overwrite: bool, as_json: bool) -> None:
+    """Write MODEL as a ready-to-serve vLLM directory OUT.
+
+    MODEL is a pruned checkpoint, a per-layer-width Llama/Mistral/Qwen2/Qwen3 checkpoint of
+    another pruner (widths in config keys like layer_inter_size / layer_head_num, or only in
+    the tensor shapes; converted to the flap_llama format), or `smollm2-135m`. The widths are
+    checked against vLLM's rules for --tp-size before anything is written.
+    """
+    from exporters.vllm.export import export_vllm as run_export
+
+    summary = run_export(model, out, dtype=dtype, tp_size=tp_size, overwrite=overwrite)
+    if as_json:
+        echo_json(summary)
+        return
+    click.echo(f"wrote {summary['output']} ({summary['origin']}, {dtype}, {summary['parameters']:,} parameters, "
+               f"checked for --tp-size {tp_size}); serve it with: flap-deploy serve {summary['output']} "
+               f"--backend vllm --tp-size {tp_size}")

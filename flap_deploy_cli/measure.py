@@ -1,0 +1,142 @@
+"""`flap-deploy bench` and `flap-deploy compare`: how fast an endpoint is, and dense vs pruned."""
+
+from __future__ import annotations
+
+import click
+
+from serving.backends import BACKENDS, SERVER_MODES
+
+from .common import CliError, FlapCommand, echo_json, int_list, json_option, overwrite_option
+
+
+@click.command(cls=FlapCommand)
+@click.option("--base-url", default="http://127.0.0.1:8000/v1", show_default=True,
+              help="The OpenAI-compatible endpoint (ours, vLLM's, anyone's).")
+@click.option("--model", default=None, help="Model id to request (default: the first of /v1/models).")
+@click.option("--tokenizer", default=None,
+              help="Tokenizer (directory or bundled name) for prompts and counting; default: the model root the "
+                   "server reports, when it is a local directory.")
+@click.option("--endpoint", type=click.Choice(["completions", "chat"]), default="completions", show_default=True,
+              help="completions sends token-id prompts (exact input lengths); chat sends the decoded text.")
+@click.option("--prompts", default="self", show_default=True,
+              help="'self' (seeded random tokens) or a text FILE (seeded windows of its tokens).")
+@click.option("--num-prompts", default=64, show_default=True, type=int, help="Requests per run.")
+@click.option("--input-len", default=128, show_default=True, type=int, help="Prompt tokens per request.")
+@click.option("--output-len", default=64, show_default=True, type=int, help="max_tokens per request.")
+@click.option("--ignore-eos/--no-ignore-eos", default=True, show_default=True,
+              help="Ask the server to generate exactly --output-len tokens.")
+@click.option("--concurrency", default=None,
+              help="Comma-separated max concurrency levels, one run each (e.g. 1,4,16); default: unbounded.")
+@click.option("--request-rate", default=float("inf"), type=float,
+              help="Poisson arrival rate in requests/s (default inf: all at once).")
+@click.option("--warmup", default=1, show_default=True, type=int,
+              help="Warm-up requests per run, sent at once under the run's concurrency bound (as vllm bench serve).")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of prompts and arrival times.")
+@click.option("--temperature", default=0.0, show_default=True, type=float, help="Sampling temperature sent.")
+@click.option("--percentiles", default="50,90,99", show_default=True, help="Latency percentiles to report.")
+@click.option("--api-key", default=None, envvar="OPENAI_API_KEY", help="Bearer key (env OPENAI_API_KEY).")
+@click.option("--timeout", default=600.0, show_default=True, type=float, help="Seconds per request at most.")
+@click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False),
+              help="Write bench.json, bench.md and bench.png here.")
+@overwrite_option
+@json_option
+def bench(base_url: str, model: str | None, tokenizer: str | None, endpoint: str, prompts: str, num_prompts: int,
+          input_len: int, output_len: int, ignore_eos: bool, concurrency: str | None, request_rate: float,
+          warmup: int, seed: int, temperature: float, percentiles: str, api_key: str | None, timeout: float,
+          out_dir: str | None, overwrite: bool, as_json: bool) -> None:
+    """Load-test an OpenAI-compatible endpoint: throughput, TTFT, TPOT, ITL, end-to-end latency."""
+    from serving.bench import build_requests, run_bench, server_tokenizer
+    from serving.bench_report import format_console, summary_rows, write_report
+
+    if out_dir:
+        from flap_deploy.atomic import check_output_dir
+
+        check_output_dir(out_dir, overwrite)
+    try:
+        pcts = [float(p) for p in percentiles.split(",")]
+    except ValueError:
+        raise CliError(f"--percentiles {percentiles!r}: expected numbers like 50,90,99") from None
+    if request_rate <= 0:
+        raise CliError(f"--request-rate must be positive, got {request_rate}")
+    levels = int_list(concurrency, "--concurrency")
+    tok, model = server_tokenizer(base_url, tokenizer, model, api_key)
+    chat = endpoint == "chat"
+    reqs = build_requests(tok, prompts, num_prompts, input_len, output_len, seed=seed, chat=chat)
+    result = run_bench(base_url, reqs, model=model, concurrency=levels, request_rate=request_rate,
+                       chat=chat, api_key=api_key, seed=seed, ignore_eos=ignore_eos, temperature=temperature,
+                       warmup=warmup, timeout_s=timeout, tokenizer=tok, percentiles=pcts, progress=not as_json)
+    if out_dir:
+        write_report(result, out_dir, overwrite)
+    if as_json:
+        echo_json(summary_rows(result))
+        return
+    click.echo(format_console(result))
+    if out_dir:
+        click.echo(f"wrote {out_dir}/bench.json, bench.md, bench.png")
+
+
+@click.command(cls=FlapCommand)
+@click.argument("dense", required=False)
+@click.argument("pruned", required=False)
+@click.option("--backend", type=click.Choice(BACKENDS), default=None,
+              help="Server runtime for both models: vllm when vLLM is installed, else onnx.")
+@click.option("--synthetic", default=None,
+              help="Instead of DENSE and PRUNED: a dense and a FLAP-shaped pruned checkpoint of this architecture's "
+                   "shapes with random weights (vllm --load-format dummy): llama2-7b, llama2-13b, llama3-8b, "
+                   "mistral-7b, qwen2.5-7b, smollm2-135m.")
+@click.option("--ratio", default=0.2, show_default=True, type=float,
+              help="--synthetic: fraction of decoder linear weights the pruned shapes remove.")
+@click.option("--tp-size", default=1, show_default=True, type=click.IntRange(min=1),
+              help="--synthetic: align the pruned widths to this tensor-parallel size.")
+@click.option("--vllm-arg", "vllm_args", multiple=True,
+              help="Extra argument for both vLLM servers (repeatable), e.g. --vllm-arg=--enforce-eager.")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Directory for report.json, report.md, throughput.png, latency.png.")
+@click.option("--concurrency", default="1,4,8", show_default=True, help="Comma-separated max concurrency levels.")
+@click.option("--num-prompts", default=32, show_default=True, type=int, help="Requests per level.")
+@click.option("--input-len", default=128, show_default=True, type=int, help="Prompt tokens per request.")
+@click.option("--output-len", default=64, show_default=True, type=int, help="Output tokens per request (ignore_eos).")
+@click.option("--repeats", default=2, show_default=True, type=int,
+              help="Interleaved repeats (dense, pruned, pruned, dense, ...); medians are reported.")
+@click.option("--servers", type=click.Choice(SERVER_MODES), default="auto", show_default=True,
+              help="together: start both servers first and keep them up for every repeat (one is under load "
+                   "at a time; saves a start per repeat); in-turn: a fresh server per model and repeat, for "
+                   "accelerators where two engines do not fit. auto: together for onnx and vllm-cpu, else in-turn.")
+@click.option("--prompts", default="self", show_default=True, help="'self' or a text FILE (see bench).")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the prompts.")
+@click.option("--warmup", default=2, show_default=True, type=int,
+              help="Warm-up requests per server and level; at least the level's concurrency, so the full batch "
+                   "has run once (0: none).")
+@click.option("--max-num-seqs", default=8, show_default=True, type=int, help="Server batch bound (both models).")
+@click.option("--max-model-len", default=None, type=int, help="Server context length (both models).")
+@click.option("--threads", default=None, type=int, help="onnx: ONNX Runtime threads.")
+@click.option("--eval-text", default=None, type=click.Path(exists=True),
+              help="Also report perplexity, KL and top-1 agreement on this text.")
+@click.option("--eval-max-tokens", default=16384, show_default=True, type=int, help="Tokens of --eval-text to use.")
+@overwrite_option
+@json_option
+def compare(dense: str | None, pruned: str | None, synthetic: str | None, ratio: float, tp_size: int,
+            concurrency: str, as_json: bool, **settings) -> None:
+    """Serve DENSE and PRUNED on the same settings, run the same workload on each, report measured vs ideal."""
+    from serving.compare import compare as run_compare, compare_synthetic
+
+    levels = [c for c in int_list(concurrency, "--concurrency") if c is not None]
+    if not levels:
+        raise CliError(f"--concurrency {concurrency!r}: give at least one positive level")
+    if synthetic:
+        if dense or pruned:
+            raise CliError("--synthetic builds its own DENSE and PRUNED: give neither")
+        report = compare_synthetic(synthetic, ratio=ratio, tp_size=tp_size, concurrency=levels,
+                                   progress=not as_json, **settings)
+    elif dense and pruned:
+        report = run_compare(dense, pruned, concurrency=levels, progress=not as_json, **settings)
+    else:
+        raise CliError("compare needs DENSE and PRUNED (or --synthetic NAME)")
+    if as_json:
+        echo_json({"weights": report["weights"], "ratios": report["ratios"], "quality": report["quality"]})
+        return
+    click.echo(f"ideal ratio (weight bytes per decode step): {report['weights']['ideal_ratio']:.3f}")
+    for r in report["ratios"]:
+        click.echo(f"concurrency {r['max_concurrency']}: output throughput x{r['output_throughput_ratio']:.3f}, "
+                   f"TPOT x{r['tpot_ratio']:.3f}")
+    click.echo(f"wrote {settings['out_dir']}/report.md, report.json, throughput.png, latency.png")

@@ -1,0 +1,81 @@
+"""`flap-deploy prune`: the first step of the flow.
+
+Every pruning option is declared once, in ``PRUNE_OPTIONS``, under the name of the
+``PruneConfig`` field it sets; the command passes them on as they are. Defaults and choices
+are spelled here so that `--help` needs no torch; tests/test_cli_help.py holds them equal to
+the library's.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from .common import FlapCommand, echo_json, json_option, overwrite_option
+
+METHODS = ("flap", "wanda-sp", "mag-sp")
+METRICS = ("WIFV", "IFV", "WIFN")
+STRUCTURES = ("AL-AM", "AL-MM", "UL-MM", "UL-UM")
+GRANULARITIES = ("group", "head")
+
+PRUNE_OPTIONS = (
+    click.option("--ratio", default=0.2, show_default=True, type=float,
+                 help="Fraction of the decoder layers' linear weights (q/k/v/o, gate/up/down) to remove, in [0, 1)."),
+    click.option("--method", default="flap", show_default=True, type=click.Choice(METHODS),
+                 help="FLAP, or a baseline (uniform per layer, no compensation) at the same budget."),
+    click.option("--metric", default="WIFV", show_default=True, type=click.Choice(METRICS),
+                 help="FLAP importance: weighted input feature variance, input feature variance, weighted input norm."),
+    click.option("--structure", default="AL-AM", show_default=True, type=click.Choice(STRUCTURES),
+                 help="Adaptive/Uniform across Layers, Adaptive/Manual/Uniform across Modules (FLAP paper)."),
+    click.option("--attn-ratio", default=None, type=float,
+                 help="Fraction of attention weights removed by UL-MM / AL-MM [default: 0.75 x ratio]."),
+    click.option("--attn-granularity", default="group", show_default=True, type=click.Choice(GRANULARITIES),
+                 help="Attention unit: a whole KV group, or query heads inside groups (equal group sizes per layer)."),
+    click.option("--bias/--no-bias", default=True, show_default=True,
+                 help="Compensate removed channels with bias terms built from calibration means."),
+    click.option("--calib", default="self", show_default=True,
+                 help="Calibration data: 'self' (model-generated, no data needed), 'hf:wikitext2' (needs `datasets` "
+                      "and a network), or a text file / directory (WikiText is detokenized)."),
+    click.option("--nsamples", default=1024, show_default=True, type=int, help="Calibration windows."),
+    click.option("--seqlen", default=128, show_default=True, type=int, help="Tokens per calibration window."),
+    click.option("--seed", default=0, show_default=True, type=int, help="Seed of the calibration windows / sampling."),
+    click.option("--mlp-multiple", default=1, show_default=True, type=int,
+                 help="Keep every layer's MLP width a multiple of N (efficient GEMM shapes)."),
+    click.option("--tp-size", default=1, show_default=True, type=int,
+                 help="Keep every layer valid for vLLM tensor parallelism of size T (query heads and MLP width "
+                      "divisible by T; KV heads divisible by T or dividing T)."),
+    click.option("--batch-size", default=8, show_default=True, type=int, help="Calibration windows per forward."),
+)
+
+
+def prune_options(command):
+    for option in reversed(PRUNE_OPTIONS):
+        command = option(command)
+    return command
+
+
+@click.command("prune", cls=FlapCommand)
+@click.argument("model")
+@click.argument("out", type=click.Path(path_type=Path))
+@prune_options
+@overwrite_option
+@json_option
+def prune(model: str, out: Path, overwrite: bool, as_json: bool, **options) -> None:
+    """Prune MODEL with FLAP (or a baseline) and write the pruned checkpoint to OUT."""
+    from flap_deploy.atomic import check_output_dir
+    from flap_deploy.pruning import PruneConfig, prune as run_prune
+
+    config = PruneConfig(**options, progress=not as_json)
+    config.validate()
+    check_output_dir(out, overwrite)  # fail before the (long) calibration
+    result = run_prune(model, config)
+    path = result.save(out, overwrite=overwrite)
+    if as_json:
+        echo_json({"out": str(path), "provenance": result.provenance, "timings": result.timings})
+        return
+    p = result.provenance
+    click.echo(f"pruned {p['source_model']} with {p['method']} ({p['structure']}): removed "
+               f"{100 * p['achieved_ratio']:.2f} % of decoder linear weights (target {100 * p['target_ratio']:.1f} %), "
+               f"{p['dense_params']:,} -> {p['pruned_params']:,} parameters in {result.timings['total_s']:.1f} s")
+    click.echo(f"wrote {path} (per-layer report: {path / 'flap_report.txt'}, plot: {path / 'flap_widths.png'})")

@@ -1,0 +1,104 @@
+"""`flap-deploy generate` and `flap-deploy serve`: run a model, once or as an endpoint."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from serving.backends import BACKENDS
+
+from .common import CliError, FlapCommand, echo_json, json_option
+
+
+@click.command(cls=FlapCommand)
+@click.argument("model")
+@click.argument("prompt", nargs=-1, required=True)
+@click.option("--max-new-tokens", "-n", "max_tokens", type=int, default=64, show_default=True,
+              help="Tokens to generate.")
+@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy.")
+@click.option("--top-p", type=float, default=1.0, show_default=True, help="Nucleus sampling mass.")
+@click.option("--top-k", type=int, default=0, show_default=True, help="Sample among the k best (0 = all).")
+@click.option("--seed", type=int, default=None, help="Seed for sampling.")
+@click.option("--stop", multiple=True, help="Stop string (repeatable); the text is cut before it.")
+@click.option("--chat", is_flag=True, help="Wrap each prompt in the tokenizer's chat template.")
+@click.option("--threads", type=int, default=None, help="CPU threads.")
+@json_option
+def generate(model: str, prompt: tuple[str, ...], max_tokens: int, temperature: float, top_p: float, top_k: int,
+             seed: int | None, stop: tuple[str, ...], chat: bool, threads: int | None, as_json: bool) -> None:
+    """Generate text for each PROMPT with MODEL: an ONNX export directory runs on ONNX Runtime,
+    a checkpoint directory (or `smollm2-135m`) on PyTorch.
+
+    With --json, one JSON record per prompt and line (runtime, tokens, text, finish reason)."""
+    from flap_deploy.sampling import SamplingParams
+
+    from .runtimes import generate as run_generate
+
+    params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+                            stop=stop)
+    runtime, results = run_generate(model, list(prompt), params, threads=threads, chat=chat)
+    for g in results:
+        if as_json:
+            echo_json({"runtime": runtime, "prompt_tokens": len(g.prompt_ids), "token_ids": g.token_ids,
+                       "text": g.text, "finish_reason": g.finish_reason}, one_line=True)
+        else:
+            click.echo(g.text)
+
+
+@click.command(cls=FlapCommand)
+@click.argument("model")
+@click.option("--backend", type=click.Choice(BACKENDS), default=None,
+              help="Engine behind the endpoint: vllm when vLLM is installed, else onnx (the built-in ONNX Runtime "
+                   "server with continuous batching).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (0.0.0.0 exposes it).")
+@click.option("--port", type=int, default=8000, show_default=True, help="TCP port of the endpoint.")
+@click.option("--api-key", default=None, envvar="FLAP_DEPLOY_API_KEY",
+              help="Require 'Authorization: Bearer KEY' on /v1/* (env FLAP_DEPLOY_API_KEY).")
+@click.option("--served-model-name", default=None,
+              help="Model id in /v1/models and requests (default: the bundled name or the directory name).")
+@click.option("--max-num-seqs", default=None, type=click.IntRange(min=1),
+              help="Sequences decoded together at most [onnx default: 8; vllm: its own default].")
+@click.option("--max-model-len", default=None, type=click.IntRange(min=1),
+              help="Context length (prompt + output tokens); default: the model's max positions.")
+@click.option("--tp-size", type=click.IntRange(min=1), default=1, show_default=True,
+              help="vllm: tensor-parallel size; the checkpoint is checked against it before the engine starts.")
+@click.option("--ready-timeout", type=float, default=900.0, show_default=True,
+              help="vllm: seconds to wait for the engine to answer /health.")
+@click.option("--max-queue", default=256, show_default=True, type=int,
+              help="onnx: waiting requests at most; beyond it requests get 503.")
+@click.option("--threads", default=None, type=int, help="onnx: ONNX Runtime intra-op threads (default: ORT's).")
+@click.argument("backend_args", nargs=-1, type=click.UNPROCESSED)
+def serve(model: str, backend: str | None, host: str, port: int, api_key: str | None, served_model_name: str | None,
+          max_num_seqs: int | None, max_model_len: int | None, tp_size: int, ready_timeout: float, max_queue: int,
+          threads: int | None, backend_args: tuple[str, ...]) -> None:
+    """Serve MODEL on an OpenAI-compatible endpoint (/v1/completions, /v1/chat/completions, /v1/models,
+    /health, /metrics) until Ctrl-C / SIGTERM.
+
+    MODEL: a checkpoint (pruned or dense), `smollm2-135m`, or (onnx) an ONNX export directory; the onnx
+    backend exports a checkpoint once into the cache first. Arguments after `--` go to vLLM unchanged,
+    e.g. `flap-deploy serve DIR --backend vllm -- --enforce-eager`.
+    """
+    from serving.backends import default_backend
+
+    backend = backend or default_backend()
+    if backend == "vllm":
+        from serving.vllm_launcher import prepare_vllm_server, serve_vllm
+
+        cfg = prepare_vllm_server(model, host=host, port=port, tp_size=tp_size, api_key=api_key,
+                                  max_num_seqs=max_num_seqs, max_model_len=max_model_len,
+                                  extra_args=list(backend_args), served_model_name=served_model_name)
+
+        def ready(server, seconds: float) -> None:
+            click.echo(f"flap-deploy: {cfg.served_model_name} ready at {cfg.base_url}/v1 after {seconds:.1f} s "
+                       "(Ctrl-C stops it)", err=True)
+
+        sys.exit(serve_vllm(cfg, ready_timeout=ready_timeout, on_ready=ready))
+    if tp_size != 1:
+        raise CliError("--tp-size needs --backend vllm")
+    if backend_args:
+        raise CliError(f"arguments after -- are for vLLM; the onnx backend takes none ({' '.join(backend_args)})")
+    from serving.server import serve_onnx
+
+    serve_onnx(model, host=host, port=port, api_key=api_key, max_num_seqs=max_num_seqs or 8,
+               max_model_len=max_model_len, max_queue=max_queue, served_model_name=served_model_name,
+               threads=threads)

@@ -1,0 +1,77 @@
+"""The CLI starts fast (no torch for --help or usage errors) and agrees with the library it fronts."""
+
+import dataclasses
+import json
+import subprocess
+import sys
+
+import click
+
+from flap_deploy_cli import main
+
+# Runs the CLI in a fresh interpreter, then reports which heavy modules it imported.
+PROBE = """
+import json, sys
+from flap_deploy_cli import main
+try:
+    main(sys.argv[1:], prog_name="flap-deploy")
+except SystemExit as e:
+    code = e.code
+print(json.dumps({"code": code, "heavy": sorted(m for m in ("torch", "transformers", "onnxruntime", "vllm")
+                                                if m in sys.modules)}), file=sys.stderr)
+"""
+
+
+def probe(*args):
+    res = subprocess.run([sys.executable, "-c", PROBE, *args], capture_output=True, text=True)
+    return res, json.loads(res.stderr.strip().splitlines()[-1])
+
+
+def all_command_paths(group=main, prefix=()):
+    for name, command in group.commands.items():
+        yield (*prefix, name)
+        if isinstance(command, click.Group):
+            yield from all_command_paths(command, (*prefix, name))
+
+
+def test_help_of_every_command_imports_no_torch():
+    for path in [(), *all_command_paths()]:
+        res, report = probe(*path, "--help")
+        assert report == {"code": 0, "heavy": []}, (path, report)
+        assert "Usage:" in res.stdout
+
+
+def test_usage_errors_import_no_torch():
+    for args in (["prune"], ["prune", "m", "o", "--method", "nope"], ["serve", "m", "--backend", "tpu"],
+                 ["nonsense"]):
+        res, report = probe(*args)
+        assert report["code"] == 2 and report["heavy"] == [], (args, report)
+
+
+def test_commands_are_listed_in_flow_order():
+    assert list(main.commands) == ["prune", "info", "eval", "export", "generate", "serve", "bench", "compare"]
+
+
+def _option(command, name):
+    return next(p for p in command.params if p.name == name)
+
+
+def test_prune_options_are_the_prune_config_fields_with_its_defaults_and_choices():
+    from flap_deploy import allocation, importance, pruning
+
+    command = main.commands["prune"]
+    fields = {f.name: f.default for f in dataclasses.fields(pruning.PruneConfig) if f.name != "progress"}
+    options = {p.name: p.default for p in command.params if p.name not in ("model", "out", "overwrite", "as_json")}
+    assert options == fields
+    for name, vocabulary in (("method", pruning.METHODS), ("metric", importance.METRICS),
+                             ("structure", allocation.STRUCTURES), ("attn_granularity", allocation.GRANULARITIES)):
+        assert tuple(_option(command, name).type.choices) == tuple(vocabulary), name
+
+
+def test_export_choices_are_the_exporters():
+    from exporters.onnx.manifest import DTYPES as ONNX_DTYPES
+    from exporters.vllm.export import DTYPES as VLLM_DTYPES
+
+    export = main.commands["export"]
+    assert tuple(_option(export.commands["onnx"], "dtype").type.choices) == tuple(ONNX_DTYPES)
+    assert tuple(_option(export.commands["vllm"], "dtype").type.choices) == tuple(VLLM_DTYPES)
