@@ -97,7 +97,7 @@ def test_entry_point_declared():
 
 
 def test_cpu_tp_binding(monkeypatch):
-    from exporters.vllm import cpu
+    from serving import vllm_env as cpu
 
     monkeypatch.setattr(cpu, "numa_nodes", lambda: 1)
     monkeypatch.setattr(cpu.os, "sched_getaffinity", lambda _pid: {0, 1, 2, 3})
@@ -109,7 +109,7 @@ def test_cpu_tp_binding(monkeypatch):
 
 
 def test_cpu_engine_env_sizes_the_kv_cache_unless_the_user_did(monkeypatch):
-    from exporters.vllm import cpu
+    from serving import vllm_env as cpu
 
     monkeypatch.setattr(cpu, "numa_nodes", lambda: 1)
     monkeypatch.setattr(cpu.os, "sched_getaffinity", lambda _pid: {0, 1})
