@@ -2,14 +2,14 @@
 
 This file is self-contained on purpose (it imports only torch and transformers): it is
 copied verbatim into every saved checkpoint, next to an ``auto_map``, so that a user
-without flap-deploy can still load a pruned model with ``trust_remote_code=True``.
+without flap-deploy can still load a pruned model with ``trust_remote_code=True``. The
+classes follow transformers' ``modeling_llama.py``; what differs is per layer.
 
 Per layer ``i`` the config holds ``num_attention_heads_per_layer[i]`` query heads,
 ``num_key_value_heads_per_layer[i]`` KV heads and ``intermediate_size_per_layer[i]`` MLP
-channels; 0 means the module was removed. A removed module has no weights. When the
-pruner compensated with biases (``o_proj_bias`` / ``down_proj_bias``), a removed
-module still leaves its bias: the calibration mean of what it produced, a constant
-added to the residual stream.
+channels; 0 means the module was removed. Removed modules (``FlapBias``,
+``FlapRemovedAttention``, ``FlapRemovedMLP``, shared with the vLLM model and mirrored by
+the ONNX graph) are designed once in docs/ARCHITECTURE.md, "Removed modules".
 """
 
 from __future__ import annotations
@@ -130,14 +130,16 @@ class FlapLlamaConfig(LlamaConfig):
 class FlapLlamaMLP(nn.Module):
     def __init__(self, config: FlapLlamaConfig, layer_idx: int):
         super().__init__()
-        hidden, width = config.hidden_size, config.intermediate_size_per_layer[layer_idx]
-        self.gate_proj = nn.Linear(hidden, width, bias=config.mlp_bias)
-        self.up_proj = nn.Linear(hidden, width, bias=config.mlp_bias)
-        self.down_proj = nn.Linear(width, hidden, bias=config.down_proj_bias)
+        self.hidden_size = config.hidden_size
+        self.intermediate_size = config.intermediate_size_per_layer[layer_idx]
+        self.gate_proj = nn.Linear(self.hidden_size, self.intermediate_size, bias=config.mlp_bias)
+        self.up_proj = nn.Linear(self.hidden_size, self.intermediate_size, bias=config.mlp_bias)
+        self.down_proj = nn.Linear(self.intermediate_size, self.hidden_size, bias=config.down_proj_bias)
         self.act_fn = ACT2FN[config.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+        down_proj = self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+        return down_proj
 
 
 class FlapLlamaAttention(nn.Module):
@@ -155,11 +157,10 @@ class FlapLlamaAttention(nn.Module):
         self.is_causal = True
         self.sliding_window = config.sliding_window
 
-        hidden, q_out, kv_out = config.hidden_size, self.num_heads * self.head_dim, self.num_key_value_heads * self.head_dim
-        self.q_proj = nn.Linear(hidden, q_out, bias=config.attention_bias)
-        self.k_proj = nn.Linear(hidden, kv_out, bias=config.attention_bias)
-        self.v_proj = nn.Linear(hidden, kv_out, bias=config.attention_bias)
-        self.o_proj = nn.Linear(q_out, hidden, bias=config.o_proj_bias)
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=config.attention_bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_key_value_heads * self.head_dim, bias=config.attention_bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_key_value_heads * self.head_dim, bias=config.attention_bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=config.o_proj_bias)
         if config.qk_norm:
             self.q_norm = LlamaRMSNorm(self.head_dim, eps=config.rms_norm_eps)
             self.k_norm = LlamaRMSNorm(self.head_dim, eps=config.rms_norm_eps)
@@ -171,86 +172,97 @@ class FlapLlamaAttention(nn.Module):
         attention_mask: torch.Tensor | None,
         past_key_values: Cache | None = None,
         **kwargs,
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
-        query = self.q_proj(hidden_states).view(hidden_shape)
-        key = self.k_proj(hidden_states).view(hidden_shape)
-        value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        if self.config.qk_norm:
-            query, key = self.q_norm(query), self.k_norm(key)
-        query, key = query.transpose(1, 2), key.transpose(1, 2)
+
+        query_states = self.q_proj(hidden_states).view(hidden_shape)
+        key_states = self.k_proj(hidden_states).view(hidden_shape)
+        value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        if self.config.qk_norm:  # per head, before rotary (Qwen3)
+            query_states, key_states = self.q_norm(query_states), self.k_norm(key_states)
+        query_states, key_states = query_states.transpose(1, 2), key_states.transpose(1, 2)
 
         cos, sin = position_embeddings
-        query, key = apply_rotary_pos_emb(query, key, cos, sin)
-        if past_key_values is not None:
-            key, value = past_key_values.update(key, value, self.layer_idx)
+        query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
 
-        attention: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+        if past_key_values is not None:
+            key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)
+
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
         )
-        out, _ = attention(
+
+        attn_output, attn_weights = attention_interface(
             self,
-            query,
-            key,
-            value,
+            query_states,
+            key_states,
+            value_states,
             attention_mask,
             dropout=0.0 if not self.training else self.attention_dropout,
             scaling=self.scaling,
             sliding_window=self.sliding_window,
             **kwargs,
         )
-        return self.o_proj(out.reshape(*input_shape, -1).contiguous())
+
+        attn_output = attn_output.reshape(*input_shape, -1).contiguous()
+        attn_output = self.o_proj(attn_output)
+        return attn_output, attn_weights
 
 
 class FlapBias(nn.Module):
-    """What remains of a removed projection under bias compensation: its bias alone."""
+    """A removed projection reduced to its compensation bias: ``x -> bias`` (a zero weight)."""
 
     def __init__(self, size: int):
         super().__init__()
         self.bias = nn.Parameter(torch.zeros(size))
 
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.bias.to(hidden_states.dtype).expand_as(hidden_states)
+
 
 class FlapRemovedAttention(nn.Module):
-    """A removed attention block: adds its calibration-mean output, a constant."""
+    """A removed attention block under bias compensation: only ``o_proj.bias`` is left."""
 
     def __init__(self, hidden_size: int):
         super().__init__()
         self.o_proj = FlapBias(hidden_size)
 
-    def forward(self, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
-        return self.o_proj.bias.to(hidden_states.dtype).expand_as(hidden_states)
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.o_proj(hidden_states)
 
 
 class FlapRemovedMLP(nn.Module):
-    """A removed MLP block: adds its calibration-mean output, a constant."""
+    """A removed MLP block under bias compensation: only ``down_proj.bias`` is left."""
 
     def __init__(self, hidden_size: int):
         super().__init__()
         self.down_proj = FlapBias(hidden_size)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.down_proj.bias.to(hidden_states.dtype).expand_as(hidden_states)
+        return self.down_proj(hidden_states)
 
 
 class FlapLlamaDecoderLayer(nn.Module):
     def __init__(self, config: FlapLlamaConfig, layer_idx: int, cache_idx: int):
         super().__init__()
-        hidden, eps = config.hidden_size, config.rms_norm_eps
+        self.hidden_size = config.hidden_size
         self.has_attention = config.num_attention_heads_per_layer[layer_idx] > 0
         self.has_mlp = config.intermediate_size_per_layer[layer_idx] > 0
 
-        self.input_layernorm = LlamaRMSNorm(hidden, eps=eps) if self.has_attention else None
         if self.has_attention:
             self.self_attn = FlapLlamaAttention(config, layer_idx, cache_idx)
+            self.input_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         else:
-            self.self_attn = FlapRemovedAttention(hidden) if config.o_proj_bias else None
+            self.self_attn = FlapRemovedAttention(config.hidden_size) if config.o_proj_bias else None
+            self.input_layernorm = None
 
-        self.post_attention_layernorm = LlamaRMSNorm(hidden, eps=eps) if self.has_mlp else None
         if self.has_mlp:
             self.mlp = FlapLlamaMLP(config, layer_idx)
+            self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         else:
-            self.mlp = FlapRemovedMLP(hidden) if config.down_proj_bias else None
+            self.mlp = FlapRemovedMLP(config.hidden_size) if config.down_proj_bias else None
+            self.post_attention_layernorm = None
 
     def forward(
         self,
@@ -260,18 +272,27 @@ class FlapLlamaDecoderLayer(nn.Module):
         past_key_values: Cache | None = None,
         **kwargs,
     ) -> torch.Tensor:
+        # Self Attention (removed: its compensation bias, or nothing)
         if self.has_attention:
-            hidden_states = hidden_states + self.self_attn(
-                self.input_layernorm(hidden_states),
+            residual = hidden_states
+            hidden_states = self.input_layernorm(hidden_states)
+            hidden_states, _ = self.self_attn(
+                hidden_states=hidden_states,
                 position_embeddings=position_embeddings,
                 attention_mask=attention_mask,
                 past_key_values=past_key_values,
                 **kwargs,
             )
+            hidden_states = residual + hidden_states
         elif self.self_attn is not None:
             hidden_states = hidden_states + self.self_attn(hidden_states)
+
+        # Fully Connected (removed: its compensation bias, or nothing)
         if self.has_mlp:
-            hidden_states = hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+            residual = hidden_states
+            hidden_states = self.post_attention_layernorm(hidden_states)
+            hidden_states = self.mlp(hidden_states)
+            hidden_states = residual + hidden_states
         elif self.mlp is not None:
             hidden_states = hidden_states + self.mlp(hidden_states)
         return hidden_states
@@ -343,8 +364,8 @@ class FlapLlamaModel(FlapLlamaPreTrainedModel):
         )
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
-        for layer in self.layers:
-            hidden_states = layer(
+        for decoder_layer in self.layers:
+            hidden_states = decoder_layer(
                 hidden_states,
                 position_embeddings=position_embeddings,
                 attention_mask=causal_mask,
@@ -401,4 +422,13 @@ class FlapLlamaForCausalLM(FlapLlamaPreTrainedModel, GenerationMixin):
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values)
 
 
-__all__ = ["FlapLlamaConfig", "FlapLlamaForCausalLM", "FlapLlamaModel", "validate_flap_config", "FlapConfigError"]
+__all__ = [
+    "FlapBias",
+    "FlapConfigError",
+    "FlapLlamaConfig",
+    "FlapLlamaForCausalLM",
+    "FlapLlamaModel",
+    "FlapRemovedAttention",
+    "FlapRemovedMLP",
+    "validate_flap_config",
+]

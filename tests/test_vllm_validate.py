@@ -97,22 +97,22 @@ def test_entry_point_declared():
 
 
 def test_cpu_tp_binding(monkeypatch):
-    from exporters.vllm import cpu
+    from serving import vllm_env
 
-    monkeypatch.setattr(cpu, "numa_nodes", lambda: 1)
-    monkeypatch.setattr(cpu.os, "sched_getaffinity", lambda _pid: {0, 1, 2, 3})
-    assert cpu.cpu_tp_env(2, {}) == {"VLLM_CPU_OMP_THREADS_BIND": "0,1|2,3"}
-    assert cpu.cpu_tp_env(1, {}) == {}
-    assert cpu.cpu_tp_env(2, {"VLLM_CPU_OMP_THREADS_BIND": "nobind"}) == {}
-    monkeypatch.setattr(cpu, "numa_nodes", lambda: 2)
-    assert cpu.cpu_tp_env(2, {}) == {}
+    monkeypatch.setattr(vllm_env, "numa_nodes", lambda: 1)
+    monkeypatch.setattr(vllm_env.os, "sched_getaffinity", lambda _pid: {0, 1, 2, 3})
+    assert vllm_env.cpu_tp_env(2, {}) == {"VLLM_CPU_OMP_THREADS_BIND": "0,1|2,3"}
+    assert vllm_env.cpu_tp_env(1, {}) == {}
+    assert vllm_env.cpu_tp_env(2, {"VLLM_CPU_OMP_THREADS_BIND": "nobind"}) == {}
+    monkeypatch.setattr(vllm_env, "numa_nodes", lambda: 2)
+    assert vllm_env.cpu_tp_env(2, {}) == {}
 
 
 def test_cpu_engine_env_sizes_the_kv_cache_unless_the_user_did(monkeypatch):
-    from exporters.vllm import cpu
+    from serving import vllm_env
 
-    monkeypatch.setattr(cpu, "numa_nodes", lambda: 1)
-    monkeypatch.setattr(cpu.os, "sched_getaffinity", lambda _pid: {0, 1})
-    assert cpu.cpu_engine_env(1, {}) == {"VLLM_CPU_KVCACHE_SPACE": cpu.DEFAULT_KVCACHE_GIB}
-    assert cpu.cpu_engine_env(1, {"VLLM_CPU_KVCACHE_SPACE": "8"}) == {}
-    assert set(cpu.cpu_engine_env(2, {})) == {"VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_OMP_THREADS_BIND"}
+    monkeypatch.setattr(vllm_env, "numa_nodes", lambda: 1)
+    monkeypatch.setattr(vllm_env.os, "sched_getaffinity", lambda _pid: {0, 1})
+    assert vllm_env.cpu_engine_env(1, {}) == {"VLLM_CPU_KVCACHE_SPACE": vllm_env.DEFAULT_KVCACHE_GIB}
+    assert vllm_env.cpu_engine_env(1, {"VLLM_CPU_KVCACHE_SPACE": "8"}) == {}
+    assert set(vllm_env.cpu_engine_env(2, {})) == {"VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_OMP_THREADS_BIND"}

@@ -5,7 +5,9 @@ flat, explicit tensors, so the exported graph has exactly the I/O of the ONNX co
 (ARCHITECTURE.md): ``input_ids`` / ``attention_mask`` / ``position_ids`` and one
 ``past_key_values.{i}.key|value`` pair per layer *that has attention* in, ``logits`` and
 ``present.{i}.key|value`` out. Layers whose attention was removed get no cache tensors;
-every attention layer has its own KV-head count.
+every attention layer has its own KV-head count. Each decoder layer takes the branches of
+``FlapLlamaDecoderLayer`` and calls the same removed-module classes (docs/ARCHITECTURE.md,
+"Removed modules").
 
 Attention, rotary embedding, RMSNorm and the mask are written out here rather than taken
 from transformers' modules: HF's cache objects and mask helpers do not trace into a clean
@@ -138,17 +140,22 @@ class OnnxDecoder(nn.Module):
         presents: list[torch.Tensor] = []
         slot = 0
         for layer in self.model.model.layers:
+            # Self Attention (removed: its compensation bias, or nothing)
             if layer.has_attention:
-                out, k, v = self._attention(layer.self_attn, _rms_norm(h, layer.input_layernorm.weight, eps),
-                                            cos, sin, allowed, past[2 * slot], past[2 * slot + 1])
-                h = h + out
+                residual = h
+                h, k, v = self._attention(layer.self_attn, _rms_norm(h, layer.input_layernorm.weight, eps),
+                                          cos, sin, allowed, past[2 * slot], past[2 * slot + 1])
+                h = residual + h
                 presents += [k, v]
                 slot += 1
-            elif layer.self_attn is not None:  # removed attention: its compensation constant
-                h = h + layer.self_attn.o_proj.bias.to(h.dtype)
+            elif layer.self_attn is not None:
+                h = h + layer.self_attn(h)
+            # Fully Connected (removed: its compensation bias, or nothing)
             if layer.has_mlp:
-                h = h + layer.mlp(_rms_norm(h, layer.post_attention_layernorm.weight, eps))
+                residual = h
+                h = layer.mlp(_rms_norm(h, layer.post_attention_layernorm.weight, eps))
+                h = residual + h
             elif layer.mlp is not None:
-                h = h + layer.mlp.down_proj.bias.to(h.dtype)
+                h = h + layer.mlp(h)
         logits = self.model.lm_head(_rms_norm(h, self.model.model.norm.weight, eps))
         return (logits, *presents)

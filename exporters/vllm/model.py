@@ -9,12 +9,15 @@ like it shards Llama. What differs, per layer ``i`` of the config
 
 * the attention has its own query / KV head counts (vLLM sizes the KV cache per
   ``Attention`` module, so a narrow layer takes a narrow cache slot);
-* a removed attention (0 heads) or MLP (0 channels) has no weights, no norm and no
-  ``Attention`` module (no KV cache); under bias compensation it keeps only its
-  ``o_proj.bias`` / ``down_proj.bias``, a constant added to the residual stream;
+* a removed attention or MLP is the HF model's own ``FlapRemovedAttention`` /
+  ``FlapRemovedMLP`` (imported, not re-defined; replicated on every TP rank): see
+  docs/ARCHITECTURE.md, "Removed modules";
 * o_proj / down_proj may carry biases (FLAP's compensation), q/k/v may carry biases
   (Qwen2-style ``attention_bias``) and q/k may be RMS-normalized per head (``qk_norm``,
   Qwen3-style).
+
+No pipeline parallelism, and plain pre-norm residuals instead of vLLM's fused add+norm
+(which assumes every layer has both norms).
 
 Tensor names are those of the pruned-checkpoint contract (HF Llama names).
 """
@@ -39,7 +42,10 @@ from vllm.model_executor.layers.quantization import QuantizationConfig
 from vllm.model_executor.layers.rotary_embedding import get_rope
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
 from vllm.model_executor.model_loader.weight_utils import default_weight_loader
+from vllm.model_executor.models.utils import maybe_prefix
 from vllm.sequence import IntermediateTensors
+
+from flap_deploy.modeling_flap_llama import FlapLlamaConfig, FlapRemovedAttention, FlapRemovedMLP
 
 from .validate import check_layer_tp
 
@@ -56,90 +62,107 @@ STACKED_PARAMS = (
 )
 
 
-class FlapBias(nn.Module):
-    """What is left of a removed projection: its bias, replicated on every TP rank."""
-
-    def __init__(self, size: int):
+class FlapLlamaMLP(nn.Module):
+    def __init__(
+        self,
+        hidden_size: int,
+        intermediate_size: int,
+        hidden_act: str,
+        quant_config: QuantizationConfig | None = None,
+        bias: bool = False,
+        bias_down_proj: bool = False,
+        prefix: str = "",
+    ) -> None:
         super().__init__()
-        self.bias = nn.Parameter(torch.zeros(size), requires_grad=False)
-
-
-class FlapRemoved(nn.Module):
-    """A removed attention or MLP under bias compensation: adds a constant to the residual.
-
-    ``attr`` names the projection whose bias stays (``o_proj`` or ``down_proj``), so the
-    parameter has the checkpoint's name. The residual stream is replicated across TP
-    ranks, so each rank adds the full constant (no reduction).
-    """
-
-    def __init__(self, attr: str, hidden_size: int):
-        super().__init__()
-        self.attr = attr
-        setattr(self, attr, FlapBias(hidden_size))
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return getattr(self, self.attr).bias.to(hidden_states.dtype).expand_as(hidden_states)
-
-
-class FlapMLP(nn.Module):
-    def __init__(self, hidden_size: int, width: int, hidden_act: str, gate_up_bias: bool, down_bias: bool,
-                 quant_config: QuantizationConfig | None, prefix: str):
-        super().__init__()
-        if hidden_act != "silu":
-            raise ValueError(f"{prefix}: unsupported activation {hidden_act!r} (only silu)")
         self.gate_up_proj = MergedColumnParallelLinear(
-            input_size=hidden_size, output_sizes=[width] * 2, bias=gate_up_bias,
-            quant_config=quant_config, prefix=f"{prefix}.gate_up_proj",
+            input_size=hidden_size,
+            output_sizes=[intermediate_size] * 2,
+            bias=bias,
+            quant_config=quant_config,
+            prefix=f"{prefix}.gate_up_proj",
         )
         self.down_proj = RowParallelLinear(
-            input_size=width, output_size=hidden_size, bias=down_bias,
-            quant_config=quant_config, prefix=f"{prefix}.down_proj",
+            input_size=intermediate_size,
+            output_size=hidden_size,
+            bias=bias_down_proj,
+            quant_config=quant_config,
+            prefix=f"{prefix}.down_proj",
         )
+        if hidden_act != "silu":
+            raise ValueError(f"{prefix}: unsupported activation {hidden_act!r} (only silu)")
         self.act_fn = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x, _ = self.gate_up_proj(x)
-        x, _ = self.down_proj(self.act_fn(x))
+        x = self.act_fn(x)
+        x, _ = self.down_proj(x)
         return x
 
 
-class FlapAttention(nn.Module):
-    def __init__(self, config, num_heads: int, num_kv_heads: int, cache_config: CacheConfig | None,
-                 quant_config: QuantizationConfig | None, prefix: str):
+class FlapLlamaAttention(nn.Module):
+    def __init__(
+        self,
+        config: FlapLlamaConfig,
+        hidden_size: int,
+        num_heads: int,
+        num_kv_heads: int,
+        max_position_embeddings: int,
+        quant_config: QuantizationConfig | None = None,
+        bias: bool = False,
+        bias_o_proj: bool = False,
+        cache_config: CacheConfig | None = None,
+        prefix: str = "",
+    ) -> None:
         super().__init__()
+        self.hidden_size = hidden_size
         tp_size = get_tensor_model_parallel_world_size()
         check_layer_tp(num_heads, num_kv_heads, tp_size, prefix)
-        hidden = config.hidden_size
-        self.head_dim = config.head_dim
-        self.num_heads = num_heads // tp_size
+        self.total_num_heads = num_heads
+        self.num_heads = self.total_num_heads // tp_size
+        self.total_num_kv_heads = num_kv_heads
         # Fewer KV heads than ranks: each rank holds a replica of one KV head.
-        self.num_kv_heads = max(1, num_kv_heads // tp_size)
+        self.num_kv_heads = max(1, self.total_num_kv_heads // tp_size)
+        self.head_dim = config.head_dim
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
+        self.scaling = self.head_dim**-0.5
+        self.max_position_embeddings = max_position_embeddings
 
         self.qkv_proj = QKVParallelLinear(
-            hidden_size=hidden, head_size=self.head_dim, total_num_heads=num_heads,
-            total_num_kv_heads=num_kv_heads, bias=bool(getattr(config, "attention_bias", False)),
-            quant_config=quant_config, prefix=f"{prefix}.qkv_proj",
+            hidden_size=hidden_size,
+            head_size=self.head_dim,
+            total_num_heads=self.total_num_heads,
+            total_num_kv_heads=self.total_num_kv_heads,
+            bias=bias,
+            quant_config=quant_config,
+            prefix=f"{prefix}.qkv_proj",
         )
         self.o_proj = RowParallelLinear(
-            input_size=num_heads * self.head_dim, output_size=hidden,
-            bias=bool(getattr(config, "o_proj_bias", False)), quant_config=quant_config, prefix=f"{prefix}.o_proj",
+            input_size=self.total_num_heads * self.head_dim,
+            output_size=hidden_size,
+            bias=bias_o_proj,
+            quant_config=quant_config,
+            prefix=f"{prefix}.o_proj",
         )
-        self.qk_norm = bool(getattr(config, "qk_norm", False))
+        self.qk_norm = config.qk_norm
         if self.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
         self.rotary_emb = get_rope(
             self.head_dim,
-            max_position=getattr(config, "max_position_embeddings", 8192),
-            rope_parameters=getattr(config, "rope_parameters", None),
+            max_position=self.max_position_embeddings,
+            rope_parameters=config.rope_parameters,
             is_neox_style=True,
         )
         self.attn = Attention(
-            self.num_heads, self.head_dim, self.head_dim**-0.5, num_kv_heads=self.num_kv_heads,
-            cache_config=cache_config, quant_config=quant_config,
-            per_layer_sliding_window=getattr(config, "sliding_window", None), prefix=f"{prefix}.attn",
+            self.num_heads,
+            self.head_dim,
+            self.scaling,
+            num_kv_heads=self.num_kv_heads,
+            cache_config=cache_config,
+            quant_config=quant_config,
+            per_layer_sliding_window=config.sliding_window,
+            prefix=f"{prefix}.attn",
         )
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -149,44 +172,72 @@ class FlapAttention(nn.Module):
             q = self.q_norm(q.view(*q.shape[:-1], -1, self.head_dim)).view(q.shape)
             k = self.k_norm(k.view(*k.shape[:-1], -1, self.head_dim)).view(k.shape)
         q, k = self.rotary_emb(positions, q, k)
-        out, _ = self.o_proj(self.attn(q, k, v))
-        return out
+        attn_output = self.attn(q, k, v)
+        output, _ = self.o_proj(attn_output)
+        return output
 
 
-class FlapDecoderLayer(nn.Module):
-    def __init__(self, vllm_config: VllmConfig, layer_idx: int, prefix: str):
+class FlapLlamaDecoderLayer(nn.Module):
+    def __init__(self, vllm_config: VllmConfig, layer_idx: int, prefix: str = "") -> None:
         super().__init__()
-        config = vllm_config.model_config.hf_config
+        config: FlapLlamaConfig = vllm_config.model_config.hf_config
+        cache_config = vllm_config.cache_config
         quant_config = vllm_config.quant_config
-        hidden, eps = config.hidden_size, config.rms_norm_eps
-        heads = config.num_attention_heads_per_layer[layer_idx]
-        kv_heads = config.num_key_value_heads_per_layer[layer_idx]
-        width = config.intermediate_size_per_layer[layer_idx]
-        self.has_attention, self.has_mlp = heads > 0, width > 0
+        self.hidden_size = config.hidden_size
+        num_heads = config.num_attention_heads_per_layer[layer_idx]
+        intermediate_size = config.intermediate_size_per_layer[layer_idx]
+        self.has_attention = num_heads > 0
+        self.has_mlp = intermediate_size > 0
 
-        self.input_layernorm = RMSNorm(hidden, eps=eps) if self.has_attention else None
         if self.has_attention:
-            self.self_attn = FlapAttention(config, heads, kv_heads, vllm_config.cache_config, quant_config,
-                                           prefix=f"{prefix}.self_attn")
+            self.self_attn = FlapLlamaAttention(
+                config=config,
+                hidden_size=self.hidden_size,
+                num_heads=num_heads,
+                num_kv_heads=config.num_key_value_heads_per_layer[layer_idx],
+                max_position_embeddings=config.max_position_embeddings,
+                quant_config=quant_config,
+                bias=config.attention_bias,
+                bias_o_proj=config.o_proj_bias,
+                cache_config=cache_config,
+                prefix=f"{prefix}.self_attn",
+            )
+            self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         else:
-            self.self_attn = FlapRemoved("o_proj", hidden) if getattr(config, "o_proj_bias", False) else None
+            self.self_attn = FlapRemovedAttention(config.hidden_size) if config.o_proj_bias else None
+            self.input_layernorm = None
 
-        self.post_attention_layernorm = RMSNorm(hidden, eps=eps) if self.has_mlp else None
         if self.has_mlp:
-            self.mlp = FlapMLP(hidden, width, config.hidden_act, bool(getattr(config, "mlp_bias", False)),
-                               bool(getattr(config, "down_proj_bias", False)), quant_config, prefix=f"{prefix}.mlp")
+            self.mlp = FlapLlamaMLP(
+                hidden_size=self.hidden_size,
+                intermediate_size=intermediate_size,
+                hidden_act=config.hidden_act,
+                quant_config=quant_config,
+                bias=config.mlp_bias,
+                bias_down_proj=config.down_proj_bias,
+                prefix=f"{prefix}.mlp",
+            )
+            self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         else:
-            self.mlp = FlapRemoved("down_proj", hidden) if getattr(config, "down_proj_bias", False) else None
+            self.mlp = FlapRemovedMLP(config.hidden_size) if config.down_proj_bias else None
+            self.post_attention_layernorm = None
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
-        # Plain pre-norm residuals: the fused add+norm of vLLM's Llama layer assumes every
-        # layer has both norms, which removed modules break.
+        # Self Attention (removed: its compensation bias, or nothing)
         if self.has_attention:
-            hidden_states = hidden_states + self.self_attn(positions, self.input_layernorm(hidden_states))
+            residual = hidden_states
+            hidden_states = self.input_layernorm(hidden_states)
+            hidden_states = self.self_attn(positions=positions, hidden_states=hidden_states)
+            hidden_states = residual + hidden_states
         elif self.self_attn is not None:
             hidden_states = hidden_states + self.self_attn(hidden_states)
+
+        # Fully Connected (removed: its compensation bias, or nothing)
         if self.has_mlp:
-            hidden_states = hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+            residual = hidden_states
+            hidden_states = self.post_attention_layernorm(hidden_states)
+            hidden_states = self.mlp(hidden_states)
+            hidden_states = residual + hidden_states
         elif self.mlp is not None:
             hidden_states = hidden_states + self.mlp(hidden_states)
         return hidden_states
@@ -199,12 +250,21 @@ class FlapDecoderLayer(nn.Module):
 class FlapLlamaModel(nn.Module):
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         super().__init__()
-        config = vllm_config.model_config.hf_config
+        config: FlapLlamaConfig = vllm_config.model_config.hf_config
+        quant_config = vllm_config.quant_config
         self.config = config
-        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size,
-                                                   quant_config=vllm_config.quant_config)
+        self.quant_config = quant_config
+        self.vocab_size = config.vocab_size
+
+        self.embed_tokens = VocabParallelEmbedding(
+            self.vocab_size,
+            config.hidden_size,
+            quant_config=quant_config,
+            prefix=maybe_prefix(prefix, "embed_tokens"),
+        )
         self.layers = nn.ModuleList(
-            FlapDecoderLayer(vllm_config, i, prefix=f"{prefix}.layers.{i}") for i in range(config.num_hidden_layers)
+            FlapLlamaDecoderLayer(vllm_config, i, prefix=maybe_prefix(prefix, f"layers.{i}"))
+            for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
@@ -214,10 +274,14 @@ class FlapLlamaModel(nn.Module):
     def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor,
                 intermediate_tensors: IntermediateTensors | None = None,
                 inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
-        hidden_states = inputs_embeds if inputs_embeds is not None else self.embed_input_ids(input_ids)
+        if inputs_embeds is not None:
+            hidden_states = inputs_embeds
+        else:
+            hidden_states = self.embed_input_ids(input_ids)
         for layer in self.layers:
             hidden_states = layer(positions, hidden_states)
-        return self.norm(hidden_states)
+        hidden_states = self.norm(hidden_states)
+        return hidden_states
 
 
 class FlapLlamaForCausalLM(nn.Module):
@@ -227,14 +291,22 @@ class FlapLlamaForCausalLM(nn.Module):
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         super().__init__()
-        config = vllm_config.model_config.hf_config
+        config: FlapLlamaConfig = vllm_config.model_config.hf_config
+        quant_config = vllm_config.quant_config
         self.config = config
-        self.model = FlapLlamaModel(vllm_config=vllm_config, prefix=_join(prefix, "model"))
-        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, quant_config=vllm_config.quant_config,
-                                      prefix=_join(prefix, "lm_head"))
+
+        self.model = FlapLlamaModel(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "model"))
+        self.lm_head = ParallelLMHead(
+            config.vocab_size,
+            config.hidden_size,
+            quant_config=quant_config,
+            prefix=maybe_prefix(prefix, "lm_head"),
+        )
         if config.tie_word_embeddings:
             self.lm_head = self.lm_head.tie_weights(self.model.embed_tokens)
-        self.logits_processor = LogitsProcessor(config.vocab_size, scale=getattr(config, "logit_scale", 1.0))
+        # logit_scale is not a Llama config field; vLLM's llama.py reads it the same way.
+        logit_scale = getattr(config, "logit_scale", 1.0)
+        self.logits_processor = LogitsProcessor(config.vocab_size, scale=logit_scale)
         logger.info("FlapLlamaForCausalLM built with config class %s.%s, TP size %d, query heads per layer %s",
                     type(config).__module__, type(config).__name__, get_tensor_model_parallel_world_size(),
                     config.num_attention_heads_per_layer)
@@ -275,10 +347,6 @@ class FlapLlamaForCausalLM(nn.Module):
 
 def _param(params: dict[str, nn.Parameter], target: str, source: str) -> nn.Parameter:
     if target not in params:
-        raise KeyError(f"checkpoint tensor '{source}' has no matching parameter in FlapLlamaForCausalLM "
-                       "(does config.json match the weights? run `flap-deploy export vllm` to check)")
+        raise KeyError(f"checkpoint tensor '{source}' has no parameter '{target}' in the model that config.json "
+                       "describes: the per-layer widths or bias flags of config.json do not match the weights")
     return params[target]
-
-
-def _join(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if prefix else name

