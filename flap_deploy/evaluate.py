@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .errors import FlapDeployError
+from .errors import FlapDeployError, ParameterError
 
 
 @dataclass
@@ -32,9 +32,9 @@ class EvalResult:
 def token_windows(tokenizer: Any, text: str, seqlen: int, max_tokens: int | None = None) -> torch.Tensor:
     """Non-overlapping windows [n, seqlen] of the text's tokens (first ``max_tokens`` tokens at most)."""
     if seqlen < 2:
-        raise FlapDeployError(f"--seqlen must be at least 2, got {seqlen}")
+        raise ParameterError("seqlen", f"must be at least 2, got {seqlen}")
     if max_tokens is not None and max_tokens < seqlen:
-        raise FlapDeployError(f"--max-tokens {max_tokens} is less than one window of {seqlen} tokens")
+        raise ParameterError("max_tokens", f"{max_tokens} is less than one window of {seqlen} tokens")
     # Tokenizing a long text is slow; with a token budget, a prefix of the text suffices.
     chars = len(text) if max_tokens is None else min(len(text), max_tokens * 8)
     while True:

@@ -18,7 +18,7 @@ from .adapters import get_adapter
 from .allocation import GRANULARITIES, STRUCTURES, Alignment, allocate
 from .calibration import calibration_windows
 from .compress import LayerMask, LayerMeans, compress
-from .errors import FlapDeployError
+from .errors import FlapDeployError, ParameterError
 from .layerwise import LayerStats, calibrate_layers
 from .metrics import METRICS, flap_scores, head_scores, magnitude_metric, wanda_metric
 
@@ -61,9 +61,9 @@ class PruneConfig:
     def validate(self) -> None:
         """One-line errors for values no run could use."""
         if not 0 <= self.ratio < 1:
-            raise FlapDeployError(f"--ratio must be in [0, 1), got {self.ratio}")
+            raise ParameterError("ratio", f"must be in [0, 1), got {self.ratio}")
         if self.attn_ratio is not None and not 0 <= self.attn_ratio < 1:
-            raise FlapDeployError(f"--attn-ratio must be in [0, 1), got {self.attn_ratio}")
+            raise ParameterError("attn_ratio", f"must be in [0, 1), got {self.attn_ratio}")
         if self.method not in METHODS:
             raise FlapDeployError(f"unknown method '{self.method}'; choose from {', '.join(METHODS)}")
         if self.metric not in METRICS:
@@ -76,9 +76,9 @@ class PruneConfig:
         for name in ("nsamples", "seqlen", "mlp_multiple", "tp_size", "batch_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
-                raise FlapDeployError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+                raise ParameterError(name, f"must be a positive integer, got {value}")
         if self.seqlen < 2:
-            raise FlapDeployError(f"--seqlen must be at least 2, got {self.seqlen}")
+            raise ParameterError("seqlen", f"must be at least 2, got {self.seqlen}")
 
     @property
     def effective_attn_ratio(self) -> float | None:
