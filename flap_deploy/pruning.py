@@ -20,7 +20,7 @@ from .calibration import calibration_windows
 from .compress import LayerMask, LayerMeans, compress
 from .errors import FlapDeployError, ParameterError
 from .layerwise import LayerStats, calibrate_layers
-from .metrics import METRICS, flap_scores, head_scores, magnitude_metric, wanda_metric
+from .importance import METRICS, flap_scores, head_scores, magnitude_metric, wanda_metric
 
 METHODS = ("flap", "wanda-sp", "mag-sp")
 
@@ -31,7 +31,7 @@ class PruneConfig:
 
     ratio: fraction of the decoder layers' linear weights (q/k/v/o, gate/up/down) to remove.
     method: ``flap`` or the baselines ``wanda-sp`` / ``mag-sp`` (uniform per layer, no compensation).
-    metric / structure: FLAP's importance metric and width structure (see ``metrics``, ``allocation``).
+    metric / structure: FLAP's importance metric and width structure (see ``importance``, ``allocation``).
     attn_ratio: fraction of attention weights removed by the manual-module structures UL-MM / AL-MM
         (default 0.75 x ratio, the authors' ablation setting of 384 of 1024 heads at 50 %).
     attn_granularity: ``group`` (a KV group is a unit) or ``head`` (query heads inside groups,
