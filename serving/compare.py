@@ -38,8 +38,6 @@ from .bench import build_requests, run_bench
 from .bench_report import summary_rows
 from .process import ManagedServer
 
-_ST_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-             "F8_E4M3": 1, "F8_E5M2": 1}
 SUMMARY_KEYS = ("output_throughput", "total_token_throughput", "request_throughput", "ttft_median_ms",
                 "ttft_p99_ms", "tpot_median_ms", "tpot_p99_ms", "itl_median_ms", "itl_p99_ms", "e2el_median_ms",
                 "e2el_p90_ms", "e2el_p99_ms")

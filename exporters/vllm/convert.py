@@ -17,7 +17,7 @@ import transformers
 from accelerate import init_empty_weights
 from safetensors import safe_open
 
-from flap_deploy.adapters import ADAPTERS, get_adapter
+from flap_deploy.adapters import get_adapter
 from flap_deploy.checkpoint import checkpoint_tensors
 from flap_deploy.compress import LayerWidths, flap_config
 from flap_deploy.errors import FlapDeployError
@@ -165,6 +165,3 @@ def import_per_layer_checkpoint(path: str | Path, dtype: torch.dtype = torch.flo
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     return model.eval()
-
-
-SUPPORTED_SOURCES = list(ADAPTERS)
