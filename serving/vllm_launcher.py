@@ -84,7 +84,7 @@ def check_servable(model: str | os.PathLike, tp_size: int = 1, weights: bool = T
     if cfg.get("model_type") == "flap_llama":
         validate_for_vllm(cfg, tp_size, source=str(path / "config.json"))
     else:  # a dense model of a supported family: vLLM serves it natively
-        from exporters.vllm.convert import widths_config
+        from flap_deploy.convert import widths_config
 
         widths = widths_config(path, cfg)  # from the tensor shapes: another pruner's output is not dense
         for key, dense in (("num_attention_heads_per_layer", widths["num_attention_heads"]),

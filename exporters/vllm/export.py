@@ -48,7 +48,7 @@ def widths_of(path: Path) -> dict[str, Any]:
     cfg = read_config(path)
     if cfg.get("model_type") == "flap_llama":
         return validate_checkpoint(path)
-    from .convert import widths_config
+    from flap_deploy.convert import widths_config
 
     return widths_config(path, cfg)
 
@@ -62,7 +62,7 @@ def load_for_export(path: Path, dtype: torch.dtype) -> tuple[torch.nn.Module, st
         from transformers import AutoModelForCausalLM
 
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval(), "flap_llama"
-    from .convert import import_per_layer_checkpoint
+    from flap_deploy.convert import import_per_layer_checkpoint
 
     return import_per_layer_checkpoint(path, dtype=dtype), f"imported from {cfg.get('model_type')}"
 
