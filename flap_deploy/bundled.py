@@ -38,7 +38,8 @@ BUNDLED = {
 
 
 def cache_dir() -> Path:
-    """Where materialized models live: $FLAP_DEPLOY_CACHE or ~/.cache/flap-deploy."""
+    """The one cache root (bundled models, synthetic pairs, ONNX exports, test and benchmark models):
+    $FLAP_DEPLOY_CACHE, or ~/.cache/flap-deploy when it is unset or empty."""
     return Path(os.environ.get("FLAP_DEPLOY_CACHE") or Path.home() / ".cache" / "flap-deploy")
 
 
