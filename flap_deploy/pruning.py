@@ -1,7 +1,8 @@
 """FLAP pruning (and the Wanda-sp / magnitude-sp baselines) end to end.
 
-calibrate (layer by layer) → stream statistics → score → allocate widths → ``compress``.
-``prune(model, config)`` returns a ``PrunedModel``; the CLI ``flap-deploy prune`` only wraps it.
+``prune(model, config)``: validate → load (alignment checked on the config first) → score (one
+function per method: ``score_flap``, ``score_wanda_sp``, ``score_magnitude_sp``) → allocate widths
+(``allocation``) → ``compress`` → provenance. It returns a ``PrunedModel``; the CLI only wraps it.
 """
 
 from __future__ import annotations
