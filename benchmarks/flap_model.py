@@ -3,7 +3,7 @@
 One recipe for every benchmark script, so their figures describe the same kind of model:
 FLAP at ``ratio`` with WikiText-2 valid calibration when ``../shared/data`` is present (else
 self-generated), MLP widths a multiple of 16, optionally aligned for tensor parallelism.
-The result is cached under ``work`` and reused.
+The result is cached under ``work`` and reused (``flap_deploy.bundled.flap_pruned_bundled``).
 """
 
 from __future__ import annotations
@@ -17,15 +17,10 @@ WIKITEXT = REPO.parent / "shared" / "data" / "wikitext-2"
 def flap_pruned_bundled(work: Path, *, ratio: float = 0.2, tp_size: int = 1, nsamples: int = 64,
                         mlp_multiple: int = 16) -> Path:
     """Path of the FLAP-pruned bundled model (pruned into ``work`` on the first call)."""
-    from flap_deploy.bundled import materialize
-    from flap_deploy.pruning import PruneConfig, prune
+    from flap_deploy.bundled import flap_pruned_bundled as pruned
 
     valid = WIKITEXT / "valid.txt"
-    calib = str(valid) if valid.is_file() else "self"
     out = Path(work) / (f"smollm2-135m-flap{round(100 * ratio)}-{'wikitext' if valid.is_file() else 'self'}"
                         f"{nsamples}-m{mlp_multiple}-tp{tp_size}")
-    if not (out / "config.json").is_file():
-        config = PruneConfig(ratio=ratio, calib=calib, nsamples=nsamples, seqlen=128, seed=0,
-                             mlp_multiple=mlp_multiple, tp_size=tp_size)
-        prune(materialize("smollm2-135m"), config).save(out, overwrite=True)
-    return out
+    return pruned(out, ratio=ratio, calib=str(valid) if valid.is_file() else "self", nsamples=nsamples,
+                  mlp_multiple=mlp_multiple, tp_size=tp_size)

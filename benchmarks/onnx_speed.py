@@ -117,8 +117,10 @@ def prepare(work: Path, threads: int) -> dict:
 
 
 def main() -> None:
+    from flap_deploy.bundled import cache_dir
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--work", type=Path, default=Path.home() / ".cache" / "flap-deploy" / "bench-onnx",
+    ap.add_argument("--work", type=Path, default=cache_dir() / "bench-onnx",
                     help="where the pruned checkpoint and the exports are kept (reused)")
     ap.add_argument("--reps", type=int, default=5, help="interleaved repetitions per configuration")
     ap.add_argument("--threads", type=int, default=2, help="threads for ORT and PyTorch")

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import resource
 import sys
@@ -27,14 +26,14 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from flap_deploy import PruneConfig, __version__, prune  # noqa: E402
-from flap_deploy.evaluate import token_windows  # noqa: E402
+from flap_deploy.evaluate import Tally, log_probs, token_windows  # noqa: E402
 from flap_deploy.models import load_model, load_tokenizer  # noqa: E402
+from flap_deploy.pruning import linear_weights  # noqa: E402
 from flap_deploy.text import load_text  # noqa: E402
 
 WIKITEXT = REPO.parent / "shared" / "data" / "wikitext-2"
@@ -180,8 +179,7 @@ def main() -> None:
                  "tokens_evaluated": 0},
         "models": [], "cost": {},
     }
-    dense_linear = sum(p.numel() for n, p in dense.named_parameters()
-                       if n.startswith("model.layers.") and n.endswith("_proj.weight"))
+    dense_linear = linear_weights(dense)
     models = {"dense": dense}
     data["models"].append({"name": "dense", "achieved_ratio": 0.0, "params": sum(p.numel() for p in dense.parameters()),
                            "linear_weights": dense_linear, "prune_s": None})
@@ -225,25 +223,16 @@ def main() -> None:
         print(f"{name}: ratio {p['achieved_ratio']:.4f}, {elapsed:.1f} s", flush=True)
 
     windows = token_windows(tok, load_text(WIKITEXT / "test.txt"), args.eval_seqlen, args.max_tokens)
-    acc = {name: {"nll": 0.0, "kl": 0.0, "agree": 0} for name in models}
-    count = 0
+    tallies = {name: Tally() for name in models}
     for w in range(len(windows)):
         batch = windows[w:w + 1]
-        targets = batch[:, 1:]
-        with torch.no_grad():
-            ref = F.log_softmax(dense(input_ids=batch, use_cache=False).logits[:, :-1].float(), dim=-1)
-            for name, model in models.items():
-                logp = ref if name == "dense" else F.log_softmax(
-                    model(input_ids=batch, use_cache=False).logits[:, :-1].float(), dim=-1)
-                a = acc[name]
-                a["nll"] -= logp.gather(-1, targets.unsqueeze(-1)).sum().item()
-                a["kl"] += (ref.exp() * (ref - logp)).sum().item()
-                a["agree"] += (ref.argmax(-1) == logp.argmax(-1)).sum().item()
-        count += targets.numel()
+        ref = log_probs(dense, batch)  # the dense logits once per window, shared by every model
+        for name, model in models.items():
+            tallies[name].add(ref if name == "dense" else log_probs(model, batch), batch[:, 1:], ref)
         for row in data["models"]:
-            a = acc[row["name"]]
-            row.update(perplexity=math.exp(a["nll"] / count), kl=a["kl"] / count, top1=a["agree"] / count)
-        data["eval"]["tokens_evaluated"] = count
+            r = tallies[row["name"]].result(w + 1, args.eval_seqlen)
+            row.update(perplexity=r.perplexity, kl=r.kl, top1=r.top1_agreement)
+        data["eval"]["tokens_evaluated"] = tallies["dense"].count
         data["eval"]["windows_evaluated"] = w + 1
         summarize_granularity(data)
         write(args.out, data)

@@ -54,21 +54,10 @@ class Adapter:
     """How one architecture lays out a decoder layer."""
 
     architecture: str
-    families: str
     qkv_bias: Callable[[Any], bool]
-    o_bias: Callable[[Any], bool]
     mlp_bias: Callable[[Any], bool]
     qk_norm: bool
     sliding_window: Callable[[Any], int | None]
-    attn: str = "self_attn"
-    mlp: str = "mlp"
-    q: str = "q_proj"
-    k: str = "k_proj"
-    v: str = "v_proj"
-    o: str = "o_proj"
-    gate: str = "gate_proj"
-    up: str = "up_proj"
-    down: str = "down_proj"
 
     def geometry(self, config: Any) -> Geometry:
         heads = config.num_attention_heads
@@ -87,21 +76,22 @@ class Adapter:
         return model.model.layers
 
     def layer_modules(self, model: nn.Module, index: int) -> LayerModules:
+        """Every supported family names its modules as Llama does (``self_attn.q_proj``, ``mlp.up_proj``...)."""
         layer = self.layers(model)[index]
-        attn = getattr(layer, self.attn, None)
-        mlp = getattr(layer, self.mlp, None)
+        attn = getattr(layer, "self_attn", None)
+        mlp = getattr(layer, "mlp", None)
 
         def part(module: nn.Module | None, name: str) -> nn.Module | None:
             return getattr(module, name, None) if module is not None else None
 
         return LayerModules(
-            q_proj=part(attn, self.q),
-            k_proj=part(attn, self.k),
-            v_proj=part(attn, self.v),
-            o_proj=part(attn, self.o),
-            gate_proj=part(mlp, self.gate),
-            up_proj=part(mlp, self.up),
-            down_proj=part(mlp, self.down),
+            q_proj=part(attn, "q_proj"),
+            k_proj=part(attn, "k_proj"),
+            v_proj=part(attn, "v_proj"),
+            o_proj=part(attn, "o_proj"),
+            gate_proj=part(mlp, "gate_proj"),
+            up_proj=part(mlp, "up_proj"),
+            down_proj=part(mlp, "down_proj"),
             input_layernorm=getattr(layer, "input_layernorm", None),
             post_attention_layernorm=getattr(layer, "post_attention_layernorm", None),
             q_norm=part(attn, "q_norm"),
@@ -125,46 +115,36 @@ def _qwen_window(config: Any) -> int | None:
 ADAPTERS: dict[str, Adapter] = {
     a.architecture: a
     for a in (
-        Adapter(
+        Adapter(  # Llama 1/2/3, SmolLM, TinyLlama (MHA or GQA, rope scaling)
             "LlamaForCausalLM",
-            "Llama 1/2/3, SmolLM, TinyLlama (MHA or GQA, rope scaling)",
             qkv_bias=_attr("attention_bias", False),
-            o_bias=_attr("attention_bias", False),
             mlp_bias=_attr("mlp_bias", False),
             qk_norm=False,
             sliding_window=lambda c: None,
         ),
-        Adapter(
+        Adapter(  # Mistral (GQA, optional sliding window)
             "MistralForCausalLM",
-            "Mistral (GQA, optional sliding window)",
             qkv_bias=lambda c: False,
-            o_bias=lambda c: False,
             mlp_bias=lambda c: False,
             qk_norm=False,
             sliding_window=_attr("sliding_window"),
         ),
-        Adapter(
+        Adapter(  # Qwen2 / Qwen2.5 (GQA, q/k/v biases)
             "Qwen2ForCausalLM",
-            "Qwen2 / Qwen2.5 (GQA, q/k/v biases)",
             qkv_bias=lambda c: True,
-            o_bias=lambda c: False,
             mlp_bias=lambda c: False,
             qk_norm=False,
             sliding_window=_qwen_window,
         ),
-        Adapter(
+        Adapter(  # Qwen3 dense (GQA, per-head q/k RMSNorm)
             "Qwen3ForCausalLM",
-            "Qwen3 dense (GQA, per-head q/k RMSNorm)",
             qkv_bias=_attr("attention_bias", False),
-            o_bias=_attr("attention_bias", False),
             mlp_bias=lambda c: False,
             qk_norm=True,
             sliding_window=_qwen_window,
         ),
     )
 }
-
-SOURCE_ARCHITECTURES = list(ADAPTERS)
 
 
 def architecture_of(config: Any) -> str:
@@ -184,10 +164,6 @@ def get_adapter(config: Any) -> Adapter:
     arch = architecture_of(config)
     if arch not in ADAPTERS:
         raise FlapDeployError(
-            f"unsupported architecture '{arch}'; supported: {', '.join(SOURCE_ARCHITECTURES)}"
+            f"unsupported architecture '{arch}'; supported: {', '.join(ADAPTERS)}"
         )
     return ADAPTERS[arch]
-
-
-def is_pruned(config: Any) -> bool:
-    return architecture_of(config) == "FlapLlamaForCausalLM"

@@ -29,6 +29,7 @@ from .adapters import Geometry
 from .compress import LayerMask
 from .errors import FlapDeployError
 from .params import layer_linear_params
+from .tp import layer_tp_problem
 
 STRUCTURES = ("AL-AM", "AL-MM", "UL-MM", "UL-UM")
 GRANULARITIES = ("group", "head")
@@ -36,17 +37,14 @@ GRANULARITIES = ("group", "head")
 
 @dataclass
 class Alignment:
-    """Width rules: MLP widths a multiple of ``mlp_multiple``; with ``tp_size`` T > 1, query heads
-    and MLP width divisible by T and KV heads divisible by T or dividing T (vLLM's TP rules)."""
+    """Width rules: MLP widths a multiple of ``mlp_multiple``; with ``tp_size`` > 1, the widths
+    vLLM can shard (``tp.layer_tp_problem``; the MLP step is a multiple of ``tp_size``)."""
 
     mlp_multiple: int = 1
     tp_size: int = 1
 
     def heads_ok(self, q: int, kv: int) -> bool:
-        t = self.tp_size
-        if q == 0:
-            return True
-        return q % t == 0 and (kv % t == 0 or t % kv == 0)
+        return layer_tp_problem(q, kv, 0, self.tp_size) is None
 
     @property
     def mlp_step(self) -> int:

@@ -38,7 +38,8 @@ BUNDLED = {
 
 
 def cache_dir() -> Path:
-    """Where materialized models live: $FLAP_DEPLOY_CACHE or ~/.cache/flap-deploy."""
+    """The one cache root (bundled models, synthetic pairs, ONNX exports, test and benchmark models):
+    $FLAP_DEPLOY_CACHE, or ~/.cache/flap-deploy when it is unset or empty."""
     return Path(os.environ.get("FLAP_DEPLOY_CACHE") or Path.home() / ".cache" / "flap-deploy")
 
 
@@ -87,4 +88,22 @@ def materialize(name: str) -> Path:
         # Another process won the race and renamed its copy into place first.
         if not (out / "config.json").is_file():
             raise
+    return out
+
+
+def flap_pruned_bundled(out: str | os.PathLike, *, ratio: float = 0.2, calib: str = "self", nsamples: int = 64,
+                        mlp_multiple: int = 16, tp_size: int = 1, progress: bool = True) -> Path:
+    """The bundled SmolLM2-135M pruned by FLAP into ``out``, once; later calls return ``out`` at once.
+
+    The one recipe of the test fixtures and the benchmarks (seqlen 128, seed 0, bias
+    compensation), so their figures describe the same kind of model. The caller names ``out``
+    after the arguments it varies, so that different recipes do not share a directory.
+    """
+    out = Path(out)
+    if not (out / "config.json").is_file():
+        from .pruning import PruneConfig, prune
+
+        config = PruneConfig(ratio=ratio, calib=calib, nsamples=nsamples, seqlen=128, seed=0,
+                             mlp_multiple=mlp_multiple, tp_size=tp_size, progress=progress)
+        prune(materialize("smollm2-135m"), config).save(out, overwrite=True)
     return out

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .errors import FlapDeployError
+from .errors import FlapDeployError, ParameterError
 
 HF_SOURCES = {"hf:wikitext2": ("wikitext", "wikitext-2-raw-v1", "train")}
 
@@ -59,15 +59,15 @@ def hf_windows(name: str, tokenizer: Any, nsamples: int, seqlen: int, seed: int)
     try:
         import datasets  # lazy: an optional dependency (pip install 'flap-deploy[data]')
     except ImportError:
-        raise FlapDeployError(
-            f"--calib {name} needs the 'datasets' package (pip install datasets), or use a text file or 'self'"
+        raise ParameterError(
+            "calib", f"{name} needs the 'datasets' package (pip install datasets), or use a text file or 'self'"
         ) from None
     path, config, split = HF_SOURCES[name]
     try:
         data = datasets.load_dataset(path, config, split=split)
     except Exception as e:  # network, hub or cache errors all mean the same to the user
-        raise FlapDeployError(
-            f"--calib {name}: cannot load {path}/{config} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+        raise ParameterError(
+            "calib", f"{name}: cannot load {path}/{config} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
             "no network? use a text file or 'self'"
         ) from None
     return random_windows(_tokens(tokenizer, "\n\n".join(data["text"])), nsamples, seqlen, seed, name)
@@ -118,11 +118,11 @@ def self_generated(model: torch.nn.Module, tokenizer: Any | None, nsamples: int,
 
 def calibration_windows(source: str, model: torch.nn.Module, tokenizer: Any | None, nsamples: int, seqlen: int,
                         seed: int, progress: bool = True) -> Calibration:
-    """Token windows for a ``--calib`` value: ``self``, ``hf:wikitext2``, or a text file/directory."""
+    """Token windows for a ``calib`` value: ``self``, ``hf:wikitext2``, or a text file/directory."""
     if source == "self":
         return Calibration(self_generated(model, tokenizer, nsamples, seqlen, seed, progress=progress), "self")
     if tokenizer is None:
-        raise FlapDeployError(f"--calib {source} needs a tokenizer (the model directory has none); use --calib self")
+        raise ParameterError("calib", f"{source} needs a tokenizer (the model directory has none); use calib='self'")
     if source.startswith("hf:"):
         if source not in HF_SOURCES:
             raise FlapDeployError(f"unknown calibration dataset '{source}'; known: {', '.join(HF_SOURCES)}")

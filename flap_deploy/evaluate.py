@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .errors import FlapDeployError
+from .errors import FlapDeployError, ParameterError
 
 
 @dataclass
@@ -32,9 +32,9 @@ class EvalResult:
 def token_windows(tokenizer: Any, text: str, seqlen: int, max_tokens: int | None = None) -> torch.Tensor:
     """Non-overlapping windows [n, seqlen] of the text's tokens (first ``max_tokens`` tokens at most)."""
     if seqlen < 2:
-        raise FlapDeployError(f"--seqlen must be at least 2, got {seqlen}")
+        raise ParameterError("seqlen", f"must be at least 2, got {seqlen}")
     if max_tokens is not None and max_tokens < seqlen:
-        raise FlapDeployError(f"--max-tokens {max_tokens} is less than one window of {seqlen} tokens")
+        raise ParameterError("max_tokens", f"{max_tokens} is less than one window of {seqlen} tokens")
     # Tokenizing a long text is slow; with a token budget, a prefix of the text suffices.
     chars = len(text) if max_tokens is None else min(len(text), max_tokens * 8)
     while True:
@@ -51,14 +51,47 @@ def token_windows(tokenizer: Any, text: str, seqlen: int, max_tokens: int | None
 
 
 @torch.no_grad()
-def _log_probs(model: torch.nn.Module, window: torch.Tensor) -> torch.Tensor:
+def log_probs(model: torch.nn.Module, window: torch.Tensor) -> torch.Tensor:
+    """Float32 next-token log-probabilities [batch, seqlen - 1, vocab] of token windows."""
     logits = model(input_ids=window, use_cache=False).logits[:, :-1].float()
     return F.log_softmax(logits, dim=-1)
 
 
+@dataclass
+class Tally:
+    """Running sums over predicted positions: the model's NLL and, against a reference, the
+    reference's NLL, KL(reference‖model) and top-1 agreement. Add windows one batch at a time."""
+
+    nll: float = 0.0
+    ref_nll: float = 0.0
+    kl: float = 0.0
+    agree: int = 0
+    count: int = 0
+    with_reference: bool = False
+
+    def add(self, logp: torch.Tensor, targets: torch.Tensor, ref_logp: torch.Tensor | None = None) -> None:
+        """One batch: ``logp`` / ``ref_logp`` from ``log_probs``, ``targets`` = the windows' tokens [:, 1:]."""
+        self.nll -= logp.gather(-1, targets.unsqueeze(-1)).sum().item()
+        self.count += targets.numel()
+        if ref_logp is not None:
+            self.with_reference = True
+            self.ref_nll -= ref_logp.gather(-1, targets.unsqueeze(-1)).sum().item()
+            self.kl += (ref_logp.exp() * (ref_logp - logp)).sum().item()
+            self.agree += (ref_logp.argmax(-1) == logp.argmax(-1)).sum().item()
+
+    def result(self, windows: int, seqlen: int) -> EvalResult:
+        result = EvalResult(perplexity=math.exp(self.nll / self.count), tokens=self.count, windows=windows,
+                            seqlen=seqlen)
+        if self.with_reference:
+            result.reference_perplexity = math.exp(self.ref_nll / self.count)
+            result.kl = self.kl / self.count
+            result.top1_agreement = self.agree / self.count
+        return result
+
+
 def teacher_forced_top1(model: torch.nn.Module, ids: list[int]) -> tuple[list[int], list[float]]:
     """Argmax and its log-probability at every position of ``ids`` but the last (one forward)."""
-    best = _log_probs(model, torch.tensor([ids]))[0].max(dim=-1)
+    best = log_probs(model, torch.tensor([ids]))[0].max(dim=-1)
     return best.indices.tolist(), best.values.tolist()
 
 
@@ -88,23 +121,8 @@ def evaluate_windows(
     progress: bool = True,
 ) -> EvalResult:
     """The figures of ``evaluate`` on token windows [n, seqlen] (e.g. self-generated text)."""
-    nll = kl = ref_nll = 0.0
-    agree = count = 0
+    tally = Tally()
     for start in tqdm(range(0, len(windows), batch_size), desc="eval", unit="batch", disable=not progress):
         batch = windows[start : start + batch_size]
-        targets = batch[:, 1:]
-        logp = _log_probs(model, batch)
-        nll -= logp.gather(-1, targets.unsqueeze(-1)).sum().item()
-        count += targets.numel()
-        if reference is not None:
-            ref_logp = _log_probs(reference, batch)
-            ref_nll -= ref_logp.gather(-1, targets.unsqueeze(-1)).sum().item()
-            kl += (ref_logp.exp() * (ref_logp - logp)).sum().item()
-            agree += (ref_logp.argmax(-1) == logp.argmax(-1)).sum().item()
-    result = EvalResult(perplexity=math.exp(nll / count), tokens=count, windows=len(windows),
-                        seqlen=windows.shape[1])
-    if reference is not None:
-        result.reference_perplexity = math.exp(ref_nll / count)
-        result.kl = kl / count
-        result.top1_agreement = agree / count
-    return result
+        tally.add(log_probs(model, batch), batch[:, 1:], log_probs(reference, batch) if reference is not None else None)
+    return tally.result(len(windows), windows.shape[1])

@@ -1,7 +1,8 @@
 """FLAP pruning (and the Wanda-sp / magnitude-sp baselines) end to end.
 
-calibrate (layer by layer) → stream statistics → score → allocate widths → ``compress``.
-``prune(model, config)`` returns a ``PrunedModel``; the CLI ``flap-deploy prune`` only wraps it.
+``prune(model, config)``: validate → load (alignment checked on the config first) → score (one
+function per method: ``score_flap``, ``score_wanda_sp``, ``score_magnitude_sp``) → allocate widths
+(``allocation``) → ``compress`` → provenance. It returns a ``PrunedModel``; the CLI only wraps it.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import os
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -18,11 +19,12 @@ from .adapters import get_adapter
 from .allocation import GRANULARITIES, STRUCTURES, Alignment, allocate
 from .calibration import calibration_windows
 from .compress import LayerMask, LayerMeans, compress
-from .errors import FlapDeployError
+from .errors import FlapDeployError, ParameterError
 from .layerwise import LayerStats, calibrate_layers
-from .metrics import METRICS, flap_scores, head_scores, magnitude_metric, wanda_metric
+from .importance import METRICS, flap_scores, head_scores, magnitude_metric, wanda_metric
 
 METHODS = ("flap", "wanda-sp", "mag-sp")
+BASELINE_METRICS = {"wanda-sp": "wanda", "mag-sp": "magnitude"}  # recorded as the metric of a baseline run
 
 
 @dataclass
@@ -31,7 +33,7 @@ class PruneConfig:
 
     ratio: fraction of the decoder layers' linear weights (q/k/v/o, gate/up/down) to remove.
     method: ``flap`` or the baselines ``wanda-sp`` / ``mag-sp`` (uniform per layer, no compensation).
-    metric / structure: FLAP's importance metric and width structure (see ``metrics``, ``allocation``).
+    metric / structure: FLAP's importance metric and width structure (see ``importance``, ``allocation``).
     attn_ratio: fraction of attention weights removed by the manual-module structures UL-MM / AL-MM
         (default 0.75 x ratio, the authors' ablation setting of 384 of 1024 heads at 50 %).
     attn_granularity: ``group`` (a KV group is a unit) or ``head`` (query heads inside groups,
@@ -61,9 +63,9 @@ class PruneConfig:
     def validate(self) -> None:
         """One-line errors for values no run could use."""
         if not 0 <= self.ratio < 1:
-            raise FlapDeployError(f"--ratio must be in [0, 1), got {self.ratio}")
+            raise ParameterError("ratio", f"must be in [0, 1), got {self.ratio}")
         if self.attn_ratio is not None and not 0 <= self.attn_ratio < 1:
-            raise FlapDeployError(f"--attn-ratio must be in [0, 1), got {self.attn_ratio}")
+            raise ParameterError("attn_ratio", f"must be in [0, 1), got {self.attn_ratio}")
         if self.method not in METHODS:
             raise FlapDeployError(f"unknown method '{self.method}'; choose from {', '.join(METHODS)}")
         if self.metric not in METRICS:
@@ -76,9 +78,9 @@ class PruneConfig:
         for name in ("nsamples", "seqlen", "mlp_multiple", "tp_size", "batch_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
-                raise FlapDeployError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+                raise ParameterError(name, f"must be a positive integer, got {value}")
         if self.seqlen < 2:
-            raise FlapDeployError(f"--seqlen must be at least 2, got {self.seqlen}")
+            raise ParameterError("seqlen", f"must be at least 2, got {self.seqlen}")
 
     @property
     def effective_attn_ratio(self) -> float | None:
@@ -140,20 +142,21 @@ def linear_weights(model: torch.nn.Module) -> int:
 
 
 def _load(model: str | os.PathLike | torch.nn.Module, tokenizer: Any,
-          check: Any = None) -> tuple[torch.nn.Module, Any, Path | None, str]:
+          check: Callable[[Any], None]) -> tuple[torch.nn.Module, Any, Path | None, str]:
+    """(model, tokenizer, source directory or None, name); ``check(config)`` runs before any weight loads."""
     from .models import load_model, load_tokenizer, resolve_model
 
     if isinstance(model, torch.nn.Module):
+        check(model.config)
         name = getattr(model.config, "_name_or_path", "") or "<in-memory model>"
         path = Path(name) if name and Path(name).is_dir() else None
         loaded = model
     else:
+        from transformers import AutoConfig
+
         path = resolve_model(model)
         name = str(model)
-        if check is not None:  # config-level problems (e.g. alignment) before loading the weights
-            from transformers import AutoConfig
-
-            check(AutoConfig.from_pretrained(path))
+        check(AutoConfig.from_pretrained(path))
         loaded = load_model(path)
     if path is None:
         return loaded, tokenizer, None, name
@@ -187,100 +190,141 @@ def collect_statistics(model: torch.nn.Module, config: PruneConfig, tokenizer: A
     return Statistics(layers=layers, calibration=calib.describe(config.seed))
 
 
+@dataclass
+class Scores:
+    """What a method's scoring hands to the allocation: one score per query head (``attn``) and per
+    MLP channel (``mlp``) of every layer, the calibration means for bias compensation (FLAP only),
+    the calibration's description and FLAP's reusable statistics."""
+
+    attn: list[torch.Tensor]
+    mlp: list[torch.Tensor]
+    means: list[LayerMeans] | None = None
+    calibration: dict[str, Any] | None = None
+    statistics: Statistics | None = None
+
+
+def score_flap(model: torch.nn.Module, config: PruneConfig, tokenizer: Any,
+               statistics: Statistics | None = None) -> Scores:
+    """FLAP: the configured metric on dense-calibration statistics, standardized per layer and module."""
+    adapter = get_adapter(model.config)
+    geom = adapter.geometry(model.config)
+    if statistics is None:
+        statistics = collect_statistics(model, config, tokenizer)
+    elif len(statistics.layers) != geom.num_layers:
+        raise FlapDeployError(f"statistics of {len(statistics.layers)} layers for a model of {geom.num_layers}")
+    scores = Scores(attn=[], mlp=[], means=[], calibration=statistics.calibration, statistics=statistics)
+    for i, stats in enumerate(statistics.layers):
+        m = adapter.layer_modules(model, i)
+        a, s = flap_scores(config.metric, m.o_proj.weight, stats.attn, m.down_proj.weight, stats.mlp, geom.head_dim)
+        scores.attn.append(a)
+        scores.mlp.append(s)
+        scores.means.append(LayerMeans(attn=stats.attn.mean.cpu(), mlp=stats.mlp.mean.cpu()))
+    return scores
+
+
+def score_wanda_sp(model: torch.nn.Module, config: PruneConfig, tokenizer: Any, align: Alignment) -> Scores:
+    """Wanda-sp: uniform per layer, each layer's widths decided during calibration so the next
+    layer sees pruned outputs."""
+    adapter = get_adapter(model.config)
+    geom = adapter.geometry(model.config)
+    calib = calibration_windows(config.calib, model, tokenizer, config.nsamples, config.seqlen, config.seed,
+                                progress=config.progress)
+    scores = Scores(attn=[], mlp=[], calibration=calib.describe(config.seed))
+    one_layer = replace(geom, num_layers=1)
+
+    def on_layer(i: int, stats: LayerStats) -> LayerMask:
+        m = adapter.layer_modules(model, i)
+        a = head_scores(wanda_metric(m.o_proj.weight, stats.attn), geom.head_dim, "sum").cpu()
+        s = wanda_metric(m.down_proj.weight, stats.mlp).cpu()
+        scores.attn.append(a)
+        scores.mlp.append(s)
+        return allocate([a], [s], one_layer, ratio=config.ratio, structure="UL-UM",
+                        granularity=config.attn_granularity, align=align).masks[0]
+
+    calibrate_layers(model, calib.input_ids, on_layer, batch_size=config.batch_size, propagate_pruned=True,
+                     progress=config.progress)
+    return scores
+
+
+def score_magnitude_sp(model: torch.nn.Module) -> Scores:
+    """Magnitude-sp: weights only, no calibration."""
+    adapter = get_adapter(model.config)
+    geom = adapter.geometry(model.config)
+    scores = Scores(attn=[], mlp=[])
+    for i in range(geom.num_layers):
+        m = adapter.layer_modules(model, i)
+        scores.attn.append(head_scores(magnitude_metric(m.o_proj.weight), geom.head_dim, "sum").cpu())
+        scores.mlp.append(magnitude_metric(m.down_proj.weight).cpu())
+    return scores
+
+
+def _score(model: torch.nn.Module, config: PruneConfig, tokenizer: Any, statistics: Statistics | None,
+           align: Alignment) -> Scores:
+    if config.method == "flap":
+        return score_flap(model, config, tokenizer, statistics)
+    if config.method == "wanda-sp":
+        return score_wanda_sp(model, config, tokenizer, align)
+    return score_magnitude_sp(model)
+
+
+def _provenance(config: PruneConfig, align: Alignment, scores: Scores, name: str, architecture: str,
+                dense: torch.nn.Module, pruned: torch.nn.Module) -> dict[str, Any]:
+    """The run's record; the achieved ratio from the weights the pruned model really holds."""
+    from . import __version__
+
+    flap = config.method == "flap"
+    dense_linear, pruned_linear = linear_weights(dense), linear_weights(pruned)
+    return {
+        "method": config.method,
+        "metric": config.metric if flap else BASELINE_METRICS[config.method],
+        "structure": config.structure if flap else "UL-UM",
+        "attn_granularity": config.attn_granularity,
+        "attn_ratio": config.effective_attn_ratio if flap else None,
+        "target_ratio": config.ratio,
+        "achieved_ratio": 1 - pruned_linear / dense_linear,
+        "bias_compensation": scores.means is not None and config.bias,
+        "calibration": scores.calibration,
+        "source_model": name,
+        "source_architecture": architecture,
+        "alignment": align.to_dict(),
+        "package_version": __version__,
+        "dense_params": sum(p.numel() for p in dense.parameters()),
+        "pruned_params": sum(p.numel() for p in pruned.parameters()),
+        "dense_linear_weights": dense_linear,
+        "pruned_linear_weights": pruned_linear,
+    }
+
+
 @torch.no_grad()
 def prune(model: str | os.PathLike | torch.nn.Module, config: PruneConfig | None = None,
           tokenizer: Any = None, statistics: Statistics | None = None) -> PrunedModel:
     """Prune a dense model (a loaded model, a checkpoint directory or a bundled name).
 
-    ``statistics`` (from ``collect_statistics`` or an earlier ``PrunedModel.statistics`` of the
-    same model) skips FLAP's calibration. The dense model is left untouched. Raises
-    FlapDeployError for bad input before any work.
+    validate → load → score → allocate → compress → provenance. ``statistics`` (from
+    ``collect_statistics`` or an earlier ``PrunedModel.statistics`` of the same model) skips
+    FLAP's calibration. The dense model is left untouched. Raises FlapDeployError for bad input
+    before any work.
     """
     config = config or PruneConfig()
     config.validate()
     align = Alignment(config.mlp_multiple, config.tp_size)
     model, tokenizer, source, name = _load(model, tokenizer, lambda cfg: check_alignment(cfg, config, align))
-    check_alignment(model.config, config, align)
     adapter = get_adapter(model.config)
-    geom = adapter.geometry(model.config)
 
-    timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    calib_info: dict[str, Any] | None = None
-    attn_scores: list[torch.Tensor] = []
-    mlp_scores: list[torch.Tensor] = []
-    means: list[LayerMeans] = []
-
-    if config.method == "mag-sp":  # weights only, no calibration
-        for i in range(geom.num_layers):
-            m = adapter.layer_modules(model, i)
-            attn_scores.append(head_scores(magnitude_metric(m.o_proj.weight), geom.head_dim, "sum").cpu())
-            mlp_scores.append(magnitude_metric(m.down_proj.weight).cpu())
-    elif config.method == "flap":
-        if statistics is None:
-            statistics = collect_statistics(model, config, tokenizer)
-        elif len(statistics.layers) != geom.num_layers:
-            raise FlapDeployError(f"statistics of {len(statistics.layers)} layers for a model of {geom.num_layers}")
-        calib_info = statistics.calibration
-        for i, stats in enumerate(statistics.layers):
-            m = adapter.layer_modules(model, i)
-            a, s = flap_scores(config.metric, m.o_proj.weight, stats.attn, m.down_proj.weight, stats.mlp,
-                               geom.head_dim)
-            attn_scores.append(a)
-            mlp_scores.append(s)
-            means.append(LayerMeans(attn=stats.attn.mean.cpu(), mlp=stats.mlp.mean.cpu()))
-    else:  # Wanda-sp: uniform per layer, decided during calibration so the next layer sees pruned outputs
-        calib = calibration_windows(config.calib, model, tokenizer, config.nsamples, config.seqlen, config.seed,
-                                    progress=config.progress)
-        calib_info = calib.describe(config.seed)
-        one_layer = replace(geom, num_layers=1)
-
-        def on_layer(i: int, stats: LayerStats) -> LayerMask:
-            m = adapter.layer_modules(model, i)
-            a = head_scores(wanda_metric(m.o_proj.weight, stats.attn), geom.head_dim, "sum").cpu()
-            s = wanda_metric(m.down_proj.weight, stats.mlp).cpu()
-            attn_scores.append(a)
-            mlp_scores.append(s)
-            return allocate([a], [s], one_layer, ratio=config.ratio, structure="UL-UM",
-                            granularity=config.attn_granularity, align=align).masks[0]
-
-        calibrate_layers(model, calib.input_ids, on_layer, batch_size=config.batch_size, propagate_pruned=True,
-                         progress=config.progress)
-    timings["calibrate_s"] = time.perf_counter() - t0
-
+    scores = _score(model, config, tokenizer, statistics, align)
+    timings = {"calibrate_s": time.perf_counter() - t0}
     structure = config.structure if config.method == "flap" else "UL-UM"
-    allocation = allocate(attn_scores, mlp_scores, geom, ratio=config.ratio, structure=structure,
-                          attn_ratio=config.effective_attn_ratio, granularity=config.attn_granularity, align=align)
-    use_bias = config.method == "flap" and config.bias
-    from . import __version__
-
-    provenance = {
-        "method": config.method,
-        "metric": config.metric if config.method == "flap" else ("wanda" if config.method == "wanda-sp" else "magnitude"),
-        "structure": structure,
-        "attn_granularity": config.attn_granularity,
-        "attn_ratio": config.effective_attn_ratio if config.method == "flap" else None,
-        "target_ratio": config.ratio,
-        "achieved_ratio": allocation.achieved_ratio,
-        "bias_compensation": use_bias,
-        "calibration": calib_info,
-        "source_model": name,
-        "source_architecture": adapter.architecture,
-        "alignment": align.to_dict(),
-        "package_version": __version__,
-    }
-    pruned = compress(model, allocation.masks, means if use_bias else None, provenance)
-    dense_params = sum(p.numel() for p in model.parameters())
-    pruned_params = sum(p.numel() for p in pruned.parameters())
-    provenance.update(
-        dense_params=dense_params, pruned_params=pruned_params,
-        dense_linear_weights=linear_weights(model), pruned_linear_weights=linear_weights(pruned),
-    )
-    provenance["achieved_ratio"] = 1 - provenance["pruned_linear_weights"] / provenance["dense_linear_weights"]
-    pruned.config.flap = {**pruned.config.flap, **provenance}
+    allocation = allocate(scores.attn, scores.mlp, adapter.geometry(model.config), ratio=config.ratio,
+                          structure=structure, attn_ratio=config.effective_attn_ratio,
+                          granularity=config.attn_granularity, align=align)
+    means = scores.means if config.bias else None
+    pruned = compress(model, allocation.masks, means)
+    pruned.config.flap = {**_provenance(config, align, scores, name, adapter.architecture, model, pruned),
+                          **pruned.config.flap}
     timings["total_s"] = time.perf_counter() - t0
-    return PrunedModel(model=pruned, masks=allocation.masks, provenance=pruned.config.flap,
-                       means=means if use_bias else None, statistics=statistics, source=source,
+    return PrunedModel(model=pruned, masks=allocation.masks, provenance=pruned.config.flap, means=means,
+                       statistics=scores.statistics if config.method == "flap" else statistics, source=source,
                        tokenizer=tokenizer, timings=timings)
 
 

@@ -24,7 +24,7 @@ from .allocation import Alignment, allocate
 from .atomic import atomic_directory
 from .checkpoint import TOKENIZER_FILES
 from .compress import LayerWidths, flap_config
-from .errors import FlapDeployError
+from .errors import FlapDeployError, ParameterError
 from .params import decode_step_params, layer_linear_params
 
 
@@ -96,7 +96,7 @@ def build_synthetic_pair(name: str, out: str | os.PathLike, ratio: float = 0.2, 
     if name not in SHAPES:
         raise FlapDeployError(f"unknown synthetic shape '{name}'; choose from {', '.join(SHAPES)}")
     if not 0 < ratio < 1:
-        raise FlapDeployError(f"--ratio must be in (0, 1), got {ratio}")
+        raise ParameterError("ratio", f"must be in (0, 1), got {ratio}")
     tok_dir = Path(tokenizer_from)
     tok_cfg = json.loads((tok_dir / "config.json").read_text())
     source = source_config(SHAPES[name], tok_cfg["vocab_size"], tok_cfg.get("bos_token_id"), tok_cfg.get("eos_token_id"))

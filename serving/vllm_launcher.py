@@ -70,6 +70,7 @@ def check_servable(model: str | os.PathLike, tp_size: int = 1, weights: bool = T
     from flap_deploy.checkpoint import read_config
     from flap_deploy.modeling_flap_llama import validate_flap_config
     from flap_deploy.models import check_model_dir, resolve_model
+    from flap_deploy.tp import layer_tp_problem
 
     path = resolve_model(model)
     if weights:
@@ -83,7 +84,7 @@ def check_servable(model: str | os.PathLike, tp_size: int = 1, weights: bool = T
     if cfg.get("model_type") == "flap_llama":
         validate_for_vllm(cfg, tp_size, source=str(path / "config.json"))
     else:  # a dense model of a supported family: vLLM serves it natively
-        from exporters.vllm.convert import widths_config
+        from flap_deploy.convert import widths_config
 
         widths = widths_config(path, cfg)  # from the tensor shapes: another pruner's output is not dense
         for key, dense in (("num_attention_heads_per_layer", widths["num_attention_heads"]),
@@ -94,12 +95,10 @@ def check_servable(model: str | os.PathLike, tp_size: int = 1, weights: bool = T
                     f"{path}: layers of different widths in a {cfg.get('model_type')} checkpoint; convert it first: "
                     f"flap-deploy export vllm {path} OUT"
                 )
-        heads, kv = widths["num_attention_heads"], widths["num_key_value_heads"]
-        if heads % tp_size or (kv % tp_size and tp_size % kv):
-            raise FlapDeployError(
-                f"{path / 'config.json'}: {heads} query / {kv} KV heads cannot be split over "
-                f"tensor-parallel size {tp_size}"
-            )
+        problem = layer_tp_problem(widths["num_attention_heads"], widths["num_key_value_heads"],
+                                   widths["intermediate_size"], tp_size)
+        if problem:
+            raise FlapDeployError(f"{path / 'config.json'}: {problem}")
     return path, cfg
 
 

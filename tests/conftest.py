@@ -37,14 +37,9 @@ def flap20_dir(bundled_dir) -> Path:
     """The bundled model pruned 20 % by the real FLAP pruner (32 calibration windows from
     WikiText-2 valid, or self-generated without the data; MLP widths multiple of 16), cached
     beside the bundled model for the whole run."""
-    from flap_deploy.bundled import cache_dir
-    from flap_deploy.pruning import PruneConfig, prune
+    from flap_deploy.bundled import cache_dir, flap_pruned_bundled
 
     valid = WIKITEXT / "valid.txt"
-    calib = str(valid) if valid.is_file() else "self"
     out = cache_dir() / f"test-smollm2-135m-flap20-{'wikitext' if valid.is_file() else 'self'}32-m16"
-    if not (out / "config.json").is_file():
-        config = PruneConfig(ratio=0.2, calib=calib, nsamples=32, seqlen=128, seed=0, mlp_multiple=16,
-                             progress=False)
-        prune(bundled_dir, config).save(out, overwrite=True)
-    return out
+    return flap_pruned_bundled(out, ratio=0.2, calib=str(valid) if valid.is_file() else "self", nsamples=32,
+                               mlp_multiple=16, progress=False)

@@ -11,12 +11,12 @@ import transformers
 from click.testing import CliRunner
 from safetensors.torch import save_file
 
-from exporters.vllm.convert import import_per_layer_checkpoint
 from exporters.vllm.export import export_vllm
 from factories import tiny_dense, tiny_heterogeneous
 from flap_deploy.checkpoint import save_checkpoint, validate_checkpoint
 from flap_deploy_cli import main
 from flap_deploy.compress import LayerMask, compress
+from flap_deploy.convert import import_per_layer_checkpoint
 from flap_deploy.errors import FlapDeployError
 from flap_deploy.models import load_model
 

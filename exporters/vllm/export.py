@@ -16,7 +16,7 @@ import torch
 
 from flap_deploy.atomic import atomic_directory, check_output_dir
 from flap_deploy.checkpoint import read_config, save_checkpoint, validate_checkpoint
-from flap_deploy.errors import FlapDeployError
+from flap_deploy.errors import ParameterError
 from flap_deploy.models import resolve_model
 
 from .validate import validate_for_vllm
@@ -48,7 +48,7 @@ def widths_of(path: Path) -> dict[str, Any]:
     cfg = read_config(path)
     if cfg.get("model_type") == "flap_llama":
         return validate_checkpoint(path)
-    from .convert import widths_config
+    from flap_deploy.convert import widths_config
 
     return widths_config(path, cfg)
 
@@ -62,7 +62,7 @@ def load_for_export(path: Path, dtype: torch.dtype) -> tuple[torch.nn.Module, st
         from transformers import AutoModelForCausalLM
 
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval(), "flap_llama"
-    from .convert import import_per_layer_checkpoint
+    from flap_deploy.convert import import_per_layer_checkpoint
 
     return import_per_layer_checkpoint(path, dtype=dtype), f"imported from {cfg.get('model_type')}"
 
@@ -75,7 +75,7 @@ def export_vllm(model: str | os.PathLike, out: str | os.PathLike, *, dtype: str 
     family written by another tool, or a bundled model name. Returns a summary dict.
     """
     if dtype not in DTYPES:
-        raise FlapDeployError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        raise ParameterError("dtype", f"must be one of {', '.join(DTYPES)}, got {dtype!r}")
     check_output_dir(out, overwrite)
     path = resolve_model(model)
     validate_for_vllm(widths_of(path), tp_size, source=f"{path}")  # before loading any weight

