@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import FlapDeployError
+from .errors import FlapDeployError, ParameterError
 
 
 def check_output_dir(out: str | os.PathLike, overwrite: bool = False) -> Path:
@@ -19,7 +19,7 @@ def check_output_dir(out: str | os.PathLike, overwrite: bool = False) -> Path:
         if not out.is_dir():
             raise FlapDeployError(f"output path {out} exists and is not a directory")
         if any(out.iterdir()) and not overwrite:
-            raise FlapDeployError(f"output directory {out} exists and is not empty (use --overwrite to replace it)")
+            raise ParameterError("overwrite", f"is off and output directory {out} exists and is not empty")
     return out
 
 

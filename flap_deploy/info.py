@@ -6,15 +6,15 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .models import check_model_dir
+from .model_ref import CHECKPOINTS, ModelRef, resolve_model
 from .params import as_flap_config, count_params, dense_config
 
 
-def checkpoint_report(path: str | os.PathLike) -> dict[str, Any]:
+def checkpoint_report(model: str | os.PathLike | ModelRef) -> dict[str, Any]:
     """Widths, dense widths, parameter counts and provenance of a checkpoint (pruned or dense)."""
-    path = Path(path)
-    cfg = check_model_dir(path)
-    if cfg.get("model_type") != "flap_llama":
+    ref = resolve_model(model, accept=CHECKPOINTS)
+    path, cfg = ref.path, ref.config
+    if ref.kind == "dense":
         cfg = as_flap_config(cfg)
     dense = dense_config(cfg)
     pruned_counts, dense_counts = count_params(cfg), count_params(dense)

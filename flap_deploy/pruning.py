@@ -144,7 +144,7 @@ def linear_weights(model: torch.nn.Module) -> int:
 def _load(model: str | os.PathLike | torch.nn.Module, tokenizer: Any,
           check: Callable[[Any], None]) -> tuple[torch.nn.Module, Any, Path | None, str]:
     """(model, tokenizer, source directory or None, name); ``check(config)`` runs before any weight loads."""
-    from .models import load_model, load_tokenizer, resolve_model
+    from .model_ref import resolve_model
 
     if isinstance(model, torch.nn.Module):
         check(model.config)
@@ -154,15 +154,15 @@ def _load(model: str | os.PathLike | torch.nn.Module, tokenizer: Any,
     else:
         from transformers import AutoConfig
 
-        path = resolve_model(model)
-        name = str(model)
+        ref = resolve_model(model, accept=("dense",))
+        path, name = ref.path, ref.arg
         check(AutoConfig.from_pretrained(path))
-        loaded = load_model(path)
+        loaded = ref.load()
     if path is None:
         return loaded, tokenizer, None, name
     if tokenizer is None:
         try:
-            tokenizer = load_tokenizer(path)
+            tokenizer = resolve_model(path).tokenizer()
         except FlapDeployError:
             tokenizer = None
     return loaded, tokenizer, path, name

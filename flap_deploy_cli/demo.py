@@ -40,7 +40,7 @@ def run_demo(out: str | os.PathLike = "demo-out", *, quick: bool = False, backen
     from flap_deploy.bundled import materialize
     from flap_deploy.calibration import self_generated
     from flap_deploy.evaluate import evaluate_windows
-    from flap_deploy.models import load_model, load_tokenizer
+    from flap_deploy.model_ref import resolve_model
     from flap_deploy.pruning import PruneConfig, prune
 
     out = Path(out)
@@ -54,8 +54,9 @@ def run_demo(out: str | os.PathLike = "demo-out", *, quick: bool = False, backen
     times["materialize_s"] = time.perf_counter() - t
 
     t = _step("prune 20 % with FLAP (self-generated calibration, no data needed)")
-    dense = load_model(dense_dir, dtype=torch.float32)
-    tokenizer = load_tokenizer(dense_dir)
+    ref = resolve_model(dense_dir)
+    dense = ref.load(torch.float32)
+    tokenizer = ref.tokenizer()
     config = PruneConfig(ratio=0.2, calib="self", nsamples=32 if quick else 128, seqlen=128, seed=0)
     pruned = prune(dense, config, tokenizer=tokenizer)
     pruned_dir = pruned.save(out / "pruned", overwrite=True)

@@ -18,12 +18,12 @@ from .common import FlapCommand, echo_json, json_option
 def info(model: str, plot: Path | None, no_plot: bool, as_json: bool) -> None:
     """Per-layer widths, parameter counts and provenance of a checkpoint, and a widths plot."""
     from flap_deploy.info import checkpoint_report, format_report, plot_widths
-    from flap_deploy.models import resolve_model
+    from flap_deploy.model_ref import CHECKPOINTS, resolve_model
 
-    path = resolve_model(model)
-    report = checkpoint_report(path)
+    ref = resolve_model(model, accept=CHECKPOINTS)
+    report = checkpoint_report(ref)
     if not no_plot:
-        report["plot"] = str(plot_widths(report, plot or path / "flap_widths.png"))
+        report["plot"] = str(plot_widths(report, plot or ref.path / "flap_widths.png"))
     if as_json:
         echo_json(report)
         return
@@ -48,14 +48,14 @@ def eval_command(model: str, text_path: Path, seqlen: int, max_tokens: int | Non
     import torch
 
     from flap_deploy.evaluate import evaluate
-    from flap_deploy.models import load_model, load_tokenizer
+    from flap_deploy.model_ref import CHECKPOINTS, resolve_model
     from flap_deploy.text import load_text
 
     text = load_text(text_path)
-    tokenizer = load_tokenizer(model)
-    result = evaluate(load_model(model, dtype=torch.float32), tokenizer, text, seqlen=seqlen,
-                      max_tokens=max_tokens, batch_size=batch_size,
-                      reference=load_model(reference, dtype=torch.float32) if reference else None,
+    ref = resolve_model(model, accept=CHECKPOINTS)
+    dense = resolve_model(reference, accept=CHECKPOINTS) if reference else None
+    result = evaluate(ref.load(torch.float32), ref.tokenizer(), text, seqlen=seqlen, max_tokens=max_tokens,
+                      batch_size=batch_size, reference=dense.load(torch.float32) if dense else None,
                       progress=not as_json)
     if as_json:
         echo_json({"model": model, "reference": reference, "text": str(text_path), **result.to_dict()})

@@ -30,7 +30,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from flap_deploy.errors import FlapDeployError
+from flap_deploy.errors import FlapDeployError, ParameterError
 
 PERCENTILES = (50.0, 90.0, 99.0)
 
@@ -79,11 +79,11 @@ def build_requests(tokenizer: Any, source: str, num_prompts: int, input_len: int
     else:
         path = Path(source)
         if not path.is_file():
-            raise FlapDeployError(f"--prompts {source}: no such file (give a text file or 'self')")
+            raise ParameterError("prompts", f"{source}: no such file (give a text file or 'self')")
         text = path.read_text(encoding="utf-8", errors="replace")[:4_000_000]
         stream = tokenizer.encode(text, add_special_tokens=False)
         if len(stream) < input_len + 1:
-            raise FlapDeployError(f"--prompts {source}: only {len(stream)} tokens, fewer than --input-len {input_len}")
+            raise ParameterError("prompts", f"{source}: only {len(stream)} tokens, fewer than input_len {input_len}")
         starts = rng.integers(0, len(stream) - input_len, size=num_prompts)
         prompts = [list(stream[s:s + input_len]) for s in starts]
     if chat:
@@ -315,7 +315,7 @@ def server_tokenizer(base_url: str, tokenizer: str | None, model: str | None, ap
     Without `tokenizer`, the model's `root` from /v1/models is used when it is a local
     directory (our server and vLLM both report the model path there).
     """
-    from flap_deploy.models import load_tokenizer
+    from flap_deploy.model_ref import load_tokenizer
 
     api_key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY")
     url, cards = model_cards(base_url, api_key)
@@ -325,6 +325,6 @@ def server_tokenizer(base_url: str, tokenizer: str | None, model: str | None, ap
     if tokenizer is None:
         root = card.get("root")
         if not root or not Path(root).is_dir():
-            raise FlapDeployError(f"{url} reports no local model directory; pass --tokenizer")
+            raise ParameterError("tokenizer", f"is needed: {url} reports no local model directory")
         tokenizer = root
     return load_tokenizer(tokenizer), card["id"]

