@@ -24,7 +24,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .engine import Engine, EngineDead, QueueFull, SamplingParams, TokenEvent
-from .metrics import ServerMetrics
+from .prometheus import ServerMetrics
 from .schemas import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
 
 # ------------------------------------------------------------------------------ errors

@@ -11,7 +11,7 @@ import pytest
 from serving_fakes import TinyNumpyLM
 
 from serving.engine import Engine, QueueFull, SamplingParams
-from serving.metrics import ServerMetrics
+from serving.prometheus import ServerMetrics
 
 
 def _collect(engine: Engine, prompt: list[int], params: SamplingParams) -> tuple[int, queue.Queue]:
