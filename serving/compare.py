@@ -216,7 +216,7 @@ def compare(dense: str, pruned: str, *, backend: str, out_dir: str | Path, concu
     ideal = ideal_ratio(dirs["dense"], dirs["pruned"])
     serve_target = dict(dirs)
     if backend == "onnx":  # export once, before any server runs, so startups stay short
-        from .server import ensure_onnx
+        from exporters.onnx.export import ensure_onnx
 
         serve_target = {k: ensure_onnx(v, progress=progress) for k, v in dirs.items()}
     tokenizer = load_tokenizer(dirs["dense"])

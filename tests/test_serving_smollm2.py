@@ -8,7 +8,8 @@ import openai
 import pytest
 from serving_util import running
 
-from serving.server import create_app, ensure_onnx, load_onnx_server
+from exporters.onnx.export import ensure_onnx
+from serving.server import create_app, load_onnx_server
 
 pytestmark = pytest.mark.slow
 

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["export_onnx", "OnnxCausalLM", "Generation", "SamplingParams", "MANIFEST_NAME"]
+__all__ = ["export_onnx", "ensure_onnx", "OnnxCausalLM", "Generation", "SamplingParams", "MANIFEST_NAME"]
 
 
 def __getattr__(name: str) -> Any:
-    if name == "export_onnx":
-        from .export import export_onnx
+    if name in ("export_onnx", "ensure_onnx"):
+        from . import export
 
-        return export_onnx
+        return getattr(export, name)
     if name in ("OnnxCausalLM", "Generation"):
         from . import runtime
 
