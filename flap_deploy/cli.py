@@ -216,15 +216,20 @@ def generate(model, prompt, max_new_tokens, temperature, top_p, top_k, seed, sto
     a checkpoint directory (or `smollm2-135m`) on PyTorch."""
     import json
 
-    from exporters.generate import generate as run_generate
-    from exporters.onnx.sampling import SamplingParams
+    from pathlib import Path
 
-    try:
-        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                                seed=seed, stop=tuple(stop))
-    except ValueError as e:
-        raise FlapDeployError(str(e)) from None
-    runtime, results = run_generate(model, list(prompt), params, threads=threads, chat=chat)
+    from exporters.onnx.manifest import MANIFEST_NAME
+    from flap_deploy.sampling import SamplingParams
+
+    params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                            seed=seed, stop=tuple(stop))
+    if (Path(model) / MANIFEST_NAME).is_file():  # which runtime the directory holds
+        from exporters.onnx.runtime import generate as run_generate
+        runtime = "onnx"
+    else:
+        from flap_deploy.generate import generate as run_generate
+        runtime = "pytorch"
+    results = run_generate(model, list(prompt), params, threads=threads, chat=chat)
     for g in results:
         if as_json:
             click.echo(json.dumps({"runtime": runtime, "prompt_tokens": len(g.prompt_ids), "token_ids": g.token_ids,

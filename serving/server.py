@@ -22,7 +22,9 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .engine import Engine, EngineDead, QueueFull, SamplingParams, TokenEvent
+from flap_deploy.sampling import SamplingParams
+
+from .engine import Engine, EngineDead, QueueFull, TokenEvent
 from .prometheus import ServerMetrics
 from .schemas import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
 

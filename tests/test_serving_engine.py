@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from serving_fakes import TinyNumpyLM
 
-from serving.engine import Engine, QueueFull, SamplingParams
+from flap_deploy.sampling import SamplingParams
+from serving.engine import Engine, QueueFull
 from serving.prometheus import ServerMetrics
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["export_onnx", "ensure_onnx", "OnnxCausalLM", "Generation", "SamplingParams", "MANIFEST_NAME"]
+__all__ = ["export_onnx", "ensure_onnx", "OnnxCausalLM", "Generation", "MANIFEST_NAME"]
 
 
 def __getattr__(name: str) -> Any:
@@ -22,10 +22,6 @@ def __getattr__(name: str) -> Any:
         from . import runtime
 
         return getattr(runtime, name)
-    if name == "SamplingParams":
-        from .sampling import SamplingParams
-
-        return SamplingParams
     if name == "MANIFEST_NAME":
         from .manifest import MANIFEST_NAME
 

@@ -32,7 +32,8 @@ from flap_deploy.errors import FlapDeployError
 from flap_deploy.modeling_flap_llama import FlapLlamaForCausalLM
 from flap_deploy.models import check_model_dir, load_model, resolve_model
 
-from .graph import OnnxDecoder, cache_layers, input_names, output_names
+from .contract import cache_layers, input_names, output_names
+from .graph import OnnxDecoder
 from .manifest import DTYPES, MANIFEST_NAME, MODEL_NAME, build_manifest, source_identity
 from .quantize import quantize_int8
 from .verify import TOLERANCE, compare_with_torch, verification_prompts

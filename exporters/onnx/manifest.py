@@ -15,7 +15,7 @@ from typing import Any
 
 from flap_deploy.errors import FlapDeployError
 
-from .graph import CacheLayer
+from .contract import CacheLayer
 
 MANIFEST_NAME = "flap_onnx.json"
 MODEL_NAME = "model.onnx"
