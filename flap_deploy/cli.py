@@ -215,7 +215,6 @@ def generate(model, prompt, max_new_tokens, temperature, top_p, top_k, seed, sto
     """Generate text for each PROMPT with MODEL: an ONNX export directory runs on ONNX Runtime,
     a checkpoint directory (or `smollm2-135m`) on PyTorch."""
     import json
-
     from pathlib import Path
 
     from exporters.onnx.manifest import MANIFEST_NAME

@@ -49,8 +49,8 @@ class SamplingParams:
             raise ParameterError("min_tokens", f"must be >= 0, got {self.min_tokens}")
         if self.logprobs is not None and self.logprobs < 0:
             raise ParameterError("logprobs", f"must be >= 0, got {self.logprobs}")
-        self.stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
-        self.stop_token_ids = tuple(int(t) for t in self.stop_token_ids)
+        self.stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        self.stop_token_ids = tuple(int(t) for t in self.stop_token_ids or ())
 
     @property
     def greedy(self) -> bool:

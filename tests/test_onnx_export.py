@@ -130,6 +130,16 @@ def test_text_generation_stop_strings_and_eos(lm):
     assert ended.token_ids == full.token_ids[:3] and ended.finish_reason == "stop"
 
 
+def test_stop_token_ids_end_a_row_but_not_before_min_tokens(lm):
+    full = lm.generate("w5 w9 w17", max_tokens=10, ignore_eos=True)[0]
+    stop = full.token_ids[2]
+    ended = lm.generate("w5 w9 w17", max_tokens=10, stop_token_ids=[stop])[0]
+    first = full.token_ids.index(stop)
+    assert ended.token_ids == full.token_ids[: first + 1] and ended.finish_reason == "stop"
+    held = lm.generate("w5 w9 w17", max_tokens=10, stop_token_ids=[stop], min_tokens=5)[0]
+    assert stop not in held.token_ids[:5] and len(held.token_ids) >= 5
+
+
 def test_cli_generate_uses_the_runtime_the_directory_holds(tiny):
     _, ckpt, out = tiny
     runner = CliRunner()
