@@ -82,8 +82,8 @@ def expected_tensor_shapes(cfg: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def read_safetensors_header(file: Path) -> dict[str, dict[str, Any]]:
-    """Tensor entries of one safetensors file; checks that the file holds every byte it declares."""
+def safetensors_header_bytes(file: Path) -> bytes:
+    """The raw header of one safetensors file: its 8-byte length then the JSON, as stored."""
     size = file.stat().st_size
     with open(file, "rb") as f:
         head = f.read(8)
@@ -92,14 +92,21 @@ def read_safetensors_header(file: Path) -> dict[str, dict[str, Any]]:
         (n,) = struct.unpack("<Q", head)
         if n > size - 8:
             raise FlapDeployError(f"{file}: truncated safetensors file (header of {n} bytes, file of {size})")
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise FlapDeployError(f"{file}: corrupt safetensors header") from None
+        return head + f.read(n)
+
+
+def read_safetensors_header(file: Path) -> dict[str, dict[str, Any]]:
+    """Tensor entries of one safetensors file; checks that the file holds every byte it declares."""
+    raw = safetensors_header_bytes(file)
+    try:
+        header = json.loads(raw[8:])
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise FlapDeployError(f"{file}: corrupt safetensors header") from None
     header.pop("__metadata__", None)
     end = max((e["data_offsets"][1] for e in header.values()), default=0)
-    if 8 + n + end > size:
-        raise FlapDeployError(f"{file}: truncated safetensors file ({size} bytes, needs {8 + n + end})")
+    size = file.stat().st_size
+    if len(raw) + end > size:
+        raise FlapDeployError(f"{file}: truncated safetensors file ({size} bytes, needs {len(raw) + end})")
     return header
 
 

@@ -161,7 +161,7 @@ def compare(dense: str, pruned: str, *, backend: str | None = None, out_dir: str
     ideal = ideal_ratio(refs["dense"], refs["pruned"])
     serve_target = {name: ref.path for name, ref in refs.items()}
     if backend == "onnx":  # export once, before any server runs, so startups stay short
-        from .server import ensure_onnx
+        from exporters.onnx.export import ensure_onnx
 
         serve_target = {k: ensure_onnx(ref, progress=progress) for k, ref in refs.items()}
     tokenizer = refs["dense"].tokenizer()

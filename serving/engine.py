@@ -30,9 +30,9 @@ from typing import Any, Callable, Iterator, Protocol
 
 import numpy as np
 
-from exporters.onnx.padding import left_pad, positions
-
-from .sampling import DrawParams, sample_next, top_logprobs
+from exporters.onnx.contract import past_from_present, positions
+from flap_deploy.generate import left_pad
+from flap_deploy.sampling import SamplingParams, log_softmax, next_token, top_logprobs
 
 
 class ContractModel(Protocol):
@@ -48,19 +48,6 @@ class QueueFull(Exception):
 
 class EngineDead(Exception):
     """The engine thread stopped (shut down or crashed)."""
-
-
-@dataclass
-class SamplingParams:
-    max_tokens: int
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int | None = None
-    stop_token_ids: tuple[int, ...] = ()
-    ignore_eos: bool = False
-    min_tokens: int = 0
-    logprobs: int | None = None  # None: none; 0: the sampled token's; k: also the top k
 
 
 @dataclass
@@ -81,15 +68,10 @@ class _Sequence:
     sink: Callable[[TokenEvent | BaseException], None]
     arrival: float
     rng: np.random.Generator
-    draw: DrawParams
     output_ids: list[int] = field(default_factory=list)
     length: int = 0  # tokens held in the KV cache
     first_token_time: float | None = None
     finished: bool = False
-
-
-def _present_to_past(name: str) -> str:
-    return "past_key_values." + name[len("present."):] if name.startswith("present.") else name
 
 
 def _array(x: Any) -> np.ndarray:
@@ -160,9 +142,7 @@ class Engine:
                              f"the context length {self.max_model_len}")
         seq = _Sequence(id=next(self._ids), prompt_ids=list(prompt_ids), params=params, sink=sink,
                         arrival=time.perf_counter(),
-                        rng=np.random.default_rng(params.seed) if params.seed is not None else self._global_rng,
-                        draw=DrawParams(max_new_tokens=params.max_tokens, temperature=params.temperature,
-                                        top_p=params.top_p, top_k=params.top_k, seed=params.seed))
+                        rng=np.random.default_rng(params.seed) if params.seed is not None else self._global_rng)
         with self._cond:
             if self._stop or not self.alive:
                 raise EngineDead("the engine is not running")
@@ -240,7 +220,8 @@ class Engine:
         p = seq.params
         n_out = len(seq.output_ids)
         banned = p.stop_token_ids if n_out < p.min_tokens else ()
-        token, logprob = sample_next(logits, seq.draw, seq.rng, banned=banned, want_logprob=p.logprobs is not None)
+        token = next_token(logits, p, seq.rng, banned=banned)
+        logprob = float(log_softmax(logits)[token]) if p.logprobs is not None else None
         top = top_logprobs(logits, p.logprobs) if p.logprobs else None
         seq.output_ids.append(token)
         now = time.perf_counter()
@@ -306,7 +287,7 @@ class Engine:
                 self.metrics.of(self.metrics.ttft).observe(time.perf_counter() - seq.arrival)
         joining = [(r, s) for r, s in enumerate(seqs) if not s.finished]
         if joining:
-            self._join({_present_to_past(k): v for k, v in present.items()}, mask, joining)
+            self._join(past_from_present(present), mask, joining)
 
     def _join(self, past: dict[str, Any], mask: np.ndarray, joining: list[tuple[int, _Sequence]]) -> None:
         """Add prefilled rows (`past` and `mask` of one prefill call, row index per sequence) to the batch."""
@@ -361,7 +342,7 @@ class Engine:
         pos = np.asarray([[s.length] for s in rows], dtype=np.int64)
         mask = np.concatenate([self._mask, np.ones((len(rows), 1), dtype=np.int64)], axis=1)
         logits, present = self.model.forward(ids, mask, pos, self._past)
-        self._past = {_present_to_past(k): v for k, v in present.items()}
+        self._past = past_from_present(present)
         self._mask = mask
         if self.metrics:
             m = self.metrics

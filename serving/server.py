@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import secrets
 import time
 import uuid
@@ -23,8 +22,10 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .engine import Engine, EngineDead, QueueFull, SamplingParams, TokenEvent
-from .metrics import ServerMetrics
+from flap_deploy.sampling import SamplingParams
+
+from .engine import Engine, EngineDead, QueueFull, TokenEvent
+from .prometheus import ServerMetrics
 from .schemas import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
 
 # ------------------------------------------------------------------------------ errors
@@ -441,40 +442,12 @@ async def _generate(server: OnnxServer, request: Request, body: Any, prompts: li
 # ------------------------------------------------------------------------------ entry point
 
 
-def onnx_cache_root() -> Path:
-    return Path(os.environ.get("FLAP_DEPLOY_CACHE", Path.home() / ".cache" / "flap-deploy")) / "onnx"
-
-
-def ensure_onnx(model: str | Path, *, progress: bool = True) -> Path:
-    """An ONNX export directory for MODEL: itself if it is one, else a cached export of the checkpoint.
-
-    Checkpoints (or `smollm2-135m`) are exported once, fp32, into the cache, keyed by the
-    source's identity (path, config and weight-header hashes), so a changed checkpoint is
-    exported again.
-    """
-    import hashlib
-
-    from exporters.onnx import MANIFEST_NAME, export_onnx
-    from exporters.onnx.manifest import source_identity
-
-    from flap_deploy.models import check_model_dir, resolve_model
-
-    path = resolve_model(model)
-    if (path / MANIFEST_NAME).is_file():
-        return path
-    check_model_dir(path)
-    key = hashlib.sha256(json.dumps(source_identity(path), sort_keys=True).encode()).hexdigest()[:16]
-    out = onnx_cache_root() / f"{path.name}-{key}"
-    if not (out / MANIFEST_NAME).is_file():
-        export_onnx(path, out, overwrite=True, progress=progress)
-    return out
-
-
 def load_onnx_server(model_dir: str | Path, *, served_model_name: str | None = None, max_num_seqs: int = 8,
                      max_model_len: int | None = None, max_queue: int = 256, api_key: str | None = None,
                      threads: int | None = None) -> OnnxServer:
     """A server object for an ONNX export directory, or a checkpoint (exported once, see ensure_onnx)."""
     from exporters.onnx import OnnxCausalLM  # noqa: PLC0415  (optional dependency)
+    from exporters.onnx.export import ensure_onnx
 
     from flap_deploy.errors import FlapDeployError
 

@@ -38,8 +38,8 @@ def test_pruned_bundled_32_greedy_tokens_equal_pytorch(pruned_export):
     lm = OnnxCausalLM.from_dir(out, threads=2)
     prompts = [tokenizer(p)["input_ids"] for p in PROMPTS]
     want = hf_greedy(model, prompts, 32)
-    got = lm.generate(prompts, max_new_tokens=32, ignore_eos=True)  # batch 2, left padded
+    got = lm.generate(prompts, max_tokens=32, ignore_eos=True)  # batch 2, left padded
     assert [g.token_ids for g in got] == want
-    single = lm.generate(PROMPTS[0], max_new_tokens=32, ignore_eos=True)[0]  # batch 1, from text
+    single = lm.generate(PROMPTS[0], max_tokens=32, ignore_eos=True)[0]  # batch 1, from text
     assert single.token_ids == hf_greedy(model, prompts[:1], 32)[0]
     assert single.text == tokenizer.decode(single.token_ids, skip_special_tokens=True)

@@ -90,7 +90,7 @@ def test_forward_matches_pytorch_with_cache(tiny, lm):
 def test_greedy_32_tokens_equal_pytorch_batch_1(tiny, lm):
     prompt = [5, 9, 17, 3, 44, 71]
     want = hf_greedy(tiny[0], [prompt], 32)
-    got = lm.generate([prompt], max_new_tokens=32, ignore_eos=True)
+    got = lm.generate([prompt], max_tokens=32, ignore_eos=True)
     assert got[0].token_ids == want[0]
     assert len(set(want[0])) > 3  # the model really moves between tokens
 
@@ -98,36 +98,46 @@ def test_greedy_32_tokens_equal_pytorch_batch_1(tiny, lm):
 def test_greedy_32_tokens_equal_pytorch_batch_2_left_padded(tiny, lm):
     prompts = [[5, 9, 17, 3, 44, 71, 2, 90], [11, 60, 7]]
     want = hf_greedy(tiny[0], prompts, 32)
-    got = lm.generate(prompts, max_new_tokens=32, ignore_eos=True)
+    got = lm.generate(prompts, max_tokens=32, ignore_eos=True)
     assert [g.token_ids for g in got] == want
     # batching does not change a row's tokens
-    assert lm.generate([prompts[1]], max_new_tokens=32, ignore_eos=True)[0].token_ids == want[1]
+    assert lm.generate([prompts[1]], max_tokens=32, ignore_eos=True)[0].token_ids == want[1]
 
 
 def test_sampling_is_seeded_and_top_k_1_is_greedy(lm):
     prompt = [[5, 9, 17, 3]]
-    a = lm.generate(prompt, max_new_tokens=12, temperature=1.5, top_p=0.95, seed=3, ignore_eos=True)
-    b = lm.generate(prompt, max_new_tokens=12, temperature=1.5, top_p=0.95, seed=3, ignore_eos=True)
-    c = lm.generate(prompt, max_new_tokens=12, temperature=1.5, top_p=0.95, seed=4, ignore_eos=True)
+    a = lm.generate(prompt, max_tokens=12, temperature=1.5, top_p=0.95, seed=3, ignore_eos=True)
+    b = lm.generate(prompt, max_tokens=12, temperature=1.5, top_p=0.95, seed=3, ignore_eos=True)
+    c = lm.generate(prompt, max_tokens=12, temperature=1.5, top_p=0.95, seed=4, ignore_eos=True)
     assert a[0].token_ids == b[0].token_ids != c[0].token_ids
-    greedy = lm.generate(prompt, max_new_tokens=12, ignore_eos=True)
-    assert lm.generate(prompt, max_new_tokens=12, temperature=2.0, top_k=1, seed=1,
+    greedy = lm.generate(prompt, max_tokens=12, ignore_eos=True)
+    assert lm.generate(prompt, max_tokens=12, temperature=2.0, top_k=1, seed=1,
                        ignore_eos=True)[0].token_ids == greedy[0].token_ids
 
 
 def test_text_generation_stop_strings_and_eos(lm):
-    full = lm.generate("w5 w9 w17", max_new_tokens=10, ignore_eos=True)[0]
+    full = lm.generate("w5 w9 w17", max_tokens=10, ignore_eos=True)[0]
     words = full.text.split()
     assert len(words) == 10 and full.finish_reason == "length"
     stop = " ".join(words[3:5])
-    cut = lm.generate("w5 w9 w17", max_new_tokens=10, stop=[stop], ignore_eos=True)[0]
+    cut = lm.generate("w5 w9 w17", max_tokens=10, stop=[stop], ignore_eos=True)[0]
     assert cut.finish_reason == "stop" and cut.text == full.text[: full.text.index(stop)]
     lm.eos_token_ids, saved = [full.token_ids[2]], lm.eos_token_ids
     try:
-        ended = lm.generate("w5 w9 w17", max_new_tokens=10)[0]
+        ended = lm.generate("w5 w9 w17", max_tokens=10)[0]
     finally:
         lm.eos_token_ids = saved
     assert ended.token_ids == full.token_ids[:3] and ended.finish_reason == "stop"
+
+
+def test_stop_token_ids_end_a_row_but_not_before_min_tokens(lm):
+    full = lm.generate("w5 w9 w17", max_tokens=10, ignore_eos=True)[0]
+    stop = full.token_ids[2]
+    ended = lm.generate("w5 w9 w17", max_tokens=10, stop_token_ids=[stop])[0]
+    first = full.token_ids.index(stop)
+    assert ended.token_ids == full.token_ids[: first + 1] and ended.finish_reason == "stop"
+    held = lm.generate("w5 w9 w17", max_tokens=10, stop_token_ids=[stop], min_tokens=5)[0]
+    assert stop not in held.token_ids[:5] and len(held.token_ids) >= 5
 
 
 def test_cli_generate_uses_the_runtime_the_directory_holds(tiny):
@@ -155,7 +165,7 @@ def test_dense_source_exports_as_the_same_graph_family(tmp_path, family):
     assert m["verification"]["fp32"]["relative_logit_diff"] <= 1e-3  # no tokenizer: random-id prompts
     lm = OnnxCausalLM.from_dir(out)
     prompts = [[3, 1, 4, 1, 5, 9, 2, 6], [5, 3, 5]]
-    assert [g.token_ids for g in lm.generate(prompts, max_new_tokens=16, ignore_eos=True)] == hf_greedy(dense, prompts, 16)
+    assert [g.token_ids for g in lm.generate(prompts, max_tokens=16, ignore_eos=True)] == hf_greedy(dense, prompts, 16)
 
 
 def test_int8_quantized_export_is_verified_and_generates(tmp_path):
@@ -171,7 +181,7 @@ def test_int8_quantized_export_is_verified_and_generates(tmp_path):
     assert any(n.op_type == "MatMulNBits" for n in graph.node)
     assert not [n.name for n in graph.node if n.op_type == "MatMul" and n.input[1] in weights]  # all int8
     assert not (out / "model.onnx.float").exists()
-    g = OnnxCausalLM.from_dir(out).generate([[1, 2, 3]], max_new_tokens=8, ignore_eos=True)
+    g = OnnxCausalLM.from_dir(out).generate([[1, 2, 3]], max_tokens=8, ignore_eos=True)
     assert len(g[0].token_ids) == 8
 
 
@@ -255,7 +265,7 @@ def test_large_models_keep_weights_in_external_data(tmp_path, monkeypatch):
     assert m["external_data"] and data and (out / "model.onnx").stat().st_size < data[0].stat().st_size
     assert m["verification"]["fp32"]["greedy_agreement"] == 1.0
     prompts = [[9, 8, 7, 6], [1, 2]]
-    got = OnnxCausalLM.from_dir(out).generate(prompts, max_new_tokens=8, ignore_eos=True)
+    got = OnnxCausalLM.from_dir(out).generate(prompts, max_tokens=8, ignore_eos=True)
     assert [g.token_ids for g in got] == hf_greedy(model, prompts, 8)
 
 

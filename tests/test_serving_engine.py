@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from serving_fakes import TinyNumpyLM
 
-from serving.engine import Engine, QueueFull, SamplingParams
-from serving.metrics import ServerMetrics
+from flap_deploy.sampling import SamplingParams
+from serving.engine import Engine, QueueFull
+from serving.prometheus import ServerMetrics
 
 
 def _collect(engine: Engine, prompt: list[int], params: SamplingParams) -> tuple[int, queue.Queue]:

@@ -40,7 +40,7 @@ def test_greedy_matches_onnx_generate(served):
     client = openai.OpenAI(base_url=url, api_key="x", max_retries=0)
     model = server.engine.model
     prompts = [[5, 9, 17, 33], [7], [100, 3, 64, 2, 90, 11, 8]]
-    ref = model.generate(prompts, max_new_tokens=10, temperature=0.0, ignore_eos=True)
+    ref = model.generate(prompts, max_tokens=10, temperature=0.0, ignore_eos=True)
     for p, g in zip(prompts, ref):
         r = client.completions.create(model="tiny-onnx", prompt=p, max_tokens=10, temperature=0,
                                       logprobs=0, extra_body={"ignore_eos": True})

@@ -8,7 +8,8 @@ import openai
 import pytest
 from serving_util import running
 
-from serving.server import create_app, ensure_onnx, load_onnx_server
+from exporters.onnx.export import ensure_onnx
+from serving.server import create_app, load_onnx_server
 
 pytestmark = pytest.mark.slow
 
@@ -28,7 +29,7 @@ def test_chat_equals_exporter_generate(served):
     r = client.chat.completions.create(model="smollm2", messages=messages, max_tokens=16, temperature=0)
     ids = server.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     ids = server.tokenizer.encode(ids, add_special_tokens=False)
-    (ref,) = server.engine.model.generate([ids], max_new_tokens=16, temperature=0.0)
+    (ref,) = server.engine.model.generate([ids], max_tokens=16, temperature=0.0)
     assert r.usage.prompt_tokens == len(ids) and r.usage.completion_tokens == len(ref.token_ids)
     assert r.choices[0].message.content == ref.text
     assert r.choices[0].finish_reason == ("stop" if ref.finish_reason == "stop" else "length")

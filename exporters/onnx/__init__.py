@@ -10,22 +10,18 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["export_onnx", "OnnxCausalLM", "Generation", "SamplingParams", "MANIFEST_NAME"]
+__all__ = ["export_onnx", "ensure_onnx", "OnnxCausalLM", "Generation", "MANIFEST_NAME"]
 
 
 def __getattr__(name: str) -> Any:
-    if name == "export_onnx":
-        from .export import export_onnx
+    if name in ("export_onnx", "ensure_onnx"):
+        from . import export
 
-        return export_onnx
+        return getattr(export, name)
     if name in ("OnnxCausalLM", "Generation"):
         from . import runtime
 
         return getattr(runtime, name)
-    if name == "SamplingParams":
-        from .sampling import SamplingParams
-
-        return SamplingParams
     if name == "MANIFEST_NAME":
         from .manifest import MANIFEST_NAME
 

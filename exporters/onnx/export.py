@@ -10,6 +10,7 @@ renamed into place, so a failed export leaves nothing behind.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import logging
@@ -24,13 +25,15 @@ import torch
 from tqdm.auto import tqdm
 
 from flap_deploy.atomic import atomic_directory, check_output_dir
+from flap_deploy.bundled import cache_dir
 from flap_deploy.checkpoint import TOKENIZER_FILES, copy_tokenizer_files
 from flap_deploy.compress import LayerMask, compress
 from flap_deploy.errors import FlapDeployError
 from flap_deploy.modeling_flap_llama import FlapLlamaForCausalLM
 from flap_deploy.models import check_model_dir, load_model, resolve_model
 
-from .graph import OnnxDecoder, cache_layers, input_names, output_names
+from .contract import cache_layers, input_names, output_names
+from .graph import OnnxDecoder
 from .manifest import DTYPES, MANIFEST_NAME, MODEL_NAME, build_manifest, source_identity
 from .quantize import quantize_int8
 from .verify import TOLERANCE, compare_with_torch, verification_prompts
@@ -243,3 +246,21 @@ def export_onnx(model_dir_or_name: str | os.PathLike, out_dir: str | os.PathLike
 
 
 __all__ = ["export_onnx", "quantize_export", "export_graph", "load_flap_model"]
+
+
+def ensure_onnx(model: str | os.PathLike, *, progress: bool = True) -> Path:
+    """An ONNX export directory for MODEL: itself if it is one, else a cached export of the checkpoint.
+
+    Checkpoints (or `smollm2-135m`) are exported once, fp32, into ``<cache_dir()>/onnx``, keyed
+    by the source's identity (path, config and weight-header hashes), so a changed checkpoint
+    is exported again.
+    """
+    path = resolve_model(model)
+    if (path / MANIFEST_NAME).is_file():
+        return path
+    check_model_dir(path)
+    key = hashlib.sha256(json.dumps(source_identity(path), sort_keys=True).encode()).hexdigest()[:16]
+    out = cache_dir() / "onnx" / f"{path.name}-{key}"
+    if not (out / MANIFEST_NAME).is_file():
+        export_onnx(path, out, overwrite=True, progress=progress)
+    return out

@@ -16,52 +16,12 @@ graph, and the explicit form is easy to read against ``modeling_flap_llama.py``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
 from flap_deploy.modeling_flap_llama import FlapLlamaForCausalLM
 
-
-@dataclass(frozen=True)
-class CacheLayer:
-    """One attention layer's cache slot in the graph."""
-
-    layer: int  # index in the decoder stack (names use it)
-    kv_heads: int
-    head_dim: int
-
-    @property
-    def past_names(self) -> tuple[str, str]:
-        return f"past_key_values.{self.layer}.key", f"past_key_values.{self.layer}.value"
-
-    @property
-    def present_names(self) -> tuple[str, str]:
-        return f"present.{self.layer}.key", f"present.{self.layer}.value"
-
-
-def cache_layers(config) -> list[CacheLayer]:
-    """The attention layers of a FlapLlama config, in stack order."""
-    return [
-        CacheLayer(i, kv, config.head_dim)
-        for i, kv in enumerate(config.num_key_value_heads_per_layer)
-        if config.num_attention_heads_per_layer[i] > 0
-    ]
-
-
-def input_names(layers: list[CacheLayer]) -> list[str]:
-    names = ["input_ids", "attention_mask", "position_ids"]
-    for c in layers:
-        names.extend(c.past_names)
-    return names
-
-
-def output_names(layers: list[CacheLayer]) -> list[str]:
-    names = ["logits"]
-    for c in layers:
-        names.extend(c.present_names)
-    return names
+from .contract import cache_layers
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

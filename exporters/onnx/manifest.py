@@ -10,13 +10,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import struct
 from pathlib import Path
 from typing import Any
 
 from flap_deploy.errors import FlapDeployError
 
-from .graph import CacheLayer
+from .contract import CacheLayer
 
 MANIFEST_NAME = "flap_onnx.json"
 MODEL_NAME = "model.onnx"
@@ -30,14 +29,13 @@ def source_identity(model_dir: str | os.PathLike) -> dict[str, Any]:
     Hashing headers (names, shapes, dtypes, offsets) rather than all weight bytes keeps this
     instant for multi-GB checkpoints while still telling two checkpoints apart.
     """
+    from flap_deploy.checkpoint import safetensors_header_bytes  # torch; reading a manifest needs none
+
     model_dir = Path(model_dir).resolve()
     config = hashlib.sha256((model_dir / "config.json").read_bytes()).hexdigest()
     weights = hashlib.sha256()
     for file in sorted(model_dir.glob("*.safetensors")):
-        with open(file, "rb") as f:
-            head = f.read(8)
-            (n,) = struct.unpack("<Q", head)
-            weights.update(file.name.encode() + b"\0" + head + f.read(n))
+        weights.update(file.name.encode() + b"\0" + safetensors_header_bytes(file))
     return {"path": str(model_dir), "config_sha256": config, "weights_header_sha256": weights.hexdigest()}
 
 

@@ -1,16 +1,17 @@
-"""``OnnxCausalLM``: drive an exported decoder with ONNX Runtime, KV cache kept as OrtValues.
+"""Generation on ONNX Runtime: ``OnnxCausalLM`` drives an exported decoder, KV cache kept as OrtValues.
 
 One ``forward`` is one call of the contract graph. ``generate`` runs prefill and cached
-decode for a left-padded batch, with greedy or sampled tokens (``sampling.py``), EOS and
-stop strings. The cache never leaves ORT between steps: each step's ``present.*`` OrtValues
-are fed back as the next step's ``past_key_values.*``.
+decode for a left-padded batch, with greedy or sampled tokens (``flap_deploy.sampling``),
+EOS and stop strings. The cache never leaves ORT between steps: each step's ``present.*``
+OrtValues are fed back as the next step's ``past_key_values.*``. The module-level
+``generate`` is the ONNX twin of ``flap_deploy.generate.generate`` (text prompts in,
+``Generation`` records out).
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +19,11 @@ import numpy as np
 import onnxruntime as ort
 
 from flap_deploy.errors import FlapDeployError
+from flap_deploy.generate import Generation, encode_prompt, left_pad
+from flap_deploy.sampling import SamplingParams, find_stop, next_token
 
-from .graph import CacheLayer
+from .contract import CacheLayer, past_from_present, positions
 from .manifest import MODEL_NAME, cache_layers_of, check_graph_io, read_manifest
-from .padding import left_pad, positions
-from .sampling import SamplingParams, find_stop, next_token
 
 OPT_LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -33,16 +34,6 @@ OPT_LEVELS = {
 NP_DTYPES = {"float32": np.float32, "float16": np.float16}
 
 Past = dict[str, Any]  # name -> OrtValue | np.ndarray
-
-
-@dataclass
-class Generation:
-    """What ``generate`` returns for one prompt."""
-
-    prompt_ids: list[int]
-    token_ids: list[int]
-    text: str | None
-    finish_reason: str  # "length" | "stop" (EOS or a stop string)
 
 
 class OnnxCausalLM:
@@ -112,12 +103,6 @@ class OnnxCausalLM:
                 past[name] = ort.OrtValue.ortvalue_from_numpy(np.zeros((batch, c.kv_heads, 0, c.head_dim), self.dtype))
         return past
 
-    @staticmethod
-    def past_from_present(present: dict[str, Any]) -> dict[str, Any]:
-        """Rename ``present.{i}.key|value`` to ``past_key_values.{i}.key|value`` for the next step."""
-        return {("past_key_values." + k[len("present."):]) if k.startswith("present.") else k: v
-                for k, v in present.items()}
-
     def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
                 past: Past) -> tuple[np.ndarray, dict[str, ort.OrtValue]]:
         """Run the graph once.
@@ -132,7 +117,7 @@ class OnnxCausalLM:
             "attention_mask": _ortvalue(attention_mask, np.int64),
             "position_ids": _ortvalue(position_ids, np.int64),
         }
-        past = self.past_from_present(past)
+        past = past_from_present(past)
         for c in self.layers:
             for name in c.past_names:
                 if name not in past:
@@ -168,29 +153,26 @@ class OnnxCausalLM:
     def decode(self, ids: Sequence[int]) -> str | None:
         return None if self.tokenizer is None else self.tokenizer.decode(ids, skip_special_tokens=True)
 
-    def generate(self, prompts: str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]], *,
-                 max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
-                 seed: int | None = None, stop: str | Sequence[str] | None = None, ignore_eos: bool = False,
-                 params: SamplingParams | None = None) -> list[Generation]:
+    def generate(self, prompts: str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]],
+                 params: SamplingParams | None = None, **sampling: Any) -> list[Generation]:
         """Generate for a batch of prompts (text or token ids), left-padded, with the KV cache.
 
+        ``params``, or its fields as keywords (``max_tokens=32, temperature=0.7, ...``).
         Temperature 0 is greedy; otherwise tokens are sampled with top-k / top-p, row ``r``
-        using seed ``seed + r`` when a seed is given. A row ends at EOS (unless
-        ``ignore_eos``), at a stop string (text is cut before it) or after ``max_new_tokens``.
+        using seed ``seed + r`` when a seed is given. A row ends at EOS or a stop token
+        (unless ``ignore_eos``; not before ``min_tokens``), at a stop string (text is cut
+        before it) or after ``max_tokens``.
         """
         if params is None:
-            try:
-                params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                        top_k=top_k, seed=seed, stop=tuple([stop] if isinstance(stop, str) else stop or ()),
-                                        ignore_eos=ignore_eos)
-            except ValueError as e:
-                raise FlapDeployError(f"generate: {e}") from None
+            params = SamplingParams(**sampling)
+        elif sampling:
+            raise TypeError("generate: pass either params or sampling keywords, not both")
         if params.stop and self.tokenizer is None:
             raise FlapDeployError(f"{self.path}: stop strings need a tokenizer, and the export has none")
         batch = self.encode(prompts)
         n = len(batch)
         rngs = [np.random.default_rng(None if params.seed is None else params.seed + r) for r in range(n)]
-        eos = set() if params.ignore_eos else set(self.eos_token_ids)
+        eos = set() if params.ignore_eos else set(self.eos_token_ids) | set(params.stop_token_ids)
         new: list[list[int]] = [[] for _ in range(n)]
         reasons: list[str | None] = [None] * n
         texts: list[str | None] = [None] * n
@@ -198,7 +180,7 @@ class OnnxCausalLM:
         ids, mask = left_pad(batch, self.pad_token_id)
         pos = positions(mask)
         past: Past = self.empty_past(n)
-        for _ in range(params.max_new_tokens):
+        for _ in range(params.max_tokens):
             logits, present = self.forward(ids, mask, pos, past)
             past = present
             last = logits[:, -1, :]
@@ -206,7 +188,8 @@ class OnnxCausalLM:
             for r in range(n):
                 if reasons[r] is not None:
                     continue
-                tok = next_token(last[r], params, rngs[r])
+                banned = sorted(eos) if len(new[r]) < params.min_tokens else ()
+                tok = next_token(last[r], params, rngs[r], banned=banned)
                 new[r].append(tok)
                 step[r, 0] = tok
                 if tok in eos:
@@ -216,7 +199,7 @@ class OnnxCausalLM:
                     cut = find_stop(text, params.stop)
                     if cut is not None:
                         reasons[r], texts[r] = "stop", text[:cut]
-                if reasons[r] is None and len(new[r]) >= params.max_new_tokens:
+                if reasons[r] is None and len(new[r]) >= params.max_tokens:
                     reasons[r] = "length"
             if all(x is not None for x in reasons):
                 break
@@ -228,6 +211,15 @@ class OnnxCausalLM:
             text = texts[r] if texts[r] is not None else self.decode([t for t in new[r] if t not in eos])
             out.append(Generation(batch[r], new[r], text, reasons[r] or "length"))
         return out
+
+
+def generate(model_dir: str | os.PathLike, prompts: Sequence[str], params: SamplingParams,
+             threads: int | None = None, chat: bool = False) -> list[Generation]:
+    """One Generation per text prompt, from an export directory (``flap_deploy.generate.generate``'s twin)."""
+    lm = OnnxCausalLM.from_dir(model_dir, threads=threads)
+    if lm.tokenizer is None:
+        raise FlapDeployError(f"{model_dir}: the export has no tokenizer files, so it cannot take text prompts")
+    return lm.generate([encode_prompt(lm.tokenizer, p, chat) for p in prompts], params=params)
 
 
 def _ortvalue(x: Any, dtype: Any) -> ort.OrtValue:

@@ -13,7 +13,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from .padding import left_pad, positions
+from flap_deploy.generate import left_pad
+
+from .contract import positions
 from .runtime import OnnxCausalLM
 
 PROMPTS = (

@@ -1,11 +1,12 @@
-"""Unit tests of the numpy sampling helpers shared by OnnxCausalLM and the ONNX server."""
+"""Unit tests of flap_deploy.sampling, shared by PyTorch and ONNX Runtime generation and the server."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from exporters.onnx.sampling import SamplingParams, find_stop, next_token, probabilities
+from flap_deploy.errors import ParameterError
+from flap_deploy.sampling import SamplingParams, find_stop, log_softmax, next_token, probabilities, top_logprobs
 
 LOGITS = np.log(np.array([0.5, 0.25, 0.15, 0.1]))
 
@@ -44,6 +45,21 @@ def test_find_stop_and_parameter_checks():
     assert find_stop("hello world. bye", [".", "bye"]) == 11
     assert find_stop("hello", ["x", ""]) is None
     assert SamplingParams(stop="END").stop == ("END",)
-    for bad in (dict(temperature=-1), dict(top_p=0), dict(top_k=-1), dict(max_new_tokens=-1)):
+    for bad in (dict(temperature=-1), dict(top_p=0), dict(top_k=-1), dict(max_tokens=-1)):
         with pytest.raises(ValueError):
             SamplingParams(**bad)
+
+
+def test_banned_tokens_and_raw_logprobs():
+    assert next_token(LOGITS, SamplingParams(), banned=[0]) == 1
+    params = SamplingParams(temperature=1.0, seed=3)
+    rng = params.rng()
+    assert 0 not in [next_token(LOGITS, params, rng, banned=(0,)) for _ in range(200)]
+    np.testing.assert_allclose(np.exp(log_softmax(LOGITS)), [0.5, 0.25, 0.15, 0.1])
+    assert [t for t, _ in top_logprobs(LOGITS, 2)] == [0, 1]
+
+
+def test_parameter_errors_name_the_parameter():
+    with pytest.raises(ParameterError) as e:
+        SamplingParams(max_tokens=-1)
+    assert e.value.param == "max_tokens" and str(e.value) == "max_tokens must be >= 0, got -1"

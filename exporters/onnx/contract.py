@@ -1,0 +1,67 @@
+"""The ONNX I/O contract (ARCHITECTURE.md) in plain numpy: names, positions, cache hand-over.
+
+Every runtime of the contract (``OnnxCausalLM``, the serving engine, the export check) uses
+these; nothing here needs ONNX Runtime or torch, so the serving engine imports it without
+either. The batch is left-padded with ``flap_deploy.generate.left_pad`` (PyTorch uses it too).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+PAST_PREFIX = "past_key_values."
+PRESENT_PREFIX = "present."
+
+
+@dataclass(frozen=True)
+class CacheLayer:
+    """One attention layer's cache slot in the graph."""
+
+    layer: int  # index in the decoder stack (names use it)
+    kv_heads: int
+    head_dim: int
+
+    @property
+    def past_names(self) -> tuple[str, str]:
+        return f"{PAST_PREFIX}{self.layer}.key", f"{PAST_PREFIX}{self.layer}.value"
+
+    @property
+    def present_names(self) -> tuple[str, str]:
+        return f"{PRESENT_PREFIX}{self.layer}.key", f"{PRESENT_PREFIX}{self.layer}.value"
+
+
+def cache_layers(config: Any) -> list[CacheLayer]:
+    """The attention layers of a FlapLlama config, in stack order."""
+    return [
+        CacheLayer(i, kv, config.head_dim)
+        for i, kv in enumerate(config.num_key_value_heads_per_layer)
+        if config.num_attention_heads_per_layer[i] > 0
+    ]
+
+
+def input_names(layers: list[CacheLayer]) -> list[str]:
+    names = ["input_ids", "attention_mask", "position_ids"]
+    for c in layers:
+        names.extend(c.past_names)
+    return names
+
+
+def output_names(layers: list[CacheLayer]) -> list[str]:
+    names = ["logits"]
+    for c in layers:
+        names.extend(c.present_names)
+    return names
+
+
+def past_from_present(present: dict[str, Any]) -> dict[str, Any]:
+    """Rename ``present.{i}.key|value`` to ``past_key_values.{i}.key|value`` for the next step."""
+    return {(PAST_PREFIX + k[len(PRESENT_PREFIX):]) if k.startswith(PRESENT_PREFIX) else k: v
+            for k, v in present.items()}
+
+
+def positions(mask: np.ndarray) -> np.ndarray:
+    """position_ids for a left-padded mask: 0 at each row's first real token."""
+    return np.clip(np.cumsum(mask, axis=1) - 1, 0, None).astype(np.int64)
