@@ -93,17 +93,15 @@ def prepare(work: Path, threads: int) -> dict:
     from exporters.onnx.export import export_onnx, quantize_export
     from flap_model import flap_pruned_bundled
 
-    from flap_deploy.checkpoint import read_config
-    from flap_deploy.models import load_model, load_tokenizer, resolve_model
-    from flap_deploy.params import decode_step_params
+    from flap_deploy.model_ref import resolve_model
 
-    dense_dir = resolve_model("smollm2-135m")
-    pruned_dir = flap_pruned_bundled(work)
-    dense = load_model(dense_dir, dtype=torch.float32)
-    tokenizer = load_tokenizer(dense_dir)
-    pruned = load_model(pruned_dir, dtype=torch.float32)
+    dense_ref = resolve_model("smollm2-135m")
+    pruned_ref = resolve_model(flap_pruned_bundled(work))
+    dense = dense_ref.load(torch.float32)
+    tokenizer = dense_ref.tokenizer()
+    pruned = pruned_ref.load(torch.float32)
     dirs = {}
-    for name, src in (("dense", dense_dir), ("pruned", pruned_dir)):
+    for name, src in (("dense", dense_ref), ("pruned", pruned_ref)):
         fp32, int8 = work / f"{name}-fp32", work / f"{name}-int8"
         if not (fp32 / "flap_onnx.json").is_file():
             export_onnx(src, fp32, threads=threads, overwrite=True)
@@ -111,9 +109,8 @@ def prepare(work: Path, threads: int) -> dict:
             quantize_export(fp32, int8, threads=threads, overwrite=True)
         dirs[name] = {"fp32": fp32, "int8": int8}
     return {"tokenizer": tokenizer, "models": {"dense": dense, "pruned": pruned}, "dirs": dirs,
-            "pruned_dir": str(pruned_dir),
-            "decode_step_params": {"dense": decode_step_params(read_config(dense_dir)),
-                                   "pruned": decode_step_params(read_config(pruned_dir))}}
+            "pruned_dir": str(pruned_ref.path),
+            "decode_step_params": {"dense": dense_ref.decode_step_params(), "pruned": pruned_ref.decode_step_params()}}
 
 
 def main() -> None:

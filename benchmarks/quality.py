@@ -32,7 +32,7 @@ sys.path.insert(0, str(REPO))
 
 from flap_deploy import PruneConfig, __version__, prune  # noqa: E402
 from flap_deploy.evaluate import Tally, log_probs, token_windows  # noqa: E402
-from flap_deploy.models import load_model, load_tokenizer  # noqa: E402
+from flap_deploy.model_ref import load_model, load_tokenizer  # noqa: E402
 from flap_deploy.pruning import linear_weights  # noqa: E402
 from flap_deploy.text import load_text  # noqa: E402
 

@@ -12,12 +12,15 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .errors import ParameterError
 from .sampling import SamplingParams, find_stop
+
+if TYPE_CHECKING:
+    from .model_ref import ModelRef
 
 
 @dataclass
@@ -53,19 +56,19 @@ def encode_prompt(tokenizer: Any, prompt: str, chat: bool = False) -> list[int]:
     return list(tokenizer(prompt)["input_ids"])
 
 
-def generate(model_name: str | os.PathLike, prompts: Sequence[str], params: SamplingParams,
+def generate(model: str | os.PathLike | ModelRef, prompts: Sequence[str], params: SamplingParams,
              threads: int | None = None, chat: bool = False) -> list[Generation]:
     """One Generation per text prompt, from a checkpoint directory on PyTorch (the batch left-padded)."""
     import torch
     from transformers.utils import logging as hf_logging
 
-    from .models import load_model, load_tokenizer
+    from .model_ref import CHECKPOINTS, resolve_model
 
     if threads:
         torch.set_num_threads(threads)
     hf_logging.disable_progress_bar()  # keep stdout/stderr to the generated text
-    model = load_model(model_name)
-    tokenizer = load_tokenizer(model_name)
+    ref = resolve_model(model, accept=CHECKPOINTS)
+    model, tokenizer = ref.load(), ref.tokenizer()
     batch = [encode_prompt(tokenizer, p, chat) for p in prompts]
     eos = model.generation_config.eos_token_id
     eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))

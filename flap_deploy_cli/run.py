@@ -30,13 +30,18 @@ def generate(model: str, prompt: tuple[str, ...], max_tokens: int, temperature: 
     a checkpoint directory (or `smollm2-135m`) on PyTorch.
 
     With --json, one JSON record per prompt and line (runtime, tokens, text, finish reason)."""
+    from flap_deploy.model_ref import resolve_model
     from flap_deploy.sampling import SamplingParams
-
-    from .runtimes import generate as run_generate
 
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
                             stop=stop)
-    runtime, results = run_generate(model, list(prompt), params, threads=threads, chat=chat)
+    ref = resolve_model(model)
+    if ref.kind == "onnx":
+        from exporters.onnx.runtime import generate as run_generate
+    else:
+        from flap_deploy.generate import generate as run_generate
+    runtime = "onnx" if ref.kind == "onnx" else "pytorch"
+    results = run_generate(ref if ref.is_checkpoint else ref.path, list(prompt), params, threads=threads, chat=chat)
     for g in results:
         if as_json:
             echo_json({"runtime": runtime, "prompt_tokens": len(g.prompt_ids), "token_ids": g.token_ids,

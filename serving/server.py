@@ -449,7 +449,7 @@ def load_onnx_server(model_dir: str | Path, *, served_model_name: str | None = N
     from exporters.onnx import OnnxCausalLM  # noqa: PLC0415  (optional dependency)
     from exporters.onnx.export import ensure_onnx
 
-    from flap_deploy.errors import FlapDeployError
+    from flap_deploy.errors import FlapDeployError, ParameterError
 
     path = ensure_onnx(model_dir)
     # No spinning: between graph calls ORT's idle workers would otherwise busy-wait on the cores
@@ -462,9 +462,9 @@ def load_onnx_server(model_dir: str | Path, *, served_model_name: str | None = N
     if max_model_len is None:
         max_model_len = limit
     elif limit is not None and max_model_len > limit:
-        raise FlapDeployError(f"--max-model-len {max_model_len} exceeds the model's {limit} positions")
+        raise ParameterError("max_model_len", f"{max_model_len} exceeds the model's {limit} positions")
     if max_model_len is None:
-        raise FlapDeployError(f"{path}: cannot tell the context length; pass --max-model-len")
+        raise ParameterError("max_model_len", f"is needed: {path} does not tell its context length")
     return OnnxServer(model, tokenizer, model_name=served_model_name or Path(model_dir).name, max_model_len=max_model_len,
                       max_num_seqs=max_num_seqs, max_queue=max_queue, api_key=api_key, model_root=str(path))
 

@@ -12,7 +12,7 @@ from factories import logits_without_package
 from flap_deploy.bundled import materialize
 from flap_deploy.checkpoint import save_checkpoint
 from flap_deploy.compress import LayerMask, compress
-from flap_deploy.models import load_model, load_tokenizer
+from flap_deploy.model_ref import load_model, load_tokenizer
 
 pytestmark = pytest.mark.slow
 

@@ -5,7 +5,7 @@ import torch
 
 from flap_deploy import PruneConfig, prune
 from flap_deploy.evaluate import evaluate
-from flap_deploy.models import load_model, load_tokenizer
+from flap_deploy.model_ref import load_model, load_tokenizer
 from flap_deploy.text import load_text
 
 

@@ -18,7 +18,7 @@ from flap_deploy_cli import main
 from flap_deploy.compress import LayerMask, compress
 from flap_deploy.convert import import_per_layer_checkpoint
 from flap_deploy.errors import FlapDeployError
-from flap_deploy.models import load_model
+from flap_deploy.model_ref import load_model
 
 
 @pytest.fixture(scope="module")

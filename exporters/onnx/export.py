@@ -28,9 +28,9 @@ from flap_deploy.atomic import atomic_directory, check_output_dir
 from flap_deploy.bundled import cache_dir
 from flap_deploy.checkpoint import TOKENIZER_FILES, copy_tokenizer_files
 from flap_deploy.compress import LayerMask, compress
-from flap_deploy.errors import FlapDeployError
+from flap_deploy.errors import FlapDeployError, ParameterError
 from flap_deploy.modeling_flap_llama import FlapLlamaForCausalLM
-from flap_deploy.models import check_model_dir, load_model, resolve_model
+from flap_deploy.model_ref import CHECKPOINTS, ModelRef, resolve_model
 
 from .contract import cache_layers, input_names, output_names
 from .graph import OnnxDecoder
@@ -46,18 +46,17 @@ EXTERNAL_DATA_BYTES = 1_800_000_000
 EXAMPLE_BATCH, EXAMPLE_SEQ, EXAMPLE_PAST = 2, 3, 5
 
 
-def load_flap_model(model_dir_or_name: str | os.PathLike) -> tuple[FlapLlamaForCausalLM, Path]:
+def load_flap_model(model: str | os.PathLike | ModelRef) -> tuple[FlapLlamaForCausalLM, Path]:
     """Load a pruned checkpoint, or a dense one converted to FlapLlama (all-true masks), in float32."""
-    path = resolve_model(model_dir_or_name)
-    cfg = check_model_dir(path)
+    ref = resolve_model(model, accept=CHECKPOINTS)
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # one bar (ours) per export
-    model = load_model(path, dtype=torch.float32)
-    if cfg.get("model_type") != "flap_llama":
-        model = compress(model, [LayerMask()] * model.config.num_hidden_layers,
-                         provenance={"method": "dense", "source_model": str(path)})
-    return model.eval(), path
+    loaded = ref.load(torch.float32)
+    if ref.kind == "dense":
+        loaded = compress(loaded, [LayerMask()] * loaded.config.num_hidden_layers,
+                          provenance={"method": "dense", "source_model": str(ref.path)})
+    return loaded.eval(), ref.path
 
 
 def export_graph(model: FlapLlamaForCausalLM, file: Path, opset: int, external_data: bool) -> None:
@@ -188,15 +187,15 @@ def export_onnx(model_dir_or_name: str | os.PathLike, out_dir: str | os.PathLike
     if quantize not in (None, *QUANTIZE):
         raise FlapDeployError(f"quantize {quantize!r} is not supported (choose int8)")
     if quantize and dtype != "fp32":
-        raise FlapDeployError("--quantize int8 starts from an fp32 graph; use --dtype fp32")
+        raise ParameterError("quantize", "int8 starts from an fp32 graph; use dtype fp32")
     out = check_output_dir(out_dir, overwrite)
-    check_model_dir(resolve_model(model_dir_or_name))  # fail on a bad source before any work
+    source_ref = resolve_model(model_dir_or_name, accept=CHECKPOINTS)  # fail on a bad source before any work
     started = time.perf_counter()
     steps = 2 + verify + (1 + verify) * bool(quantize)
     bar = tqdm(total=steps, desc="export onnx", disable=not progress, unit="step")
 
     bar.set_postfix_str("load")
-    model, source = load_flap_model(model_dir_or_name)
+    model, source = load_flap_model(source_ref)
     torch_dtype = torch.float16 if dtype == "fp16" else torch.float32
     graph_model = model if dtype == "fp32" else FlapLlamaForCausalLM(model.config).to(torch_dtype).eval()
     if graph_model is not model:
@@ -248,19 +247,19 @@ def export_onnx(model_dir_or_name: str | os.PathLike, out_dir: str | os.PathLike
 __all__ = ["export_onnx", "quantize_export", "export_graph", "load_flap_model"]
 
 
-def ensure_onnx(model: str | os.PathLike, *, progress: bool = True) -> Path:
+def ensure_onnx(model: str | os.PathLike | ModelRef, *, progress: bool = True) -> Path:
     """An ONNX export directory for MODEL: itself if it is one, else a cached export of the checkpoint.
 
     Checkpoints (or `smollm2-135m`) are exported once, fp32, into ``<cache_dir()>/onnx``, keyed
     by the source's identity (path, config and weight-header hashes), so a changed checkpoint
     is exported again.
     """
-    path = resolve_model(model)
-    if (path / MANIFEST_NAME).is_file():
+    ref = resolve_model(model)
+    path = ref.path
+    if ref.kind == "onnx":
         return path
-    check_model_dir(path)
     key = hashlib.sha256(json.dumps(source_identity(path), sort_keys=True).encode()).hexdigest()[:16]
     out = cache_dir() / "onnx" / f"{path.name}-{key}"
     if not (out / MANIFEST_NAME).is_file():
-        export_onnx(path, out, overwrite=True, progress=progress)
+        export_onnx(ref, out, overwrite=True, progress=progress)
     return out
