@@ -48,12 +48,7 @@ class ModelRef:
         return AutoModelForCausalLM.from_pretrained(_accepted(self, CHECKPOINTS).path, dtype=dtype or "auto").eval()
 
     def tokenizer(self) -> Any:
-        from transformers import AutoTokenizer
-
-        try:
-            return AutoTokenizer.from_pretrained(self.path)
-        except (OSError, ValueError) as e:
-            raise FlapDeployError(f"{self.path}: cannot load a tokenizer ({str(e).splitlines()[0]})") from None
+        return _tokenizer_at(self.path)
 
     def decode_step_params(self) -> int:
         """Weights read per decode step (``params.decode_step_params``; an export states it in its manifest)."""
@@ -135,5 +130,18 @@ def load_model(model: str | os.PathLike | ModelRef, dtype: Any = None) -> Any:
 
 
 def load_tokenizer(model: str | os.PathLike | ModelRef) -> Any:
-    """``resolve_model(model).tokenizer()``."""
-    return resolve_model(model).tokenizer()
+    """The tokenizer of a model, or of any directory with tokenizer files (no model needed)."""
+    if isinstance(model, ModelRef):
+        return model.tokenizer()
+    from .bundled import BUNDLED, materialize
+
+    return _tokenizer_at(materialize(str(model)) if str(model) in BUNDLED else Path(model))
+
+
+def _tokenizer_at(path: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise FlapDeployError(f"{path}: cannot load a tokenizer ({str(e).splitlines()[0]})") from None

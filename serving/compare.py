@@ -126,10 +126,14 @@ def _median_rows(runs: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
     return out
 
 
-def quality(dense: ModelRef, pruned: ModelRef, text_path: str, max_tokens: int | None, seqlen: int) -> dict[str, Any]:
+def quality(dense: str | Path | ModelRef, pruned: str | Path | ModelRef, text_path: str, max_tokens: int | None,
+            seqlen: int) -> dict[str, Any]:
     """Perplexity of both models, KL and top-1 agreement of pruned vs dense (flap_deploy.evaluate)."""
     import torch
 
+    from flap_deploy.model_ref import CHECKPOINTS
+
+    dense, pruned = (resolve_model(m, accept=CHECKPOINTS) for m in (dense, pruned))
     from flap_deploy.evaluate import evaluate
     from flap_deploy.text import load_text
 

@@ -110,7 +110,7 @@ def test_server_mode(monkeypatch):
         monkeypatch.setattr(validate, "vllm_distribution", lambda dist=dist: dist)
         assert resolve_server_mode("auto", "vllm") == mode
     assert resolve_server_mode("in-turn", "onnx") == "in-turn"
-    with pytest.raises(FlapDeployError, match="--servers 'both'"):
+    with pytest.raises(FlapDeployError, match="servers 'both'"):
         resolve_server_mode("both", "onnx")
 
 
