@@ -105,5 +105,5 @@ def flap_pruned_bundled(out: str | os.PathLike, *, ratio: float = 0.2, calib: st
 
         config = PruneConfig(ratio=ratio, calib=calib, nsamples=nsamples, seqlen=128, seed=0,
                              mlp_multiple=mlp_multiple, tp_size=tp_size, progress=progress)
-        prune(materialize("smollm2-135m"), config).save(out, overwrite=True)
+        prune(materialize("smollm2-135m"), config, out=out, overwrite=True)
     return out

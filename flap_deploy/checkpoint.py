@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import struct
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ from torch import nn
 from .atomic import atomic_directory
 from .errors import FlapDeployError
 from .modeling_flap_llama import FlapConfigError, validate_flap_config
+from .shards import MAX_SHARD_BYTES, read_safetensors_header
 
 MODELING_FILE = Path(__file__).with_name("modeling_flap_llama.py")
 AUTO_MAP = {
@@ -29,7 +29,6 @@ TOKENIZER_FILES = (
     "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
     "generation_config.json",
 )
-MAX_SHARD = "2GB"
 
 
 def read_config(path: str | os.PathLike) -> dict[str, Any]:
@@ -80,34 +79,6 @@ def expected_tensor_shapes(cfg: dict[str, Any]) -> dict[str, tuple[int, ...]]:
         if cfg.get("down_proj_bias", False):
             shapes[p + "mlp.down_proj.bias"] = (hidden,)
     return shapes
-
-
-def safetensors_header_bytes(file: Path) -> bytes:
-    """The raw header of one safetensors file: its 8-byte length then the JSON, as stored."""
-    size = file.stat().st_size
-    with open(file, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise FlapDeployError(f"{file}: truncated safetensors file (no header)")
-        (n,) = struct.unpack("<Q", head)
-        if n > size - 8:
-            raise FlapDeployError(f"{file}: truncated safetensors file (header of {n} bytes, file of {size})")
-        return head + f.read(n)
-
-
-def read_safetensors_header(file: Path) -> dict[str, dict[str, Any]]:
-    """Tensor entries of one safetensors file; checks that the file holds every byte it declares."""
-    raw = safetensors_header_bytes(file)
-    try:
-        header = json.loads(raw[8:])
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise FlapDeployError(f"{file}: corrupt safetensors header") from None
-    header.pop("__metadata__", None)
-    end = max((e["data_offsets"][1] for e in header.values()), default=0)
-    size = file.stat().st_size
-    if len(raw) + end > size:
-        raise FlapDeployError(f"{file}: truncated safetensors file ({size} bytes, needs {len(raw) + end})")
-    return header
 
 
 def checkpoint_tensors(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -174,20 +145,28 @@ def copy_tokenizer_files(source: str | os.PathLike | None, dest: Path) -> None:
             shutil.copy2(src, dest / name)
 
 
+def finish_checkpoint(tmp: Path, config: Any, *, tokenizer: Any = None,
+                      tokenizer_from: str | os.PathLike | None = None) -> None:
+    """Everything of a contract checkpoint beside its weights, then the whole contract checked.
+
+    config.json with an ``auto_map`` and the self-contained modeling file make it loadable with
+    ``trust_remote_code=True`` without this package; tokenizer files come from ``tokenizer`` or
+    are copied from ``tokenizer_from``.
+    """
+    config.auto_map = dict(AUTO_MAP)
+    config.save_pretrained(tmp)
+    shutil.copy2(MODELING_FILE, tmp / MODELING_FILE.name)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    copy_tokenizer_files(tokenizer_from, tmp)
+    validate_checkpoint(tmp)
+
+
 def save_checkpoint(model: nn.Module, out: str | os.PathLike, *, tokenizer_from: str | os.PathLike | None = None,
                     tokenizer: Any = None, overwrite: bool = False) -> Path:
-    """Save a FlapLlamaForCausalLM as a contract checkpoint, atomically.
-
-    Weights go to safetensors (sharded past 2 GB), the self-contained modeling file and an
-    ``auto_map`` make it loadable with ``trust_remote_code=True`` without this package;
-    tokenizer files come from ``tokenizer`` or are copied from ``tokenizer_from``.
-    """
+    """Save an in-memory FlapLlamaForCausalLM as a contract checkpoint, atomically (safetensors,
+    sharded past ``shards.MAX_SHARD_BYTES``)."""
     with atomic_directory(out, overwrite) as tmp:
-        model.config.auto_map = dict(AUTO_MAP)
-        model.save_pretrained(tmp, max_shard_size=MAX_SHARD)
-        shutil.copy2(MODELING_FILE, tmp / MODELING_FILE.name)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        copy_tokenizer_files(tokenizer_from, tmp)
-        validate_checkpoint(tmp)
+        model.save_pretrained(tmp, max_shard_size=MAX_SHARD_BYTES)
+        finish_checkpoint(tmp, model.config, tokenizer=tokenizer, tokenizer_from=tokenizer_from)
     return Path(out)

@@ -7,16 +7,20 @@ removed: ``b += W[:, pruned] @ mean[pruned]`` on o_proj and down_proj.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from accelerate import init_empty_weights
 from torch import nn
 
-from .adapters import Adapter, Geometry, get_adapter
+from .adapters import Geometry, LayerModules, get_adapter
 from .errors import FlapDeployError
 from .modeling_flap_llama import FlapLlamaConfig, FlapLlamaForCausalLM
+
+if TYPE_CHECKING:
+    from .streaming import LayerStream
 
 # Source config keys that describe the dense layout or the source runtime, not the model.
 _DROPPED_KEYS = {
@@ -52,12 +56,6 @@ class LayerWidths:
     heads: int
     kv_heads: int
     mlp: int
-
-
-@dataclass
-class _Sliced:
-    widths: list[LayerWidths] = field(default_factory=list)
-    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def kept_head_order(heads: torch.Tensor, geom: Geometry, layer: int) -> tuple[list[int], list[int]]:
@@ -100,51 +98,67 @@ def _bias(linear: nn.Linear, compensation: torch.Tensor | None) -> torch.Tensor 
     return compensation if base is None else base + compensation
 
 
-def _slice_layer(adapter: Adapter, model: nn.Module, i: int, geom: Geometry, mask: LayerMask,
-                 means: LayerMeans | None, out: _Sliced, with_o_bias: bool, with_down_bias: bool) -> None:
-    m = adapter.layer_modules(model, i)
+def layer_widths(mask: LayerMask, geom: Geometry, layer: int) -> LayerWidths:
+    """The widths a mask keeps (no weights needed: they decide the pruned config before any slicing)."""
+    heads = mask.heads if mask.heads is not None else torch.ones(geom.num_heads, dtype=torch.bool)
+    q_kept, kv_kept = kept_head_order(heads, geom, layer)
+    return LayerWidths(heads=len(q_kept), kv_heads=len(kv_kept), mlp=int(_mlp_channels(mask, geom, layer).sum()))
+
+
+def _mlp_channels(mask: LayerMask, geom: Geometry, layer: int) -> torch.Tensor:
+    channels = mask.mlp.bool().cpu() if mask.mlp is not None else torch.ones(geom.intermediate_size, dtype=torch.bool)
+    if channels.numel() != geom.intermediate_size:
+        raise FlapDeployError(
+            f"layer {layer}: MLP mask has {channels.numel()} entries, the model has {geom.intermediate_size} channels"
+        )
+    return channels
+
+
+def slice_layer(m: LayerModules, i: int, geom: Geometry, mask: LayerMask, means: LayerMeans | None, *,
+                with_o_bias: bool, with_down_bias: bool) -> dict[str, torch.Tensor]:
+    """The contract tensors of layer ``i`` of the pruned model, from the dense layer's modules."""
     prefix = f"model.layers.{i}."
     dtype = m.q_proj.weight.dtype
     hd = geom.head_dim
-    put = out.tensors.__setitem__
+    out: dict[str, torch.Tensor] = {}
 
     heads = mask.heads if mask.heads is not None else torch.ones(geom.num_heads, dtype=torch.bool)
     q_kept, kv_kept = kept_head_order(heads, geom, i)
     q_rows, kv_rows = _rows(q_kept, hd), _rows(kv_kept, hd)
     o_bias = _bias(m.o_proj, _compensation(m.o_proj.weight.detach(), q_rows, means.attn if means else None))
     if q_kept:
-        put(prefix + "input_layernorm.weight", m.input_layernorm.weight.detach())
+        out[prefix + "input_layernorm.weight"] = m.input_layernorm.weight.detach()
         for name, proj, rows in (("q_proj", m.q_proj, q_rows), ("k_proj", m.k_proj, kv_rows), ("v_proj", m.v_proj, kv_rows)):
-            put(prefix + f"self_attn.{name}.weight", proj.weight.detach()[rows])
+            out[prefix + f"self_attn.{name}.weight"] = proj.weight.detach()[rows.to(proj.weight.device)]
             if proj.bias is not None:
-                put(prefix + f"self_attn.{name}.bias", proj.bias.detach()[rows])
-        put(prefix + "self_attn.o_proj.weight", m.o_proj.weight.detach()[:, q_rows])
+                out[prefix + f"self_attn.{name}.bias"] = proj.bias.detach()[rows.to(proj.bias.device)]
+        out[prefix + "self_attn.o_proj.weight"] = m.o_proj.weight.detach()[:, q_rows.to(m.o_proj.weight.device)]
         if m.q_norm is not None:
-            put(prefix + "self_attn.q_norm.weight", m.q_norm.weight.detach())
-            put(prefix + "self_attn.k_norm.weight", m.k_norm.weight.detach())
+            out[prefix + "self_attn.q_norm.weight"] = m.q_norm.weight.detach()
+            out[prefix + "self_attn.k_norm.weight"] = m.k_norm.weight.detach()
     if with_o_bias:
         bias = o_bias if o_bias is not None else torch.zeros(geom.hidden_size, dtype=torch.float64)
-        put(prefix + "self_attn.o_proj.bias", bias.to(dtype))
+        out[prefix + "self_attn.o_proj.bias"] = bias.to(dtype)
 
-    channels = mask.mlp.bool().cpu() if mask.mlp is not None else torch.ones(geom.intermediate_size, dtype=torch.bool)
-    if channels.numel() != geom.intermediate_size:
-        raise FlapDeployError(
-            f"layer {i}: MLP mask has {channels.numel()} entries, the model has {geom.intermediate_size} channels"
-        )
-    cols = channels.nonzero().flatten()
+    cols = _mlp_channels(mask, geom, i).nonzero().flatten()
     down_bias = _bias(m.down_proj, _compensation(m.down_proj.weight.detach(), cols, means.mlp if means else None))
     if cols.numel():
-        put(prefix + "post_attention_layernorm.weight", m.post_attention_layernorm.weight.detach())
+        out[prefix + "post_attention_layernorm.weight"] = m.post_attention_layernorm.weight.detach()
+        dev_cols = cols.to(m.down_proj.weight.device)
         for name, proj in (("gate_proj", m.gate_proj), ("up_proj", m.up_proj)):
-            put(prefix + f"mlp.{name}.weight", proj.weight.detach()[cols])
+            out[prefix + f"mlp.{name}.weight"] = proj.weight.detach()[dev_cols]
             if proj.bias is not None:
-                put(prefix + f"mlp.{name}.bias", proj.bias.detach()[cols])
-        put(prefix + "mlp.down_proj.weight", m.down_proj.weight.detach()[:, cols])
+                out[prefix + f"mlp.{name}.bias"] = proj.bias.detach()[dev_cols]
+        out[prefix + "mlp.down_proj.weight"] = m.down_proj.weight.detach()[:, dev_cols]
     if with_down_bias:
         bias = down_bias if down_bias is not None else torch.zeros(geom.hidden_size, dtype=torch.float64)
-        put(prefix + "mlp.down_proj.bias", bias.to(dtype))
+        out[prefix + "mlp.down_proj.bias"] = bias.to(dtype)
+    return out
 
-    out.widths.append(LayerWidths(heads=len(q_kept), kv_heads=len(kv_kept), mlp=int(cols.numel())))
+
+def compensation_biases(first: LayerModules, means: list[LayerMeans] | None) -> tuple[bool, bool]:
+    """Whether the pruned model carries o_proj / down_proj biases: compensation, or the source's own."""
+    return means is not None or first.o_proj.bias is not None, means is not None or first.down_proj.bias is not None
 
 
 def flap_config(source_config: Any, widths: list[LayerWidths], *, o_proj_bias: bool, down_proj_bias: bool,
@@ -194,31 +208,26 @@ def compress(
     means: list[LayerMeans] | None = None,
     provenance: dict | None = None,
 ) -> FlapLlamaForCausalLM:
-    """Slice a dense model by per-layer keep-masks into a FlapLlamaForCausalLM.
+    """Slice an in-memory dense model by per-layer keep-masks into a FlapLlamaForCausalLM (in memory).
 
     With ``means`` (calibration means of the o_proj / down_proj inputs), the output of the
     pruned channels is replaced by its mean through the o_proj / down_proj biases.
-    The dense model is left untouched; the result shares no storage with it.
+    The dense model is left untouched; the result shares no storage with it. Pruning writes
+    its result layer by layer instead (``pruning``); both slice with ``slice_layer``.
     """
     adapter = get_adapter(model.config)
     geom = adapter.geometry(model.config)
-    if len(masks) != geom.num_layers:
-        raise FlapDeployError(f"got {len(masks)} layer masks for a model with {geom.num_layers} layers")
-    if means is not None and len(means) != geom.num_layers:
-        raise FlapDeployError(f"got {len(means)} layer means for a model with {geom.num_layers} layers")
-
-    first = adapter.layer_modules(model, 0)
-    with_o_bias = means is not None or first.o_proj.bias is not None
-    with_down_bias = means is not None or first.down_proj.bias is not None
-    sliced = _Sliced()
+    check_lengths(geom, masks, means)
+    o_bias, down_bias = compensation_biases(adapter.layer_modules(model, 0), means)
+    widths = [layer_widths(masks[i], geom, i) for i in range(geom.num_layers)]
+    state: dict[str, torch.Tensor] = {}
     for i in range(geom.num_layers):
-        _slice_layer(adapter, model, i, geom, masks[i], means[i] if means else None, sliced, with_o_bias, with_down_bias)
-
-    config = flap_config(model.config, sliced.widths, o_proj_bias=with_o_bias, down_proj_bias=with_down_bias,
-                         provenance=provenance)
+        state.update(slice_layer(adapter.layer_modules(model, i), i, geom, masks[i], means[i] if means else None,
+                                 with_o_bias=o_bias, with_down_bias=down_bias))
+    config = flap_config(model.config, widths, o_proj_bias=o_bias, down_proj_bias=down_bias, provenance=provenance)
     config.dtype = model.dtype
 
-    state = {name: t.clone() for name, t in sliced.tensors.items()}
+    state = {name: t.clone() for name, t in state.items()}
     state["model.embed_tokens.weight"] = model.model.embed_tokens.weight.detach().clone()
     state["model.norm.weight"] = model.model.norm.weight.detach().clone()
     if config.tie_word_embeddings:
@@ -232,3 +241,48 @@ def compress(
     if config.tie_word_embeddings:
         pruned.lm_head.weight = pruned.model.embed_tokens.weight
     return pruned.eval()
+
+
+def check_lengths(geom: Geometry, masks: list[LayerMask], means: list[LayerMeans] | None) -> None:
+    if len(masks) != geom.num_layers:
+        raise FlapDeployError(f"got {len(masks)} layer masks for a model with {geom.num_layers} layers")
+    if means is not None and len(means) != geom.num_layers:
+        raise FlapDeployError(f"got {len(means)} layer means for a model with {geom.num_layers} layers")
+
+
+@torch.no_grad()
+def compress_stream(stream: LayerStream, masks: list[LayerMask], means: list[LayerMeans] | None, out: Path, *,
+                    provenance: dict | None = None, on_layer: Any = None) -> FlapLlamaConfig:
+    """Slice ``stream``'s layers one at a time and write the pruned weights into ``out`` as they come.
+
+    The masks decide the pruned config first, and with it every tensor's name and shape (the
+    checkpoint contract), so the shards are laid out before the first layer is read. Weights
+    are written in the dtype the source stores them in. Returns the config (not yet saved).
+    """
+    from .checkpoint import expected_tensor_shapes
+    from .shards import ShardWriter
+
+    geom = stream.geometry
+    check_lengths(geom, masks, means)
+    o_bias, down_bias = compensation_biases(stream.adapter.layer_modules(stream.model, 0), means)
+    widths = [layer_widths(masks[i], geom, i) for i in range(geom.num_layers)]
+    config = flap_config(stream.model.config, widths, o_proj_bias=o_bias, down_proj_bias=down_bias,
+                         provenance=provenance)
+    dtype = stream.stored_dtype()
+    config.dtype = dtype
+    shapes = expected_tensor_shapes(config.to_dict())
+    writer = ShardWriter(out, [(name, shape, dtype) for name, shape in shapes.items()])
+    names = list(shapes)
+    for name in names:
+        if not name.startswith("model.layers."):
+            writer.write(name, stream.stored_tensor(name).to(dtype))
+    for i in range(geom.num_layers):
+        with stream.layer(i):
+            tensors = slice_layer(stream.adapter.layer_modules(stream.model, i), i, geom, masks[i],
+                                  means[i] if means else None, with_o_bias=o_bias, with_down_bias=down_bias)
+            for name in (n for n in names if n.startswith(f"model.layers.{i}.")):
+                writer.write(name, tensors[name].to(dtype))
+        if on_layer is not None:
+            on_layer(i)
+    writer.close()
+    return config

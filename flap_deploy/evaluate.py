@@ -8,7 +8,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from .errors import FlapDeployError, ParameterError
 
@@ -97,32 +96,70 @@ def teacher_forced_top1(model: torch.nn.Module, ids: list[int]) -> tuple[list[in
 
 @torch.no_grad()
 def evaluate(
-    model: torch.nn.Module,
+    model: Any,
     tokenizer: Any,
     text: str,
     seqlen: int = 512,
     max_tokens: int | None = None,
-    reference: torch.nn.Module | None = None,
+    reference: Any = None,
     batch_size: int = 1,
     progress: bool = True,
+    **stream_options: Any,
 ) -> EvalResult:
     """Perplexity of ``model`` on ``text``; with ``reference``, also mean KL(reference‖model)
-    and top-1 next-token agreement on the same positions."""
+    and top-1 next-token agreement on the same positions (see ``evaluate_windows``)."""
     windows = token_windows(tokenizer, text, seqlen, max_tokens)
-    return evaluate_windows(model, windows, reference=reference, batch_size=batch_size, progress=progress)
+    return evaluate_windows(model, windows, reference=reference, batch_size=batch_size, progress=progress,
+                            **stream_options)
 
 
 @torch.no_grad()
 def evaluate_windows(
-    model: torch.nn.Module,
+    model: Any,
     windows: torch.Tensor,
-    reference: torch.nn.Module | None = None,
+    reference: Any = None,
     batch_size: int = 1,
     progress: bool = True,
+    *,
+    device: str | torch.device | None = "auto",
+    dtype: str | torch.dtype | None = None,
+    max_buffer_bytes: int | None = None,
 ) -> EvalResult:
-    """The figures of ``evaluate`` on token windows [n, seqlen] (e.g. self-generated text)."""
+    """The figures of ``evaluate`` on token windows [n, seqlen], layer by layer.
+
+    ``model`` and ``reference`` are checkpoints (``ModelRef``, directory, bundled name) or
+    in-memory models; each runs through a ``LayerStream``, one layer resident at a time, over
+    groups of windows whose hidden states fit in ``max_buffer_bytes`` (default a quarter of the
+    available memory). Logits are formed one batch at a time, never for all windows at once.
+    """
+    from .layerwise import final_hidden
+    from .streaming import LayerStream, available_memory_bytes
+
+    streams = [LayerStream.open(m, device=device, dtype=dtype) for m in (model, reference) if m is not None]
+    n, seqlen = windows.shape
+    per_window = sum(seqlen * s.geometry.hidden_size * torch.empty((), dtype=s.dtype).element_size()
+                     for s in streams)
+    budget = max_buffer_bytes if max_buffer_bytes is not None else available_memory_bytes() // 4
+    group = max(1, min(n, budget // per_window))
     tally = Tally()
-    for start in tqdm(range(0, len(windows), batch_size), desc="eval", unit="batch", disable=not progress):
-        batch = windows[start : start + batch_size]
-        tally.add(log_probs(model, batch), batch[:, 1:], log_probs(reference, batch) if reference is not None else None)
-    return tally.result(len(windows), windows.shape[1])
+    for start in range(0, n, group):
+        ids = windows[start:start + group]
+        passes = [final_hidden(s, ids, batch_size=batch_size, progress=progress,
+                               desc="eval" if i == 0 else "eval reference") for i, s in enumerate(streams)]
+        for s in streams:
+            s.load_head(lm_head=True)
+        try:
+            for sl in passes[0].slices:
+                logps = [_head_log_probs(s, p.buffer[sl]) for s, p in zip(streams, passes)]
+                tally.add(logps[0], ids[sl, 1:], logps[1] if len(logps) > 1 else None)
+        finally:
+            for s in streams:
+                s.release_head()
+    return tally.result(n, seqlen)
+
+
+def _head_log_probs(stream: Any, hidden: torch.Tensor) -> torch.Tensor:
+    """Float32 next-token log-probabilities from a batch of last-layer hidden states."""
+    lm = stream.model
+    logits = lm.lm_head(lm.model.norm(hidden.to(stream.device)))[:, :-1].float()
+    return F.log_softmax(logits, dim=-1).cpu()

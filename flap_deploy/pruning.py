@@ -1,35 +1,58 @@
-"""FLAP pruning (and the Wanda-sp / magnitude-sp baselines) end to end.
+"""FLAP pruning (and the Wanda-sp / magnitude-sp baselines) end to end, one decoder layer resident at a time.
 
-``prune(model, config)``: validate → load (alignment checked on the config first) → score (one
-function per method: ``score_flap``, ``score_wanda_sp``, ``score_magnitude_sp``) → allocate widths
-(``allocation``) → ``compress`` → provenance. It returns a ``PrunedModel``; the CLI only wraps it.
+``prune(model, config)``: validate → open the source as a ``LayerStream`` (tensor shapes and
+alignment checked, nothing read yet) → state the memory plan → calibration windows → score
+(pass 1, layer by layer: ``score_flap``, ``score_wanda_sp``, ``score_magnitude_sp``) →
+allocate widths globally (``allocation``) → slice and write (pass 2, layer by layer,
+``compress.compress_stream``) → provenance. The pruned checkpoint is written straight into
+the output directory (atomically); the CLI only wraps this.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import time
+import weakref
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-from .adapters import get_adapter
 from .allocation import GRANULARITIES, STRUCTURES, Alignment, allocate
 from .calibration import calibration_windows
-from .compress import LayerMask, LayerMeans, compress
+from .compress import LayerMask, LayerMeans, compress_stream
 from .errors import FlapDeployError, ParameterError
-from .layerwise import LayerStats, calibrate_layers
 from .importance import METRICS, flap_scores, head_scores, magnitude_metric, wanda_metric
+from .layerwise import LayerStats, calibrate_layers, progress_bar
+from .streaming import GIB, LayerStream, MemoryPlan, peak_rss_bytes, plan_memory
 
 METHODS = ("flap", "wanda-sp", "mag-sp")
 BASELINE_METRICS = {"wanda-sp": "wanda", "mag-sp": "magnitude"}  # recorded as the metric of a baseline run
+SIZE_UNITS = {"": 1, "B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "TB": 1000**4,
+              "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "TIB": 1024**4}
+
+
+def parse_size(value: int | str | None, param: str) -> int | None:
+    """Bytes of ``12GiB``, ``500MB``, ``1.5GB`` or a plain number of bytes (None stays None)."""
+    if value is None or isinstance(value, int):
+        return value
+    text = str(value).strip().upper().replace(" ", "")
+    number = text.rstrip("KMGTIB")
+    unit = text[len(number):]
+    try:
+        if unit not in SIZE_UNITS:
+            raise ValueError
+        return int(float(number) * SIZE_UNITS[unit])
+    except ValueError:
+        raise ParameterError(param, f"{value!r} is not a size (e.g. 12GiB, 500MB)") from None
 
 
 @dataclass
 class PruneConfig:
-    """Everything that decides a pruning run (and is recorded in the checkpoint's provenance).
+    """Everything that decides a pruning run (recorded in the checkpoint's provenance), then how it runs.
 
     ratio: fraction of the decoder layers' linear weights (q/k/v/o, gate/up/down) to remove.
     method: ``flap`` or the baselines ``wanda-sp`` / ``mag-sp`` (uniform per layer, no compensation).
@@ -42,6 +65,11 @@ class PruneConfig:
     calib: ``self`` | ``hf:wikitext2`` | a text file or directory. nsamples x seqlen tokens, seed.
     mlp_multiple / tp_size: alignment of every layer's widths (see ``allocation.Alignment``).
     batch_size: calibration windows per layer forward.
+    device: ``auto`` (the first CUDA device, else the CPU), ``cpu``, ``cuda``, ``cuda:N``.
+    dtype: compute dtype; default the checkpoint's on an accelerator, float32 on the CPU.
+    max_memory: host memory the run may use (bytes or e.g. ``12GiB``; default what the machine has
+        available); the plan is checked against it before any layer runs.
+    offload_buffer: keep the calibration buffer in pinned host memory instead of on the device.
     """
 
     ratio: float = 0.2
@@ -58,6 +86,10 @@ class PruneConfig:
     mlp_multiple: int = 1
     tp_size: int = 1
     batch_size: int = 8
+    device: str = "auto"
+    dtype: str | None = None
+    max_memory: int | str | None = None
+    offload_buffer: bool = False
     progress: bool = True
 
     def validate(self) -> None:
@@ -81,6 +113,7 @@ class PruneConfig:
                 raise ParameterError(name, f"must be a positive integer, got {value}")
         if self.seqlen < 2:
             raise ParameterError("seqlen", f"must be at least 2, got {self.seqlen}")
+        parse_size(self.max_memory, "max_memory")
 
     @property
     def effective_attn_ratio(self) -> float | None:
@@ -91,29 +124,49 @@ class PruneConfig:
 
 @dataclass
 class PrunedModel:
-    """A pruned FlapLlamaForCausalLM with its masks, provenance and timings."""
+    """A pruned checkpoint on disk (``path``) with its masks, provenance, timings and memory figures.
 
-    model: torch.nn.Module
+    Without an output directory ``prune`` writes into a temporary one, removed with this
+    object unless ``save`` moves it into place. ``model`` loads the checkpoint (once).
+    """
+
+    path: Path
     masks: list[LayerMask]
     provenance: dict[str, Any]
     means: list[LayerMeans] | None = None
-    statistics: "Statistics | None" = None
-    source: Path | None = None
-    tokenizer: Any = None
+    statistics: Statistics | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    memory: dict[str, Any] = field(default_factory=dict)
+    _model: torch.nn.Module | None = field(default=None, repr=False)
+    _cleanup: Any = field(default=None, repr=False)
 
     @property
     def achieved_ratio(self) -> float:
         return self.provenance["achieved_ratio"]
 
-    def save(self, out: str | os.PathLike, overwrite: bool = False, report: bool = True) -> Path:
-        """Write the contract checkpoint (atomically), then its per-layer widths report and plot."""
-        from .checkpoint import save_checkpoint
+    @property
+    def model(self) -> torch.nn.Module:
+        """The pruned FlapLlamaForCausalLM, loaded from ``path`` on first use."""
+        if self._model is None:
+            from .model_ref import load_model
 
-        out = save_checkpoint(self.model, out, tokenizer_from=self.source,
-                              tokenizer=self.tokenizer if self.source is None else None, overwrite=overwrite)
-        if report:
-            write_report(out)
+            self._model = load_model(self.path)
+        return self._model
+
+    def save(self, out: str | os.PathLike, overwrite: bool = False) -> Path:
+        """Move (or copy) the checkpoint to ``out``, atomically."""
+        from .atomic import atomic_directory
+
+        out = Path(out)
+        if out.resolve() == self.path.resolve():
+            return out
+        with atomic_directory(out, overwrite) as tmp:
+            for f in self.path.iterdir():
+                (shutil.move if self._cleanup is not None else shutil.copy2)(f, tmp / f.name)
+        if self._cleanup is not None:
+            self._cleanup()
+            self._cleanup = None
+        self.path = out
         return out
 
 
@@ -128,6 +181,7 @@ def write_report(path: Path) -> None:
 
 def check_alignment(model_config: Any, config: PruneConfig, align: Alignment) -> None:
     """Raise FlapDeployError when no non-zero width of a layer satisfies the alignment."""
+    from .adapters import get_adapter
     from .allocation import attention_menu, mlp_menu
 
     geom = get_adapter(model_config).geometry(model_config)
@@ -141,31 +195,23 @@ def linear_weights(model: torch.nn.Module) -> int:
                if name.startswith("model.layers.") and name.endswith("_proj.weight"))
 
 
-def _load(model: str | os.PathLike | torch.nn.Module, tokenizer: Any,
-          check: Callable[[Any], None]) -> tuple[torch.nn.Module, Any, Path | None, str]:
-    """(model, tokenizer, source directory or None, name); ``check(config)`` runs before any weight loads."""
+def open_source(model: str | os.PathLike | torch.nn.Module, config: PruneConfig,
+                check: Callable[[Any], None] | None = None) -> tuple[LayerStream, Path | None]:
+    """The dense model as a ``LayerStream`` (nothing read but shard headers) and its directory, if any;
+    ``check(model_config)`` runs before anything else is."""
+    if isinstance(model, torch.nn.Module):
+        if check is not None:
+            check(model.config)
+        name = getattr(model.config, "_name_or_path", "") or ""
+        return LayerStream.open(model), (Path(name) if name and Path(name).is_dir() else None)
+    from transformers import AutoConfig
+
     from .model_ref import resolve_model
 
-    if isinstance(model, torch.nn.Module):
-        check(model.config)
-        name = getattr(model.config, "_name_or_path", "") or "<in-memory model>"
-        path = Path(name) if name and Path(name).is_dir() else None
-        loaded = model
-    else:
-        from transformers import AutoConfig
-
-        ref = resolve_model(model, accept=("dense",))
-        path, name = ref.path, ref.arg
-        check(AutoConfig.from_pretrained(path))
-        loaded = ref.load()
-    if path is None:
-        return loaded, tokenizer, None, name
-    if tokenizer is None:
-        try:
-            tokenizer = resolve_model(path).tokenizer()
-        except FlapDeployError:
-            tokenizer = None
-    return loaded, tokenizer, path, name
+    ref = resolve_model(model, accept=("dense",))
+    if check is not None:
+        check(AutoConfig.from_pretrained(ref.path))
+    return LayerStream.open(ref, device=config.device, dtype=config.dtype), ref.path
 
 
 @dataclass
@@ -175,19 +221,6 @@ class Statistics:
 
     layers: list[LayerStats]
     calibration: dict[str, Any]
-
-
-def collect_statistics(model: torch.nn.Module, config: PruneConfig, tokenizer: Any = None) -> Statistics:
-    """Calibrate ``model`` layer by layer (dense outputs feed the next layer) and keep the statistics."""
-    calib = calibration_windows(config.calib, model, tokenizer, config.nsamples, config.seqlen, config.seed,
-                                progress=config.progress)
-    layers: list[LayerStats] = []
-
-    def keep(i: int, stats: LayerStats) -> None:
-        layers.append(stats)
-
-    calibrate_layers(model, calib.input_ids, keep, batch_size=config.batch_size, progress=config.progress)
-    return Statistics(layers=layers, calibration=calib.describe(config.seed))
 
 
 @dataclass
@@ -203,37 +236,60 @@ class Scores:
     statistics: Statistics | None = None
 
 
-def score_flap(model: torch.nn.Module, config: PruneConfig, tokenizer: Any,
+@dataclass
+class Calibration:
+    """The windows of a run and how to run layers over them (shared by the methods that calibrate)."""
+
+    input_ids: torch.Tensor
+    description: dict[str, Any]
+    batch_size: int
+    buffer_device: str | None
+    progress: bool
+
+
+def _flap_layer(stream: LayerStream, i: int, stats: LayerStats, metric: str, scores: Scores) -> None:
+    m = stream.adapter.layer_modules(stream.model, i)
+    a, s = flap_scores(metric, m.o_proj.weight, stats.attn, m.down_proj.weight, stats.mlp, stream.geometry.head_dim)
+    scores.attn.append(a)
+    scores.mlp.append(s)
+    scores.means.append(LayerMeans(attn=stats.attn.mean.cpu(), mlp=stats.mlp.mean.cpu()))
+
+
+def score_flap(stream: LayerStream, config: PruneConfig, calib: Calibration | None,
                statistics: Statistics | None = None) -> Scores:
-    """FLAP: the configured metric on dense-calibration statistics, standardized per layer and module."""
-    adapter = get_adapter(model.config)
-    geom = adapter.geometry(model.config)
-    if statistics is None:
-        statistics = collect_statistics(model, config, tokenizer)
-    elif len(statistics.layers) != geom.num_layers:
-        raise FlapDeployError(f"statistics of {len(statistics.layers)} layers for a model of {geom.num_layers}")
-    scores = Scores(attn=[], mlp=[], means=[], calibration=statistics.calibration, statistics=statistics)
-    for i, stats in enumerate(statistics.layers):
-        m = adapter.layer_modules(model, i)
-        a, s = flap_scores(config.metric, m.o_proj.weight, stats.attn, m.down_proj.weight, stats.mlp, geom.head_dim)
-        scores.attn.append(a)
-        scores.mlp.append(s)
-        scores.means.append(LayerMeans(attn=stats.attn.mean.cpu(), mlp=stats.mlp.mean.cpu()))
+    """FLAP: the configured metric on dense-calibration statistics, standardized per layer and module.
+    With ``statistics`` from an earlier run, only o_proj / down_proj weights are read, layer by layer."""
+    geom = stream.geometry
+    if statistics is not None:
+        if len(statistics.layers) != geom.num_layers:
+            raise FlapDeployError(f"statistics of {len(statistics.layers)} layers for a model of {geom.num_layers}")
+        scores = Scores(attn=[], mlp=[], means=[], calibration=statistics.calibration, statistics=statistics)
+        for i, stats in enumerate(statistics.layers):
+            with stream.layer(i):
+                _flap_layer(stream, i, stats, config.metric, scores)
+        return scores
+    kept: list[LayerStats] = []
+    scores = Scores(attn=[], mlp=[], means=[], calibration=calib.description,
+                    statistics=Statistics(kept, calib.description))
+
+    def on_layer(i: int, stats: LayerStats) -> None:
+        kept.append(stats)
+        _flap_layer(stream, i, stats, config.metric, scores)
+
+    calibrate_layers(stream, calib.input_ids, on_layer, batch_size=calib.batch_size,
+                     buffer_device=calib.buffer_device, progress=calib.progress)
     return scores
 
 
-def score_wanda_sp(model: torch.nn.Module, config: PruneConfig, tokenizer: Any, align: Alignment) -> Scores:
+def score_wanda_sp(stream: LayerStream, config: PruneConfig, calib: Calibration, align: Alignment) -> Scores:
     """Wanda-sp: uniform per layer, each layer's widths decided during calibration so the next
     layer sees pruned outputs."""
-    adapter = get_adapter(model.config)
-    geom = adapter.geometry(model.config)
-    calib = calibration_windows(config.calib, model, tokenizer, config.nsamples, config.seqlen, config.seed,
-                                progress=config.progress)
-    scores = Scores(attn=[], mlp=[], calibration=calib.describe(config.seed))
+    geom = stream.geometry
+    scores = Scores(attn=[], mlp=[], calibration=calib.description)
     one_layer = replace(geom, num_layers=1)
 
     def on_layer(i: int, stats: LayerStats) -> LayerMask:
-        m = adapter.layer_modules(model, i)
+        m = stream.adapter.layer_modules(stream.model, i)
         a = head_scores(wanda_metric(m.o_proj.weight, stats.attn), geom.head_dim, "sum").cpu()
         s = wanda_metric(m.down_proj.weight, stats.mlp).cpu()
         scores.attn.append(a)
@@ -241,39 +297,46 @@ def score_wanda_sp(model: torch.nn.Module, config: PruneConfig, tokenizer: Any, 
         return allocate([a], [s], one_layer, ratio=config.ratio, structure="UL-UM",
                         granularity=config.attn_granularity, align=align).masks[0]
 
-    calibrate_layers(model, calib.input_ids, on_layer, batch_size=config.batch_size, propagate_pruned=True,
-                     progress=config.progress)
+    calibrate_layers(stream, calib.input_ids, on_layer, batch_size=calib.batch_size, propagate_pruned=True,
+                     buffer_device=calib.buffer_device, progress=calib.progress)
     return scores
 
 
-def score_magnitude_sp(model: torch.nn.Module) -> Scores:
+def score_magnitude_sp(stream: LayerStream, progress: bool = False) -> Scores:
     """Magnitude-sp: weights only, no calibration."""
-    adapter = get_adapter(model.config)
-    geom = adapter.geometry(model.config)
+    geom = stream.geometry
     scores = Scores(attn=[], mlp=[])
+    bar = progress_bar(geom.num_layers, "score", progress)
     for i in range(geom.num_layers):
-        m = adapter.layer_modules(model, i)
-        scores.attn.append(head_scores(magnitude_metric(m.o_proj.weight), geom.head_dim, "sum").cpu())
-        scores.mlp.append(magnitude_metric(m.down_proj.weight).cpu())
+        with stream.layer(i):
+            m = stream.adapter.layer_modules(stream.model, i)
+            scores.attn.append(head_scores(magnitude_metric(m.o_proj.weight), geom.head_dim, "sum").cpu())
+            scores.mlp.append(magnitude_metric(m.down_proj.weight).cpu())
+        bar.update()
+    bar.close()
     return scores
 
 
-def _score(model: torch.nn.Module, config: PruneConfig, tokenizer: Any, statistics: Statistics | None,
-           align: Alignment) -> Scores:
-    if config.method == "flap":
-        return score_flap(model, config, tokenizer, statistics)
-    if config.method == "wanda-sp":
-        return score_wanda_sp(model, config, tokenizer, align)
-    return score_magnitude_sp(model)
+def _calibration(stream: LayerStream, config: PruneConfig, tokenizer: Any, plan: MemoryPlan) -> Calibration:
+    """The calibration windows (self-generated ones with the model's own forward, its layers paged
+    through the memory the plan leaves free)."""
+    budget = max(plan.limit_bytes - plan.host_peak_bytes, 0)
+    with stream.paged(budget) as model:
+        windows = calibration_windows(config.calib, model, tokenizer, config.nsamples, config.seqlen, config.seed,
+                                      progress=config.progress)
+    return Calibration(windows.input_ids, windows.describe(config.seed), config.batch_size,
+                       "cpu" if config.offload_buffer else None, config.progress)
 
 
-def _provenance(config: PruneConfig, align: Alignment, scores: Scores, name: str, architecture: str,
-                dense: torch.nn.Module, pruned: torch.nn.Module) -> dict[str, Any]:
-    """The run's record; the achieved ratio from the weights the pruned model really holds."""
+def _provenance(config: PruneConfig, align: Alignment, scores: Scores, stream: LayerStream,
+                pruned_config: Any) -> dict[str, Any]:
+    """The run's record; the achieved ratio from the weights the pruned checkpoint holds (the contract's shapes)."""
     from . import __version__
+    from .params import as_flap_config, count_params
 
     flap = config.method == "flap"
-    dense_linear, pruned_linear = linear_weights(dense), linear_weights(pruned)
+    dense = count_params(as_flap_config(stream.model.config.to_dict()))
+    pruned = count_params(pruned_config.to_dict())
     return {
         "method": config.method,
         "metric": config.metric if flap else BASELINE_METRICS[config.method],
@@ -281,51 +344,113 @@ def _provenance(config: PruneConfig, align: Alignment, scores: Scores, name: str
         "attn_granularity": config.attn_granularity,
         "attn_ratio": config.effective_attn_ratio if flap else None,
         "target_ratio": config.ratio,
-        "achieved_ratio": 1 - pruned_linear / dense_linear,
+        "achieved_ratio": 1 - pruned.decoder_linear / dense.decoder_linear,
         "bias_compensation": scores.means is not None and config.bias,
         "calibration": scores.calibration,
-        "source_model": name,
-        "source_architecture": architecture,
+        "source_model": stream.name,
+        "source_architecture": stream.adapter.architecture,
         "alignment": align.to_dict(),
         "package_version": __version__,
-        "dense_params": sum(p.numel() for p in dense.parameters()),
-        "pruned_params": sum(p.numel() for p in pruned.parameters()),
-        "dense_linear_weights": dense_linear,
-        "pruned_linear_weights": pruned_linear,
+        "dense_params": dense.total,
+        "pruned_params": pruned.total,
+        "dense_linear_weights": dense.decoder_linear,
+        "pruned_linear_weights": pruned.decoder_linear,
     }
+
+
+def _say(config: PruneConfig, text: str) -> None:
+    if config.progress:
+        from tqdm.auto import tqdm
+
+        tqdm.write(f"flap-deploy: {text}", file=__import__("sys").stderr)
 
 
 @torch.no_grad()
 def prune(model: str | os.PathLike | torch.nn.Module, config: PruneConfig | None = None,
-          tokenizer: Any = None, statistics: Statistics | None = None) -> PrunedModel:
-    """Prune a dense model (a loaded model, a checkpoint directory or a bundled name).
+          tokenizer: Any = None, statistics: Statistics | None = None, *,
+          out: str | os.PathLike | None = None, overwrite: bool = False) -> PrunedModel:
+    """Prune a dense model (a checkpoint directory, a bundled name, or a loaded model) into ``out``.
 
-    validate → load → score → allocate → compress → provenance. ``statistics`` (from
-    ``collect_statistics`` or an earlier ``PrunedModel.statistics`` of the same model) skips
-    FLAP's calibration. The dense model is left untouched. Raises FlapDeployError for bad input
-    before any work.
+    Without ``out`` the checkpoint goes to a temporary directory (``PrunedModel.save`` moves it).
+    ``statistics`` (an earlier ``PrunedModel.statistics`` of the same model and calibration)
+    skips FLAP's calibration. The dense model is left untouched. Bad input raises before any
+    layer runs: parameters, the output path, the source's tensors, alignment, the memory plan.
     """
+    from .atomic import atomic_directory, check_output_dir
+    from .checkpoint import finish_checkpoint
+
     config = config or PruneConfig()
     config.validate()
     align = Alignment(config.mlp_multiple, config.tp_size)
-    model, tokenizer, source, name = _load(model, tokenizer, lambda cfg: check_alignment(cfg, config, align))
-    adapter = get_adapter(model.config)
+    if out is not None:
+        check_output_dir(out, overwrite)
+    stream, source = open_source(model, config, lambda cfg: check_alignment(cfg, config, align))
+    if tokenizer is None and source is not None:
+        from .model_ref import load_tokenizer
+
+        try:
+            tokenizer = load_tokenizer(source)
+        except FlapDeployError:
+            tokenizer = None
+    calibrates = config.method == "wanda-sp" or (config.method == "flap" and statistics is None)
+    tokens = config.nsamples * config.seqlen if calibrates else 0
+    plan = plan_memory(stream, tokens, offload_buffer=config.offload_buffer, head=config.calib == "self",
+                       max_memory=parse_size(config.max_memory, "max_memory"))
+    _say(config, f"plan: {plan.describe()}")
 
     t0 = time.perf_counter()
-    scores = _score(model, config, tokenizer, statistics, align)
+    calib = _calibration(stream, config, tokenizer, plan) if calibrates else None
+    if config.method == "flap":
+        scores = score_flap(stream, config, calib, statistics)
+    elif config.method == "wanda-sp":
+        scores = score_wanda_sp(stream, config, calib, align)
+    else:
+        scores = score_magnitude_sp(stream, config.progress)
     timings = {"calibrate_s": time.perf_counter() - t0}
-    structure = config.structure if config.method == "flap" else "UL-UM"
-    allocation = allocate(scores.attn, scores.mlp, adapter.geometry(model.config), ratio=config.ratio,
-                          structure=structure, attn_ratio=config.effective_attn_ratio,
-                          granularity=config.attn_granularity, align=align)
+    allocation = allocate(scores.attn, scores.mlp, stream.geometry, ratio=config.ratio,
+                          structure=config.structure if config.method == "flap" else "UL-UM",
+                          attn_ratio=config.effective_attn_ratio, granularity=config.attn_granularity, align=align)
     means = scores.means if config.bias else None
-    pruned = compress(model, allocation.masks, means)
-    pruned.config.flap = {**_provenance(config, align, scores, name, adapter.architecture, model, pruned),
-                          **pruned.config.flap}
+
+    t1 = time.perf_counter()
+    if out is None:
+        target = Path(tempfile.mkdtemp(prefix="flap-pruned-"))
+        writing = _plain_directory(target)
+    else:
+        writing = atomic_directory(out, overwrite)
+    with writing as tmp:
+        bar = progress_bar(stream.geometry.num_layers, "write", config.progress)
+        pruned_config = compress_stream(stream, allocation.masks, means, tmp, on_layer=lambda i: bar.update())
+        bar.close()
+        provenance = _provenance(config, align, scores, stream, pruned_config)
+        pruned_config.flap = {**provenance, **pruned_config.flap}
+        finish_checkpoint(tmp, pruned_config, tokenizer=tokenizer if source is None else None,
+                          tokenizer_from=source)
+        write_report(tmp)
+    timings["write_s"] = time.perf_counter() - t1
     timings["total_s"] = time.perf_counter() - t0
-    return PrunedModel(model=pruned, masks=allocation.masks, provenance=pruned.config.flap, means=means,
-                       statistics=scores.statistics if config.method == "flap" else statistics, source=source,
-                       tokenizer=tokenizer, timings=timings)
+    memory = {"plan": plan.to_dict(), "peak_rss_bytes": peak_rss_bytes()}
+    result = PrunedModel(path=Path(out) if out is not None else target, masks=allocation.masks,
+                         provenance=pruned_config.flap, means=means,
+                         statistics=scores.statistics if config.method == "flap" else statistics,
+                         timings=timings, memory=memory)
+    if out is None:
+        result._cleanup = weakref.finalize(result, shutil.rmtree, target, True)
+    return result
 
 
-__all__ = ["PruneConfig", "PrunedModel", "Statistics", "collect_statistics", "prune", "METHODS"]
+class _plain_directory:
+    """An existing directory used as it is (the temporary target of ``prune`` without ``out``)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __enter__(self) -> Path:
+        return self.path
+
+    def __exit__(self, *exc: Any) -> None:
+        if exc[0] is not None:
+            shutil.rmtree(self.path, ignore_errors=True)
+
+
+__all__ = ["PruneConfig", "PrunedModel", "Statistics", "prune", "METHODS"]

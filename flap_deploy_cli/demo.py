@@ -58,8 +58,8 @@ def run_demo(out: str | os.PathLike = "demo-out", *, quick: bool = False, backen
     dense = ref.load(torch.float32)
     tokenizer = ref.tokenizer()
     config = PruneConfig(ratio=0.2, calib="self", nsamples=32 if quick else 128, seqlen=128, seed=0)
-    pruned = prune(dense, config, tokenizer=tokenizer)
-    pruned_dir = pruned.save(out / "pruned", overwrite=True)
+    pruned = prune(dense, config, tokenizer=tokenizer, out=out / "pruned", overwrite=True)
+    pruned_dir = pruned.path
     times["prune_s"] = time.perf_counter() - t
     click.echo(f"pruned checkpoint: {pruned_dir} (removed {100 * pruned.achieved_ratio:.1f} % of decoder linear weights)",
                err=True)

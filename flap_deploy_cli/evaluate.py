@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from .common import FlapCommand, echo_json, json_option
+from .prune import DTYPES as COMPUTE_DTYPES
 
 
 @click.command(cls=FlapCommand)
@@ -41,22 +42,26 @@ def info(model: str, plot: Path | None, no_plot: bool, as_json: bool) -> None:
 @click.option("--compare", "reference", default=None,
               help="Dense (reference) MODEL: also report mean KL(reference||model) and top-1 agreement.")
 @click.option("--batch-size", default=1, show_default=True, help="Windows per forward pass.")
+@click.option("--device", default="auto", show_default=True,
+              help="Where layers run: auto (the first CUDA device, else the CPU), cpu, cuda or cuda:N. Layers are "
+                   "read one at a time, so a checkpoint larger than memory evaluates too.")
+@click.option("--dtype", default=None, type=click.Choice(COMPUTE_DTYPES),
+              help="Compute dtype [default: the checkpoint's on an accelerator, float32 on the CPU].")
 @json_option
 def eval_command(model: str, text_path: Path, seqlen: int, max_tokens: int | None, reference: str | None,
-                 batch_size: int, as_json: bool) -> None:
+                 batch_size: int, device: str, dtype: str | None, as_json: bool) -> None:
     """Perplexity of MODEL on a text, optionally against a dense reference model."""
-    import torch
-
     from flap_deploy.evaluate import evaluate
     from flap_deploy.model_ref import CHECKPOINTS, resolve_model
+    from flap_deploy.streaming import resolve_device
     from flap_deploy.text import load_text
 
+    resolve_device(device)  # a missing accelerator is an error before any reading
     text = load_text(text_path)
     ref = resolve_model(model, accept=CHECKPOINTS)
     dense = resolve_model(reference, accept=CHECKPOINTS) if reference else None
-    result = evaluate(ref.load(torch.float32), ref.tokenizer(), text, seqlen=seqlen, max_tokens=max_tokens,
-                      batch_size=batch_size, reference=dense.load(torch.float32) if dense else None,
-                      progress=not as_json)
+    result = evaluate(ref, ref.tokenizer(), text, seqlen=seqlen, max_tokens=max_tokens, batch_size=batch_size,
+                      reference=dense, progress=not as_json, device=device, dtype=dtype)
     if as_json:
         echo_json({"model": model, "reference": reference, "text": str(text_path), **result.to_dict()})
         return

@@ -18,6 +18,7 @@ METHODS = ("flap", "wanda-sp", "mag-sp")
 METRICS = ("WIFV", "IFV", "WIFN")
 STRUCTURES = ("AL-AM", "AL-MM", "UL-MM", "UL-UM")
 GRANULARITIES = ("group", "head")
+DTYPES = ("float32", "bfloat16", "float16")
 
 PRUNE_OPTIONS = (
     click.option("--ratio", default=0.2, show_default=True, type=float,
@@ -46,6 +47,17 @@ PRUNE_OPTIONS = (
                  help="Keep every layer valid for vLLM tensor parallelism of size T (query heads and MLP width "
                       "divisible by T; KV heads divisible by T or dividing T)."),
     click.option("--batch-size", default=8, show_default=True, type=int, help="Calibration windows per forward."),
+    click.option("--device", default="auto", show_default=True,
+                 help="Where layers run: auto (the first CUDA device, else the CPU), cpu, cuda or cuda:N. One "
+                      "decoder layer is resident at a time, read from the checkpoint's safetensors."),
+    click.option("--dtype", default=None, type=click.Choice(DTYPES),
+                 help="Compute dtype [default: the checkpoint's on an accelerator, float32 on the CPU]; statistics "
+                      "always accumulate in float64."),
+    click.option("--max-memory", default=None,
+                 help="Host memory the run may use, e.g. 12GiB [default: what the machine has available]; the plan "
+                      "is checked against it before any layer runs."),
+    click.option("--offload-buffer/--no-offload-buffer", default=False, show_default=True,
+                 help="Keep the calibration buffer in pinned host memory instead of on the device."),
 )
 
 
@@ -63,19 +75,17 @@ def prune_options(command):
 @json_option
 def prune(model: str, out: Path, overwrite: bool, as_json: bool, **options) -> None:
     """Prune MODEL with FLAP (or a baseline) and write the pruned checkpoint to OUT."""
-    from flap_deploy.atomic import check_output_dir
     from flap_deploy.pruning import PruneConfig, prune as run_prune
 
-    config = PruneConfig(**options, progress=not as_json)
-    config.validate()
-    check_output_dir(out, overwrite)  # fail before the (long) calibration
-    result = run_prune(model, config)
-    path = result.save(out, overwrite=overwrite)
+    result = run_prune(model, PruneConfig(**options, progress=not as_json), out=out, overwrite=overwrite)
+    path = result.path
     if as_json:
-        echo_json({"out": str(path), "provenance": result.provenance, "timings": result.timings})
+        echo_json({"out": str(path), "provenance": result.provenance, "timings": result.timings,
+                   "memory": result.memory})
         return
     p = result.provenance
     click.echo(f"pruned {p['source_model']} with {p['method']} ({p['structure']}): removed "
                f"{100 * p['achieved_ratio']:.2f} % of decoder linear weights (target {100 * p['target_ratio']:.1f} %), "
                f"{p['dense_params']:,} -> {p['pruned_params']:,} parameters in {result.timings['total_s']:.1f} s")
-    click.echo(f"wrote {path} (per-layer report: {path / 'flap_report.txt'}, plot: {path / 'flap_widths.png'})")
+    click.echo(f"wrote {path} (per-layer report: {path / 'flap_report.txt'}, plot: {path / 'flap_widths.png'}); "
+               f"peak memory {result.memory['peak_rss_bytes'] / 2**30:.2f} GiB")

@@ -29,7 +29,7 @@ def source_identity(model_dir: str | os.PathLike) -> dict[str, Any]:
     Hashing headers (names, shapes, dtypes, offsets) rather than all weight bytes keeps this
     instant for multi-GB checkpoints while still telling two checkpoints apart.
     """
-    from flap_deploy.checkpoint import safetensors_header_bytes  # torch; reading a manifest needs none
+    from flap_deploy.shards import safetensors_header_bytes  # torch; reading a manifest needs none
 
     model_dir = Path(model_dir).resolve()
     config = hashlib.sha256((model_dir / "config.json").read_bytes()).hexdigest()
