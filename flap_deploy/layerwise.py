@@ -42,9 +42,9 @@ def _chunks(n: int, size: int) -> list[slice]:
 class LayerPass:
     """The buffer entering layer 0 for ``input_ids``, and running layers over it chunk by chunk."""
 
-    def __init__(self, stream: LayerStream, input_ids: torch.Tensor, *, batch_size: int = 8,
+    def __init__(self, stream: LayerStream | torch.nn.Module, input_ids: torch.Tensor, *, batch_size: int = 8,
                  buffer_device: torch.device | str | None = None):
-        self.stream = stream
+        self.stream = stream = as_stream(stream)
         self.slices = _chunks(input_ids.shape[0], batch_size)
         self.tokens = input_ids.numel()
         device = stream.device if buffer_device is None else torch.device(buffer_device)
@@ -89,6 +89,11 @@ class LayerPass:
                 self.buffer[sl] = (out[0] if isinstance(out, tuple) else out).to(self.buffer.device)
 
 
+def as_stream(model: LayerStream | torch.nn.Module) -> LayerStream:
+    """A stream as it is; an in-memory model as a stream whose layers are all resident."""
+    return model if isinstance(model, LayerStream) else LayerStream.open(model)
+
+
 def progress_bar(total: int, desc: str, progress: bool) -> tqdm:
     return tqdm(total=total, desc=desc, unit="layer", disable=not progress)
 
@@ -100,7 +105,7 @@ def _postfix(bar: tqdm, phase: str, tokens: int, started: float) -> None:
 
 @torch.no_grad()
 def calibrate_layers(
-    stream: LayerStream,
+    stream: LayerStream | torch.nn.Module,
     input_ids: torch.Tensor,
     on_layer: Callable[[int, LayerStats], LayerMask | None],
     *,
@@ -116,6 +121,7 @@ def calibrate_layers(
     with the pruned channels zeroed, so the next layer sees the pruned outputs instead.
     """
     lp = LayerPass(stream, input_ids, batch_size=batch_size, buffer_device=buffer_device)
+    stream = lp.stream
     geom = stream.geometry
     started, done = time.perf_counter(), 0
     bar = progress_bar(geom.num_layers, "calibrate", progress)
@@ -155,11 +161,12 @@ def calibrate_layers(
 
 
 @torch.no_grad()
-def final_hidden(stream: LayerStream, input_ids: torch.Tensor, *, batch_size: int = 8,
+def final_hidden(stream: LayerStream | torch.nn.Module, input_ids: torch.Tensor, *, batch_size: int = 8,
                  buffer_device: torch.device | str | None = None, progress: bool = False,
                  desc: str = "forward") -> LayerPass:
     """Every layer over ``input_ids``, one resident at a time: the buffer then holds the last layer's output."""
     lp = LayerPass(stream, input_ids, batch_size=batch_size, buffer_device=buffer_device)
+    stream = lp.stream
     started, done = time.perf_counter(), 0
     bar = progress_bar(stream.geometry.num_layers, desc, progress)
     for i in range(stream.geometry.num_layers):
