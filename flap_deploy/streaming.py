@@ -295,10 +295,10 @@ def plan_memory(stream: LayerStream, tokens: int, *, offload_buffer: bool = Fals
     plan = MemoryPlan(stream.checkpoint_nbytes(), layer, stream.embedding_nbytes(), buffer,
                       "host" if buffer_on_host else str(stream.device), runtime, host, device, limit)
     if host > limit:
-        lower = "`nsamples` or `seqlen`" + ("" if on_device else "")
         raise ParameterError("max_memory", f"is {limit / GIB:.2f} GiB, and the run needs about {host / GIB:.2f} GiB of "
-                                           f"host memory ({plan.describe()}); lower {lower}"
-                                           + (", or set `offload_buffer` off" if offload_buffer else ""))
+                                           f"host memory ({plan.describe()}); lower `nsamples` or `seqlen`"
+                                           + (", or keep the buffer on the device (`offload_buffer` off)"
+                                              if offload_buffer and on_device else ""))
     if on_device:
         free = torch.cuda.mem_get_info(stream.device)[0]
         if device > free:

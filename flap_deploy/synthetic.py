@@ -140,3 +140,39 @@ def ideal_speedup(dense_dir: str | os.PathLike, pruned_dir: str | os.PathLike) -
     return params(dense_dir) / params(pruned_dir)
 
 
+
+
+def write_random_checkpoint(out: str | os.PathLike, shape: Shape, *, tokenizer_from: str | os.PathLike,
+                            dtype: torch.dtype = torch.float32, seed: int = 0, max_shard_bytes: int | None = None,
+                            overwrite: bool = False) -> Path:
+    """A dense checkpoint of ``shape`` with random weights (std 0.02, unit norms), written tensor by
+    tensor so that no more than one tensor is ever in memory; sharded past ``max_shard_bytes``.
+
+    Speed and memory depend on shapes, not values: this is how sizes we cannot download are measured.
+    """
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    from .shards import MAX_SHARD_BYTES, ShardWriter
+
+    tok_dir = Path(tokenizer_from)
+    tok_cfg = json.loads((tok_dir / "config.json").read_text())
+    config = source_config(shape, tok_cfg["vocab_size"], tok_cfg.get("bos_token_id"), tok_cfg.get("eos_token_id"))
+    config.dtype = dtype
+    with init_empty_weights(include_buffers=False):
+        skeleton = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    layout = [(name, tuple(p.shape), dtype) for name, p in skeleton.named_parameters()]
+    g = torch.Generator().manual_seed(seed)
+    with atomic_directory(out, overwrite) as tmp:
+        writer = ShardWriter(tmp, layout, max_shard_bytes or MAX_SHARD_BYTES)
+        for name, dims, _ in layout:
+            if name.endswith("norm.weight"):
+                writer.write(name, torch.ones(dims, dtype=dtype))
+            else:
+                writer.write(name, (torch.randn(dims, generator=g) * 0.02).to(dtype))
+        writer.close()
+        config.save_pretrained(tmp)
+        for f in TOKENIZER_FILES:
+            if (tok_dir / f).is_file():
+                shutil.copy2(tok_dir / f, tmp / f)
+    return Path(out)

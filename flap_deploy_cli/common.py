@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from typing import Any
 
@@ -19,11 +20,12 @@ def user_error_message(error: BaseException, command: click.Command) -> str | No
     if not isinstance(error, classes):
         return None
     message = str(error)
+    flags = {option.name: option.opts[0] for option in command.params if isinstance(option, click.Option)}
     param = getattr(error, "param", None)
-    for option in command.params:
-        if param and option.name == param and isinstance(option, click.Option):
-            return f"{option.opts[0]} {message.removeprefix(param + ' ')}"
-    return message
+    if param in flags:
+        message = f"{flags[param]} {message.removeprefix(param + ' ')}"
+    # Parameters the library names inside a message are `quoted`: they become flags too.
+    return re.sub(r"`(\w+)`", lambda m: flags.get(m.group(1), m.group(1)), message)
 
 
 class FlapCommand(click.Command):

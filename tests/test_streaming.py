@@ -1,0 +1,169 @@
+"""Layer streaming: one decoder layer resident at a time, for pruning and evaluation, at any size."""
+
+import json
+import math
+import resource
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from flap_deploy.shards import INDEX_NAME, ShardedReader, ShardWriter
+from flap_deploy.synthetic import Shape, write_random_checkpoint
+from flap_deploy_cli import main
+
+TINY = Shape("LlamaForCausalLM", 128, 256, 4, 4, 2, 32)
+
+
+@pytest.fixture(scope="module")
+def calib_text(tmp_path_factory):
+    path = tmp_path_factory.mktemp("calib") / "calib.txt"
+    words = "the quick brown fox jumps over a lazy dog while seven small birds sing in the old tree".split()
+    g = torch.Generator().manual_seed(0)
+    path.write_text(" ".join(words[i] for i in torch.randint(0, len(words), (20000,), generator=g).tolist()))
+    return path
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory, bundled_dir):
+    """A tiny random Llama written in three shards with an index."""
+    return write_random_checkpoint(tmp_path_factory.mktemp("tiny") / "dense", TINY, tokenizer_from=bundled_dir,
+                                   max_shard_bytes=20_000_000)
+
+
+def test_shard_writer_round_trip(tmp_path):
+    layout = [(f"t{i}", (i + 1, 3), dtype) for i, dtype in enumerate([torch.float32, torch.bfloat16, torch.float16] * 3)]
+    tensors = {name: torch.randn(shape).to(dtype) for name, shape, dtype in layout}
+    writer = ShardWriter(tmp_path, layout, max_bytes=40)
+    for name, _, _ in layout:
+        writer.write(name, tensors[name])
+    writer.close()
+    assert len(writer.files) > 1 and (tmp_path / INDEX_NAME).is_file()
+    reader = ShardedReader(tmp_path)
+    for name, t in tensors.items():
+        assert torch.equal(reader.read(name), t)
+    from safetensors.torch import load_file  # the reference reader agrees with ours
+
+    for f in writer.files:
+        for name, t in load_file(tmp_path / f).items():
+            assert torch.equal(t, tensors[name])
+
+
+def _one_line_error(res) -> str:
+    assert res.exit_code == 2, res.output
+    assert "Traceback" not in res.output
+    errors = [line for line in res.output.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, res.output
+    return errors[0]
+
+
+def _prune(src, out, *args):
+    return CliRunner().invoke(main, ["prune", str(src), str(out), "--nsamples", "4", "--seqlen", "32", *map(str, args)])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error of a machine without CUDA")
+def test_device_cuda_without_cuda_is_an_error_before_any_layer(sharded, calib_text, tmp_path):
+    line = _one_line_error(_prune(sharded, tmp_path / "out", "--calib", calib_text, "--device", "cuda"))
+    assert "--device" in line and "no CUDA device" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_shard_is_an_error(sharded, calib_text, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(sharded, bad)
+    (bad / "model-00002-of-00003.safetensors").unlink()
+    line = _one_line_error(_prune(bad, tmp_path / "out", "--calib", calib_text))
+    assert "model-00002-of-00003.safetensors" in line and "missing" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_wrong_tensor_shape_in_one_shard_is_an_error(sharded, calib_text, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(sharded, bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["intermediate_size"] = 320  # the shards hold 256 channels
+    (bad / "config.json").write_text(json.dumps(cfg))
+    line = _one_line_error(_prune(bad, tmp_path / "out", "--calib", calib_text))
+    assert "mlp.gate_proj.weight" in line and "layer 0" in line and "[256, 128]" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_plan_beyond_max_memory_is_an_error(sharded, calib_text, tmp_path):
+    line = _one_line_error(_prune(sharded, tmp_path / "out", "--calib", calib_text, "--max-memory", "64MiB"))
+    assert "--max-memory" in line and "--nsamples" in line and "--seqlen" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_json_reports_timings_and_peak_memory(sharded, calib_text, tmp_path):
+    res = _prune(sharded, tmp_path / "out", "--calib", calib_text, "--ratio", "0.3", "--json")
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    assert data["memory"]["peak_rss_bytes"] > 0 and data["memory"]["plan"]["checkpoint_bytes"] > 0
+    assert {"calibrate_s", "write_s", "total_s"} <= set(data["timings"])
+    assert abs(data["provenance"]["achieved_ratio"] - 0.3) < 0.02
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["flap", "wanda-sp", "mag-sp"])
+def test_streamed_prune_equals_the_in_memory_prune(method, bundled_dir, calib_text, tmp_path):
+    """Read layer by layer from the safetensors, or all resident in memory: the same masks, widths and tensors."""
+    from safetensors.torch import load_file
+
+    from flap_deploy.model_ref import load_model
+    from flap_deploy.pruning import PruneConfig, prune
+
+    config = PruneConfig(ratio=0.2, method=method, calib=str(calib_text), nsamples=8, seqlen=32, mlp_multiple=16,
+                         progress=False)
+    streamed = prune(bundled_dir, config, out=tmp_path / "streamed")
+    resident = prune(load_model(bundled_dir), config, out=tmp_path / "resident")
+    for a, b in zip(streamed.masks, resident.masks):
+        assert torch.equal(a.heads, b.heads) and torch.equal(a.mlp, b.mlp)
+    ca, cb = (json.loads((p / "config.json").read_text()) for p in (streamed.path, resident.path))
+    for key in ("num_attention_heads_per_layer", "num_key_value_heads_per_layer", "intermediate_size_per_layer"):
+        assert ca[key] == cb[key]
+    ta, tb = load_file(streamed.path / "model.safetensors"), load_file(resident.path / "model.safetensors")
+    assert set(ta) == set(tb)
+    for name in ta:
+        torch.testing.assert_close(ta[name], tb[name], rtol=0, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_streamed_eval_equals_the_whole_model_perplexity(bundled_dir, wikitext_dir):
+    import torch.nn.functional as F
+
+    from flap_deploy.evaluate import evaluate_windows, token_windows
+    from flap_deploy.model_ref import resolve_model
+    from flap_deploy.text import load_text
+
+    ref = resolve_model(bundled_dir)
+    windows = token_windows(ref.tokenizer(), load_text(wikitext_dir / "test.txt"), 256, 2048)
+    streamed = evaluate_windows(ref, windows, batch_size=4, progress=False, device="cpu")
+    model = ref.load(torch.float32)
+    with torch.no_grad():
+        logits = model(input_ids=windows, use_cache=False).logits[:, :-1].float()
+    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), windows[:, 1:].reshape(-1))
+    assert streamed.perplexity == pytest.approx(math.exp(nll.item()), rel=1e-4)
+    compared = evaluate_windows(ref, windows, reference=model, batch_size=4, progress=False, device="cpu")
+    assert compared.kl == pytest.approx(0, abs=1e-6) and compared.top1_agreement == 1.0
+
+
+@pytest.mark.slow
+def test_a_3gb_checkpoint_prunes_in_under_40_percent_of_its_size(bundled_dir, calib_text, tmp_path):
+    """Peak resident memory of the pruning process (ru_maxrss, a subprocess) against the checkpoint's size."""
+    shape = Shape("LlamaForCausalLM", 1536, 6144, 20, 12, 4, 128)
+    src = write_random_checkpoint(tmp_path / "dense", shape, tokenizer_from=bundled_dir)
+    size = ShardedReader(src).nbytes
+    assert size >= 3 * 1000**3 and len(list(src.glob("*.safetensors"))) > 1
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    res = subprocess.run([sys.executable, "-m", "flap_deploy_cli", "prune", str(src), str(tmp_path / "out"),
+                          "--calib", str(calib_text), "--nsamples", "4", "--seqlen", "64", "--json"],
+                         capture_output=True, text=True, timeout=1200)
+    assert res.returncode == 0, res.stderr[-3000:]
+    peak = json.loads(res.stdout)["memory"]["peak_rss_bytes"]
+    child_peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    if child_peak > before * 1024:  # the OS's figure for the child, when it is the largest child so far
+        assert peak == pytest.approx(child_peak, rel=0.05)
+    assert peak < 0.4 * size, f"peak RSS {peak / 2**30:.2f} GiB of a {size / 2**30:.2f} GiB checkpoint"
