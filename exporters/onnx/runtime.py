@@ -58,18 +58,21 @@ class OnnxCausalLM:
     def from_dir(cls, path: str | os.PathLike, threads: int | None = None,
                  graph_optimization_level: str | ort.GraphOptimizationLevel = "all",
                  providers: Sequence[str] | None = None,
-                 session_config: dict[str, str] | None = None) -> OnnxCausalLM:
+                 session_config: dict[str, str] | None = None, memory_arena: bool = True) -> OnnxCausalLM:
         """Load an export directory (graph, manifest, tokenizer when present).
 
         ``threads``: ORT intra-op threads (None = ORT's default). ``graph_optimization_level``:
         "disable" | "basic" | "extended" | "all" or an ``ort.GraphOptimizationLevel``.
         ``session_config``: extra ORT session config entries, e.g.
         ``{"session.intra_op.allow_spinning": "0"}`` when other work shares the cores.
+        ``memory_arena=False``: no CPU arena, so the memory of a peak (a long prefill) is
+        freed when the call ends instead of kept for reuse (the server's choice).
         Raises FlapDeployError when the manifest does not describe the graph.
         """
         path = Path(path)
         manifest = read_manifest(path)
         opts = ort.SessionOptions()
+        opts.enable_cpu_mem_arena = memory_arena
         if threads:
             opts.intra_op_num_threads = int(threads)
             opts.inter_op_num_threads = 1
