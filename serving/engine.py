@@ -126,6 +126,7 @@ class Engine:
         self._rows: list[_Sequence] = []
         self._past: dict[str, np.ndarray] = {}
         self._mask = np.zeros((0, 0), dtype=np.int64)
+        self._admitted: list[_Sequence] = []  # taken from the queue, being prefilled
         self._global_rng = np.random.default_rng()
 
     # ---------------------------------------------------------------- public API
@@ -212,8 +213,10 @@ class Engine:
                             if self.metrics:
                                 self.metrics.of(self.metrics.aborted).inc()
                     self._drop_finished()
+                self._admitted = admitted  # so that a crash below still answers them
                 for group in self._prefill_groups(admitted):
                     self._prefill(group)
+                self._admitted = []
                 if self._rows:
                     self._decode_step()
                 with self._cond:
@@ -221,7 +224,8 @@ class Engine:
         except BaseException as e:  # a bug: fail every request loudly, tell the owner
             self.error = e
             with self._cond:
-                pending = list(self._rows) + list(self._waiting)
+                pending = [s for s in self._admitted if not s.finished] + list(self._rows) + list(self._waiting)
+                self._admitted = []
                 self._rows, self._waiting = [], collections.deque()
             for s in pending:
                 self._send(s, e)
