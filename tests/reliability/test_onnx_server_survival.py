@@ -48,6 +48,16 @@ def _server(tokenizer, model=None, **kw) -> OnnxServer:
     return OnnxServer(model or TinyNumpyLM(vocab=len(tokenizer), seed=3), tokenizer, **opts)
 
 
+def _wait_listening(port: int) -> None:
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        try:
+            httpx.get(f"http://127.0.0.1:{port}/health", timeout=1)
+            return
+        except httpx.TransportError:
+            time.sleep(0.05)
+
+
 def _openai_error(r: httpx.Response, status: int) -> dict:
     assert r.status_code == status, r.text
     assert r.headers["content-type"].startswith("application/json"), r.headers
@@ -97,13 +107,7 @@ def test_item1_engine_death_exits_non_zero(tokenizer):
     thread = threading.Thread(target=lambda: result.append(run_server(server, port=port, log_level="warning")),
                               daemon=True)
     thread.start()
-    deadline = time.time() + 20
-    while time.time() < deadline:
-        try:
-            httpx.get(f"http://127.0.0.1:{port}/health", timeout=1)
-            break
-        except httpx.TransportError:
-            time.sleep(0.05)
+    _wait_listening(port)
     r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json={"prompt": "w1", "max_tokens": 2}, timeout=20)
     _openai_error(r, 500)
     thread.join(20)
@@ -128,13 +132,7 @@ def test_item3_slow_headers_are_timed_out(tokenizer):
     thread = threading.Thread(target=run_server, args=(server,),
                               kwargs={"port": port, "log_level": "warning", "header_timeout_s": 1.0}, daemon=True)
     thread.start()
-    deadline = time.time() + 20
-    while time.time() < deadline:
-        try:
-            httpx.get(f"http://127.0.0.1:{port}/health", timeout=1)
-            break
-        except httpx.TransportError:
-            time.sleep(0.05)
+    _wait_listening(port)
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
         s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n")  # and never the rest
         t0 = time.perf_counter()
