@@ -13,13 +13,23 @@ from .errors import FlapDeployError, ParameterError
 
 
 def check_output_dir(out: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Refuse an output path that exists and is not an empty directory, unless overwrite."""
+    """Refuse an output path that exists and is not an empty directory, unless overwrite, or one
+    whose nearest existing ancestor cannot take a new directory (probed, and removed at once)."""
     out = Path(out)
     if out.exists():
         if not out.is_dir():
             raise FlapDeployError(f"output path {out} exists and is not a directory")
         if any(out.iterdir()) and not overwrite:
             raise ParameterError("overwrite", f"is off and output directory {out} exists and is not empty")
+    base = out.absolute().parent
+    while not base.exists() and base != base.parent:
+        base = base.parent
+    if not base.is_dir():
+        raise FlapDeployError(f"output path {out}: {base} is not a directory")
+    try:  # the write that atomic_directory will do, tried now rather than after hours of work
+        os.rmdir(tempfile.mkdtemp(prefix=f".{out.name}.probe-", dir=base))
+    except OSError as e:
+        raise FlapDeployError(f"output path {out}: cannot create a directory in {base} ({e.strerror or e})") from None
     return out
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,7 +71,8 @@ def materialize(name: str) -> Path:
 
     from transformers import AutoModelForCausalLM, AutoTokenizer  # heavy; only on first use
 
-    print(f"flap-deploy: converting bundled {model.name} from {gguf.name} into {out} (once)")
+    # stderr: a --json command's stdout carries its JSON alone
+    print(f"flap-deploy: converting bundled {model.name} from {gguf.name} into {out} (once)", file=sys.stderr)
     lm = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype="float32")
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     # The weights are dequantized to float32: the GGUF quantization no longer applies.

@@ -112,6 +112,10 @@ def resolve_model(model: str | os.PathLike | ModelRef, *, accept: tuple[str, ...
     from .adapters import get_adapter
 
     get_adapter(config)
+    if check_weights:  # a truncated or corrupt weight file: one line now, not a traceback after calibration
+        from .checkpoint import checkpoint_tensors
+
+        checkpoint_tensors(path)
     return _accepted(ModelRef(arg, path, "dense", config, bundled), accept)
 
 

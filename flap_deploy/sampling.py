@@ -16,6 +16,9 @@ import numpy as np
 
 from .errors import ParameterError
 
+# Temperatures below this are greedy (as in vLLM): logits / 1e-320 overflow to inf.
+GREEDY_BELOW = 1e-5
+
 
 @dataclass
 class SamplingParams:
@@ -39,9 +42,9 @@ class SamplingParams:
     def __post_init__(self):
         if self.max_tokens < 0:
             raise ParameterError("max_tokens", f"must be >= 0, got {self.max_tokens}")
-        if self.temperature < 0:
-            raise ParameterError("temperature", f"must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
+        if not self.temperature >= 0 or self.temperature == float("inf"):  # NaN fails the first test
+            raise ParameterError("temperature", f"must be a finite number >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:  # NaN fails it too
             raise ParameterError("top_p", f"must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ParameterError("top_k", f"must be >= 0, got {self.top_k}")
@@ -54,7 +57,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_BELOW
 
     def rng(self) -> np.random.Generator:
         """A generator for this request: reproducible when a seed is given."""
@@ -63,7 +66,7 @@ class SamplingParams:
 
 def probabilities(logits: np.ndarray, temperature: float, top_k: int = 0, top_p: float = 1.0) -> np.ndarray:
     """Sampling distribution over the vocabulary for one row of logits (float64)."""
-    x = np.asarray(logits, dtype=np.float64) / temperature
+    x = np.asarray(logits, dtype=np.float64) / max(temperature, GREEDY_BELOW)
     if top_k and top_k < x.shape[-1]:
         kth = np.partition(x, -top_k)[-top_k]
         x = np.where(x < kth, -np.inf, x)

