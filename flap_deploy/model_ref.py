@@ -47,6 +47,17 @@ class ModelRef:
 
         return AutoModelForCausalLM.from_pretrained(_accepted(self, CHECKPOINTS).path, dtype=dtype or "auto").eval()
 
+    def hf_config(self) -> Any:
+        """The transformers config object; a config.json transformers refuses is a one-line error."""
+        import flap_deploy  # noqa: F401  registers flap_llama with the Auto classes
+        from transformers import AutoConfig
+
+        try:
+            return AutoConfig.from_pretrained(self.path)
+        except Exception as e:  # strict field validation, unknown keys, bad values: all the user's file
+            detail = " ".join(str(e).split())
+            raise FlapDeployError(f"{self.path / 'config.json'}: {detail}") from None
+
     def tokenizer(self) -> Any:
         return _tokenizer_at(self.path)
 

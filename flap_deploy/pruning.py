@@ -204,13 +204,11 @@ def open_source(model: str | os.PathLike | torch.nn.Module, config: PruneConfig,
             check(model.config)
         name = getattr(model.config, "_name_or_path", "") or ""
         return LayerStream.open(model), (Path(name) if name and Path(name).is_dir() else None)
-    from transformers import AutoConfig
-
     from .model_ref import resolve_model
 
     ref = resolve_model(model, accept=("dense",))
     if check is not None:
-        check(AutoConfig.from_pretrained(ref.path))
+        check(ref.hf_config())
     return LayerStream.open(ref, device=config.device, dtype=config.dtype), ref.path
 
 
@@ -320,7 +318,10 @@ def score_magnitude_sp(stream: LayerStream, progress: bool = False) -> Scores:
 def _calibration(stream: LayerStream, config: PruneConfig, tokenizer: Any, plan: MemoryPlan) -> Calibration:
     """The calibration windows (self-generated ones with the model's own forward, its layers paged
     through the memory the plan leaves free)."""
-    budget = max(plan.limit_bytes - plan.host_peak_bytes, 0)
+    if stream.device.type == "cuda":  # resident layers then live on the device
+        budget = max(torch.cuda.mem_get_info(stream.device)[0] - plan.device_peak_bytes, 0)
+    else:
+        budget = max(plan.limit_bytes - plan.host_peak_bytes, 0)
     with stream.paged(budget) as model:
         windows = calibration_windows(config.calib, model, tokenizer, config.nsamples, config.seqlen, config.seed,
                                       progress=config.progress)
@@ -430,6 +431,8 @@ def prune(model: str | os.PathLike | torch.nn.Module, config: PruneConfig | None
     timings["write_s"] = time.perf_counter() - t1
     timings["total_s"] = time.perf_counter() - t0
     memory = {"plan": plan.to_dict(), "peak_rss_bytes": peak_rss_bytes()}
+    if stream.device.type == "cuda":
+        memory["peak_device_bytes"] = torch.cuda.max_memory_allocated(stream.device)
     result = PrunedModel(path=Path(out) if out is not None else target, masks=allocation.masks,
                          provenance=pruned_config.flap, means=means,
                          statistics=scores.statistics if config.method == "flap" else statistics,

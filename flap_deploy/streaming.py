@@ -116,11 +116,10 @@ class LayerStream:
 
         ref = resolve_model(source, accept=CHECKPOINTS, check_weights=False)
         reader = ShardedReader(ref.path)
-        import flap_deploy  # noqa: F401  registers flap_llama with the Auto classes
         from accelerate import init_empty_weights
-        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM
 
-        config = AutoConfig.from_pretrained(ref.path)
+        config = ref.hf_config()
         stored = _stored_dtype(reader)
         compute = resolve_dtype(dtype, dev, stored)
         with init_empty_weights(include_buffers=False):
