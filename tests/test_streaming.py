@@ -91,6 +91,17 @@ def test_wrong_tensor_shape_in_one_shard_is_an_error(sharded, calib_text, tmp_pa
     assert not (tmp_path / "out").exists()
 
 
+def test_a_config_transformers_refuses_is_an_error(sharded, calib_text, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(sharded, bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["intermediate_size"] = [256] * 3  # a per-layer list, of the wrong length too
+    (bad / "config.json").write_text(json.dumps(cfg))
+    line = _one_line_error(_prune(bad, tmp_path / "out", "--calib", calib_text))
+    assert "config.json" in line and "intermediate_size" in line
+    assert not (tmp_path / "out").exists()
+
+
 def test_plan_beyond_max_memory_is_an_error(sharded, calib_text, tmp_path):
     line = _one_line_error(_prune(sharded, tmp_path / "out", "--calib", calib_text, "--max-memory", "64MiB"))
     assert "--max-memory" in line and "--nsamples" in line and "--seqlen" in line
