@@ -77,7 +77,11 @@ def check_servable(model: str | os.PathLike | ModelRef, tp_size: int = 1, weight
     ref = resolve_model(model, accept=CHECKPOINTS, check_weights=weights)
     cfg = ref.config
     if ref.kind == "pruned":
+        from exporters.vllm.quantize import check_scheme_runnable
+        from exporters.vllm.validate import vllm_distribution
+
         validate_for_vllm(cfg, tp_size, source=str(ref.path / "config.json"), pp_size=pp_size)
+        check_scheme_runnable(cfg, vllm_distribution(), str(ref.path / "config.json"))
         return ref
     pp_layer_split(cfg["num_hidden_layers"], pp_size)
     # a dense model of a supported family: vLLM serves it natively
