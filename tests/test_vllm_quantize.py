@@ -9,7 +9,6 @@ of positions. Bad inputs fail in one line before any engine.
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -21,7 +20,7 @@ from click.testing import CliRunner
 from factories import tiny_heterogeneous
 from flap_deploy.checkpoint import save_checkpoint
 from flap_deploy_cli import main
-from vllm_helpers import REPO, needs_vllm, vllm_env
+from vllm_helpers import REPO, free_port, needs_vllm, vllm_env
 
 TEXT = ("The city council met on Tuesday to discuss the new budget for the public library, which had been closed "
         "for repairs since the storm in March. Several residents spoke in favour of extending the opening hours, "
@@ -85,12 +84,6 @@ def test_bad_inputs_fail_before_an_engine(tiny_quantized, tmp_path):
                     "already quantized")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @needs_vllm
 @pytest.mark.slow
 @pytest.mark.vllm
@@ -105,7 +98,7 @@ def test_plain_vllm_serves_pruned_int8(flap20_dir, tmp_path):
     qdir = tmp_path / "flap20-w8a8"
     result = CliRunner().invoke(main, ["quantize", str(flap20_dir), str(qdir), "--json"])
     assert result.exit_code == 0, result.output
-    port = _free_port()
+    port = free_port()
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(qdir), "--port", str(port),
            "--max-model-len", "512", "--enforce-eager"]
     log = open(tmp_path / "vllm.log", "w")
