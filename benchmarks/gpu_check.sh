@@ -3,7 +3,8 @@
 #
 # Prepared for a one-GPU CUDA machine (an H100/H200 class card), run from the repo root:
 #   bash benchmarks/gpu_check.sh [SHAPE] [RATIO]
-# It needs about 12 minutes: prunes a Llama-3-8B-shaped random checkpoint on the GPU, installs what is missing (vllm for CUDA, this package without
+# Then the FLAP-pruned bundled model bf16 / W8A8 int8 / FP8-dynamic (and TP 2, PP 2 with 2+ GPUs).
+# It needs about 15 minutes: prunes a Llama-3-8B-shaped random checkpoint on the GPU, installs what is missing (vllm for CUDA, this package without
 # its CPU-only pins), builds the synthetic pair with `--load-format dummy` weights (random,
 # no download), and runs `flap-deploy compare --backend vllm` on it. Results land in
 # benchmarks/results/gpu/ (report.json, report.md, plots) and benchmarks/results/gpu_check.log.
@@ -69,4 +70,32 @@ timeout 420 "$PY" -m flap_deploy_cli compare --synthetic "$SHAPE" --ratio "$RATI
   --vllm-arg=--dtype=bfloat16 --max-model-len 2048 --max-num-seqs 64 --out "$OUT" --overwrite \
   --vllm-arg=--gpu-memory-utilization=0.85
 cat "$OUT/report.md"
+
+# Pruned + quantized, and TP 2 / PP 2 when there is more than one GPU, on the FLAP-pruned bundled
+# model (real weights): greedy tokens and teacher-forced top-1 of each variant vs the bf16 pruned one.
+PR=benchmarks/results/gpu/flap20
+timeout 300 "$PY" -m flap_deploy_cli prune smollm2-135m "$PR" --ratio 0.2 --calib self --nsamples 32 --overwrite
+for S in w8a8-int8 fp8-dynamic; do "$PY" -m flap_deploy_cli quantize "$PR" "$PR-$S" --scheme "$S" --overwrite; done
+NGPU=$(nvidia-smi -L | wc -l)
+timeout 600 "$PY" - "$PR" "$NGPU" <<'PYEOF'
+import json, sys, tempfile
+from serving.vllm_offline import run_offline_subprocess
+pr, ngpu = sys.argv[1], int(sys.argv[2])
+prompts = [[1 + (7 * i + 13 * j) % 40000 for j in range(96)] for i in range(8)]
+runs = [(pr, 1, 1), (pr + "-w8a8-int8", 1, 1), (pr + "-fp8-dynamic", 1, 1)]
+if ngpu >= 2:
+    runs += [(pr, 2, 1), (pr, 1, 2), (pr + "-fp8-dynamic", 2, 1)]
+base = None
+for model, tp, pp in runs:
+    with tempfile.TemporaryDirectory() as work:
+        r = run_offline_subprocess({"model": model, "prompts": prompts, "max_tokens": 32, "dtype": "bfloat16",
+                                    "tp_size": tp, "pp_size": pp, "max_model_len": 1024, "enforce_eager": False,
+                                    "throughput_prompts": 32, "throughput_tokens": 64}, work)
+    base = base or r
+    top1 = sum(a == b for x, y in zip(r["top1"], base["top1"]) for a, b in zip(x, y)) / sum(map(len, base["top1"]))
+    same = sum(x == y for x, y in zip(r["greedy"], base["greedy"]))
+    print(json.dumps({"model": model, "tp": tp, "pp": pp, "top1_vs_bf16_pruned": round(top1, 4),
+                      "greedy_identical": f"{same}/{len(prompts)}", "tokens_per_s": r["throughput"]["tokens_per_s"],
+                      "engine_start_s": r["engine_start_s"]}))
+PYEOF
 echo "== $(date -u +%FT%TZ) done"

@@ -108,7 +108,11 @@ def resolve_model(model: str | os.PathLike | ModelRef, *, accept: tuple[str, ...
         raise FlapDeployError(f"{path}: neither a model checkpoint (config.json) nor an ONNX export ({ONNX_MANIFEST})")
     config = read_config(path)
     if config.get("model_type") == "flap_llama":
-        if check_weights:
+        if check_weights and config.get("quantization_config"):
+            from .quantized import validate_quantized_checkpoint
+
+            validate_quantized_checkpoint(path)
+        elif check_weights:
             from .checkpoint import validate_checkpoint
 
             validate_checkpoint(path)

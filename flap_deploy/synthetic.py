@@ -47,6 +47,10 @@ SHAPES: dict[str, Shape] = {
     "llama3-8b": Shape("LlamaForCausalLM", 4096, 14336, 32, 32, 8, 128, rope_theta=500000.0, max_position_embeddings=8192),
     "mistral-7b": Shape("MistralForCausalLM", 4096, 14336, 32, 32, 8, 128, rope_theta=1000000.0),
     "qwen2.5-7b": Shape("Qwen2ForCausalLM", 3584, 18944, 28, 28, 4, 128, rope_theta=1000000.0),
+    # Llama-3.2-1B layout (~1.07B parameters with the shipped 49k-token tokenizer): weight reads dominate a
+    # decode step even on CPU, unlike smollm2-135m.
+    "llama3.2-1b": Shape("LlamaForCausalLM", 2048, 8192, 16, 32, 8, 64, rope_theta=500000.0,
+                         max_position_embeddings=8192),
     "smollm2-135m": Shape("LlamaForCausalLM", 576, 1536, 30, 9, 3, 64, rope_theta=100000.0, max_position_embeddings=8192),
 }
 

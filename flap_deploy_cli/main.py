@@ -18,6 +18,6 @@ def main() -> None:
     """
 
 
-for _command in (prune.prune, evaluate.info, evaluate.eval_command, export.export, run.generate, run.serve,
+for _command in (prune.prune, evaluate.info, evaluate.eval_command, export.export, export.quantize, run.generate, run.serve,
                  measure.bench, measure.compare):
     main.add_command(_command)

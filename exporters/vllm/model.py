@@ -16,8 +16,17 @@ like it shards Llama. What differs, per layer ``i`` of the config
   (Qwen2-style ``attention_bias``) and q/k may be RMS-normalized per head (``qk_norm``,
   Qwen3-style).
 
-No pipeline parallelism, and plain pre-norm residuals instead of vLLM's fused add+norm
-(which assumes every layer has both norms).
+Residuals are vLLM's fused add + RMSNorm: the stream is carried as a pair
+``(hidden_states, residual)`` whose sum is the HF model's hidden state (``residual`` is
+None until the first norm), and every norm is ``RMSNorm(x, residual)``, which adds the
+pending branch output into the residual and normalizes in one kernel. A layer without
+attention or MLP has no norm: its compensation bias (if any) is added to the pending
+``hidden_states`` term, nothing else runs.
+
+Pipeline parallelism is vLLM Llama's: ``make_layers`` builds the layers of this stage
+(``PPMissingLayer`` elsewhere), the first stage owns the embedding, the last the final
+norm and LM head, and stages exchange ``IntermediateTensors`` with ``hidden_states`` and
+``residual`` (a stage whose layers have no norm at all sends a zero residual).
 
 Tensor names are those of the pruned-checkpoint contract (HF Llama names).
 """
@@ -26,13 +35,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from itertools import islice
 
 import torch
 from torch import nn
 
 from vllm.compilation.decorators import support_torch_compile
 from vllm.config import CacheConfig, VllmConfig
-from vllm.distributed import get_tensor_model_parallel_world_size
+from vllm.distributed import get_pp_group, get_tensor_model_parallel_world_size
 from vllm.model_executor.layers.activation import SiluAndMul
 from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.layers.layernorm import RMSNorm
@@ -42,7 +52,9 @@ from vllm.model_executor.layers.quantization import QuantizationConfig
 from vllm.model_executor.layers.rotary_embedding import get_rope
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
 from vllm.model_executor.model_loader.weight_utils import default_weight_loader
-from vllm.model_executor.models.utils import maybe_prefix
+from vllm.model_executor.models.interfaces import SupportsPP
+from vllm.model_executor.models.utils import (PPMissingLayer, extract_layer_index, is_pp_missing_parameter,
+                                              make_empty_intermediate_tensors_factory, make_layers, maybe_prefix)
 from vllm.sequence import IntermediateTensors
 
 from flap_deploy.modeling_flap_llama import FlapLlamaConfig, FlapRemovedAttention, FlapRemovedMLP
@@ -178,8 +190,9 @@ class FlapLlamaAttention(nn.Module):
 
 
 class FlapLlamaDecoderLayer(nn.Module):
-    def __init__(self, vllm_config: VllmConfig, layer_idx: int, prefix: str = "") -> None:
+    def __init__(self, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__()
+        layer_idx = extract_layer_index(prefix)
         config: FlapLlamaConfig = vllm_config.model_config.hf_config
         cache_config = vllm_config.cache_config
         quant_config = vllm_config.quant_config
@@ -222,25 +235,31 @@ class FlapLlamaDecoderLayer(nn.Module):
             self.mlp = FlapRemovedMLP(config.hidden_size) if config.down_proj_bias else None
             self.post_attention_layernorm = None
 
-    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
-        # Self Attention (removed: its compensation bias, or nothing)
+    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor,
+                residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``hidden_states + residual`` (residual None: ``hidden_states``) is the stream; returns the new pair."""
+        # Self Attention (removed: its compensation bias joins the pending branch output, or nothing)
         if self.has_attention:
-            residual = hidden_states
-            hidden_states = self.input_layernorm(hidden_states)
+            hidden_states, residual = add_norm(self.input_layernorm, hidden_states, residual)
             hidden_states = self.self_attn(positions=positions, hidden_states=hidden_states)
-            hidden_states = residual + hidden_states
         elif self.self_attn is not None:
             hidden_states = hidden_states + self.self_attn(hidden_states)
 
-        # Fully Connected (removed: its compensation bias, or nothing)
+        # Fully Connected (the same)
         if self.has_mlp:
-            residual = hidden_states
-            hidden_states = self.post_attention_layernorm(hidden_states)
+            hidden_states, residual = add_norm(self.post_attention_layernorm, hidden_states, residual)
             hidden_states = self.mlp(hidden_states)
-            hidden_states = residual + hidden_states
         elif self.mlp is not None:
             hidden_states = hidden_states + self.mlp(hidden_states)
-        return hidden_states
+        return hidden_states, residual
+
+
+def add_norm(norm: RMSNorm, hidden_states: torch.Tensor,
+             residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """vLLM's pre-norm step: ``residual += hidden_states; hidden_states = norm(residual)`` (fused kernel)."""
+    if residual is None:
+        return norm(hidden_states), hidden_states
+    return norm(hidden_states, residual)
 
 
 @support_torch_compile(
@@ -256,35 +275,53 @@ class FlapLlamaModel(nn.Module):
         self.quant_config = quant_config
         self.vocab_size = config.vocab_size
 
-        self.embed_tokens = VocabParallelEmbedding(
-            self.vocab_size,
-            config.hidden_size,
-            quant_config=quant_config,
-            prefix=maybe_prefix(prefix, "embed_tokens"),
+        pp = get_pp_group()
+        if pp.is_first_rank or (config.tie_word_embeddings and pp.is_last_rank):
+            self.embed_tokens = VocabParallelEmbedding(
+                self.vocab_size,
+                config.hidden_size,
+                quant_config=quant_config,
+                prefix=maybe_prefix(prefix, "embed_tokens"),
+            )
+        else:
+            self.embed_tokens = PPMissingLayer()
+        self.start_layer, self.end_layer, self.layers = make_layers(
+            config.num_hidden_layers,
+            lambda prefix: FlapLlamaDecoderLayer(vllm_config, prefix=prefix),
+            prefix=maybe_prefix(prefix, "layers"),
         )
-        self.layers = nn.ModuleList(
-            FlapLlamaDecoderLayer(vllm_config, i, prefix=maybe_prefix(prefix, f"layers.{i}"))
-            for i in range(config.num_hidden_layers)
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps) if pp.is_last_rank else PPMissingLayer()
+        self.make_empty_intermediate_tensors = make_empty_intermediate_tensors_factory(
+            ["hidden_states", "residual"], config.hidden_size
         )
-        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(input_ids)
 
     def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor,
                 intermediate_tensors: IntermediateTensors | None = None,
-                inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
-        if inputs_embeds is not None:
-            hidden_states = inputs_embeds
+                inputs_embeds: torch.Tensor | None = None) -> torch.Tensor | IntermediateTensors:
+        pp = get_pp_group()
+        if pp.is_first_rank:
+            hidden_states = inputs_embeds if inputs_embeds is not None else self.embed_input_ids(input_ids)
+            residual = None
         else:
-            hidden_states = self.embed_input_ids(input_ids)
-        for layer in self.layers:
-            hidden_states = layer(positions, hidden_states)
-        hidden_states = self.norm(hidden_states)
+            assert intermediate_tensors is not None
+            hidden_states = intermediate_tensors["hidden_states"]
+            residual = intermediate_tensors["residual"]
+        for layer in islice(self.layers, self.start_layer, self.end_layer):
+            hidden_states, residual = layer(positions, hidden_states, residual)
+        if not pp.is_last_rank:
+            if residual is None:  # no layer of this stage had a norm
+                residual = torch.zeros_like(hidden_states)
+            return IntermediateTensors({"hidden_states": hidden_states, "residual": residual})
+        if residual is None:
+            return self.norm(hidden_states)
+        hidden_states, _ = self.norm(hidden_states, residual)
         return hidden_states
 
 
-class FlapLlamaForCausalLM(nn.Module):
+class FlapLlamaForCausalLM(nn.Module, SupportsPP):
     """The vLLM architecture ``FlapLlamaForCausalLM`` (registered by ``exporters.vllm.plugin``)."""
 
     packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
@@ -296,38 +333,47 @@ class FlapLlamaForCausalLM(nn.Module):
         self.config = config
 
         self.model = FlapLlamaModel(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "model"))
-        self.lm_head = ParallelLMHead(
-            config.vocab_size,
-            config.hidden_size,
-            quant_config=quant_config,
-            prefix=maybe_prefix(prefix, "lm_head"),
-        )
-        if config.tie_word_embeddings:
-            self.lm_head = self.lm_head.tie_weights(self.model.embed_tokens)
-        # logit_scale is not a Llama config field; vLLM's llama.py reads it the same way.
-        logit_scale = getattr(config, "logit_scale", 1.0)
-        self.logits_processor = LogitsProcessor(config.vocab_size, scale=logit_scale)
-        logger.info("FlapLlamaForCausalLM built with config class %s.%s, TP size %d, query heads per layer %s",
-                    type(config).__module__, type(config).__name__, get_tensor_model_parallel_world_size(),
-                    config.num_attention_heads_per_layer)
+        if get_pp_group().is_last_rank:
+            self.lm_head = ParallelLMHead(
+                config.vocab_size,
+                config.hidden_size,
+                quant_config=quant_config,
+                prefix=maybe_prefix(prefix, "lm_head"),
+            )
+            if config.tie_word_embeddings:
+                self.lm_head = self.lm_head.tie_weights(self.model.embed_tokens)
+            # logit_scale is not a Llama config field; vLLM's llama.py reads it the same way.
+            logit_scale = getattr(config, "logit_scale", 1.0)
+            self.logits_processor = LogitsProcessor(config.vocab_size, scale=logit_scale)
+        else:
+            self.lm_head = PPMissingLayer()
+        self.make_empty_intermediate_tensors = self.model.make_empty_intermediate_tensors
+        pp = get_pp_group()
+        logger.info("FlapLlamaForCausalLM built with config class %s.%s, TP size %d, PP stage %d/%d with layers "
+                    "%d-%d, query heads per layer %s", type(config).__module__, type(config).__name__,
+                    get_tensor_model_parallel_world_size(), pp.rank_in_group, pp.world_size, self.model.start_layer,
+                    self.model.end_layer - 1, config.num_attention_heads_per_layer)
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_input_ids(input_ids)
 
     def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor,
                 intermediate_tensors: IntermediateTensors | None = None,
-                inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+                inputs_embeds: torch.Tensor | None = None) -> torch.Tensor | IntermediateTensors:
         return self.model(input_ids, positions, intermediate_tensors, inputs_embeds)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
         return self.logits_processor(self.lm_head, hidden_states)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        """Load contract tensor names; q/k/v and gate/up go into vLLM's fused, sharded parameters."""
+        """Load contract tensor names; q/k/v and gate/up go into vLLM's fused, sharded parameters.
+
+        Tensors of layers (embedding, norm, LM head) that live on another pipeline stage are skipped.
+        """
         params = dict(self.named_parameters())
         loaded: set[str] = set()
         for name, tensor in weights:
-            if "rotary_emb.inv_freq" in name:
+            if "rotary_emb.inv_freq" in name or is_pp_missing_parameter(name, self):
                 continue
             if name == "lm_head.weight" and self.config.tie_word_embeddings:
                 continue  # tied to embed_tokens; some writers store the copy anyway

