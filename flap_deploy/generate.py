@@ -57,18 +57,21 @@ def encode_prompt(tokenizer: Any, prompt: str, chat: bool = False) -> list[int]:
 
 
 def generate(model: str | os.PathLike | ModelRef, prompts: Sequence[str], params: SamplingParams,
-             threads: int | None = None, chat: bool = False) -> list[Generation]:
-    """One Generation per text prompt, from a checkpoint directory on PyTorch (the batch left-padded)."""
+             threads: int | None = None, chat: bool = False, device: str | None = "auto") -> list[Generation]:
+    """One Generation per text prompt, from a checkpoint directory on PyTorch (the batch left-padded);
+    ``device`` as in ``streaming.resolve_device``."""
     import torch
     from transformers.utils import logging as hf_logging
 
     from .model_ref import CHECKPOINTS, resolve_model
+    from .streaming import resolve_device
 
     if threads:
         torch.set_num_threads(threads)
     hf_logging.disable_progress_bar()  # keep stdout/stderr to the generated text
+    dev = resolve_device(device)
     ref = resolve_model(model, accept=CHECKPOINTS)
-    model, tokenizer = ref.load(), ref.tokenizer()
+    model, tokenizer = ref.load().to(dev), ref.tokenizer()
     batch = [encode_prompt(tokenizer, p, chat) for p in prompts]
     eos = model.generation_config.eos_token_id
     eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
@@ -90,7 +93,7 @@ def generate(model: str | os.PathLike | ModelRef, prompts: Sequence[str], params
         if params.min_tokens:
             kwargs.update(min_new_tokens=params.min_tokens)
     with torch.no_grad():
-        out = model.generate(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), **kwargs)
+        out = model.generate(input_ids=torch.from_numpy(ids).to(dev), attention_mask=torch.from_numpy(mask).to(dev), **kwargs)
     results = []
     for r, prompt in enumerate(batch):
         new = out[r, ids.shape[1]:].tolist()

@@ -326,7 +326,7 @@ def _calibration(stream: LayerStream, config: PruneConfig, tokenizer: Any, plan:
         windows = calibration_windows(config.calib, model, tokenizer, config.nsamples, config.seqlen, config.seed,
                                       progress=config.progress)
     return Calibration(windows.input_ids, windows.describe(config.seed), config.batch_size,
-                       "cpu" if config.offload_buffer else None, config.progress)
+                       "cpu" if plan.buffer_on_host else None, config.progress)
 
 
 def _provenance(config: PruneConfig, align: Alignment, scores: Scores, stream: LayerStream,

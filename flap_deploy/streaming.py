@@ -254,6 +254,10 @@ class MemoryPlan:
     device_peak_bytes: int
     limit_bytes: int
 
+    @property
+    def buffer_on_host(self) -> bool:
+        return self.buffer_device.startswith(("host", "pinned"))
+
     def describe(self) -> str:
         g = lambda b: f"{b / GIB:.2f} GiB"  # noqa: E731
         text = (f"checkpoint {g(self.checkpoint_bytes)}, largest layer {g(self.largest_layer_bytes)}, "
@@ -282,24 +286,30 @@ def plan_memory(stream: LayerStream, tokens: int, *, offload_buffer: bool = Fals
     layer = max(stream.layer_nbytes(i) for i in range(stream.geometry.num_layers))
     embed = stream.embedding_nbytes() * (2 if head and not stream.model.config.tie_word_embeddings else 1)
     on_device = stream.device.type != "cpu"
-    buffer_on_host = not on_device or offload_buffer
     runtime = rss_bytes()
     if stream.streamed:
         resident = max(embed, 2 * layer)
     else:  # an in-memory model is already counted in the runtime
         resident = 0
+    free = torch.cuda.mem_get_info(stream.device)[0] if on_device else 0
+    # The buffer lives on the device unless asked otherwise, or unless it does not fit there.
+    buffer_on_host = not on_device or offload_buffer or resident + buffer > free
     host = runtime + (0 if on_device else resident) + (buffer if buffer_on_host else 0)
     device = (resident + (0 if buffer_on_host else buffer)) if on_device else 0
     limit = max_memory if max_memory is not None else available_memory_bytes()
-    plan = MemoryPlan(stream.checkpoint_nbytes(), layer, stream.embedding_nbytes(), buffer,
-                      "host" if buffer_on_host else str(stream.device), runtime, host, device, limit)
+    where = str(stream.device)
+    if on_device and buffer_on_host:
+        where = "pinned host memory" + ("" if offload_buffer else f": it does not fit on {stream.device}")
+    elif not on_device:
+        where = "host"
+    plan = MemoryPlan(stream.checkpoint_nbytes(), layer, stream.embedding_nbytes(), buffer, where, runtime, host,
+                      device, limit)
     if host > limit:
         raise ParameterError("max_memory", f"is {limit / GIB:.2f} GiB, and the run needs about {host / GIB:.2f} GiB of "
                                            f"host memory ({plan.describe()}); lower `nsamples` or `seqlen`"
                                            + (", or keep the buffer on the device (`offload_buffer` off)"
                                               if offload_buffer and on_device else ""))
     if on_device:
-        free = torch.cuda.mem_get_info(stream.device)[0]
         if device > free:
             raise ParameterError("max_memory", f"the run needs about {device / GIB:.2f} GiB on {stream.device}, which has "
                                                f"{free / GIB:.2f} GiB free ({plan.describe()}); lower `nsamples` or "

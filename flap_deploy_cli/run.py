@@ -23,9 +23,12 @@ from .common import CliError, FlapCommand, echo_json, json_option
 @click.option("--stop", multiple=True, help="Stop string (repeatable); the text is cut before it.")
 @click.option("--chat", is_flag=True, help="Wrap each prompt in the tokenizer's chat template.")
 @click.option("--threads", type=int, default=None, help="CPU threads.")
+@click.option("--device", default="auto", show_default=True,
+              help="PyTorch: auto (the first CUDA device, else the CPU), cpu, cuda or cuda:N.")
 @json_option
 def generate(model: str, prompt: tuple[str, ...], max_tokens: int, temperature: float, top_p: float, top_k: int,
-             seed: int | None, stop: tuple[str, ...], chat: bool, threads: int | None, as_json: bool) -> None:
+             seed: int | None, stop: tuple[str, ...], chat: bool, threads: int | None, device: str,
+             as_json: bool) -> None:
     """Generate text for each PROMPT with MODEL: an ONNX export directory runs on ONNX Runtime,
     a checkpoint directory (or `smollm2-135m`) on PyTorch.
 
@@ -41,7 +44,10 @@ def generate(model: str, prompt: tuple[str, ...], max_tokens: int, temperature: 
     else:
         from flap_deploy.generate import generate as run_generate
     runtime = "onnx" if ref.kind == "onnx" else "pytorch"
-    results = run_generate(ref if ref.is_checkpoint else ref.path, list(prompt), params, threads=threads, chat=chat)
+    if ref.kind == "onnx":
+        results = run_generate(ref.path, list(prompt), params, threads=threads, chat=chat)
+    else:
+        results = run_generate(ref, list(prompt), params, threads=threads, chat=chat, device=device)
     for g in results:
         if as_json:
             echo_json({"runtime": runtime, "prompt_tokens": len(g.prompt_ids), "token_ids": g.token_ids,
