@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from .common import FlapCommand, echo_json, json_option
+from .common import CliError, FlapCommand, echo_json, json_option, stdout_to_stderr
 
 
 @click.command(cls=FlapCommand)
@@ -34,17 +34,56 @@ def info(model: str, plot: Path | None, no_plot: bool, as_json: bool) -> None:
 
 @click.command("eval", cls=FlapCommand)
 @click.argument("model")
-@click.option("--text", "text_path", required=True, type=click.Path(path_type=Path),
-              help="Text file or directory of .txt files to evaluate on (WikiText is detokenized).")
-@click.option("--seqlen", default=512, show_default=True, help="Tokens per evaluation window.")
-@click.option("--max-tokens", type=int, default=None, help="Use only the first N tokens of the text.")
+@click.option("--text", "text_path", type=click.Path(path_type=Path),
+              help="Perplexity on a text file or directory of .txt files (WikiText is detokenized).")
+@click.option("--tasks", default=None,
+              help="Task accuracy through lm-evaluation-harness: comma-separated lm-eval task names, 'paper' "
+                   "(the FLAP paper's seven tasks; datasets from the Hugging Face Hub), 'offline' (tasks built "
+                   "here from WikiText-2) or paths to lm-eval task YAMLs with local data files.")
+@click.option("--seqlen", default=512, show_default=True, help="--text: tokens per evaluation window.")
+@click.option("--max-tokens", type=int, default=None, help="--text: use only the first N tokens of the text.")
 @click.option("--compare", "reference", default=None,
-              help="Dense (reference) MODEL: also report mean KL(reference||model) and top-1 agreement.")
-@click.option("--batch-size", default=1, show_default=True, help="Windows per forward pass.")
+              help="Dense (reference) MODEL: with --text also report mean KL(reference||model) and top-1 "
+                   "agreement; with --tasks evaluate it too, side by side.")
+@click.option("--batch-size", type=int, default=None,
+              help="--text: windows per forward pass [default: 1]; --tasks: requests per batch on the hf "
+                   "backend [default: 16].")
+@click.option("--limit", type=int, default=None, help="--tasks: only the first N items of each task.")
+@click.option("--backend", type=click.Choice(["hf", "vllm"]), default="hf", show_default=True,
+              help="--tasks: lm-eval's backend (hf: PyTorch through transformers; vllm: a vLLM engine).")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32",
+              show_default=True, help="--tasks: weights and activations dtype.")
+@click.option("--task-text", type=click.Path(path_type=Path), default=None,
+              help="--tasks offline: the text the tasks are built from [default: WikiText-2 test in "
+                   "../shared/data, or $FLAP_DEPLOY_TASK_TEXT].")
+@click.option("--plot", type=click.Path(path_type=Path), default=None,
+              help="--tasks with --compare: where to write the PNG [default: MODEL_DIR/flap_tasks.png].")
+@click.option("--no-plot", is_flag=True, help="--tasks with --compare: do not write the PNG.")
 @json_option
-def eval_command(model: str, text_path: Path, seqlen: int, max_tokens: int | None, reference: str | None,
-                 batch_size: int, as_json: bool) -> None:
-    """Perplexity of MODEL on a text, optionally against a dense reference model."""
+@click.pass_context
+def eval_command(ctx: click.Context, model: str, text_path: Path | None, tasks: str | None, seqlen: int,
+                 max_tokens: int | None, reference: str | None, batch_size: int | None, limit: int | None,
+                 backend: str, dtype: str, task_text: Path | None, plot: Path | None, no_plot: bool,
+                 as_json: bool) -> None:
+    """Perplexity of MODEL on a text (--text), or its accuracy on lm-eval tasks (--tasks);
+    optionally against a dense reference model (--compare)."""
+    if (text_path is None) == (tasks is None):
+        raise CliError("give one of --text (perplexity) or --tasks (task accuracy)")
+    explicit = [p.opts[0] for p in ctx.command.params if isinstance(p, click.Option)
+                and ctx.get_parameter_source(p.name) is click.core.ParameterSource.COMMANDLINE]
+    only = {"--text": ("--seqlen", "--max-tokens"),
+            "--tasks": ("--limit", "--backend", "--dtype", "--task-text", "--plot", "--no-plot")}
+    mode = "--text" if text_path is not None else "--tasks"
+    for other, flags in only.items():
+        for flag in flags:
+            if other != mode and flag in explicit:
+                raise CliError(f"{flag} applies to {other}, not {mode}")
+    if tasks is not None:
+        _eval_tasks(model, tasks, reference=reference, limit=limit, backend=backend, dtype=dtype,
+                    batch_size=batch_size or 16, task_text=task_text, plot=None if no_plot else plot or True,
+                    as_json=as_json)
+        return
+
     import torch
 
     from flap_deploy.evaluate import evaluate
@@ -55,7 +94,7 @@ def eval_command(model: str, text_path: Path, seqlen: int, max_tokens: int | Non
     ref = resolve_model(model, accept=CHECKPOINTS)
     dense = resolve_model(reference, accept=CHECKPOINTS) if reference else None
     result = evaluate(ref.load(torch.float32), ref.tokenizer(), text, seqlen=seqlen, max_tokens=max_tokens,
-                      batch_size=batch_size, reference=dense.load(torch.float32) if dense else None,
+                      batch_size=batch_size or 1, reference=dense.load(torch.float32) if dense else None,
                       progress=not as_json)
     if as_json:
         echo_json({"model": model, "reference": reference, "text": str(text_path), **result.to_dict()})
@@ -65,3 +104,48 @@ def eval_command(model: str, text_path: Path, seqlen: int, max_tokens: int | Non
         click.echo(f"reference perplexity {result.reference_perplexity:.3f}")
         click.echo(f"mean KL(reference||model) {result.kl:.4f} nats/token")
         click.echo(f"top-1 agreement {100 * result.top1_agreement:.2f} %")
+
+
+def _eval_tasks(model: str, tasks: str, *, reference: str | None, limit: int | None, backend: str, dtype: str,
+                batch_size: int, task_text: Path | None, plot: Path | bool | None, as_json: bool) -> None:
+    """`eval --tasks`: check everything (limit, tasks and their data, models), then run lm-eval on
+    the reference and the model, then the table, the plot and the JSON."""
+    from flap_deploy.model_ref import CHECKPOINTS, resolve_model
+    from flap_deploy.task_report import compare_results, format_table, plot_comparison
+    from flap_deploy.tasks import check_limit, load_tasks, run_tasks, select_tasks
+
+    check_limit(limit)
+    selection = select_tasks(tasks, task_text=task_text)
+    ref = resolve_model(model, accept=CHECKPOINTS)
+    dense = resolve_model(reference, accept=CHECKPOINTS) if reference else None
+    if backend == "vllm":
+        from serving.vllm_launcher import check_servable, check_vllm_installed
+
+        check_vllm_installed()
+        for r in (dense, ref):
+            if r is not None:
+                check_servable(r)
+    loaded = load_tasks(selection)
+
+    def run(r):
+        with stdout_to_stderr(as_json):
+            if backend == "vllm":
+                from serving.vllm_tasks import run_tasks_vllm
+
+                return run_tasks_vllm(r, loaded, limit=limit, dtype=dtype, progress=not as_json)
+            return run_tasks(r, loaded, limit=limit, batch_size=batch_size, dtype=dtype, progress=not as_json)
+
+    dense_result = run(dense) if dense else None
+    result = run(ref)
+    plot_path = None
+    if dense_result and plot:
+        plot_path = plot_comparison(result, dense_result, ref.path / "flap_tasks.png" if plot is True else plot,
+                                    selection.chance)
+    if as_json:
+        echo_json({"model": result, "reference": dense_result, "chance": selection.chance,
+                   "comparison": compare_results(dense_result, result) if dense_result else None,
+                   "plot": str(plot_path) if plot_path else None})
+        return
+    click.echo(format_table(result, dense_result, selection.chance))
+    if plot_path:
+        click.echo(f"\nplot: {plot_path}")
