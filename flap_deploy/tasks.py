@@ -243,7 +243,7 @@ def check_task_yaml(path: str | os.PathLike) -> str:
 
 def select_tasks(tasks: str, *, task_text: str | os.PathLike | None = None) -> TaskSelection:
     """Parse ``--tasks``: comma-separated lm-eval task/group names, presets (``paper``,
-    ``offline``) and paths to task YAMLs. Checks everything it can without a model: YAMLs and
+    ``offline``), the offline tasks by name and paths to task YAMLs. Checks everything it can without a model: YAMLs and
     their data files, and names against lm-eval's task index."""
     items = [t.strip() for t in tasks.split(",") if t.strip()]
     if not items:
@@ -251,10 +251,11 @@ def select_tasks(tasks: str, *, task_text: str | os.PathLike | None = None) -> T
     selection = TaskSelection(specs=[])
     names: list[str] = []
     for item in items:
-        if item == "offline":
+        if item == "offline" or item in OFFLINE_TASKS:
             root = build_offline_tasks(task_text)
-            selection.specs += [str(root / f"{t}.yaml") for t in OFFLINE_TASKS]
-            selection.chance.update({t: 1 / CHOICES for t in OFFLINE_TASKS})
+            chosen = OFFLINE_TASKS if item == "offline" else (item,)
+            selection.specs += [str(root / f"{t}.yaml") for t in chosen]
+            selection.chance.update({t: 1 / CHOICES for t in chosen})
         elif item in PRESETS:
             names += PRESETS[item]
         elif item.endswith((".yaml", ".yml")) or os.sep in item:
@@ -324,12 +325,14 @@ def hf_model_args(ref: Any, dtype: str = "float32", max_length: int = 2048) -> d
     return {"pretrained": str(ref.path), "dtype": dtype, "device": "cpu", "max_length": max_length}
 
 
-def run_tasks(ref: Any, tasks: list[Any], *, lm: str = "hf", lm_args: dict[str, Any] | None = None,
-              limit: int | None = None, batch_size: int | str = 16, dtype: str = "float32",
-              progress: bool = False) -> dict[str, Any]:
-    """Evaluate one model (a ``ModelRef``) on loaded lm-eval ``tasks`` with ``simple_evaluate``
-    and lm-eval's ``lm`` backend; return per task ``n``, each metric's value and stderr, and
-    per item the predicted choice (``predictions``) and the choices' log-likelihoods."""
+def run_tasks(ref: Any, tasks: list[Any], *, lm: Any = None, backend: str = "hf", limit: int | None = None,
+              batch_size: int | str = 16, dtype: str = "float32", progress: bool = False) -> dict[str, Any]:
+    """Evaluate one model (a ``ModelRef``) on loaded lm-eval ``tasks`` with ``simple_evaluate``;
+    return per task ``n``, each metric's value and stderr, and per item the predicted choice
+    (``predictions``) and the choices' log-likelihoods.
+
+    ``lm``: an lm-eval LM built by the caller (``serving.vllm_tasks`` builds lm-eval's ``vllm``
+    model, ``backend`` then names it); by default lm-eval's ``hf`` backend loads ``ref`` itself."""
     import logging
     import time
 
@@ -339,13 +342,13 @@ def run_tasks(ref: Any, tasks: list[Any], *, lm: str = "hf", lm_args: dict[str, 
     check_limit(limit)
     if not progress:
         logging.getLogger("lm_eval").setLevel(logging.WARNING)
-    args = lm_args if lm_args is not None else hf_model_args(ref, dtype)
+    model, args = (lm, None) if lm is not None else ("hf", hf_model_args(ref, dtype))
     t0 = time.perf_counter()
-    out = simple_evaluate(model=lm, model_args=args, tasks=tasks, limit=limit, batch_size=batch_size,
+    out = simple_evaluate(model=model, model_args=args, tasks=tasks, limit=limit, batch_size=batch_size,
                           log_samples=True)
     seconds = time.perf_counter() - t0
-    return {"model": ref.name, "path": str(ref.path), "backend": lm, "dtype": dtype, "limit": limit,
-            "seconds": seconds, "lm_eval_version": out.get("lm_eval_version"),
+    return {"model": ref.name, "path": str(ref.path), "backend": backend if lm is not None else "hf",
+            "dtype": dtype, "limit": limit, "seconds": seconds, "lm_eval_version": out.get("lm_eval_version"),
             "tasks": {name: _task_result(out, name) for name in out["results"] if name in out["samples"]}}
 
 

