@@ -35,9 +35,11 @@ PAPER_TASKS = ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_chal
 OFFLINE_TASKS = ("wikitext_cloze", "wikitext_ending")
 PRESETS = {"paper": PAPER_TASKS, "offline": OFFLINE_TASKS}
 METRICS = ("acc", "acc_norm")
+BACKENDS = ("hf", "vllm")  # lm-eval's model types behind `eval --backend` (vllm: serving.vllm_tasks)
+DTYPES = ("float32", "bfloat16", "float16")
 
 # Bump when the items change: it is part of the cache key of the generated set.
-OFFLINE_VERSION = 2
+OFFLINE_VERSION = 3
 OFFLINE_ITEMS = 500
 CHOICES = 4
 
@@ -78,6 +80,13 @@ def _is_word(word: str) -> bool:
     return word.isalpha() and len(word) >= 3
 
 
+def _clean_cut(words: list[str], k: int) -> bool:
+    """Context ``words[:k]`` and continuation ``words[k:]`` join with one plain space: the
+    continuation starts with a letter or digit and the context does not end in a WikiText
+    joiner (@-@, @,@, @.@)."""
+    return 0 < k < len(words) and words[k][0].isalnum() and not words[k - 1].startswith("@")
+
+
 def _shuffled_choices(rng: random.Random, answer: str, distractors: list[str]) -> tuple[list[str], int]:
     choices = [answer, *distractors]
     rng.shuffle(choices)
@@ -94,7 +103,7 @@ def cloze_items(sentences: list[list[str]], n: int, seed: int) -> list[dict[str,
     items = []
     for i in order:
         words = sentences[i]
-        cuts = [k for k in range(6, min(len(words) - 1, 30)) if _is_word(words[k])]
+        cuts = [k for k in range(6, min(len(words) - 1, 30)) if _is_word(words[k]) and _clean_cut(words, k)]
         if not cuts:
             continue
         k = rng.choice(cuts)
@@ -123,8 +132,11 @@ def ending_items(sentences: list[list[str]], n: int, seed: int) -> list[dict[str
     for i in order:
         words = pool[i]
         m = rng.randint(4, 8)
+        if not _clean_cut(words, len(words) - m):
+            continue
         answer = _detok(words[-m:])
-        nearby = [_detok(pool[j][-m:]) for j in range(max(0, i - 20), min(len(pool), i + 21)) if j != i]
+        nearby = [_detok(pool[j][-m:]) for j in range(max(0, i - 20), min(len(pool), i + 21))
+                  if j != i and _clean_cut(pool[j], len(pool[j]) - m)]
         nearby = sorted(set(nearby) - {answer})
         if len(nearby) < CHOICES - 1:
             continue
