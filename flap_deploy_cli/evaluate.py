@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -79,9 +80,17 @@ def eval_command(ctx: click.Context, model: str, text_path: Path | None, tasks: 
             if other != mode and flag in explicit:
                 raise CliError(f"{flag} applies to {other}, not {mode}")
     if tasks is not None:
-        _eval_tasks(model, tasks, reference=reference, limit=limit, backend=backend, dtype=dtype,
-                    batch_size=batch_size or 16, task_text=task_text, plot=None if no_plot else plot or True,
-                    as_json=as_json)
+        from flap_deploy.task_report import format_table
+
+        report = task_comparison(model, tasks, reference=reference, limit=limit, backend=backend, dtype=dtype,
+                                 batch_size=batch_size or 16, task_text=task_text,
+                                 plot=None if no_plot else plot or True, quiet=as_json)
+        if as_json:
+            echo_json(report)
+            return
+        click.echo(format_table(report["model"], report["reference"], report["chance"]))
+        if report["plot"]:
+            click.echo(f"\nplot: {report['plot']}")
         return
 
     import torch
@@ -106,12 +115,16 @@ def eval_command(ctx: click.Context, model: str, text_path: Path | None, tasks: 
         click.echo(f"top-1 agreement {100 * result.top1_agreement:.2f} %")
 
 
-def _eval_tasks(model: str, tasks: str, *, reference: str | None, limit: int | None, backend: str, dtype: str,
-                batch_size: int, task_text: Path | None, plot: Path | bool | None, as_json: bool) -> None:
-    """`eval --tasks`: check everything (limit, tasks and their data, models), then run lm-eval on
-    the reference and the model, then the table, the plot and the JSON."""
+def task_comparison(model: str, tasks: str, *, reference: str | None = None, limit: int | None = None,
+                    backend: str = "hf", dtype: str = "float32", batch_size: int = 16,
+                    task_text: Path | None = None, plot: Path | bool | None = True,
+                    quiet: bool = False) -> dict[str, Any]:
+    """`eval --tasks` (and the demo's task step): check everything first (limit, tasks and their
+    data, models), then run lm-eval on the reference and the model; return both results, the
+    chance levels, the comparison rows and the plot path (``plot=True``: MODEL_DIR/flap_tasks.png).
+    ``quiet``: progress and engine logs go to stderr, stdout stays clean for JSON."""
     from flap_deploy.model_ref import CHECKPOINTS, resolve_model
-    from flap_deploy.task_report import compare_results, format_table, plot_comparison
+    from flap_deploy.task_report import compare_results, plot_comparison
     from flap_deploy.tasks import check_limit, load_tasks, run_tasks, select_tasks
 
     check_limit(limit)
@@ -128,12 +141,12 @@ def _eval_tasks(model: str, tasks: str, *, reference: str | None, limit: int | N
     loaded = load_tasks(selection)
 
     def run(r):
-        with stdout_to_stderr(as_json):
+        with stdout_to_stderr(quiet):
             if backend == "vllm":
                 from serving.vllm_tasks import run_tasks_vllm
 
-                return run_tasks_vllm(r, loaded, limit=limit, dtype=dtype, progress=not as_json)
-            return run_tasks(r, loaded, limit=limit, batch_size=batch_size, dtype=dtype, progress=not as_json)
+                return run_tasks_vllm(r, loaded, limit=limit, dtype=dtype, progress=not quiet)
+            return run_tasks(r, loaded, limit=limit, batch_size=batch_size, dtype=dtype, progress=not quiet)
 
     dense_result = run(dense) if dense else None
     result = run(ref)
@@ -141,11 +154,6 @@ def _eval_tasks(model: str, tasks: str, *, reference: str | None, limit: int | N
     if dense_result and plot:
         plot_path = plot_comparison(result, dense_result, ref.path / "flap_tasks.png" if plot is True else plot,
                                     selection.chance)
-    if as_json:
-        echo_json({"model": result, "reference": dense_result, "chance": selection.chance,
-                   "comparison": compare_results(dense_result, result) if dense_result else None,
-                   "plot": str(plot_path) if plot_path else None})
-        return
-    click.echo(format_table(result, dense_result, selection.chance))
-    if plot_path:
-        click.echo(f"\nplot: {plot_path}")
+    return {"model": result, "reference": dense_result, "chance": selection.chance,
+            "comparison": compare_results(dense_result, result) if dense_result else None,
+            "plot": str(plot_path) if plot_path else None}
