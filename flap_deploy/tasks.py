@@ -37,6 +37,8 @@ PRESETS = {"paper": PAPER_TASKS, "offline": OFFLINE_TASKS}
 METRICS = ("acc", "acc_norm")
 BACKENDS = ("hf", "vllm")  # lm-eval's model types behind `eval --backend` (vllm: serving.vllm_tasks)
 DTYPES = ("float32", "bfloat16", "float16")
+# Tasks scored by the log-likelihood of given continuations (accuracy); not generation or rolling perplexity.
+OUTPUT_TYPES = ("multiple_choice", "loglikelihood")
 
 # Bump when the items change: it is part of the cache key of the generated set.
 OFFLINE_VERSION = 3
@@ -255,8 +257,8 @@ def check_task_yaml(path: str | os.PathLike) -> str:
 
 def select_tasks(tasks: str, *, task_text: str | os.PathLike | None = None) -> TaskSelection:
     """Parse ``--tasks``: comma-separated lm-eval task/group names, presets (``paper``,
-    ``offline``), the offline tasks by name and paths to task YAMLs. Checks everything it can without a model: YAMLs and
-    their data files, and names against lm-eval's task index."""
+    ``offline``), the offline tasks by name and paths to task YAMLs. Checks everything it can
+    without a model: YAMLs and their data files, and names against lm-eval's task index."""
     items = [t.strip() for t in tasks.split(",") if t.strip()]
     if not items:
         raise ParameterError("tasks", "is empty: give task names, 'paper', 'offline' or a task YAML")
@@ -322,9 +324,10 @@ def load_tasks(selection: TaskSelection) -> list[Any]:
             raise FlapDeployError(f"task {spec}: lm-eval cannot load it ({type(e).__name__}: "
                                   f"{str(e).splitlines()[0] if str(e) else ''})") from None
         for name, task in tasks.items():
-            if task.get_config("output_type") == "generate_until":
-                raise FlapDeployError(f"task {name}: a generation task; only log-likelihood tasks "
-                                      "(multiple_choice, loglikelihood) are supported")
+            kind = task.get_config("output_type")
+            if kind not in OUTPUT_TYPES:
+                raise FlapDeployError(f"task {name}: output_type {kind}; only scored-choice tasks "
+                                      f"({', '.join(OUTPUT_TYPES)}) are supported")
             loaded[name] = task
     return list(loaded.values())
 
@@ -373,10 +376,12 @@ def _task_result(out: dict[str, Any], name: str) -> dict[str, Any]:
             metrics[metric] = {"value": value, "stderr": stderr if isinstance(stderr, (int, float)) else None}
     samples = sorted(out["samples"][name], key=lambda s: s["doc_id"])
     loglik = [[float(r[0]) for r in s["filtered_resps"]] for s in samples]
-    return {"n": len(samples), "metrics": metrics,
-            "targets": [s["target"] for s in samples],
-            "predictions": [max(range(len(ll)), key=ll.__getitem__) for ll in loglik],
-            "loglikelihoods": loglik}
+    if out["configs"][name].get("output_type") == "multiple_choice":
+        predictions = [max(range(len(ll)), key=ll.__getitem__) for ll in loglik]  # the chosen answer
+    else:  # loglikelihood: whether the continuation is the greedy one
+        predictions = [int(bool(s["filtered_resps"][0][1])) for s in samples]
+    return {"n": len(samples), "metrics": metrics, "targets": [s["target"] for s in samples],
+            "predictions": predictions, "loglikelihoods": loglik}
 
 
 def check_limit(limit: int | None) -> None:
