@@ -12,7 +12,7 @@ from .tasks import METRICS
 def compare_results(reference: dict[str, Any], model: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per task and metric both runs have: both values and stderrs, ``difference``
     (model - reference) and ``same_predictions``, the fraction of items where both chose the
-    same answer (the runs score the same items in the same order)."""
+    same answer by raw log-likelihood (the runs score the same items in the same order)."""
     rows = []
     for task, ref in reference["tasks"].items():
         other = model["tasks"].get(task)
