@@ -2,7 +2,9 @@
 
 Pruning algorithms only decide masks; ``compress`` slices a dense model of any supported
 family into a ``FlapLlamaForCausalLM`` and, given calibration means, compensates what was
-removed: ``b += W[:, pruned] @ mean[pruned]`` on o_proj and down_proj.
+removed: ``b += W[:, pruned] @ mean[pruned]`` on o_proj and down_proj (FLAP's ``bias``
+reconstruction). The one alternative, the ``ls`` refit (``reconstruct``), hands over the new
+o_proj / down_proj weights and biases of the kept columns, which replace slice + compensation.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from torch import nn
 from .adapters import Adapter, Geometry, get_adapter
 from .errors import FlapDeployError
 from .modeling_flap_llama import FlapLlamaConfig, FlapLlamaForCausalLM
+from .reconstruct import LayerRefit, Refit
 
 # Source config keys that describe the dense layout or the source runtime, not the model.
 _DROPPED_KEYS = {
@@ -100,8 +103,20 @@ def _bias(linear: nn.Linear, compensation: torch.Tensor | None) -> torch.Tensor 
     return compensation if base is None else base + compensation
 
 
+def _out_proj(linear: nn.Linear, kept: torch.Tensor, mean: torch.Tensor | None, refit: Refit | None,
+              layer: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight of the kept columns, float64 bias or None) of o_proj / down_proj: the refit when
+    given, else the sliced weight with the mean compensation (when means are given)."""
+    if refit is None:
+        return linear.weight.detach()[:, kept], _bias(linear, _compensation(linear.weight.detach(), kept, mean))
+    if not torch.equal(refit.kept.cpu(), kept.cpu()):
+        raise FlapDeployError(f"layer {layer}: the refit's kept columns differ from the mask's")
+    return refit.weight.to(linear.weight.dtype), refit.bias
+
+
 def _slice_layer(adapter: Adapter, model: nn.Module, i: int, geom: Geometry, mask: LayerMask,
-                 means: LayerMeans | None, out: _Sliced, with_o_bias: bool, with_down_bias: bool) -> None:
+                 means: LayerMeans | None, refit: LayerRefit | None, out: _Sliced, with_o_bias: bool,
+                 with_down_bias: bool) -> None:
     m = adapter.layer_modules(model, i)
     prefix = f"model.layers.{i}."
     dtype = m.q_proj.weight.dtype
@@ -111,14 +126,14 @@ def _slice_layer(adapter: Adapter, model: nn.Module, i: int, geom: Geometry, mas
     heads = mask.heads if mask.heads is not None else torch.ones(geom.num_heads, dtype=torch.bool)
     q_kept, kv_kept = kept_head_order(heads, geom, i)
     q_rows, kv_rows = _rows(q_kept, hd), _rows(kv_kept, hd)
-    o_bias = _bias(m.o_proj, _compensation(m.o_proj.weight.detach(), q_rows, means.attn if means else None))
+    o_weight, o_bias = _out_proj(m.o_proj, q_rows, means.attn if means else None, refit.attn if refit else None, i)
     if q_kept:
         put(prefix + "input_layernorm.weight", m.input_layernorm.weight.detach())
         for name, proj, rows in (("q_proj", m.q_proj, q_rows), ("k_proj", m.k_proj, kv_rows), ("v_proj", m.v_proj, kv_rows)):
             put(prefix + f"self_attn.{name}.weight", proj.weight.detach()[rows])
             if proj.bias is not None:
                 put(prefix + f"self_attn.{name}.bias", proj.bias.detach()[rows])
-        put(prefix + "self_attn.o_proj.weight", m.o_proj.weight.detach()[:, q_rows])
+        put(prefix + "self_attn.o_proj.weight", o_weight)
         if m.q_norm is not None:
             put(prefix + "self_attn.q_norm.weight", m.q_norm.weight.detach())
             put(prefix + "self_attn.k_norm.weight", m.k_norm.weight.detach())
@@ -132,14 +147,14 @@ def _slice_layer(adapter: Adapter, model: nn.Module, i: int, geom: Geometry, mas
             f"layer {i}: MLP mask has {channels.numel()} entries, the model has {geom.intermediate_size} channels"
         )
     cols = channels.nonzero().flatten()
-    down_bias = _bias(m.down_proj, _compensation(m.down_proj.weight.detach(), cols, means.mlp if means else None))
+    down_weight, down_bias = _out_proj(m.down_proj, cols, means.mlp if means else None, refit.mlp if refit else None, i)
     if cols.numel():
         put(prefix + "post_attention_layernorm.weight", m.post_attention_layernorm.weight.detach())
         for name, proj in (("gate_proj", m.gate_proj), ("up_proj", m.up_proj)):
             put(prefix + f"mlp.{name}.weight", proj.weight.detach()[cols])
             if proj.bias is not None:
                 put(prefix + f"mlp.{name}.bias", proj.bias.detach()[cols])
-        put(prefix + "mlp.down_proj.weight", m.down_proj.weight.detach()[:, cols])
+        put(prefix + "mlp.down_proj.weight", down_weight)
     if with_down_bias:
         bias = down_bias if down_bias is not None else torch.zeros(geom.hidden_size, dtype=torch.float64)
         put(prefix + "mlp.down_proj.bias", bias.to(dtype))
@@ -193,11 +208,14 @@ def compress(
     masks: list[LayerMask],
     means: list[LayerMeans] | None = None,
     provenance: dict | None = None,
+    refits: list[LayerRefit | None] | None = None,
 ) -> FlapLlamaForCausalLM:
     """Slice a dense model by per-layer keep-masks into a FlapLlamaForCausalLM.
 
     With ``means`` (calibration means of the o_proj / down_proj inputs), the output of the
-    pruned channels is replaced by its mean through the o_proj / down_proj biases.
+    pruned channels is replaced by its mean through the o_proj / down_proj biases. With
+    ``refits`` (``reconstruct.refit_layer``), a layer's refitted o_proj / down_proj replace
+    the sliced ones and their compensation.
     The dense model is left untouched; the result shares no storage with it.
     """
     adapter = get_adapter(model.config)
@@ -206,13 +224,18 @@ def compress(
         raise FlapDeployError(f"got {len(masks)} layer masks for a model with {geom.num_layers} layers")
     if means is not None and len(means) != geom.num_layers:
         raise FlapDeployError(f"got {len(means)} layer means for a model with {geom.num_layers} layers")
+    if refits is not None and len(refits) != geom.num_layers:
+        raise FlapDeployError(f"got {len(refits)} layer refits for a model with {geom.num_layers} layers")
 
     first = adapter.layer_modules(model, 0)
-    with_o_bias = means is not None or first.o_proj.bias is not None
-    with_down_bias = means is not None or first.down_proj.bias is not None
+    with_o_bias = (means is not None or first.o_proj.bias is not None
+                   or any(r is not None and r.attn is not None for r in refits or ()))
+    with_down_bias = (means is not None or first.down_proj.bias is not None
+                      or any(r is not None and r.mlp is not None for r in refits or ()))
     sliced = _Sliced()
     for i in range(geom.num_layers):
-        _slice_layer(adapter, model, i, geom, masks[i], means[i] if means else None, sliced, with_o_bias, with_down_bias)
+        _slice_layer(adapter, model, i, geom, masks[i], means[i] if means else None, refits[i] if refits else None,
+                     sliced, with_o_bias, with_down_bias)
 
     config = flap_config(model.config, sliced.widths, o_proj_bias=with_o_bias, down_proj_bias=with_down_bias,
                          provenance=provenance)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm.auto import tqdm
@@ -20,6 +20,9 @@ from .adapters import get_adapter
 from .compress import LayerMask
 from .stats import ChannelStats
 
+if TYPE_CHECKING:
+    from .reconstruct import CovStats
+
 
 class _Captured(Exception):
     pass
@@ -27,10 +30,23 @@ class _Captured(Exception):
 
 @dataclass
 class LayerStats:
-    """Statistics of one layer's o_proj input (attention) and down_proj input (MLP)."""
+    """Statistics of one layer's o_proj input (attention) and down_proj input (MLP); with
+    ``calibrate_layers(covariance=...)`` also their covariances (``reconstruct.CovStats``)."""
 
     attn: ChannelStats
     mlp: ChannelStats
+    attn_cov: CovStats | None = None
+    mlp_cov: CovStats | None = None
+
+    def update_attn(self, x: torch.Tensor) -> None:
+        for s in (self.attn, self.attn_cov):
+            if s is not None:
+                s.update(x)
+
+    def update_mlp(self, x: torch.Tensor) -> None:
+        for s in (self.mlp, self.mlp_cov):
+            if s is not None:
+                s.update(x)
 
 
 def _chunks(n: int, size: int) -> list[slice]:
@@ -79,12 +95,15 @@ def calibrate_layers(
     batch_size: int = 8,
     propagate_pruned: bool = False,
     progress: bool = True,
+    covariance: Callable[[int], tuple[CovStats | None, CovStats | None]] | None = None,
 ) -> None:
     """Stream each layer's statistics and hand them to ``on_layer(i, stats)``.
 
     Each layer is fed the dense outputs of the previous one (FLAP). With ``propagate_pruned``
     (the Wanda-sp baseline), ``on_layer`` returns the layer's mask and the layer is run again
     with the pruned channels zeroed, so the next layer sees the pruned outputs instead.
+    ``covariance(i)`` gives layer i's (o_proj, down_proj) covariance accumulators, fed by the
+    same hooks (the reconstruction pass).
     """
     adapter = get_adapter(model.config)
     geom = adapter.geometry(model.config)
@@ -99,10 +118,11 @@ def calibrate_layers(
     for i in tqdm(range(geom.num_layers), desc="calibrate", unit="layer", disable=not progress):
         layer = adapter.layers(model)[i]
         m = adapter.layer_modules(model, i)
-        stats = LayerStats(ChannelStats(m.o_proj.in_features, device), ChannelStats(m.down_proj.in_features, device))
+        stats = LayerStats(ChannelStats(m.o_proj.in_features, device), ChannelStats(m.down_proj.in_features, device),
+                           *(covariance(i) if covariance is not None else ()))
         hooks = [
-            m.o_proj.register_forward_pre_hook(lambda mod, args: stats.attn.update(args[0])),
-            m.down_proj.register_forward_pre_hook(lambda mod, args: stats.mlp.update(args[0])),
+            m.o_proj.register_forward_pre_hook(lambda mod, args: stats.update_attn(args[0])),
+            m.down_proj.register_forward_pre_hook(lambda mod, args: stats.update_mlp(args[0])),
         ]
         try:
             if propagate_pruned:  # statistics from a dense pass, outputs from the pruned layer

@@ -22,6 +22,8 @@ from .compress import LayerMask, LayerMeans, compress
 from .errors import FlapDeployError, ParameterError
 from .layerwise import LayerStats, calibrate_layers
 from .importance import METRICS, flap_scores, head_scores, magnitude_metric, wanda_metric
+from .reconstruct import MODES as RECONSTRUCT_MODES
+from .reconstruct import CovStats, LayerRefit, refit_layers
 
 METHODS = ("flap", "wanda-sp", "mag-sp")
 BASELINE_METRICS = {"wanda-sp": "wanda", "mag-sp": "magnitude"}  # recorded as the metric of a baseline run
@@ -38,7 +40,12 @@ class PruneConfig:
         (default 0.75 x ratio, the authors' ablation setting of 384 of 1024 heads at 50 %).
     attn_granularity: ``group`` (a KV group is a unit) or ``head`` (query heads inside groups,
         equal group sizes within a layer).
-    bias: compensate removed channels with their calibration mean through o_proj / down_proj biases.
+    reconstruct: what replaces the removed inputs of o_proj / down_proj (FLAP only; the baselines
+        are never compensated): ``none``; ``bias``, the paper's calibration-mean biases; ``ls``, the
+        least-squares refit of the kept columns on the dense calibration inputs (a second
+        layer-by-layer pass after the allocation; see ``reconstruct``).
+    ridge: ``ls`` shrinkage toward the ``bias`` solution, in units of the mean variance of the kept
+        channels (``inf`` gives ``bias``, 0 the plain refit).
     calib: ``self`` | ``hf:wikitext2`` | a text file or directory. nsamples x seqlen tokens, seed.
     mlp_multiple / tp_size: alignment of every layer's widths (see ``allocation.Alignment``).
     batch_size: calibration windows per layer forward.
@@ -50,7 +57,8 @@ class PruneConfig:
     structure: str = "AL-AM"
     attn_ratio: float | None = None
     attn_granularity: str = "group"
-    bias: bool = True
+    reconstruct: str = "ls"
+    ridge: float = 1.0
     calib: str = "self"
     nsamples: int = 1024
     seqlen: int = 128
@@ -75,12 +83,22 @@ class PruneConfig:
         if self.attn_granularity not in GRANULARITIES:
             raise FlapDeployError(
                 f"unknown attention granularity '{self.attn_granularity}'; choose from {', '.join(GRANULARITIES)}")
+        if self.reconstruct not in RECONSTRUCT_MODES:
+            raise ParameterError("reconstruct", f"unknown mode '{self.reconstruct}'; choose from "
+                                 f"{', '.join(RECONSTRUCT_MODES)}")
+        if not (isinstance(self.ridge, (int, float)) and self.ridge >= 0):
+            raise ParameterError("ridge", f"must be a number >= 0, got {self.ridge}")
         for name in ("nsamples", "seqlen", "mlp_multiple", "tp_size", "batch_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ParameterError(name, f"must be a positive integer, got {value}")
         if self.seqlen < 2:
             raise ParameterError("seqlen", f"must be at least 2, got {self.seqlen}")
+
+    @property
+    def effective_reconstruct(self) -> str:
+        """The reconstruction the run applies: the baselines are never compensated."""
+        return self.reconstruct if self.method == "flap" else "none"
 
     @property
     def effective_attn_ratio(self) -> float | None:
@@ -97,6 +115,7 @@ class PrunedModel:
     masks: list[LayerMask]
     provenance: dict[str, Any]
     means: list[LayerMeans] | None = None
+    refits: list[LayerRefit] | None = None
     statistics: "Statistics | None" = None
     source: Path | None = None
     tokenizer: Any = None
@@ -171,23 +190,42 @@ def _load(model: str | os.PathLike | torch.nn.Module, tokenizer: Any,
 @dataclass
 class Statistics:
     """FLAP's calibration statistics of every layer (metric-independent, so reusable across
-    ratios, metrics, structures and alignments of the same model and calibration set)."""
+    ratios, metrics, structures, alignments and reconstructions of the same model and calibration
+    set), with the calibration windows (for the ``ls`` pass). With full covariances (``layers[i].
+    attn_cov`` / ``mlp_cov``, from ``collect_statistics(covariance=True)``) the ``ls`` refit needs no
+    second pass; they cost n² float64 per module and layer, for small models and studies."""
 
     layers: list[LayerStats]
     calibration: dict[str, Any]
+    windows: torch.Tensor | None = None
+
+    @property
+    def covariances(self) -> list[tuple[CovStats, CovStats]] | None:
+        if all(s.attn_cov is not None and s.mlp_cov is not None for s in self.layers):
+            return [(s.attn_cov, s.mlp_cov) for s in self.layers]
+        return None
 
 
-def collect_statistics(model: torch.nn.Module, config: PruneConfig, tokenizer: Any = None) -> Statistics:
-    """Calibrate ``model`` layer by layer (dense outputs feed the next layer) and keep the statistics."""
-    calib = calibration_windows(config.calib, model, tokenizer, config.nsamples, config.seqlen, config.seed,
-                                progress=config.progress)
+def collect_statistics(model: torch.nn.Module, config: PruneConfig, tokenizer: Any = None,
+                       covariance: bool = False, windows: torch.Tensor | None = None,
+                       calibration: dict[str, Any] | None = None) -> Statistics:
+    """Calibrate ``model`` layer by layer (dense outputs feed the next layer) and keep the statistics;
+    ``covariance`` also keeps every layer's full input covariances. ``windows`` (with their
+    ``calibration`` description) replace the configured calibration source."""
+    if windows is None:
+        calib = calibration_windows(config.calib, model, tokenizer, config.nsamples, config.seqlen, config.seed,
+                                    progress=config.progress)
+        windows, calibration = calib.input_ids, calib.describe(config.seed)
     layers: list[LayerStats] = []
+    device = next(model.parameters()).device
 
-    def keep(i: int, stats: LayerStats) -> None:
-        layers.append(stats)
+    def full(i: int) -> tuple[CovStats, CovStats]:
+        m = get_adapter(model.config).layer_modules(model, i)
+        return CovStats(m.o_proj.in_features, device=device), CovStats(m.down_proj.in_features, device=device)
 
-    calibrate_layers(model, calib.input_ids, keep, batch_size=config.batch_size, progress=config.progress)
-    return Statistics(layers=layers, calibration=calib.describe(config.seed))
+    calibrate_layers(model, windows, lambda i, stats: layers.append(stats), batch_size=config.batch_size,
+                     progress=config.progress, covariance=full if covariance else None)
+    return Statistics(layers=layers, calibration=calibration or {}, windows=windows)
 
 
 @dataclass
@@ -268,7 +306,7 @@ def _score(model: torch.nn.Module, config: PruneConfig, tokenizer: Any, statisti
 
 
 def _provenance(config: PruneConfig, align: Alignment, scores: Scores, name: str, architecture: str,
-                dense: torch.nn.Module, pruned: torch.nn.Module) -> dict[str, Any]:
+                dense: torch.nn.Module, pruned: torch.nn.Module, reconstruction: dict[str, Any]) -> dict[str, Any]:
     """The run's record; the achieved ratio from the weights the pruned model really holds."""
     from . import __version__
 
@@ -282,7 +320,8 @@ def _provenance(config: PruneConfig, align: Alignment, scores: Scores, name: str
         "attn_ratio": config.effective_attn_ratio if flap else None,
         "target_ratio": config.ratio,
         "achieved_ratio": 1 - pruned_linear / dense_linear,
-        "bias_compensation": scores.means is not None and config.bias,
+        "bias_compensation": scores.means is not None and config.effective_reconstruct == "bias",
+        "reconstruction": reconstruction,
         "calibration": scores.calibration,
         "source_model": name,
         "source_architecture": architecture,
@@ -293,6 +332,24 @@ def _provenance(config: PruneConfig, align: Alignment, scores: Scores, name: str
         "dense_linear_weights": dense_linear,
         "pruned_linear_weights": pruned_linear,
     }
+
+
+def _refit(model: torch.nn.Module, config: PruneConfig, tokenizer: Any, statistics: Statistics,
+           masks: list[LayerMask]) -> tuple[list[LayerRefit], dict[str, Any]]:
+    """The ``ls`` refits, and what statistics they used (for the provenance)."""
+    used = {"covariance": "float64, dense calibration inputs of o_proj and down_proj",
+            "calibration": statistics.calibration}
+    if statistics.covariances is not None:
+        used["pass"] = "first (full covariances kept with the statistics)"
+        return refit_layers(model, statistics.windows, masks, config.ridge,
+                            covariances=statistics.covariances), used
+    windows = statistics.windows
+    if windows is None:
+        windows = calibration_windows(config.calib, model, tokenizer, config.nsamples, config.seqlen, config.seed,
+                                      progress=config.progress).input_ids
+    used["pass"] = "second (after the allocation, kept columns only)"
+    return refit_layers(model, windows, masks, config.ridge, batch_size=config.batch_size,
+                        progress=config.progress), used
 
 
 @torch.no_grad()
@@ -318,14 +375,25 @@ def prune(model: str | os.PathLike | torch.nn.Module, config: PruneConfig | None
     allocation = allocate(scores.attn, scores.mlp, adapter.geometry(model.config), ratio=config.ratio,
                           structure=structure, attn_ratio=config.effective_attn_ratio,
                           granularity=config.attn_granularity, align=align)
-    means = scores.means if config.bias else None
-    pruned = compress(model, allocation.masks, means)
-    pruned.config.flap = {**_provenance(config, align, scores, name, adapter.architecture, model, pruned),
+    mode = config.effective_reconstruct
+    means = scores.means if mode == "bias" else None
+    refits, reconstruction = None, {"mode": mode, "ridge": None, "statistics": None}
+    if mode == "bias":
+        reconstruction["statistics"] = {"means": "float64 calibration means of the o_proj / down_proj inputs",
+                                        "calibration": scores.calibration}
+    if mode == "ls":
+        t1 = time.perf_counter()
+        refits, reconstruction["statistics"] = _refit(model, config, tokenizer, scores.statistics, allocation.masks)
+        reconstruction["ridge"] = config.ridge
+        timings["reconstruct_s"] = time.perf_counter() - t1
+    pruned = compress(model, allocation.masks, means, refits=refits)
+    pruned.config.flap = {**_provenance(config, align, scores, name, adapter.architecture, model, pruned,
+                                        reconstruction),
                           **pruned.config.flap}
     timings["total_s"] = time.perf_counter() - t0
-    return PrunedModel(model=pruned, masks=allocation.masks, provenance=pruned.config.flap, means=means,
+    return PrunedModel(model=pruned, masks=allocation.masks, provenance=pruned.config.flap, means=means, refits=refits,
                        statistics=scores.statistics if config.method == "flap" else statistics, source=source,
                        tokenizer=tokenizer, timings=timings)
 
 
-__all__ = ["PruneConfig", "PrunedModel", "Statistics", "collect_statistics", "prune", "METHODS"]
+__all__ = ["PruneConfig", "PrunedModel", "Statistics", "collect_statistics", "prune", "METHODS", "RECONSTRUCT_MODES"]
