@@ -127,7 +127,8 @@ def sequential_refits(model, input_ids, masks, ridge: float, batch_size: int = 8
     ridge toward the kept columns as they are)."""
     from flap_deploy.adapters import get_adapter
     from flap_deploy.layerwise import _chunks, _layer_out, embed_inputs
-    from flap_deploy.reconstruct import CovStats, LayerRefit, Refit, kept_columns
+    from flap_deploy.reconstruct import LayerRefit, Refit, kept_columns
+    from flap_deploy.stats import CovStats
 
     adapter = get_adapter(model.config)
     geom = adapter.geometry(model.config)

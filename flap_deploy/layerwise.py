@@ -11,17 +11,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
 from .adapters import get_adapter
 from .compress import LayerMask
-from .stats import ChannelStats
-
-if TYPE_CHECKING:
-    from .reconstruct import CovStats
+from .stats import ChannelStats, CovStats
 
 
 class _Captured(Exception):
@@ -31,7 +28,7 @@ class _Captured(Exception):
 @dataclass
 class LayerStats:
     """Statistics of one layer's o_proj input (attention) and down_proj input (MLP); with
-    ``calibrate_layers(covariance=...)`` also their covariances (``reconstruct.CovStats``)."""
+    ``calibrate_layers(covariance=...)`` also their covariances (``stats.CovStats``)."""
 
     attn: ChannelStats
     mlp: ChannelStats

@@ -23,7 +23,8 @@ from .errors import FlapDeployError, ParameterError
 from .layerwise import LayerStats, calibrate_layers
 from .importance import METRICS, flap_scores, head_scores, magnitude_metric, wanda_metric
 from .reconstruct import MODES as RECONSTRUCT_MODES
-from .reconstruct import CovStats, LayerRefit, refit_layers
+from .reconstruct import LayerRefit, refit_layers
+from .stats import CovStats
 
 METHODS = ("flap", "wanda-sp", "mag-sp")
 BASELINE_METRICS = {"wanda-sp": "wanda", "mag-sp": "magnitude"}  # recorded as the metric of a baseline run

@@ -16,7 +16,7 @@ Modes (``PruneConfig.reconstruct``):
   ``W' x_k + b'`` is the best affine prediction of the dense output ``W x + b`` from the kept
   inputs; ``ridge`` -> infinity gives back ``bias`` exactly, ``ridge = 0`` the plain refit.
 
-Statistics: ``CovStats`` streams the exact covariance between all input channels and a subset of
+Statistics: ``stats.CovStats`` streams the exact covariance between all input channels and a subset of
 columns (the kept ones) in float64, merging batches with Chan et al.'s update, so Sigma[all, k]
 (n x |k|) is all that is ever held: for Llama-70B's MLP (n = 28,672) and 80 % kept channels that
 is 28,672 x 22,938 x 8 B = 5.3 GB for one layer at a time (attention: 8,192 x |k| x 8 B <= 0.5 GB).
@@ -29,51 +29,9 @@ from dataclasses import dataclass
 
 import torch
 
+from .stats import CovStats
+
 MODES = ("none", "bias", "ls")
-
-
-class CovStats:
-    """Running count, mean (all channels) and co-moment ``sum (x - mu)(x[cols] - mu[cols])^T``
-    ([channels, len(cols)], float64) of the rows of the inputs. ``cols=None`` keeps every column."""
-
-    def __init__(self, channels: int, cols: torch.Tensor | None = None, device: torch.device | str = "cpu") -> None:
-        self.channels = channels
-        self.cols = (torch.arange(channels) if cols is None else torch.as_tensor(cols, dtype=torch.long).flatten()).to(device)
-        self.count = 0
-        self.mean = torch.zeros(channels, dtype=torch.float64, device=device)
-        self.comoment = torch.zeros(channels, self.cols.numel(), dtype=torch.float64, device=device)
-
-    @torch.no_grad()
-    def update(self, x: torch.Tensor) -> None:
-        """Add every row of ``x`` (any leading shape, channels last)."""
-        x = x.reshape(-1, x.shape[-1]).to(torch.float64)
-        n_b = x.shape[0]
-        if n_b == 0:
-            return
-        mean_b = x.mean(dim=0)
-        xc = x - mean_b
-        m_b = xc.T @ xc[:, self.cols]
-        n_a = self.count
-        n = n_a + n_b
-        delta = mean_b - self.mean
-        self.comoment += m_b + torch.outer(delta, delta[self.cols]) * (n_a * n_b / n)
-        self.mean += delta * (n_b / n)
-        self.count = n
-
-    def covariance(self, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> torch.Tensor:
-        """Population covariance Sigma[rows, cols] (original channel indices; cols must be accumulated)."""
-        cov = self.comoment / max(self.count, 1)
-        if cols is not None:
-            pos = torch.full((self.channels,), -1, dtype=torch.long, device=self.cols.device)
-            pos[self.cols] = torch.arange(self.cols.numel(), device=self.cols.device)
-            index = pos[torch.as_tensor(cols, dtype=torch.long, device=pos.device)]
-            if bool((index < 0).any()):
-                raise ValueError("covariance requested for columns that were not accumulated")
-            cov = cov[:, index]
-        return cov if rows is None else cov[torch.as_tensor(rows, dtype=torch.long, device=cov.device)]
-
-    def nbytes(self) -> int:
-        return self.comoment.numel() * 8 + self.mean.numel() * 8
 
 
 @dataclass

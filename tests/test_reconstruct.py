@@ -10,7 +10,8 @@ from factories import VOCAB, tiny_dense
 from flap_deploy import PruneConfig, prune
 from flap_deploy.adapters import get_adapter
 from flap_deploy.compress import LayerMask, LayerMeans, compress
-from flap_deploy.reconstruct import CovStats, refit_layers
+from flap_deploy.reconstruct import refit_layers
+from flap_deploy.stats import CovStats
 from test_pruning import masked_dense_logits, small
 
 
