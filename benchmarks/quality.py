@@ -361,6 +361,12 @@ def run(args) -> None:
         stats = collect_statistics(dense, PruneConfig(**base), tok, covariance=True, windows=ids, calibration=desc)
         models = {}
 
+        def flush():  # evaluate the pending models together (the dense logits once per window), then free them
+            if models:
+                evaluate_group(dense, models, rows, windows, save)
+                models.clear()
+                gc.collect()
+
         def add(name, group, method_name, result, **extra):
             r = row(name, group, result, extra)
             r["method_name"] = method_name
@@ -368,6 +374,8 @@ def run(args) -> None:
             rows[name] = r
             models[name] = result.model
             print(f"{name}: ratio {r['achieved_ratio']:.4f}", flush=True)
+            if len(models) >= args.group_size:
+                flush()
 
         ratios = sorted(set(args.ratios if main_set else []) | set(args.study_ratios if args.study else []))
         for ratio in ratios:
@@ -412,11 +420,7 @@ def run(args) -> None:
                         add(f"ls sequential ridge {ridge:g} {tag}", "study", "ls-sequential", variant,
                             refit="sequential")
         del stats
-        gc.collect()
-        if models:
-            evaluate_group(dense, models, rows, windows, save)
-        del models
-        gc.collect()
+        flush()
         save()
 
     if args.cost:
@@ -449,6 +453,8 @@ def main() -> None:
     ap.add_argument("--sequential-ridges", type=floats, default=[0.01, 1.0])
     ap.add_argument("--no-cost", dest="cost", action="store_false")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--group-size", type=int, default=8,
+                    help="Pruned models held and evaluated together (memory: about 0.5 GB each).")
     ap.add_argument("--smoke", action="store_true",
                     help="Tiny sizes (8 windows of 32, 1,024 eval tokens in windows of 256, 20 %% only) to prove it runs.")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")

@@ -37,7 +37,8 @@ MODES = ("none", "bias", "ls")
 @dataclass
 class Refit:
     """The new o_proj or down_proj of one layer: ``weight`` [out, len(kept)] on the ``kept`` input
-    channels (ascending), ``bias`` [out], both float64."""
+    channels (ascending), in the dtype of the original weight (it is fitted in float64), and
+    ``bias`` [out] in float64 (as ``compress`` builds every compensation bias)."""
 
     kept: torch.Tensor
     weight: torch.Tensor
@@ -76,7 +77,7 @@ def refit_linear(weight: torch.Tensor, bias: torch.Tensor | None, kept: torch.Te
         new_w += w[:, removed] @ a.T
     b = bias.detach().to(torch.float64).cpu() if bias is not None else torch.zeros(w.shape[0], dtype=torch.float64)
     new_b = b + w @ mu - new_w @ mu[kept]
-    return Refit(kept=kept, weight=new_w, bias=new_b)
+    return Refit(kept=kept, weight=new_w.to(weight.dtype), bias=new_b)
 
 
 def kept_columns(mask, head_dim: int, attn_in: int, mlp_in: int) -> tuple[torch.Tensor, torch.Tensor]:

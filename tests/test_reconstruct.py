@@ -83,7 +83,7 @@ def test_first_pass_covariance_gives_the_second_pass_refit():
     assert one.provenance["reconstruction"]["statistics"]["pass"].startswith("first")
     assert two.provenance["reconstruction"]["statistics"]["pass"].startswith("second")
     for a, b in zip(one.refits, two.refits):
-        torch.testing.assert_close(a.mlp.weight, b.mlp.weight, rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(a.mlp.weight, b.mlp.weight, rtol=1e-6, atol=1e-7)  # float32 weights
         torch.testing.assert_close(a.attn.bias, b.attn.bias, rtol=1e-9, atol=1e-9)
 
 
