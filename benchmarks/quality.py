@@ -1,28 +1,42 @@
-"""Quality of FLAP and the baselines on the bundled SmolLM2-135M, and the cost of pruning.
+"""Quality of FLAP's reconstructions and the baselines on the bundled SmolLM2-135M, on two text
+domains, and the cost of pruning.
 
-Calibration: WikiText-2 valid (random windows of --seqlen tokens); evaluation: the first
---max-tokens tokens of WikiText-2 test in windows of 512: perplexity, and mean KL(dense||pruned)
-and top-1 agreement against the dense model on the same positions. Every pruned model is
-evaluated window by window beside the dense one, so the dense logits are computed once.
+Protocol (issue 12). Calibration: WikiText-2 valid, --nsamples random windows of --seqlen tokens,
+seed 0. Evaluation on two domains, the first --max-tokens tokens of each in windows of
+--eval-seqlen: WikiText-2 test, and python-docs (``flap_deploy.text.python_docs_text``: the Python
+Language Reference topics the interpreter ships for ``help()``). Figures: perplexity, mean
+KL(dense||pruned) per token and top-1 next-token agreement with the dense model on the same
+positions (the dense logits are computed once per window and shared by every model of a group).
 
-Cost: wall time and peak RSS of one FLAP 20 % prune (calibration included), against the time of
-one dense forward of the decoder over the same calibration windows (the work calibration cannot
-avoid). The FLAP variants that share the calibration set reuse its statistics.
+Main table, at every --ratios: Wanda-sp (group and head attention granularity), mag-sp, FLAP-bias
+(the paper), FLAP with the library default (``PruneConfig()``'s reconstruct / ridge).
+Study (--study), at every --study-ratios: the ls refit at every --ridges; attention-only /
+MLP-only / both; one-pass (dense inputs) vs sequential refit (pruned inputs, dense targets);
+calibration windows --study-nsamples; calibration source WikiText-2 valid / ``self`` / a mix
+(half of each). All FLAP variants of one calibration set share one statistics pass that keeps
+full covariances (``collect_statistics(covariance=True)``), so only the refits differ.
 
-    python benchmarks/quality.py [--nsamples 128] [--max-tokens 40000] [--out benchmarks/results]
+Cost (one fresh subprocess per method, at 20 %, the real CLI-equivalent path with no reuse):
+prune wall time (calibration and reconstruction included) ÷ the time of one dense decoder forward
+over the same calibration windows (mean of one before and one after), and the subprocess's peak RSS.
 
-Results are rewritten after every evaluation batch, so an interrupted run leaves partial figures
-(the token count says how far it got).
+    python benchmarks/quality.py --study                     # the full run (see docs/pruning.md)
+    python benchmarks/quality.py --smoke --out /tmp/q        # minutes: tiny sizes, proves it runs
+
+Results are rewritten after every evaluated group, so an interrupted run leaves partial figures.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import platform
 import resource
+import subprocess
 import sys
 import time
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -31,12 +45,17 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from flap_deploy import PruneConfig, __version__, prune  # noqa: E402
+from flap_deploy.calibration import calibration_windows  # noqa: E402
+from flap_deploy.compress import compress  # noqa: E402
 from flap_deploy.evaluate import Tally, log_probs, token_windows  # noqa: E402
 from flap_deploy.model_ref import load_model, load_tokenizer  # noqa: E402
-from flap_deploy.pruning import linear_weights  # noqa: E402
-from flap_deploy.text import load_text  # noqa: E402
+from flap_deploy.pruning import collect_statistics, linear_weights  # noqa: E402
+from flap_deploy.reconstruct import refit_layers  # noqa: E402
+from flap_deploy.text import load_text, python_docs_text  # noqa: E402
 
 WIKITEXT = REPO.parent / "shared" / "data" / "wikitext-2"
+DEFAULT = PruneConfig()
+DOMAINS = ("wikitext2", "python_docs")
 
 
 def rss_mib() -> float:
@@ -52,70 +71,215 @@ def dense_forward_s(model, calib_ids: torch.Tensor, batch_size: int) -> float:
     return time.perf_counter() - t
 
 
-def runs(calib: str, n: int, seqlen: int) -> list[tuple[str, dict]]:
-    base = dict(calib=calib, nsamples=n, seqlen=seqlen, progress=True)
-    return [
-        ("FLAP 20 %", dict(base, ratio=0.2)),
-        ("FLAP 30 %", dict(base, ratio=0.3)),
-        ("FLAP 50 %", dict(base, ratio=0.5)),
-        ("FLAP 20 % no bias", dict(base, ratio=0.2, bias=False)),
-        ("FLAP 20 % head granularity", dict(base, ratio=0.2, attn_granularity="head")),
-        ("FLAP 20 % --calib self", dict(base, ratio=0.2, calib="self")),
-        ("Wanda-sp 20 %", dict(base, ratio=0.2, method="wanda-sp")),
-        ("mag-sp 20 %", dict(base, ratio=0.2, method="mag-sp")),
-    ]
+METHOD_KEYS = ("wanda-group", "wanda-head", "mag", "bias", "default")
+
+
+def main_methods(keys=METHOD_KEYS) -> list[tuple[str, dict]]:
+    default = f"FLAP {DEFAULT.reconstruct}" + (f" ridge {DEFAULT.ridge:g}" if DEFAULT.reconstruct == "ls" else "")
+    methods = {
+        "wanda-group": ("Wanda-sp group", dict(method="wanda-sp", attn_granularity="group")),
+        "wanda-head": ("Wanda-sp head", dict(method="wanda-sp", attn_granularity="head")),
+        "mag": ("mag-sp", dict(method="mag-sp")),
+        "bias": ("FLAP-bias", dict(reconstruct="bias")),
+        "default": (f"{default} (default)", dict()),
+    }
+    return [methods[k] for k in keys]
+
+
+# ---------------------------------------------------------------- cost (subprocess)
+
+def cost_child(args) -> None:
+    """One method's prune, timed against the dense forward, in a fresh process (peak RSS is its own)."""
+    torch.set_num_threads(args.threads)
+    kw = json.loads(args.cost_child)
+    dense = load_model("smollm2-135m", dtype=torch.float32)
+    tok = load_tokenizer("smollm2-135m")
+    rss_load = rss_mib()
+    valid = str(WIKITEXT / "valid.txt")
+    calib = calibration_windows(valid, dense, tok, args.nsamples, args.seqlen, 0, progress=False)
+    runs = [dense_forward_s(dense, calib.input_ids, 8)]
+    t = time.perf_counter()
+    result = prune(dense, PruneConfig(calib=valid, nsamples=args.nsamples, seqlen=args.seqlen, progress=False, **kw),
+                   tokenizer=tok)
+    elapsed = time.perf_counter() - t
+    peak = rss_mib()
+    runs.append(dense_forward_s(dense, calib.input_ids, 8))
+    dense_s = sum(runs) / len(runs)
+    print(json.dumps({"prune_s": elapsed, "timings": result.timings, "dense_forward_s": dense_s,
+                      "dense_forward_runs_s": runs, "prune_over_dense_forward": elapsed / dense_s,
+                      "peak_rss_mib": peak, "rss_after_load_mib": rss_load}))
+
+
+def measure_cost(args, kw: dict) -> dict:
+    cmd = [sys.executable, __file__, "--cost-child", json.dumps(kw), "--nsamples", str(args.nsamples),
+           "--seqlen", str(args.seqlen), "--threads", str(args.threads)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------- sequential refit (study)
+
+@torch.no_grad()
+def sequential_refits(model, input_ids, masks, ridge: float, batch_size: int = 8) -> list:
+    """The study's sequential variant: each layer's o_proj / down_proj refit on the inputs produced by
+    the already pruned and refitted layers before it (and, for down_proj, by its own refitted
+    attention), toward the dense model's outputs of the same module (cross-covariance least squares,
+    ridge toward the kept columns as they are)."""
+    from flap_deploy.adapters import get_adapter
+    from flap_deploy.layerwise import _chunks, _layer_out, embed_inputs
+    from flap_deploy.reconstruct import LayerRefit, Refit, kept_columns
+    from flap_deploy.stats import CovStats
+
+    adapter = get_adapter(model.config)
+    geom = adapter.geometry(model.config)
+    dense_h, kwargs_by_size = embed_inputs(model, input_ids, batch_size)
+    pruned_h = dense_h.clone()
+    slices = _chunks(input_ids.shape[0], batch_size)
+    refits = []
+
+    def fit(linear, kept, joint: CovStats) -> Refit:
+        n = linear.in_features
+        w = linear.weight.double()
+        b = linear.bias.double() if linear.bias is not None else torch.zeros(w.shape[0], dtype=torch.float64)
+        cov, mu = joint.covariance(), joint.mean  # joint variable [x_dense (n), x_pruned_kept (|k|)]
+        s_kk, s_dk = cov[n:, n:], cov[:n, n:]
+        lam = ridge * float(s_kk.diagonal().mean()) if kept.numel() else 0.0
+        w_k = w[:, kept]
+        if kept.numel():  # min ||W x_d - W' x_k||² + lam ||W' - W_k||²
+            rhs = w @ s_dk + lam * w_k
+            new_w = torch.linalg.solve(s_kk + lam * torch.eye(kept.numel(), dtype=torch.float64), rhs.T).T
+        else:
+            new_w = w_k
+        return Refit(kept=kept, weight=new_w, bias=b + w @ mu[:n] - new_w @ mu[n:])
+
+    for i in range(geom.num_layers):
+        layer = adapter.layers(model)[i]
+        m = adapter.layer_modules(model, i)
+        kept_attn, kept_mlp = kept_columns(masks[i], geom.head_dim, m.o_proj.in_features, m.down_proj.in_features)
+        captured: dict[str, torch.Tensor] = {}
+        fits: dict[str, Refit] = {}
+
+        def capture(name):
+            return lambda mod, args: captured.__setitem__(name, args[0])
+
+        def replace_out(name, kept):  # the pruned stream's module output: the refit (or mask) applied
+            def hook(mod, args, out):
+                x = args[0][..., kept]
+                f = fits.get(name)
+                if f is None:
+                    return torch.nn.functional.linear(x, mod.weight[:, kept], mod.bias)
+                return torch.nn.functional.linear(x, f.weight.to(x.dtype), f.bias.to(x.dtype))
+            return hook
+
+        for name, linear, kept in (("attn", m.o_proj, kept_attn), ("mlp", m.down_proj, kept_mlp)):
+            joint = CovStats(linear.in_features + kept.numel(), device=dense_h.device)
+            for sl in slices:
+                kw = kwargs_by_size[sl.stop - sl.start]
+                h = [linear.register_forward_pre_hook(capture("dense"))]
+                layer(dense_h[sl], **kw)
+                h[0].remove()
+                h = [linear.register_forward_pre_hook(capture("pruned"))]
+                h += [mod.register_forward_hook(replace_out(k, kk)) for k, mod, kk in
+                      (("attn", m.o_proj, kept_attn), ("mlp", m.down_proj, kept_mlp))]
+                layer(pruned_h[sl], **kw)
+                for x in h:
+                    x.remove()
+                joint.update(torch.cat([captured["dense"], captured["pruned"][..., kept]], dim=-1))
+            fits[name] = fit(linear, kept, joint)
+        for sl in slices:  # advance both streams
+            kw = kwargs_by_size[sl.stop - sl.start]
+            dense_h[sl] = _layer_out(layer(dense_h[sl], **kw))
+            h = [mod.register_forward_hook(replace_out(k, kk)) for k, mod, kk in
+                 (("attn", m.o_proj, kept_attn), ("mlp", m.down_proj, kept_mlp))]
+            pruned_h[sl] = _layer_out(layer(pruned_h[sl], **kw))
+            for x in h:
+                x.remove()
+        refits.append(LayerRefit(attn=fits["attn"], mlp=fits["mlp"]))
+    return refits
+
+
+# ---------------------------------------------------------------- evaluation
+
+def eval_texts(tok, args) -> dict[str, torch.Tensor]:
+    return {
+        "wikitext2": token_windows(tok, load_text(WIKITEXT / "test.txt"), args.eval_seqlen, args.max_tokens),
+        "python_docs": token_windows(tok, python_docs_text(), args.eval_seqlen, args.max_tokens),
+    }
+
+
+@torch.no_grad()
+def evaluate_group(dense, models: dict, rows: dict, windows: dict, on_progress) -> None:
+    """Every model of the group on both domains, window by window beside the dense model."""
+    for domain, ids in windows.items():
+        tallies = {name: Tally() for name in models}
+        for w in range(len(ids)):
+            batch = ids[w:w + 1]
+            ref = log_probs(dense, batch)
+            for name, model in models.items():
+                tallies[name].add(ref if model is dense else log_probs(model, batch), batch[:, 1:], ref)
+        for name, tally in tallies.items():
+            r = tally.result(len(ids), ids.shape[1])
+            rows[name][domain] = {"perplexity": r.perplexity, "kl": r.kl, "top1": r.top1_agreement,
+                                  "tokens": r.tokens}
+        on_progress()
+
+
+def row(name: str, group: str, result, kw: dict) -> dict:
+    p = result.provenance
+    return {"name": name, "group": group, "method": p["method"], "target_ratio": p["target_ratio"],
+            "achieved_ratio": p["achieved_ratio"], "params": p["pruned_params"],
+            "reconstruct": p["reconstruction"]["mode"], "ridge": p["reconstruction"]["ridge"],
+            "attn_granularity": p["attn_granularity"], "calibration": p["calibration"],
+            **{k: v for k, v in kw.items() if k in ("modules", "refit")}}
+
+
+# ---------------------------------------------------------------- report
+
+def fmt(v, spec):
+    return format(v, spec) if isinstance(v, (int, float)) else "-"
 
 
 def write(out: Path, data: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "quality.json").write_text(json.dumps(data, indent=2) + "\n")
-    rows = data["models"]
+    c, e = data["calibration"], data["eval"]
     lines = [
-        "# Quality: FLAP vs baselines on SmolLM2-135M",
+        "# Quality: FLAP reconstructions vs baselines on SmolLM2-135M, two domains",
         "",
-        f"Calibration: WikiText-2 valid, {data['calibration']['nsamples']} windows x {data['calibration']['seqlen']} "
-        f"tokens, seed 0. Evaluation: first {data['eval']['tokens_evaluated']:,} predicted tokens of WikiText-2 test "
-        f"(target {data['eval']['max_tokens']:,}), windows of {data['eval']['seqlen']}. KL = mean KL(dense || pruned) "
-        "per token; top-1 = agreement of the argmax with the dense model. Ratio = share of decoder linear weights removed.",
+        f"Calibration: WikiText-2 valid, {c['nsamples']} windows x {c['seqlen']} tokens, seed 0 (study rows say "
+        f"otherwise). Evaluation: first {e['max_tokens']:,} tokens of WikiText-2 test and of python-docs (the "
+        f"Python {platform.python_version()} Language Reference topics, `flap_deploy.text.python_docs_text`), windows of "
+        f"{e['seqlen']}. KL = mean KL(dense || pruned) per token; top-1 = argmax agreement with the dense model. "
+        "Ratio = share of decoder linear weights removed.",
         "",
-        "| model | ratio | params | perplexity | KL | top-1 | prune time (s) |",
-        "|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for r in rows:
-        ppl = f"{r['perplexity']:.2f}" if r.get("perplexity") else "-"
-        kl = f"{r['kl']:.4f}" if r.get("kl") is not None else "-"
-        top1 = f"{100 * r['top1']:.2f} %" if r.get("top1") is not None else "-"
-        lines.append(f"| {r['name']} | {100 * r['achieved_ratio']:.2f} % | {r['params'] / 1e6:.1f} M | {ppl} | {kl} | "
-                     f"{top1} | {r['prune_s']:.1f} |" if r.get("prune_s") is not None else
-                     f"| {r['name']} | {100 * r['achieved_ratio']:.2f} % | {r['params'] / 1e6:.1f} M | {ppl} | {kl} | {top1} | - |")
-    c = data["cost"]
-    lines += [
-        "",
-        "## Cost of pruning (FLAP 20 %, calibration included)",
-        "",
-        f"- prune wall time: {c['prune_s']:.1f} s (tokenizing the calibration text, layer-by-layer calibration, "
-        "scoring, allocation, compression)",
-        f"- one dense decoder forward over the same {data['calibration']['nsamples']} calibration windows: "
-        f"{c['dense_forward_s']:.1f} s (mean of one before and one after the prune: {c['dense_forward_runs_s']})",
-        f"- prune / dense forward: **{c['prune_over_dense_forward']:.2f}**",
-        f"- peak RSS of the process at the end of the prune: {c['peak_rss_mib']:.0f} MiB (after loading the model: "
-        f"{c['rss_after_load_mib']:.0f} MiB; the dense forward timed before the prune is included)",
-        "",
-        f"Machine: {data['machine']}. Shared CPU: other processes ran at the same time, so wall times are "
-        "indicative; the ratio compares runs made back to back.",
-    ]
-    if data.get("granularity"):
-        g = data["granularity"]
-        lines += ["", f"Attention granularity at 20 %: group {g['group_perplexity']:.2f} vs head "
-                      f"{g['head_perplexity']:.2f} perplexity; **{g['winner']}** wins (the default is group)."]
+    for group, title in (("main", "Methods at the same budget"), ("study", "Study (FLAP masks; reconstruction variants)")):
+        rows = [r for r in data["models"] if r["group"] in (group, "dense")]
+        if len(rows) <= 1:
+            continue
+        lines += [f"## {title}", "",
+                  "| model | ratio | calibration | WikiText-2 ppl | KL | top-1 | python-docs ppl | KL | top-1 |",
+                  "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+        for r in rows:
+            cal = r.get("calibration") or {}
+            cal_s = f"{Path(str(cal.get('source', '-'))).name} x{cal.get('samples', '-')}" if cal else "-"
+            cells = []
+            for d in DOMAINS:
+                m = r.get(d) or {}
+                cells += [fmt(m.get("perplexity"), ".2f"), fmt(m.get("kl"), ".4f"),
+                          fmt(100 * m["top1"], ".2f") + " %" if m.get("top1") is not None else "-"]
+            lines.append(f"| {r['name']} | {100 * r['achieved_ratio']:.2f} % | {cal_s} | " + " | ".join(cells) + " |")
+        lines.append("")
+    if data.get("cost"):
+        lines += ["## Cost of pruning (20 %, fresh process per method, calibration and reconstruction included)", "",
+                  "| method | prune (s) | dense forward (s) | prune / dense forward | peak RSS (MiB) |",
+                  "|---|---:|---:|---:|---:|"]
+        for name, cst in data["cost"].items():
+            lines.append(f"| {name} | {cst['prune_s']:.1f} | {cst['dense_forward_s']:.1f} | "
+                         f"**{cst['prune_over_dense_forward']:.2f}** | {cst['peak_rss_mib']:.0f} |")
+        lines.append("")
+    lines += [f"Machine: {data['machine']}; torch {data['torch']}; flap-deploy {data['package_version']}."]
     (out / "quality.md").write_text("\n".join(lines) + "\n")
-
-
-def summarize_granularity(data: dict) -> None:
-    group, head = (next(r for r in data["models"] if r["name"] == n) for n in ("FLAP 20 %", "FLAP 20 % head granularity"))
-    data["granularity"] = {"group_perplexity": group["perplexity"], "head_perplexity": head["perplexity"],
-                           "group_kl": group["kl"], "head_kl": head["kl"],
-                           "winner": "head" if head["perplexity"] < group["perplexity"] else "group"}
 
 
 def plot(out: Path, data: dict) -> None:
@@ -124,122 +288,191 @@ def plot(out: Path, data: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in data["models"] if r.get("perplexity")]
+    dense = next(r for r in data["models"] if r["name"] == "dense")
+    main = [r for r in data["models"] if r["group"] == "main"]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    names = [r["name"] for r in rows]
-    colors = ["#7f7f7f" if r["name"] == "dense" else "#3b75af" if r["name"].startswith("FLAP") else "#d62728"
-              for r in rows]
-    axes[0].barh(names, [r["perplexity"] for r in rows], color=colors)
-    axes[0].set_xscale("log")
-    axes[0].set_xlabel("WikiText-2 test perplexity (log scale)")
-    axes[0].invert_yaxis()
-    flap = sorted([r for r in rows if r["name"] in ("FLAP 20 %", "FLAP 30 %", "FLAP 50 %", "dense")],
-                  key=lambda r: r["achieved_ratio"])
-    axes[1].plot([100 * r["achieved_ratio"] for r in flap], [r["perplexity"] for r in flap], "o-", label="FLAP (AL-AM)")
-    for r in rows:
-        if r["name"].startswith(("Wanda", "mag")):
-            axes[1].plot(100 * r["achieved_ratio"], r["perplexity"], "s", label=r["name"])
-    axes[1].set_yscale("log")
-    axes[1].set_xlabel("decoder linear weights removed (%)")
-    axes[1].set_ylabel("perplexity")
-    axes[1].legend(fontsize=8)
-    fig.suptitle(f"SmolLM2-135M on WikiText-2 ({data['eval']['tokens_evaluated']:,} test tokens)")
+    for ax, domain, title in zip(axes, DOMAINS, ("WikiText-2 test", "python-docs")):
+        for method in dict.fromkeys(r["method_name"] for r in main):
+            pts = sorted((r["achieved_ratio"], r[domain]["perplexity"]) for r in main
+                         if r["method_name"] == method and r.get(domain))
+            if pts:
+                ax.plot([0] + [100 * x for x, _ in pts], [dense[domain]["perplexity"]] + [y for _, y in pts], "o-",
+                        label=method)
+        ax.set_yscale("log")
+        ax.set_xlabel("decoder linear weights removed (%)")
+        ax.set_ylabel("perplexity")
+        ax.set_title(title)
+        ax.legend(fontsize=8)
+    fig.suptitle("SmolLM2-135M: perplexity vs removed fraction")
     fig.tight_layout()
     fig.savefig(out / "quality.png", dpi=110)
     plt.close(fig)
 
 
+# ---------------------------------------------------------------- the run
+
+def calibration_sets(args, dense, tok) -> list[tuple[str, torch.Tensor, dict]]:
+    """(label, windows, description): the main set first, then the study's."""
+    valid = str(WIKITEXT / "valid.txt")
+
+    def text(n):
+        return calibration_windows(valid, dense, tok, n, args.seqlen, 0, progress=False).input_ids
+
+    sets = [("valid", text(args.nsamples), {"source": valid, "samples": args.nsamples, "seqlen": args.seqlen, "seed": 0})]
+    if args.study:
+        for n in args.study_nsamples:
+            if n != args.nsamples:
+                sets.append((f"valid x{n}", text(n), {"source": valid, "samples": n, "seqlen": args.seqlen, "seed": 0}))
+        if args.study_calib:
+            own = calibration_windows("self", dense, tok, args.nsamples, args.seqlen, 0, progress=False).input_ids
+            sets.append(("self", own, {"source": "self", "samples": args.nsamples, "seqlen": args.seqlen, "seed": 0}))
+            half = args.nsamples // 2
+            mix = torch.cat([text(args.nsamples)[:half], own[: args.nsamples - half]])
+            sets.append(("mix", mix, {"source": "mix: WikiText-2 valid + self, half each", "samples": args.nsamples,
+                                      "seqlen": args.seqlen, "seed": 0}))
+    return sets
+
+
+def run(args) -> None:
+    torch.set_num_threads(args.threads)
+    dense = load_model("smollm2-135m", dtype=torch.float32)
+    tok = load_tokenizer("smollm2-135m")
+    windows = eval_texts(tok, args)
+    data = {
+        "package_version": __version__, "torch": torch.__version__, "python": platform.python_version(),
+        "machine": f"{platform.machine()}, {args.threads} torch threads",
+        "default": {"reconstruct": DEFAULT.reconstruct, "ridge": DEFAULT.ridge},
+        "calibration": {"source": "wikitext-2 valid", "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": 0},
+        "eval": {"domains": list(DOMAINS), "max_tokens": args.max_tokens, "seqlen": args.eval_seqlen,
+                 "windows": {d: len(w) for d, w in windows.items()}},
+        "models": [{"name": "dense", "group": "dense", "method_name": "dense", "achieved_ratio": 0.0,
+                    "params": sum(p.numel() for p in dense.parameters()), "linear_weights": linear_weights(dense)}],
+        "cost": {},
+    }
+    rows = {"dense": data["models"][0]}
+
+    def save():
+        write(args.out, data)
+
+    evaluate_group(dense, {"dense": dense}, rows, windows, save)
+    base = dict(seqlen=args.seqlen, progress=False, batch_size=8)
+    for label, ids, desc in calibration_sets(args, dense, tok):
+        main_set = label == "valid"
+        stats = collect_statistics(dense, PruneConfig(**base), tok, covariance=True, windows=ids, calibration=desc)
+        models = {}
+
+        def flush():  # evaluate the pending models together (the dense logits once per window), then free them
+            if models:
+                evaluate_group(dense, models, rows, windows, save)
+                models.clear()
+                gc.collect()
+
+        def add(name, group, method_name, result, **extra):
+            r = row(name, group, result, extra)
+            r["method_name"] = method_name
+            data["models"].append(r)
+            rows[name] = r
+            models[name] = result.model
+            print(f"{name}: ratio {r['achieved_ratio']:.4f}", flush=True)
+            if len(models) >= args.group_size:
+                flush()
+
+        ratios = sorted(set(args.ratios if main_set else []) | set(args.study_ratios if args.study else []))
+        for ratio in ratios:
+            cfg = PruneConfig(**base, ratio=ratio, calib=desc["source"], nsamples=len(ids))
+            bias = prune(dense, replace(cfg, reconstruct="bias"), tokenizer=tok, statistics=stats)
+            if main_set and ratio in args.ratios:
+                for name, kw in main_methods(args.methods):
+                    if kw.get("method") in ("wanda-sp", "mag-sp"):
+                        # the baselines calibrate (Wanda-sp) on the same windows through their own pass
+                        res = prune(dense, replace(cfg, **kw), tokenizer=tok)
+                    else:
+                        res = bias if kw.get("reconstruct") == "bias" else prune(
+                            dense, replace(cfg, **kw), tokenizer=tok, statistics=stats)
+                    add(f"{name} {ratio:.0%}", "main", name, res)
+            if not args.study or ratio not in args.study_ratios:
+                continue
+            tag = f"{ratio:.0%}" + ("" if main_set else f" calib {label}")
+            if not main_set:
+                add(f"FLAP-bias {tag}", "study", "FLAP-bias", bias)
+                add(f"ls ridge {DEFAULT.ridge:g} {tag}", "study", "ls", prune(
+                    dense, replace(cfg, reconstruct="ls"), tokenizer=tok, statistics=stats), refit="one-pass")
+            else:
+                for ridge in args.ridges:
+                    if ridge != DEFAULT.ridge:
+                        add(f"ls ridge {ridge:g} {tag}", "study", "ls", prune(
+                            dense, replace(cfg, reconstruct="ls", ridge=ridge), tokenizer=tok, statistics=stats),
+                            refit="one-pass")
+                for modules in (("attn",), ("mlp",)):
+                    refits = refit_layers(dense, ids, bias.masks, DEFAULT.ridge, modules=modules,
+                                          covariances=stats.covariances)
+                    variant = replace(bias, model=compress(dense, bias.masks, bias.means, refits=refits),
+                                      provenance={**bias.provenance,
+                                                  "reconstruction": {"mode": "ls", "ridge": DEFAULT.ridge}})
+                    add(f"ls {modules[0]}-only ridge {DEFAULT.ridge:g} {tag}", "study", "ls", variant,
+                        modules=modules[0], refit="one-pass")
+                if args.sequential:
+                    for ridge in args.sequential_ridges:
+                        refits = sequential_refits(dense, ids, bias.masks, ridge)
+                        variant = replace(bias, model=compress(dense, bias.masks, refits=refits),
+                                          provenance={**bias.provenance,
+                                                      "reconstruction": {"mode": "ls-sequential", "ridge": ridge}})
+                        add(f"ls sequential ridge {ridge:g} {tag}", "study", "ls-sequential", variant,
+                            refit="sequential")
+        del stats
+        flush()
+        save()
+
+    if args.cost:
+        for name, kw in main_methods(args.methods):
+            data["cost"][name] = measure_cost(args, dict(kw, ratio=0.2))
+            print(f"cost {name}: {data['cost'][name]['prune_over_dense_forward']:.2f} x dense forward", flush=True)
+            save()
+    save()
+    plot(args.out, data)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    floats = lambda s: [float(x) for x in s.split(",")]  # noqa: E731
+    ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
+    ap.add_argument("--ratios", type=floats, default=[0.2, 0.3, 0.5])
     ap.add_argument("--nsamples", type=int, default=128)
     ap.add_argument("--seqlen", type=int, default=128)
     ap.add_argument("--max-tokens", type=int, default=40_000)
     ap.add_argument("--eval-seqlen", type=int, default=512)
+    ap.add_argument("--study", action="store_true", help="Also the study rows.")
+    ap.add_argument("--study-ratios", type=floats, default=[0.2, 0.3, 0.5])
+    ap.add_argument("--ridges", type=floats, default=[0.0, 0.01, 0.1, 1.0, 10.0])
+    ap.add_argument("--study-nsamples", type=ints, default=[32, 128, 512])
+    ap.add_argument("--no-sequential", dest="sequential", action="store_false")
+    ap.add_argument("--no-study-calib", dest="study_calib", action="store_false",
+                    help="Skip the self / mix calibration sources of the study.")
+    ap.add_argument("--methods", type=lambda s: s.split(","), default=list(METHOD_KEYS),
+                    help=f"Main-table methods, comma-separated among {','.join(METHOD_KEYS)}.")
+    ap.add_argument("--sequential-ridges", type=floats, default=[0.01, 1.0])
+    ap.add_argument("--no-cost", dest="cost", action="store_false")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--group-size", type=int, default=8,
+                    help="Pruned models held and evaluated together (memory: about 0.5 GB each).")
+    ap.add_argument("--smoke", action="store_true",
+                    help="Tiny sizes (8 windows of 32, 1,024 eval tokens in windows of 256, 20 %% only) to prove it runs.")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     ap.add_argument("--replot", action="store_true", help="Only rewrite quality.md and quality.png from quality.json.")
+    ap.add_argument("--cost-child", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.replot:  # e.g. after an interrupted run
+    if args.cost_child:
+        return cost_child(args)
+    if args.smoke:
+        args.ratios, args.study_ratios, args.nsamples, args.seqlen = [0.2], [0.2], 8, 32
+        args.max_tokens, args.eval_seqlen, args.study_nsamples = 1024, 256, [4, 8]
+        args.ridges, args.sequential_ridges = [0.1, 1.0], [1.0]
+    if args.replot:
         data = json.loads((args.out / "quality.json").read_text())
-        summarize_granularity(data)
         write(args.out, data)
         plot(args.out, data)
         return
-    torch.set_num_threads(args.threads)
-
-    dense = load_model("smollm2-135m", dtype=torch.float32)
-    tok = load_tokenizer("smollm2-135m")
-    rss_after_load = rss_mib()
-    valid = str(WIKITEXT / "valid.txt")
-    data = {
-        "package_version": __version__, "torch": torch.__version__, "threads": args.threads,
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
-        "calibration": {"source": "wikitext-2 valid", "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": 0},
-        "eval": {"text": "wikitext-2 test", "max_tokens": args.max_tokens, "seqlen": args.eval_seqlen,
-                 "tokens_evaluated": 0},
-        "models": [], "cost": {},
-    }
-    dense_linear = linear_weights(dense)
-    models = {"dense": dense}
-    data["models"].append({"name": "dense", "achieved_ratio": 0.0, "params": sum(p.numel() for p in dense.parameters()),
-                           "linear_weights": dense_linear, "prune_s": None})
-
-    # Cost: dense forward, the timed FLAP prune, dense forward again (the machine is shared).
-    first = None
-    stats = None
-    forward_runs = []
-    for name, kw in runs(valid, args.nsamples, args.seqlen):
-        if first is None:
-            from flap_deploy.calibration import calibration_windows
-
-            calib = calibration_windows(valid, dense, tok, args.nsamples, args.seqlen, 0, progress=False)
-            forward_runs.append(dense_forward_s(dense, calib.input_ids, 8))
-        reuse = stats if (kw.get("calib") == valid and kw.get("method", "flap") == "flap" and stats is not None) else None
-        t = time.perf_counter()
-        result = prune(dense, PruneConfig(**kw), tokenizer=tok, statistics=reuse)
-        elapsed = time.perf_counter() - t
-        if first is None:
-            first = result
-            stats = result.statistics
-            peak = rss_mib()
-            forward_runs.append(dense_forward_s(dense, calib.input_ids, 8))
-            dense_s = sum(forward_runs) / len(forward_runs)
-            data["cost"] = {
-                "prune_s": elapsed,
-                "dense_forward_s": dense_s, "dense_forward_runs_s": [round(x, 2) for x in forward_runs],
-                "prune_over_dense_forward": elapsed / dense_s, "peak_rss_mib": peak,
-                "rss_after_load_mib": rss_after_load,
-            }
-        p = result.provenance
-        data["models"].append({
-            "name": name, "achieved_ratio": p["achieved_ratio"], "params": p["pruned_params"],
-            "linear_weights": p["pruned_linear_weights"], "prune_s": elapsed if reuse is None else None,
-            "reused_statistics": reuse is not None,
-            "widths": {"heads": result.model.config.num_attention_heads_per_layer,
-                       "kv_heads": result.model.config.num_key_value_heads_per_layer,
-                       "mlp": result.model.config.intermediate_size_per_layer},
-        })
-        models[name] = result.model
-        print(f"{name}: ratio {p['achieved_ratio']:.4f}, {elapsed:.1f} s", flush=True)
-
-    windows = token_windows(tok, load_text(WIKITEXT / "test.txt"), args.eval_seqlen, args.max_tokens)
-    tallies = {name: Tally() for name in models}
-    for w in range(len(windows)):
-        batch = windows[w:w + 1]
-        ref = log_probs(dense, batch)  # the dense logits once per window, shared by every model
-        for name, model in models.items():
-            tallies[name].add(ref if name == "dense" else log_probs(model, batch), batch[:, 1:], ref)
-        for row in data["models"]:
-            r = tallies[row["name"]].result(w + 1, args.eval_seqlen)
-            row.update(perplexity=r.perplexity, kl=r.kl, top1=r.top1_agreement)
-        data["eval"]["tokens_evaluated"] = tallies["dense"].count
-        data["eval"]["windows_evaluated"] = w + 1
-        summarize_granularity(data)
-        write(args.out, data)
-        print(f"eval window {w + 1}/{len(windows)}: " + ", ".join(
-            f"{r['name']} {r['perplexity']:.2f}" for r in data["models"]), flush=True)
-    write(args.out, data)
-    plot(args.out, data)
+    run(args)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,8 @@ from .adapters import Geometry, LayerModules, get_adapter
 from .errors import FlapDeployError
 from .modeling_flap_llama import FlapLlamaConfig, FlapLlamaForCausalLM
 
+from .reconstruct import LayerRefit, Refit
+
 if TYPE_CHECKING:
     from .streaming import LayerStream
 
@@ -114,9 +116,22 @@ def _mlp_channels(mask: LayerMask, geom: Geometry, layer: int) -> torch.Tensor:
     return channels
 
 
+def _out_proj(linear: nn.Linear, kept: torch.Tensor, mean: torch.Tensor | None, refit: Refit | None,
+              layer: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight of the kept columns, float64 bias or None) of o_proj / down_proj: the refit when
+    given, else the sliced weight with the mean compensation (when means are given)."""
+    if refit is None:
+        weight = linear.weight.detach()
+        return weight[:, kept.to(weight.device)], _bias(linear, _compensation(weight, kept, mean))
+    if not torch.equal(refit.kept.cpu(), kept.cpu()):
+        raise FlapDeployError(f"layer {layer}: the refit's kept columns differ from the mask's")
+    return refit.weight.to(linear.weight.dtype), refit.bias
+
+
 def slice_layer(m: LayerModules, i: int, geom: Geometry, mask: LayerMask, means: LayerMeans | None, *,
-                with_o_bias: bool, with_down_bias: bool) -> dict[str, torch.Tensor]:
-    """The contract tensors of layer ``i`` of the pruned model, from the dense layer's modules."""
+                with_o_bias: bool, with_down_bias: bool, refit: LayerRefit | None = None) -> dict[str, torch.Tensor]:
+    """The contract tensors of layer ``i`` of the pruned model, from the dense layer's modules; a
+    ``refit`` (``reconstruct``) replaces o_proj / down_proj and their compensation."""
     prefix = f"model.layers.{i}."
     dtype = m.q_proj.weight.dtype
     hd = geom.head_dim
@@ -125,14 +140,14 @@ def slice_layer(m: LayerModules, i: int, geom: Geometry, mask: LayerMask, means:
     heads = mask.heads if mask.heads is not None else torch.ones(geom.num_heads, dtype=torch.bool)
     q_kept, kv_kept = kept_head_order(heads, geom, i)
     q_rows, kv_rows = _rows(q_kept, hd), _rows(kv_kept, hd)
-    o_bias = _bias(m.o_proj, _compensation(m.o_proj.weight.detach(), q_rows, means.attn if means else None))
+    o_weight, o_bias = _out_proj(m.o_proj, q_rows, means.attn if means else None, refit.attn if refit else None, i)
     if q_kept:
         out[prefix + "input_layernorm.weight"] = m.input_layernorm.weight.detach()
         for name, proj, rows in (("q_proj", m.q_proj, q_rows), ("k_proj", m.k_proj, kv_rows), ("v_proj", m.v_proj, kv_rows)):
             out[prefix + f"self_attn.{name}.weight"] = proj.weight.detach()[rows.to(proj.weight.device)]
             if proj.bias is not None:
                 out[prefix + f"self_attn.{name}.bias"] = proj.bias.detach()[rows.to(proj.bias.device)]
-        out[prefix + "self_attn.o_proj.weight"] = m.o_proj.weight.detach()[:, q_rows.to(m.o_proj.weight.device)]
+        out[prefix + "self_attn.o_proj.weight"] = o_weight
         if m.q_norm is not None:
             out[prefix + "self_attn.q_norm.weight"] = m.q_norm.weight.detach()
             out[prefix + "self_attn.k_norm.weight"] = m.k_norm.weight.detach()
@@ -141,7 +156,7 @@ def slice_layer(m: LayerModules, i: int, geom: Geometry, mask: LayerMask, means:
         out[prefix + "self_attn.o_proj.bias"] = bias.to(dtype)
 
     cols = _mlp_channels(mask, geom, i).nonzero().flatten()
-    down_bias = _bias(m.down_proj, _compensation(m.down_proj.weight.detach(), cols, means.mlp if means else None))
+    down_weight, down_bias = _out_proj(m.down_proj, cols, means.mlp if means else None, refit.mlp if refit else None, i)
     if cols.numel():
         out[prefix + "post_attention_layernorm.weight"] = m.post_attention_layernorm.weight.detach()
         dev_cols = cols.to(m.down_proj.weight.device)
@@ -149,16 +164,19 @@ def slice_layer(m: LayerModules, i: int, geom: Geometry, mask: LayerMask, means:
             out[prefix + f"mlp.{name}.weight"] = proj.weight.detach()[dev_cols]
             if proj.bias is not None:
                 out[prefix + f"mlp.{name}.bias"] = proj.bias.detach()[dev_cols]
-        out[prefix + "mlp.down_proj.weight"] = m.down_proj.weight.detach()[:, dev_cols]
+        out[prefix + "mlp.down_proj.weight"] = down_weight
     if with_down_bias:
         bias = down_bias if down_bias is not None else torch.zeros(geom.hidden_size, dtype=torch.float64)
         out[prefix + "mlp.down_proj.bias"] = bias.to(dtype)
     return out
 
 
-def compensation_biases(first: LayerModules, means: list[LayerMeans] | None) -> tuple[bool, bool]:
-    """Whether the pruned model carries o_proj / down_proj biases: compensation, or the source's own."""
-    return means is not None or first.o_proj.bias is not None, means is not None or first.down_proj.bias is not None
+def compensation_biases(first: LayerModules, means: list[LayerMeans] | None,
+                        refit: tuple[bool, bool] = (False, False)) -> tuple[bool, bool]:
+    """Whether the pruned model carries o_proj / down_proj biases: compensation (means, or refits of
+    that module), or the source's own."""
+    return (means is not None or refit[0] or first.o_proj.bias is not None,
+            means is not None or refit[1] or first.down_proj.bias is not None)
 
 
 def flap_config(source_config: Any, widths: list[LayerWidths], *, o_proj_bias: bool, down_proj_bias: bool,
@@ -207,6 +225,7 @@ def compress(
     masks: list[LayerMask],
     means: list[LayerMeans] | None = None,
     provenance: dict | None = None,
+    refits: list[LayerRefit | None] | None = None,
 ) -> FlapLlamaForCausalLM:
     """Slice an in-memory dense model by per-layer keep-masks into a FlapLlamaForCausalLM (in memory).
 
@@ -218,12 +237,16 @@ def compress(
     adapter = get_adapter(model.config)
     geom = adapter.geometry(model.config)
     check_lengths(geom, masks, means)
-    o_bias, down_bias = compensation_biases(adapter.layer_modules(model, 0), means)
+    if refits is not None and len(refits) != geom.num_layers:
+        raise FlapDeployError(f"got {len(refits)} layer refits for a model with {geom.num_layers} layers")
+    refitted = (any(r is not None and r.attn is not None for r in refits or ()),
+                any(r is not None and r.mlp is not None for r in refits or ()))
+    o_bias, down_bias = compensation_biases(adapter.layer_modules(model, 0), means, refitted)
     widths = [layer_widths(masks[i], geom, i) for i in range(geom.num_layers)]
     state: dict[str, torch.Tensor] = {}
     for i in range(geom.num_layers):
         state.update(slice_layer(adapter.layer_modules(model, i), i, geom, masks[i], means[i] if means else None,
-                                 with_o_bias=o_bias, with_down_bias=down_bias))
+                                 with_o_bias=o_bias, with_down_bias=down_bias, refit=refits[i] if refits else None))
     config = flap_config(model.config, widths, o_proj_bias=o_bias, down_proj_bias=down_bias, provenance=provenance)
     config.dtype = model.dtype
 
@@ -252,19 +275,23 @@ def check_lengths(geom: Geometry, masks: list[LayerMask], means: list[LayerMeans
 
 @torch.no_grad()
 def compress_stream(stream: LayerStream, masks: list[LayerMask], means: list[LayerMeans] | None, out: Path, *,
-                    provenance: dict | None = None, on_layer: Any = None) -> FlapLlamaConfig:
+                    provenance: dict | None = None, on_layer: Any = None,
+                    refit: Any = None) -> FlapLlamaConfig:
     """Slice ``stream``'s layers one at a time and write the pruned weights into ``out`` as they come.
 
     The masks decide the pruned config first, and with it every tensor's name and shape (the
     checkpoint contract), so the shards are laid out before the first layer is read. Weights
-    are written in the dtype the source stores them in. Returns the config (not yet saved).
+    are written in the dtype the source stores them in. ``refit(i, modules)``, called while layer
+    ``i`` is resident, returns its ``LayerRefit`` (the ``ls`` reconstruction's second pass).
+    Returns the config (not yet saved).
     """
     from .checkpoint import expected_tensor_shapes
     from .shards import ShardWriter
 
     geom = stream.geometry
     check_lengths(geom, masks, means)
-    o_bias, down_bias = compensation_biases(stream.adapter.layer_modules(stream.model, 0), means)
+    o_bias, down_bias = compensation_biases(stream.adapter.layer_modules(stream.model, 0), means,
+                                            (refit is not None, refit is not None))
     widths = [layer_widths(masks[i], geom, i) for i in range(geom.num_layers)]
     config = flap_config(stream.model.config, widths, o_proj_bias=o_bias, down_proj_bias=down_bias,
                          provenance=provenance)
@@ -278,8 +305,9 @@ def compress_stream(stream: LayerStream, masks: list[LayerMask], means: list[Lay
             writer.write(name, stream.stored_tensor(name).to(dtype))
     for i in range(geom.num_layers):
         with stream.layer(i):
-            tensors = slice_layer(stream.adapter.layer_modules(stream.model, i), i, geom, masks[i],
-                                  means[i] if means else None, with_o_bias=o_bias, with_down_bias=down_bias)
+            m = stream.adapter.layer_modules(stream.model, i)
+            tensors = slice_layer(m, i, geom, masks[i], means[i] if means else None, with_o_bias=o_bias,
+                                  with_down_bias=down_bias, refit=refit(i, m) if refit is not None else None)
             for name in (n for n in names if n.startswith(f"model.layers.{i}.")):
                 writer.write(name, tensors[name].to(dtype))
         if on_layer is not None:

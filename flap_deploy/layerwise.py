@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .compress import LayerMask
-from .stats import ChannelStats
+from .stats import ChannelStats, CovStats
 from .streaming import GIB, LayerStream, rss_bytes
 
 
@@ -29,10 +29,23 @@ class _Captured(Exception):
 
 @dataclass
 class LayerStats:
-    """Statistics of one layer's o_proj input (attention) and down_proj input (MLP)."""
+    """Statistics of one layer's o_proj input (attention) and down_proj input (MLP); with
+    ``calibrate_layers(covariance=...)`` also their covariances (``stats.CovStats``)."""
 
     attn: ChannelStats
     mlp: ChannelStats
+    attn_cov: CovStats | None = None
+    mlp_cov: CovStats | None = None
+
+    def update_attn(self, x: torch.Tensor) -> None:
+        for s in (self.attn, self.attn_cov):
+            if s is not None:
+                s.update(x)
+
+    def update_mlp(self, x: torch.Tensor) -> None:
+        for s in (self.mlp, self.mlp_cov):
+            if s is not None:
+                s.update(x)
 
 
 def _chunks(n: int, size: int) -> list[slice]:
@@ -113,12 +126,15 @@ def calibrate_layers(
     propagate_pruned: bool = False,
     buffer_device: torch.device | str | None = None,
     progress: bool = True,
+    covariance: Callable[[int], tuple[CovStats | None, CovStats | None]] | None = None,
 ) -> None:
     """Stream each layer's statistics and hand them to ``on_layer(i, stats)`` while the layer is resident.
 
     Each layer is fed the dense outputs of the previous one (FLAP). With ``propagate_pruned``
     (the Wanda-sp baseline), ``on_layer`` returns the layer's mask and the layer is run again
     with the pruned channels zeroed, so the next layer sees the pruned outputs instead.
+    ``covariance(i)`` gives layer i's (o_proj, down_proj) covariance accumulators, fed by the
+    same hooks.
     """
     lp = LayerPass(stream, input_ids, batch_size=batch_size, buffer_device=buffer_device)
     stream = lp.stream
@@ -130,10 +146,11 @@ def calibrate_layers(
         with stream.layer(i):
             m = stream.adapter.layer_modules(stream.model, i)
             dev = stream.device
-            stats = LayerStats(ChannelStats(m.o_proj.in_features, dev), ChannelStats(m.down_proj.in_features, dev))
+            stats = LayerStats(ChannelStats(m.o_proj.in_features, dev), ChannelStats(m.down_proj.in_features, dev),
+                               *(covariance(i) if covariance is not None else ()))
             hooks = [
-                m.o_proj.register_forward_pre_hook(lambda mod, args: stats.attn.update(args[0])),
-                m.down_proj.register_forward_pre_hook(lambda mod, args: stats.mlp.update(args[0])),
+                m.o_proj.register_forward_pre_hook(lambda mod, args: stats.update_attn(args[0])),
+                m.down_proj.register_forward_pre_hook(lambda mod, args: stats.update_mlp(args[0])),
             ]
             _postfix(bar, f"layer {i}: statistics", done, started)
             try:

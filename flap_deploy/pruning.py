@@ -26,7 +26,10 @@ from .calibration import calibration_windows
 from .compress import LayerMask, LayerMeans, compress_stream
 from .errors import FlapDeployError, ParameterError
 from .importance import METRICS, flap_scores, head_scores, magnitude_metric, wanda_metric
-from .layerwise import LayerStats, calibrate_layers, progress_bar
+from .layerwise import LayerPass, LayerStats, calibrate_layers, progress_bar
+from .reconstruct import MODES as RECONSTRUCT_MODES
+from .reconstruct import LayerRefit, kept_columns, refit_layer
+from .stats import CovStats
 from .streaming import GIB, LayerStream, MemoryPlan, peak_rss_bytes, plan_memory
 
 METHODS = ("flap", "wanda-sp", "mag-sp")
@@ -61,7 +64,12 @@ class PruneConfig:
         (default 0.75 x ratio, the authors' ablation setting of 384 of 1024 heads at 50 %).
     attn_granularity: ``group`` (a KV group is a unit) or ``head`` (query heads inside groups,
         equal group sizes within a layer).
-    bias: compensate removed channels with their calibration mean through o_proj / down_proj biases.
+    reconstruct: what replaces the removed inputs of o_proj / down_proj (FLAP only; the baselines
+        are never compensated): ``none``; ``bias``, the paper's calibration-mean biases; ``ls``, the
+        least-squares refit of the kept columns on the dense calibration inputs (accumulated while
+        the pruned layers are written, after the allocation; see ``reconstruct``).
+    ridge: ``ls`` shrinkage toward the ``bias`` solution, in units of the mean variance of the kept
+        channels (``inf`` gives ``bias``, 0 the plain refit).
     calib: ``self`` | ``hf:wikitext2`` | a text file or directory. nsamples x seqlen tokens, seed.
     mlp_multiple / tp_size: alignment of every layer's widths (see ``allocation.Alignment``).
     batch_size: calibration windows per layer forward.
@@ -78,7 +86,8 @@ class PruneConfig:
     structure: str = "AL-AM"
     attn_ratio: float | None = None
     attn_granularity: str = "group"
-    bias: bool = True
+    reconstruct: str = "ls"
+    ridge: float = 1.0
     calib: str = "self"
     nsamples: int = 1024
     seqlen: int = 128
@@ -107,6 +116,11 @@ class PruneConfig:
         if self.attn_granularity not in GRANULARITIES:
             raise FlapDeployError(
                 f"unknown attention granularity '{self.attn_granularity}'; choose from {', '.join(GRANULARITIES)}")
+        if self.reconstruct not in RECONSTRUCT_MODES:
+            raise ParameterError("reconstruct", f"unknown mode '{self.reconstruct}'; choose from "
+                                 f"{', '.join(RECONSTRUCT_MODES)}")
+        if not (isinstance(self.ridge, (int, float)) and self.ridge >= 0):
+            raise ParameterError("ridge", f"must be a number >= 0, got {self.ridge}")
         for name in ("nsamples", "seqlen", "mlp_multiple", "tp_size", "batch_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -114,6 +128,11 @@ class PruneConfig:
         if self.seqlen < 2:
             raise ParameterError("seqlen", f"must be at least 2, got {self.seqlen}")
         parse_size(self.max_memory, "max_memory")
+
+    @property
+    def effective_reconstruct(self) -> str:
+        """The reconstruction the run applies: the baselines are never compensated."""
+        return self.reconstruct if self.method == "flap" else "none"
 
     @property
     def effective_attn_ratio(self) -> float | None:
@@ -134,6 +153,7 @@ class PrunedModel:
     masks: list[LayerMask]
     provenance: dict[str, Any]
     means: list[LayerMeans] | None = None
+    refits: list[LayerRefit] | None = None  # kept for an in-memory source only (they are weights)
     statistics: Statistics | None = None
     timings: dict[str, float] = field(default_factory=dict)
     memory: dict[str, Any] = field(default_factory=dict)
@@ -215,10 +235,43 @@ def open_source(model: str | os.PathLike | torch.nn.Module, config: PruneConfig,
 @dataclass
 class Statistics:
     """FLAP's calibration statistics of every layer (metric-independent, so reusable across
-    ratios, metrics, structures and alignments of the same model and calibration set)."""
+    ratios, metrics, structures, alignments and reconstructions of the same model and calibration
+    set), with the calibration windows (for the ``ls`` pass). With full covariances (``layers[i].
+    attn_cov`` / ``mlp_cov``, from ``collect_statistics(covariance=True)``) the ``ls`` refit needs no
+    second pass; they cost n² float64 per module and layer, for small models and studies."""
 
     layers: list[LayerStats]
     calibration: dict[str, Any]
+    windows: torch.Tensor | None = None
+
+    @property
+    def covariances(self) -> list[tuple[CovStats, CovStats]] | None:
+        if all(s.attn_cov is not None and s.mlp_cov is not None for s in self.layers):
+            return [(s.attn_cov, s.mlp_cov) for s in self.layers]
+        return None
+
+
+def collect_statistics(model: Any, config: PruneConfig, tokenizer: Any = None, covariance: bool = False,
+                       windows: torch.Tensor | None = None, calibration: dict[str, Any] | None = None) -> Statistics:
+    """FLAP's statistics pass alone (for reuse by several ``prune`` calls); ``covariance`` also keeps
+    every layer's full input covariances. ``windows`` (with their ``calibration`` description)
+    replace the configured calibration source."""
+    stream, _ = open_source(model, config)
+    if windows is None:
+        plan = plan_memory(stream, config.nsamples * config.seqlen, offload_buffer=config.offload_buffer,
+                           head=config.calib == "self", max_memory=parse_size(config.max_memory, "max_memory"))
+        calib = _calibration(stream, config, tokenizer, plan)
+        windows, calibration = calib.input_ids, calib.description
+    layers: list[LayerStats] = []
+    dev = stream.device
+
+    def full(i: int) -> tuple[CovStats, CovStats]:
+        m = stream.adapter.layer_modules(stream.model, i)
+        return CovStats(m.o_proj.in_features, device=dev), CovStats(m.down_proj.in_features, device=dev)
+
+    calibrate_layers(stream, windows, lambda i, stats: layers.append(stats), batch_size=config.batch_size,
+                     progress=config.progress, covariance=full if covariance else None)
+    return Statistics(layers=layers, calibration=calibration or {}, windows=windows)
 
 
 @dataclass
@@ -268,7 +321,7 @@ def score_flap(stream: LayerStream, config: PruneConfig, calib: Calibration | No
         return scores
     kept: list[LayerStats] = []
     scores = Scores(attn=[], mlp=[], means=[], calibration=calib.description,
-                    statistics=Statistics(kept, calib.description))
+                    statistics=Statistics(kept, calib.description, windows=calib.input_ids))
 
     def on_layer(i: int, stats: LayerStats) -> None:
         kept.append(stats)
@@ -330,7 +383,7 @@ def _calibration(stream: LayerStream, config: PruneConfig, tokenizer: Any, plan:
 
 
 def _provenance(config: PruneConfig, align: Alignment, scores: Scores, stream: LayerStream,
-                pruned_config: Any) -> dict[str, Any]:
+                pruned_config: Any, reconstruction: dict[str, Any]) -> dict[str, Any]:
     """The run's record; the achieved ratio from the weights the pruned checkpoint holds (the contract's shapes)."""
     from . import __version__
     from .params import as_flap_config, count_params
@@ -346,7 +399,8 @@ def _provenance(config: PruneConfig, align: Alignment, scores: Scores, stream: L
         "attn_ratio": config.effective_attn_ratio if flap else None,
         "target_ratio": config.ratio,
         "achieved_ratio": 1 - pruned.decoder_linear / dense.decoder_linear,
-        "bias_compensation": scores.means is not None and config.bias,
+        "bias_compensation": scores.means is not None and config.effective_reconstruct == "bias",
+        "reconstruction": reconstruction,
         "calibration": scores.calibration,
         "source_model": stream.name,
         "source_architecture": stream.adapter.architecture,
@@ -357,6 +411,57 @@ def _provenance(config: PruneConfig, align: Alignment, scores: Scores, stream: L
         "dense_linear_weights": dense.decoder_linear,
         "pruned_linear_weights": pruned.decoder_linear,
     }
+
+
+def _reconstruction(stream: LayerStream, config: PruneConfig, scores: Scores, calib: Calibration | None,
+                    masks: list[LayerMask]) -> tuple[list[LayerMeans] | None, Callable | None, dict[str, Any]]:
+    """(means for ``bias``, the per-layer refit for ``ls``, the provenance record) of the run's mode.
+
+    The ``ls`` refit needs each layer's dense-input covariance over the columns the allocation
+    keeps: taken from full first-pass covariances when the statistics hold them, else accumulated
+    in the writing pass itself (the calibration windows run through the dense layers again, one
+    resident at a time, each layer refitted before it is sliced), so memory stays one layer's.
+    """
+    mode = config.effective_reconstruct
+    record: dict[str, Any] = {"mode": mode, "ridge": None, "statistics": None}
+    if mode == "bias":
+        record["statistics"] = {"means": "float64 calibration means of the o_proj / down_proj inputs",
+                                "calibration": scores.calibration}
+        return scores.means, None, record
+    if mode == "none":
+        return None, None, record
+    stats = scores.statistics
+    record["ridge"] = config.ridge
+    record["statistics"] = {"covariance": "float64, dense calibration inputs of o_proj and down_proj",
+                            "calibration": stats.calibration}
+    head_dim = stream.geometry.head_dim
+    covariances = stats.covariances
+    if covariances is not None:
+        record["statistics"]["pass"] = "first (full covariances kept with the statistics)"
+
+        def refit(i: int, m: Any) -> LayerRefit:
+            return refit_layer(m.o_proj, m.down_proj, *covariances[i], masks[i], head_dim, config.ridge)
+
+        return None, refit, record
+    windows = stats.windows if stats.windows is not None else calib.input_ids
+    record["statistics"]["pass"] = "second (while writing, kept columns only)"
+    lp = LayerPass(stream, windows, batch_size=config.batch_size,
+                   buffer_device=calib.buffer_device if calib is not None else None)
+
+    def refit(i: int, m: Any) -> LayerRefit:
+        kept_attn, kept_mlp = kept_columns(masks[i], head_dim, m.o_proj.in_features, m.down_proj.in_features)
+        attn, mlp = (CovStats(m.o_proj.in_features, kept_attn, stream.device),
+                     CovStats(m.down_proj.in_features, kept_mlp, stream.device))
+        hooks = [m.o_proj.register_forward_pre_hook(lambda mod, args: attn.update(args[0])),
+                 m.down_proj.register_forward_pre_hook(lambda mod, args: mlp.update(args[0]))]
+        try:
+            lp.run(stream.layers[i])  # dense outputs feed the next layer, as in the statistics pass
+        finally:
+            for h in hooks:
+                h.remove()
+        return refit_layer(m.o_proj, m.down_proj, attn, mlp, masks[i], head_dim, config.ridge)
+
+    return None, refit, record
 
 
 def _say(config: PruneConfig, text: str) -> None:
@@ -411,7 +516,14 @@ def prune(model: str | os.PathLike | torch.nn.Module, config: PruneConfig | None
     allocation = allocate(scores.attn, scores.mlp, stream.geometry, ratio=config.ratio,
                           structure=config.structure if config.method == "flap" else "UL-UM",
                           attn_ratio=config.effective_attn_ratio, granularity=config.attn_granularity, align=align)
-    means = scores.means if config.bias else None
+    means, refit, reconstruction = _reconstruction(stream, config, scores, calib, allocation.masks)
+    refits: list[LayerRefit] = []
+    if refit is not None and not stream.streamed:  # small in-memory models keep them for inspection
+        keep_refit = refit
+
+        def refit(i: int, m: Any) -> LayerRefit:
+            refits.append(keep_refit(i, m))
+            return refits[-1]
 
     t1 = time.perf_counter()
     if out is None:
@@ -421,9 +533,10 @@ def prune(model: str | os.PathLike | torch.nn.Module, config: PruneConfig | None
         writing = atomic_directory(out, overwrite)
     with writing as tmp:
         bar = progress_bar(stream.geometry.num_layers, "write", config.progress)
-        pruned_config = compress_stream(stream, allocation.masks, means, tmp, on_layer=lambda i: bar.update())
+        pruned_config = compress_stream(stream, allocation.masks, means, tmp, on_layer=lambda i: bar.update(),
+                                        refit=refit)
         bar.close()
-        provenance = _provenance(config, align, scores, stream, pruned_config)
+        provenance = _provenance(config, align, scores, stream, pruned_config, reconstruction)
         pruned_config.flap = {**provenance, **pruned_config.flap}
         finish_checkpoint(tmp, pruned_config, tokenizer=tokenizer if source is None else None,
                           tokenizer_from=source)
@@ -434,7 +547,7 @@ def prune(model: str | os.PathLike | torch.nn.Module, config: PruneConfig | None
     if stream.device.type == "cuda":
         memory["peak_device_bytes"] = torch.cuda.max_memory_allocated(stream.device)
     result = PrunedModel(path=Path(out) if out is not None else target, masks=allocation.masks,
-                         provenance=pruned_config.flap, means=means,
+                         provenance=pruned_config.flap, means=means, refits=refits or None,
                          statistics=scores.statistics if config.method == "flap" else statistics,
                          timings=timings, memory=memory)
     if out is None:
@@ -456,4 +569,4 @@ class _plain_directory:
             shutil.rmtree(self.path, ignore_errors=True)
 
 
-__all__ = ["PruneConfig", "PrunedModel", "Statistics", "prune", "METHODS"]
+__all__ = ["PruneConfig", "PrunedModel", "Statistics", "collect_statistics", "prune", "METHODS", "RECONSTRUCT_MODES"]

@@ -1,7 +1,8 @@
 """Exact streaming per-channel statistics (mean, variance, mean square) in float64.
 
 Batches are merged with Chan et al.'s parallel update, so the result equals ``torch.mean`` /
-``torch.var`` over the concatenated inputs whatever the batching. (The FLAP authors' update
+``torch.var`` over the concatenated inputs whatever the batching. ``CovStats`` adds the
+covariance against a subset of columns (the reconstruction's statistics). (The FLAP authors' update
 aliases the old and new mean in place and therefore drifts from the true variance.)
 """
 
@@ -25,14 +26,17 @@ class ChannelStats:
         n_b = x.shape[0]
         if n_b == 0:
             return
-        var_b, mean_b = torch.var_mean(x, dim=0, correction=0)  # one fused pass
-        m2_b = var_b * n_b
+        mean_b = x.mean(dim=0)
         n_a = self.count
         n = n_a + n_b
         delta = mean_b - self.mean
+        self._merge(x - mean_b, delta, n_a * n_b / n)
         self.mean = self.mean + delta * (n_b / n)
-        self.m2 = self.m2 + m2_b + delta.square() * (n_a * n_b / n)
         self.count = n
+
+    def _merge(self, centred: torch.Tensor, delta: torch.Tensor, weight: float) -> None:
+        """Chan's update of the second moments: the batch's own plus the shift between the means."""
+        self.m2 = self.m2 + centred.square().sum(dim=0) + delta.square() * weight
 
     @property
     def var(self) -> torch.Tensor:
@@ -47,3 +51,32 @@ class ChannelStats:
         if self.count == 0:
             return torch.zeros_like(self.m2)
         return self.m2 / self.count + self.mean.square()
+
+
+class CovStats(ChannelStats):
+    """ChannelStats plus the co-moment ``sum (x - mu)(x[cols] - mu[cols])^T`` ([channels, len(cols)],
+    float64) of every channel against a subset of columns (``cols=None``: all), merged the same
+    way: the covariance equals that of the concatenated inputs whatever the batching."""
+
+    def __init__(self, channels: int, cols: torch.Tensor | None = None, device: torch.device | str = "cpu") -> None:
+        super().__init__(channels, device)
+        self.channels = channels
+        self.cols = (torch.arange(channels) if cols is None
+                     else torch.as_tensor(cols, dtype=torch.long).flatten()).to(device)
+        self.comoment = torch.zeros(channels, self.cols.numel(), dtype=torch.float64, device=device)
+
+    def _merge(self, centred: torch.Tensor, delta: torch.Tensor, weight: float) -> None:
+        super()._merge(centred, delta, weight)
+        self.comoment += centred.T @ centred[:, self.cols] + torch.outer(delta, delta[self.cols]) * weight
+
+    def covariance(self, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> torch.Tensor:
+        """Population covariance Sigma[rows, cols] (original channel indices; cols must be accumulated)."""
+        cov = self.comoment / max(self.count, 1)
+        if cols is not None:
+            pos = torch.full((self.channels,), -1, dtype=torch.long, device=self.cols.device)
+            pos[self.cols] = torch.arange(self.cols.numel(), device=self.cols.device)
+            index = pos[torch.as_tensor(cols, dtype=torch.long, device=pos.device)]
+            if bool((index < 0).any()):
+                raise ValueError("covariance requested for columns that were not accumulated")
+            cov = cov[:, index]
+        return cov if rows is None else cov[torch.as_tensor(rows, dtype=torch.long, device=cov.device)]

@@ -12,13 +12,14 @@ from pathlib import Path
 
 import click
 
-from .common import FlapCommand, echo_json, json_option, overwrite_option
+from .common import CliError, FlapCommand, echo_json, json_option, overwrite_option
 
 METHODS = ("flap", "wanda-sp", "mag-sp")
 METRICS = ("WIFV", "IFV", "WIFN")
 STRUCTURES = ("AL-AM", "AL-MM", "UL-MM", "UL-UM")
 GRANULARITIES = ("group", "head")
 DTYPES = ("float32", "bfloat16", "float16")
+RECONSTRUCT_MODES = ("none", "bias", "ls")
 
 PRUNE_OPTIONS = (
     click.option("--ratio", default=0.2, show_default=True, type=float,
@@ -33,8 +34,13 @@ PRUNE_OPTIONS = (
                  help="Fraction of attention weights removed by UL-MM / AL-MM [default: 0.75 x ratio]."),
     click.option("--attn-granularity", default="group", show_default=True, type=click.Choice(GRANULARITIES),
                  help="Attention unit: a whole KV group, or query heads inside groups (equal group sizes per layer)."),
-    click.option("--bias/--no-bias", default=True, show_default=True,
-                 help="Compensate removed channels with bias terms built from calibration means."),
+    click.option("--reconstruct", default="ls", show_default=True, type=click.Choice(RECONSTRUCT_MODES),
+                 help="What replaces the removed inputs of o_proj / down_proj (FLAP only): nothing, the paper's "
+                      "calibration-mean biases, or a least-squares refit of the kept columns (a second calibration "
+                      "pass). --no-bias is an alias of --reconstruct none."),
+    click.option("--ridge", default=1.0, show_default=True, type=float,
+                 help="Shrinkage of the ls refit toward the paper's bias solution, in units of the kept channels' "
+                      "mean variance (0: plain least squares; larger: closer to --reconstruct bias)."),
     click.option("--calib", default="self", show_default=True,
                  help="Calibration data: 'self' (model-generated, no data needed), 'hf:wikitext2' (needs `datasets` "
                       "and a network), or a text file / directory (WikiText is detokenized)."),
@@ -71,11 +77,20 @@ def prune_options(command):
 @click.argument("model")
 @click.argument("out", type=click.Path(path_type=Path))
 @prune_options
+@click.option("--no-bias", "no_bias", is_flag=True, hidden=True, help="Alias of --reconstruct none.")
 @overwrite_option
 @json_option
-def prune(model: str, out: Path, overwrite: bool, as_json: bool, **options) -> None:
+@click.pass_context
+def prune(ctx: click.Context, model: str, out: Path, overwrite: bool, as_json: bool, no_bias: bool,
+          **options) -> None:
     """Prune MODEL with FLAP (or a baseline) and write the pruned checkpoint to OUT."""
     from flap_deploy.pruning import PruneConfig, prune as run_prune
+
+    if no_bias:
+        if ctx.get_parameter_source("reconstruct") == click.core.ParameterSource.COMMANDLINE \
+                and options["reconstruct"] != "none":
+            raise CliError(f"--no-bias conflicts with --reconstruct {options['reconstruct']}")
+        options["reconstruct"] = "none"
 
     result = run_prune(model, PruneConfig(**options, progress=not as_json), out=out, overwrite=overwrite)
     path = result.path

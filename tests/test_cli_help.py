@@ -62,11 +62,11 @@ def test_prune_options_are_the_prune_config_fields_with_its_defaults_and_choices
 
     command = main.commands["prune"]
     fields = {f.name: f.default for f in dataclasses.fields(pruning.PruneConfig) if f.name != "progress"}
-    options = {p.name: p.default for p in command.params if p.name not in ("model", "out", "overwrite", "as_json")}
+    options = {p.name: p.default for p in command.params if p.name not in ("model", "out", "overwrite", "as_json", "no_bias")}
     assert options == fields
     for name, vocabulary in (("method", pruning.METHODS), ("metric", importance.METRICS),
                              ("structure", allocation.STRUCTURES), ("attn_granularity", allocation.GRANULARITIES),
-                             ("dtype", streaming.COMPUTE_DTYPES)):
+                             ("dtype", streaming.COMPUTE_DTYPES), ("reconstruct", pruning.RECONSTRUCT_MODES)):
         assert tuple(_option(command, name).type.choices) == tuple(vocabulary), name
 
 

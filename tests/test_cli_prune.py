@@ -48,12 +48,22 @@ def test_prune_cli_writes_a_valid_checkpoint_with_provenance_and_report(tiny_dir
     (["--nsamples", "0"], "--nsamples must be a positive integer, got 0"),
     (["--tp-size", "16"], "no non-zero attention width"),
     (["--mlp-multiple", "128"], "no non-zero MLP width"),
+    (["--ridge", "-1"], "--ridge must be a number >= 0, got -1.0"),
+    (["--no-bias", "--reconstruct", "ls"], "--no-bias conflicts with --reconstruct ls"),
 ])
 def test_bad_inputs_are_one_line_errors_and_write_nothing(tiny_dir_no_tok, tmp_path, args, message):
     out = tmp_path / "out"
     res = run(tiny_dir_no_tok, out, *args)
     assert message in one_line_error(res)
     assert not out.exists()
+
+
+def test_no_bias_is_reconstruct_none(tiny_dir_no_tok, tmp_path):
+    res = run(tiny_dir_no_tok, tmp_path / "pruned", "--ratio", "0.3", "--nsamples", "8", "--seqlen", "16", "--no-bias",
+              "--json")
+    assert res.exit_code == 0, res.output
+    flap = json.loads(res.stdout)["provenance"]
+    assert flap["reconstruction"]["mode"] == "none" and not flap["bias_compensation"]
 
 
 def test_too_short_calibration_file_is_an_error(tmp_path, bundled_dir):
