@@ -471,6 +471,42 @@ def _say(config: PruneConfig, text: str) -> None:
         tqdm.write(f"flap-deploy: {text}", file=__import__("sys").stderr)
 
 
+def _score(stream: LayerStream, config: PruneConfig, calib: Calibration | None, statistics: Statistics | None,
+           align: Alignment) -> Scores:
+    if config.method == "flap":
+        return score_flap(stream, config, calib, statistics)
+    if config.method == "wanda-sp":
+        return score_wanda_sp(stream, config, calib, align)
+    return score_magnitude_sp(stream, config.progress)
+
+
+def _source_tokenizer(tokenizer: Any, source: Path | None) -> Any:
+    if tokenizer is not None or source is None:
+        return tokenizer
+    from .model_ref import load_tokenizer
+
+    try:
+        return load_tokenizer(source)
+    except FlapDeployError:
+        return None
+
+
+def _write(stream: LayerStream, config: PruneConfig, masks: list[LayerMask], means: list[LayerMeans] | None,
+           refit: Callable | None, provenance: Callable[[Any], dict[str, Any]], target: Path, writing: Any,
+           tokenizer: Any, source: Path | None) -> Any:
+    """Pass 2: every layer sliced (and refitted) into ``target``'s shards, then config, tokenizer and report."""
+    from .checkpoint import finish_checkpoint
+
+    with writing as tmp:
+        bar = progress_bar(stream.geometry.num_layers, "write", config.progress)
+        pruned_config = compress_stream(stream, masks, means, tmp, on_layer=lambda i: bar.update(), refit=refit)
+        bar.close()
+        pruned_config.flap = {**provenance(pruned_config), **pruned_config.flap}
+        finish_checkpoint(tmp, pruned_config, tokenizer=tokenizer if source is None else None, tokenizer_from=source)
+        write_report(tmp)
+    return pruned_config
+
+
 @torch.no_grad()
 def prune(model: str | os.PathLike | torch.nn.Module, config: PruneConfig | None = None,
           tokenizer: Any = None, statistics: Statistics | None = None, *,
@@ -483,7 +519,6 @@ def prune(model: str | os.PathLike | torch.nn.Module, config: PruneConfig | None
     layer runs: parameters, the output path, the source's tensors, alignment, the memory plan.
     """
     from .atomic import atomic_directory, check_output_dir
-    from .checkpoint import finish_checkpoint
 
     config = config or PruneConfig()
     config.validate()
@@ -491,27 +526,16 @@ def prune(model: str | os.PathLike | torch.nn.Module, config: PruneConfig | None
     if out is not None:
         check_output_dir(out, overwrite)
     stream, source = open_source(model, config, lambda cfg: check_alignment(cfg, config, align))
-    if tokenizer is None and source is not None:
-        from .model_ref import load_tokenizer
-
-        try:
-            tokenizer = load_tokenizer(source)
-        except FlapDeployError:
-            tokenizer = None
+    tokenizer = _source_tokenizer(tokenizer, source)
     calibrates = config.method == "wanda-sp" or (config.method == "flap" and statistics is None)
-    tokens = config.nsamples * config.seqlen if calibrates else 0
-    plan = plan_memory(stream, tokens, offload_buffer=config.offload_buffer, head=config.calib == "self",
+    plan = plan_memory(stream, config.nsamples * config.seqlen if calibrates else 0,
+                       offload_buffer=config.offload_buffer, head=config.calib == "self",
                        max_memory=parse_size(config.max_memory, "max_memory"))
     _say(config, f"plan: {plan.describe()}")
 
     t0 = time.perf_counter()
     calib = _calibration(stream, config, tokenizer, plan) if calibrates else None
-    if config.method == "flap":
-        scores = score_flap(stream, config, calib, statistics)
-    elif config.method == "wanda-sp":
-        scores = score_wanda_sp(stream, config, calib, align)
-    else:
-        scores = score_magnitude_sp(stream, config.progress)
+    scores = _score(stream, config, calib, statistics, align)
     timings = {"calibrate_s": time.perf_counter() - t0}
     allocation = allocate(scores.attn, scores.mlp, stream.geometry, ratio=config.ratio,
                           structure=config.structure if config.method == "flap" else "UL-UM",
@@ -526,29 +550,17 @@ def prune(model: str | os.PathLike | torch.nn.Module, config: PruneConfig | None
             return refits[-1]
 
     t1 = time.perf_counter()
-    if out is None:
-        target = Path(tempfile.mkdtemp(prefix="flap-pruned-"))
-        writing = _plain_directory(target)
-    else:
-        writing = atomic_directory(out, overwrite)
-    with writing as tmp:
-        bar = progress_bar(stream.geometry.num_layers, "write", config.progress)
-        pruned_config = compress_stream(stream, allocation.masks, means, tmp, on_layer=lambda i: bar.update(),
-                                        refit=refit)
-        bar.close()
-        provenance = _provenance(config, align, scores, stream, pruned_config, reconstruction)
-        pruned_config.flap = {**provenance, **pruned_config.flap}
-        finish_checkpoint(tmp, pruned_config, tokenizer=tokenizer if source is None else None,
-                          tokenizer_from=source)
-        write_report(tmp)
-    timings["write_s"] = time.perf_counter() - t1
-    timings["total_s"] = time.perf_counter() - t0
+    target = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="flap-pruned-"))
+    writing = atomic_directory(out, overwrite) if out is not None else _plain_directory(target)
+    pruned_config = _write(stream, config, allocation.masks, means, refit,
+                           lambda cfg: _provenance(config, align, scores, stream, cfg, reconstruction),
+                           target, writing, tokenizer, source)
+    timings.update(write_s=time.perf_counter() - t1, total_s=time.perf_counter() - t0)
     memory = {"plan": plan.to_dict(), "peak_rss_bytes": peak_rss_bytes()}
     if stream.device.type == "cuda":
         memory["peak_device_bytes"] = torch.cuda.max_memory_allocated(stream.device)
-    result = PrunedModel(path=Path(out) if out is not None else target, masks=allocation.masks,
-                         provenance=pruned_config.flap, means=means, refits=refits or None,
-                         statistics=scores.statistics if config.method == "flap" else statistics,
+    result = PrunedModel(path=target, masks=allocation.masks, provenance=pruned_config.flap, means=means,
+                         refits=refits or None, statistics=scores.statistics if config.method == "flap" else statistics,
                          timings=timings, memory=memory)
     if out is None:
         result._cleanup = weakref.finalize(result, shutil.rmtree, target, True)
