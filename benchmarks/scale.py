@@ -69,7 +69,11 @@ def run_json(cmd: list[str], env: dict[str, str]) -> dict:
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
     if res.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd[:4])} failed:\n{res.stderr[-3000:]}")
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    out = res.stdout.strip()
+    try:
+        return json.loads(out)  # the CLI's --json document
+    except json.JSONDecodeError:
+        return json.loads(out.splitlines()[-1])  # a probe's one-line figure
 
 
 def main() -> None:
