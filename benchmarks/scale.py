@@ -60,7 +60,8 @@ from flap_deploy.pruning import PruneConfig, prune
 torch.set_num_threads({threads})
 t = time.perf_counter()
 model = load_model(sys.argv[1], dtype=torch.float32)
-prune(model, PruneConfig(ratio=0.2, calib=sys.argv[2], nsamples={nsamples}, seqlen={seqlen}, progress=False), out=sys.argv[3])
+prune(model, PruneConfig(ratio=0.2, calib=sys.argv[2], nsamples={nsamples}, seqlen={seqlen}, reconstruct=sys.argv[4],
+                         progress=False), out=sys.argv[3])
 print(json.dumps({{"seconds": time.perf_counter() - t, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}}))
 """
 
@@ -86,6 +87,9 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/flap-scale"))
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--reconstruct", default="bias", choices=("none", "bias", "ls"),
+                    help="bias (the paper's) measures the streaming itself; ls adds one layer's input covariance "
+                         "(float64, n x kept) and a second forward while writing")
     args = ap.parse_args()
 
     from flap_deploy.bundled import materialize
@@ -109,7 +113,7 @@ def main() -> None:
         t = time.perf_counter()
         pr = run_json([sys.executable, "-m", "flap_deploy_cli", "prune", str(src), str(out), "--ratio", "0.2",
                        "--calib", args.calib, "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
-                       "--device", "cpu", "--json"], env)
+                       "--device", "cpu", "--reconstruct", args.reconstruct, "--json"], env)
         prune_s = time.perf_counter() - t
         row = {"size": name, "params": params, "checkpoint_bytes": size, "layers": shape.num_hidden_layers,
                "forward_s": fwd["seconds"], "forward_peak_rss": fwd["peak_rss"], "prune_s": prune_s,
@@ -121,13 +125,14 @@ def main() -> None:
             shutil.rmtree(base_out, ignore_errors=True)
             b = run_json([sys.executable, "-c", BASELINE.format(threads=args.threads, nsamples=args.nsamples,
                                                                  seqlen=args.seqlen), str(src), args.calib,
-                          str(base_out)], env)
+                          str(base_out), args.reconstruct], env)
             shutil.rmtree(base_out, ignore_errors=True)
             row.update(baseline_s=b["seconds"], baseline_peak_rss=b["peak_rss"])
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "plan"}), flush=True)
         shutil.rmtree(src, ignore_errors=True)
     write(args.out, {"nsamples": args.nsamples, "seqlen": args.seqlen, "threads": args.threads,
+                     "reconstruct": args.reconstruct,
                      "calib": args.calib, "load_average": os.getloadavg(), "rows": rows})
 
 
@@ -136,7 +141,8 @@ def write(out: Path, data: dict) -> None:
     (out / "scale.json").write_text(json.dumps(data, indent=2) + "\n")
     lines = [
         "# Pruning at scale (layer streaming)", "",
-        f"Random-weight Llama checkpoints, float32, FLAP 20 %, {data['nsamples']} x {data['seqlen']} calibration tokens, "
+        f"Random-weight Llama checkpoints, float32, FLAP 20 % (`--reconstruct {data['reconstruct']}`), "
+        f"{data['nsamples']} x {data['seqlen']} calibration tokens, "
         f"CPU ({data['threads']} threads), load average at the end {data['load_average'][0]:.2f}. "
         "Command: `PYTHONPATH=. python benchmarks/scale.py`.", "",
         "| size | params | checkpoint | forward s | prune s | prune ÷ forward | peak RSS | RSS ÷ checkpoint | "

@@ -133,7 +133,8 @@ def evaluate_windows(
     available memory). Logits are formed one batch at a time, never for all windows at once.
     """
     from .layerwise import final_hidden
-    from .streaming import LayerStream, available_memory_bytes
+    from .memory import available_memory_bytes
+    from .streaming import LayerStream
 
     streams = [LayerStream.open(m, device=device, dtype=dtype) for m in (model, reference) if m is not None]
     n, seqlen = windows.shape

@@ -20,7 +20,8 @@ from tqdm.auto import tqdm
 
 from .compress import LayerMask
 from .stats import ChannelStats, CovStats
-from .streaming import GIB, LayerStream, rss_bytes
+from .memory import rss_bytes
+from .streaming import GIB, LayerStream
 
 
 class _Captured(Exception):

@@ -30,28 +30,11 @@ from .layerwise import LayerPass, LayerStats, calibrate_layers, progress_bar
 from .reconstruct import MODES as RECONSTRUCT_MODES
 from .reconstruct import LayerRefit, kept_columns, refit_layer
 from .stats import CovStats
-from .streaming import GIB, LayerStream, MemoryPlan, peak_rss_bytes, plan_memory
+from .memory import parse_size, peak_rss_bytes
+from .streaming import GIB, LayerStream, MemoryPlan, plan_memory
 
 METHODS = ("flap", "wanda-sp", "mag-sp")
 BASELINE_METRICS = {"wanda-sp": "wanda", "mag-sp": "magnitude"}  # recorded as the metric of a baseline run
-SIZE_UNITS = {"": 1, "B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "TB": 1000**4,
-              "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "TIB": 1024**4}
-
-
-def parse_size(value: int | str | None, param: str) -> int | None:
-    """Bytes of ``12GiB``, ``500MB``, ``1.5GB`` or a plain number of bytes (None stays None)."""
-    if value is None or isinstance(value, int):
-        return value
-    text = str(value).strip().upper().replace(" ", "")
-    number = text.rstrip("KMGTIB")
-    unit = text[len(number):]
-    try:
-        if unit not in SIZE_UNITS:
-            raise ValueError
-        return int(float(number) * SIZE_UNITS[unit])
-    except ValueError:
-        raise ParameterError(param, f"{value!r} is not a size (e.g. 12GiB, 500MB)") from None
-
 
 @dataclass
 class PruneConfig:

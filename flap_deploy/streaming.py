@@ -14,8 +14,6 @@ dtype is given; statistics accumulate in float64 wherever they are computed.
 from __future__ import annotations
 
 import contextlib
-import os
-import resource
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +23,7 @@ from torch import nn
 
 from .adapters import Adapter, Geometry, get_adapter
 from .errors import FlapDeployError, ParameterError
+from .memory import available_memory_bytes, give_back_memory, rss_bytes
 from .shards import DTYPES, ShardedReader
 
 DEVICE_CHOICES = "auto, cpu, cuda or cuda:N"
@@ -60,26 +59,6 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device, checkpo
     if dtype not in COMPUTE_DTYPES:
         raise ParameterError("dtype", f"{dtype!r}: choose auto, {', '.join(COMPUTE_DTYPES)}")
     return COMPUTE_DTYPES[dtype]
-
-
-def rss_bytes() -> int:
-    """Resident memory of this process now."""
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def peak_rss_bytes() -> int:
-    """Peak resident memory of this process so far (ru_maxrss)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def available_memory_bytes() -> int:
-    """What the machine can still give: MemAvailable, plus what this process already holds."""
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024 + rss_bytes()
-    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 class LayerStream:
@@ -154,6 +133,7 @@ class LayerStream:
         for name, param in list(module.named_parameters()):
             if param.device.type != "meta":
                 _set_tensor(module, name, torch.empty(param.shape, dtype=param.dtype, device="meta"))
+        give_back_memory()
 
     @contextlib.contextmanager
     def layer(self, i: int) -> Iterator[nn.Module]:

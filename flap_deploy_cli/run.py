@@ -130,17 +130,12 @@ def serve(model: str, backend: str | None, host: str, port: int, api_key: str | 
         raise CliError(f"{'--tp-size' if tp_size != 1 else '--pp-size'} needs --backend vllm")
     if backend_args:
         raise CliError(f"arguments after -- are for vLLM; the onnx backend takes none ({' '.join(backend_args)})")
-    from serving.guards import parse_bytes
+    from flap_deploy.memory import parse_size
     from serving.server import serve_onnx
     from serving.vllm_launcher import check_port_free
 
-    sizes = {}
-    for flag, value in (("--max-request-bytes", max_request_bytes), ("--max-memory", max_memory)):
-        try:
-            sizes[flag] = None if value is None else parse_bytes(value)
-        except ValueError:
-            raise click.BadParameter(f"expected a size such as 512K, 4M or 8G, got {value!r}",
-                                     param_hint=f"'{flag}'") from None
+    sizes = {flag: parse_size(value, param) for flag, param, value in (
+        ("--max-request-bytes", "max_request_bytes", max_request_bytes), ("--max-memory", "max_memory", max_memory))}
     if threads is not None and threads < 1:
         raise click.BadParameter(f"must be at least 1, got {threads}", param_hint="'--threads'")
     check_port_free(host, port)  # before the model loads

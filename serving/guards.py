@@ -5,25 +5,9 @@ Kept apart from the request handling in ``server.py``; nothing here imports ONNX
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import os
 from typing import Any
 
 import numpy as np
-
-_BYTES = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-
-
-def parse_bytes(text: str) -> int:
-    """'512M', '8G', '1.5g', '1048576' -> bytes (binary units); ValueError otherwise."""
-    t = text.strip().lower().removesuffix("ib").removesuffix("b")
-    unit = t[-1] if t and t[-1] in "kmgt" else ""
-    number = float(t[: len(t) - len(unit)])
-    if not number > 0:
-        raise ValueError(f"must be positive, got {text!r}")
-    return int(number * _BYTES[unit])
-
 
 def header_timeout_protocol(seconds: float) -> type:
     """uvicorn's HTTP protocol class with a deadline for a connection's first request headers.
@@ -50,30 +34,6 @@ def header_timeout_protocol(seconds: float) -> type:
             super().connection_lost(exc)
 
     return HeaderDeadlineProtocol
-
-
-_libc: Any = None
-
-
-def give_back_memory() -> None:
-    """Return freed heap pages to the OS (glibc ``malloc_trim``); a no-op elsewhere."""
-    global _libc
-    if _libc is None:
-        name = ctypes.util.find_library("c")
-        try:
-            _libc = ctypes.CDLL(name) if name else False
-            if _libc is not False and not hasattr(_libc, "malloc_trim"):
-                _libc = False
-        except OSError:
-            _libc = False
-    if _libc:
-        _libc.malloc_trim(0)
-
-
-def rss_bytes(pid: int | None = None) -> int:
-    """Resident set size of a process (this one by default), from /proc."""
-    with open(f"/proc/{pid or os.getpid()}/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def memory_budget(manifest: dict[str, Any], *, max_num_seqs: int, max_model_len: int,

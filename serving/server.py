@@ -579,7 +579,9 @@ def load_onnx_server(model_dir: str | Path, *, served_model_name: str | None = N
 
     from flap_deploy.errors import FlapDeployError, ParameterError
 
-    from .guards import give_back_memory, memory_budget
+    from flap_deploy.memory import give_back_memory
+
+    from .guards import memory_budget
 
     path = ensure_onnx(model_dir)
     manifest = read_manifest(path)

@@ -8,7 +8,7 @@ import httpx
 import pytest
 from serving_util import running
 
-from serving.guards import rss_bytes
+from flap_deploy.memory import rss_bytes
 
 pytestmark = [pytest.mark.reliability, pytest.mark.slow]
 
