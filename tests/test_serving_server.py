@@ -239,7 +239,12 @@ def test_queue_full_is_503_and_a_request_that_never_fits_is_400(tokenizer):
                     time.sleep(0.01)
                 err = _assert_error(_post(url, "/completions", {"prompt": "hi", "max_tokens": 3}), 503)
                 assert err["code"] == "overloaded"
-        assert _post(url, "/completions", {"prompt": "hi", "max_tokens": 3}).status_code == 200
+        # the closed streams leave within a decode step or two; then the server takes requests again
+        deadline = time.time() + 10
+        while (status := _post(url, "/completions", {"prompt": "hi", "max_tokens": 3}).status_code) == 503 \
+                and time.time() < deadline:
+            time.sleep(0.1)
+        assert status == 200
 
 
 def test_disconnect_mid_stream_frees_the_slot(tokenizer):
