@@ -167,3 +167,19 @@ def get_adapter(config: Any) -> Adapter:
             f"unsupported architecture '{arch}'; supported: {', '.join(ADAPTERS)}"
         )
     return ADAPTERS[arch]
+
+
+# The pruned architecture runs through the same layer-by-layer machinery (evaluation) but is no
+# pruning source: ``get_adapter`` keeps refusing it, ``runnable_adapter`` takes it.
+FLAP_ADAPTER = Adapter(
+    "FlapLlamaForCausalLM",
+    qkv_bias=_attr("attention_bias", False),
+    mlp_bias=_attr("mlp_bias", False),
+    qk_norm=False,
+    sliding_window=_attr("sliding_window"),
+)
+
+
+def runnable_adapter(config: Any) -> Adapter:
+    """The adapter of a source family or of a pruned FlapLlama (to run a model layer by layer)."""
+    return FLAP_ADAPTER if architecture_of(config) == FLAP_ADAPTER.architecture else get_adapter(config)

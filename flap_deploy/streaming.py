@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .adapters import Adapter, Geometry, get_adapter
+from .adapters import Adapter, Geometry, runnable_adapter
 from .errors import FlapDeployError, ParameterError
 from .memory import available_memory_bytes, give_back_memory, rss_bytes
 from .shards import DTYPES, ShardedReader
@@ -71,7 +71,7 @@ class LayerStream:
         self.device = device
         self.dtype = dtype
         self.name = name
-        self.adapter: Adapter = get_adapter(model.config)
+        self.adapter: Adapter = runnable_adapter(model.config)
         self.geometry: Geometry = self.adapter.geometry(model.config)
         self.layers: nn.ModuleList = self.adapter.layers(model)
         self._held: set[int] = set()  # layers kept resident by ``paged``

@@ -162,6 +162,23 @@ def test_streamed_eval_equals_the_whole_model_perplexity(bundled_dir, wikitext_d
 
 
 @pytest.mark.slow
+def test_streamed_eval_of_a_pruned_checkpoint_equals_its_whole_model(flap20_dir):
+    """Removed modules and per-layer widths run layer by layer as they run in the whole model."""
+    import torch.nn.functional as F
+
+    from flap_deploy.evaluate import evaluate_windows
+    from flap_deploy.model_ref import resolve_model
+
+    ref = resolve_model(flap20_dir)
+    windows = torch.randint(0, ref.config["vocab_size"], (3, 128), generator=torch.Generator().manual_seed(0))
+    streamed = evaluate_windows(ref, windows, batch_size=2, progress=False, device="cpu")
+    with torch.no_grad():
+        logits = ref.load(torch.float32)(input_ids=windows, use_cache=False).logits[:, :-1].float()
+    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), windows[:, 1:].reshape(-1))
+    assert streamed.perplexity == pytest.approx(math.exp(nll.item()), rel=1e-4)
+
+
+@pytest.mark.slow
 def test_a_3gb_checkpoint_prunes_in_under_40_percent_of_its_size(bundled_dir, calib_text, tmp_path):
     """Peak resident memory of the pruning process (ru_maxrss, a subprocess) against the checkpoint's size."""
     shape = Shape("LlamaForCausalLM", 1536, 6144, 20, 12, 4, 128)
