@@ -81,15 +81,16 @@ class LayerStream:
     @classmethod
     def open(cls, source: Any, *, device: str | torch.device | None = "auto",
              dtype: str | torch.dtype | None = None) -> LayerStream:
-        """A stream over a ``ModelRef`` / checkpoint directory / bundled name, or an in-memory model.
+        """A stream over a ``ModelRef`` / checkpoint directory / bundled name, or an in-memory model
+        (which keeps its own device and dtype).
 
         For a checkpoint every tensor the architecture needs is checked (present, right shape)
         from the shard headers before anything is read."""
         dev = resolve_device(device)
         if isinstance(source, nn.Module):
             param = next(source.parameters())
-            return cls(source.eval(), reader=None, device=param.device,
-                       dtype=resolve_dtype(dtype, param.device, param.dtype) if dtype else param.dtype,
+            # an in-memory model runs where and as it is
+            return cls(source.eval(), reader=None, device=param.device, dtype=param.dtype,
                        name=getattr(source.config, "_name_or_path", "") or "<in-memory model>")
         from .model_ref import CHECKPOINTS, resolve_model
 
