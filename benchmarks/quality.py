@@ -32,7 +32,6 @@ import argparse
 import gc
 import json
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -48,6 +47,7 @@ from flap_deploy import PruneConfig, __version__, prune  # noqa: E402
 from flap_deploy.calibration import calibration_windows  # noqa: E402
 from flap_deploy.compress import compress  # noqa: E402
 from flap_deploy.evaluate import Tally, log_probs, token_windows  # noqa: E402
+from flap_deploy.memory import peak_rss_bytes  # noqa: E402
 from flap_deploy.model_ref import load_model, load_tokenizer  # noqa: E402
 from flap_deploy.pruning import collect_statistics, linear_weights  # noqa: E402
 from flap_deploy.reconstruct import refit_layers  # noqa: E402
@@ -59,7 +59,7 @@ DOMAINS = ("wikitext2", "python_docs")
 
 
 def rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    return peak_rss_bytes() / 2**20
 
 
 @torch.no_grad()

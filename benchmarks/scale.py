@@ -40,7 +40,8 @@ GIB = 1024**3
 
 # One process per figure, so each peak RSS is that of one job. Prints a JSON line.
 FORWARD = """
-import json, resource, sys, time, torch
+import json, sys, time, torch
+from flap_deploy.memory import peak_rss_bytes
 from flap_deploy.calibration import text_windows
 from flap_deploy.layerwise import final_hidden
 from flap_deploy.model_ref import resolve_model
@@ -51,10 +52,11 @@ ids = text_windows(sys.argv[2], ref.tokenizer(), {nsamples}, {seqlen}, 0)
 stream = LayerStream.open(ref, device="cpu")
 t = time.perf_counter()
 final_hidden(stream, ids, batch_size=8)
-print(json.dumps({{"seconds": time.perf_counter() - t, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}}))
+print(json.dumps({{"seconds": time.perf_counter() - t, "peak_rss": peak_rss_bytes()}}))
 """
 BASELINE = """
-import json, resource, sys, time, torch
+import json, sys, time, torch
+from flap_deploy.memory import peak_rss_bytes
 from flap_deploy.model_ref import load_model
 from flap_deploy.pruning import PruneConfig, prune
 torch.set_num_threads({threads})
@@ -62,7 +64,7 @@ t = time.perf_counter()
 model = load_model(sys.argv[1], dtype=torch.float32)
 prune(model, PruneConfig(ratio=0.2, calib=sys.argv[2], nsamples={nsamples}, seqlen={seqlen}, reconstruct=sys.argv[4],
                          progress=False), out=sys.argv[3])
-print(json.dumps({{"seconds": time.perf_counter() - t, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}}))
+print(json.dumps({{"seconds": time.perf_counter() - t, "peak_rss": peak_rss_bytes()}}))
 """
 
 

@@ -39,9 +39,22 @@ def rss_bytes(pid: int | None = None) -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def peak_rss_bytes() -> int:
-    """Peak resident memory of this process so far (ru_maxrss)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+def peak_rss_bytes(pid: int | None = None) -> int:
+    """Peak resident memory of a process so far (this one by default): the kernel's high-water mark
+    of its address space, ``VmHWM``. Not ``ru_maxrss``: Linux carries that across ``exec`` from the
+    process that forked, so a child started by a large parent (a test session, a benchmark holding
+    a model) would report the parent's peak as its own."""
+    try:
+        with open(f"/proc/{pid or 'self'}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        if pid is not None:
+            raise
+    if pid is not None:  # a process that has exited (a zombie) has no address space left
+        raise ProcessLookupError(f"process {pid} has no memory figures")
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # no /proc: the best there is
 
 
 def available_memory_bytes() -> int:

@@ -2,15 +2,16 @@
 
 import json
 import math
-import resource
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
 from click.testing import CliRunner
 
+from flap_deploy.memory import peak_rss_bytes
 from flap_deploy.shards import INDEX_NAME, ShardedReader, ShardWriter
 from flap_deploy.synthetic import Shape, write_random_checkpoint
 from flap_deploy_cli import main
@@ -180,21 +181,31 @@ def test_streamed_eval_of_a_pruned_checkpoint_equals_its_whole_model(flap20_dir)
 
 @pytest.mark.slow
 def test_a_3gb_checkpoint_prunes_in_under_40_percent_of_its_size(bundled_dir, calib_text, tmp_path):
-    """Peak resident memory of the pruning process (ru_maxrss, a subprocess) against the checkpoint's size,
-    with the paper's bias compensation: the ``ls`` refit adds one layer's float64 input covariance and
-    its solve on top (bounded per layer, flat in depth; docs/pruning.md gives its size)."""
+    """Peak resident memory of the pruning process (its own VmHWM, a subprocess) against the checkpoint's
+    size, with the paper's bias compensation: the ``ls`` refit adds one layer's float64 input covariance
+    and its solve on top (bounded per layer, flat in depth; docs/pruning.md gives its size).
+
+    The figure the CLI reports is cross-checked by reading the child's high-water mark from outside
+    while it runs. Not ``ru_maxrss``: a child inherits the forking test session's peak in it."""
     shape = Shape("LlamaForCausalLM", 1536, 6144, 20, 12, 4, 128)
     src = write_random_checkpoint(tmp_path / "dense", shape, tokenizer_from=bundled_dir)
     size = ShardedReader(src).nbytes
     assert size >= 3 * 1000**3 and len(list(src.glob("*.safetensors"))) > 1
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    res = subprocess.run([sys.executable, "-m", "flap_deploy_cli", "prune", str(src), str(tmp_path / "out"),
-                          "--calib", str(calib_text), "--nsamples", "4", "--seqlen", "64", "--reconstruct", "bias",
-                          "--json"],
-                         capture_output=True, text=True, timeout=1200)
-    assert res.returncode == 0, res.stderr[-3000:]
-    peak = json.loads(res.stdout)["memory"]["peak_rss_bytes"]
-    child_peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
-    if child_peak > before * 1024:  # the OS's figure for the child, when it is the largest child so far
-        assert peak == pytest.approx(child_peak, rel=0.05)
+    proc = subprocess.Popen([sys.executable, "-m", "flap_deploy_cli", "prune", str(src), str(tmp_path / "out"),
+                             "--calib", str(calib_text), "--nsamples", "4", "--seqlen", "64", "--reconstruct", "bias",
+                             "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen = 0
+    try:
+        while proc.poll() is None:
+            try:
+                seen = max(seen, peak_rss_bytes(proc.pid))
+            except (OSError, ValueError):  # gone between poll() and the read
+                pass
+            time.sleep(0.1)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    peak = json.loads(out)["memory"]["peak_rss_bytes"]
+    assert seen > 0 and seen <= peak * 1.001 and seen == pytest.approx(peak, rel=0.1)
     assert peak < 0.4 * size, f"peak RSS {peak / 2**30:.2f} GiB of a {size / 2**30:.2f} GiB checkpoint"
