@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import socket
 import subprocess
@@ -98,6 +99,20 @@ def test_serve_pruned_bundled_with_openai_client(flap20_dir, tmp_path):
         wrong_key = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="nope", max_retries=0)
         with pytest.raises(Exception, match="401|Unauthorized"):
             wrong_key.models.list()
+
+        # vLLM's own load generator against the launcher's server (the key from OPENAI_API_KEY)
+        bench = subprocess.run([sys.executable, "-m", "serving.vllm_bench", "--backend", "openai",
+                                "--base-url", f"http://127.0.0.1:{port}", "--model", model.name,
+                                "--tokenizer", str(model), "--dataset-name", "random", "--random-input-len", "12",
+                                "--random-output-len", "6", "--num-prompts", "8", "--ignore-eos",
+                                "--max-concurrency", "4", "--seed", "0", "--save-result",
+                                "--result-dir", str(tmp_path)],
+                               cwd=tmp_path, env=dict(vllm_env(), OPENAI_API_KEY="secret"), capture_output=True,
+                               text=True, timeout=600)
+        assert bench.returncode == 0, bench.stdout[-2000:] + bench.stderr[-3000:]
+        (result_file,) = tmp_path.glob("*.json")
+        result = json.loads(result_file.read_text())
+        assert result["completed"] == 8 and result["failed"] == 0 and result["total_output_tokens"] == 8 * 6
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGINT)  # Ctrl-C
