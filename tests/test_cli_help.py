@@ -80,3 +80,11 @@ def test_export_choices_are_the_exporters():
     from exporters.vllm.quantize import SCHEMES
 
     assert tuple(_option(main.commands["quantize"], "scheme").type.choices) == tuple(SCHEMES)
+
+
+def test_synthetic_choices_are_the_synthetic_shapes():
+    from flap_deploy.synthetic import SHAPES
+    from flap_deploy_cli.measure import SYNTHETIC_SHAPES
+
+    assert tuple(_option(main.commands["compare"], "synthetic").type.choices) == tuple(SHAPES) == SYNTHETIC_SHAPES
+
