@@ -42,6 +42,27 @@ def decode_step_params(cfg: dict[str, Any]) -> int:
     return counts.total - embedding
 
 
+def quantized_weight_bits(cfg: dict[str, Any]) -> int | None:
+    """Bits per decoder linear weight of a compressed-tensors ``quantization_config`` (None: not quantized)."""
+    groups = ((cfg.get("quantization_config") or {}).get("config_groups") or {}).values()
+    bits = {(g.get("weights") or {}).get("num_bits") for g in groups} - {None}
+    return max(bits) if bits else None
+
+
+def decode_step_bytes(cfg: dict[str, Any], element_bytes: int) -> int:
+    """Weight bytes read per decode step when the runtime holds unquantized weights in ``element_bytes``
+    (2 for bf16 / fp16, 4 for fp32): the decoder linear weights of a quantized checkpoint count at
+    their stored width (the LM head, norms and biases stay at the runtime's; per-channel scales,
+    one per output row, are left out as negligible)."""
+    params = decode_step_params(cfg)
+    bits = quantized_weight_bits(cfg)
+    if bits is None:
+        return params * element_bytes
+    flap = cfg if cfg.get("model_type") == "flap_llama" else as_flap_config(cfg)
+    linear = count_params(flap).decoder_linear
+    return (params - linear) * element_bytes + linear * bits // 8
+
+
 def dense_config(cfg: dict[str, Any]) -> dict[str, Any]:
     """The config of a pruned checkpoint's dense source (uniform widths, no compensation biases)."""
     src = (cfg.get("flap") or {}).get("source_config") or {}

@@ -17,7 +17,8 @@ claim most of its memory, so there each server is started for its turn and stopp
 The ideal speed-up is the ratio of weight bytes read per decode step (dense ÷ pruned):
 every linear layer, the norms and the LM head are read once per step, the input embedding
 only one row per token (so an untied embedding table is not counted; a tied one is, as the
-LM head). Decoding small batches on a CPU is bound by those reads, so the measured output
+LM head); the linear weights of a quantized checkpoint count at their stored width (dense
+bf16 vs pruned int8 compounds both savings). Decoding small batches on a CPU is bound by those reads, so the measured output
 throughput ratio approaches this figure when nothing else (Python, attention over the KV
 cache, the HTTP layer) dominates.
 """
@@ -53,11 +54,36 @@ def weights_per_step(model: str | Path | ModelRef) -> int:
     return resolve_model(model).decode_step_params()
 
 
-def ideal_ratio(dense: str | Path | ModelRef, pruned: str | Path | ModelRef) -> dict[str, Any]:
-    """Dense ÷ pruned weight bytes per decode step (same runtime dtype, so a parameter ratio)."""
-    d, p = weights_per_step(dense), weights_per_step(pruned)
-    return {"dense_decode_params": d, "pruned_decode_params": p, "ideal_ratio": d / p,
-            "dense_decode_bytes_fp32": 4 * d, "pruned_decode_bytes_fp32": 4 * p}
+def element_bytes(ref: ModelRef, backend: str, vllm_args: Sequence[str] = ()) -> int:
+    """Bytes per unquantized weight as the runtime holds them: an ONNX export's dtype (a checkpoint
+    served on ONNX Runtime is exported fp32); on vLLM the ``--dtype`` passed, else the checkpoint's."""
+    if ref.kind == "onnx":
+        return 2 if ref.config.get("dtype") == "float16" else 4
+    if backend == "onnx":
+        return 4
+    args = list(vllm_args)
+    dtype = next((a.split("=", 1)[1] for a in args if a.startswith("--dtype=")), None)
+    if dtype is None and "--dtype" in args[:-1]:
+        dtype = args[args.index("--dtype") + 1]
+    if dtype in (None, "auto"):
+        dtype = ref.config.get("dtype") or ref.config.get("torch_dtype") or "float32"
+    return 4 if dtype in ("float32", "float") else 2
+
+
+def ideal_ratio(dense: str | Path | ModelRef, pruned: str | Path | ModelRef, backend: str = "vllm",
+                vllm_args: Sequence[str] = ()) -> dict[str, Any]:
+    """Dense ÷ pruned weight bytes per decode step: parameters at the runtime's element size, the
+    linear weights of a quantized checkpoint at their stored width (``params.decode_step_bytes``)."""
+    from flap_deploy.params import decode_step_bytes
+
+    refs = [resolve_model(m) for m in (dense, pruned)]
+    params = [ref.decode_step_params() for ref in refs]
+    sizes = [element_bytes(ref, backend, vllm_args) for ref in refs]
+    nbytes = [n * e if ref.kind == "onnx" else decode_step_bytes(ref.config, e)
+              for ref, n, e in zip(refs, params, sizes)]
+    return {"dense_decode_params": params[0], "pruned_decode_params": params[1], "ideal_ratio": nbytes[0] / nbytes[1],
+            "dense_decode_bytes": nbytes[0], "pruned_decode_bytes": nbytes[1],
+            "dense_element_bytes": sizes[0], "pruned_element_bytes": sizes[1]}
 
 
 # ------------------------------------------------------------------------------ one server
@@ -162,7 +188,7 @@ def compare(dense: str, pruned: str, *, backend: str | None = None, out_dir: str
             if not ref.is_checkpoint:
                 raise ParameterError("eval_text", f"evaluates checkpoints with PyTorch; the {name} model {ref.path} "
                                                   "is not one (pass the checkpoint it was exported from)")
-    ideal = ideal_ratio(refs["dense"], refs["pruned"])
+    ideal = ideal_ratio(refs["dense"], refs["pruned"], backend, vllm_args)
     serve_target = {name: ref.path for name, ref in refs.items()}
     if backend == "onnx":  # export once, before any server runs, so startups stay short
         from exporters.onnx.export import ensure_onnx

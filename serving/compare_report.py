@@ -23,6 +23,11 @@ def _servers(report: dict[str, Any]) -> str:
     return f"{text} (start: {took})" if took else text
 
 
+def _mb(weights: dict[str, Any], name: str) -> str:
+    nbytes = weights.get(f"{name}_decode_bytes")
+    return f" ({nbytes / 1e6:.1f} MB)" if nbytes else ""
+
+
 def format_markdown(report: dict[str, Any]) -> str:
     w, wl = report["weights"], report["workload"]
     lines = [
@@ -32,8 +37,9 @@ def format_markdown(report: dict[str, Any]) -> str:
         f"tokens (ignore_eos, greedy), prompts `{wl['prompts']}`, seed {wl['seed']}, concurrency "
         f"{', '.join(map(str, wl['concurrency']))}; max_num_seqs {wl['max_num_seqs']}; {wl['repeats']} interleaved "
         f"repeat(s), medians shown; servers {_servers(report)}",
-        f"- weights read per decode step: dense {w['dense_decode_params'] / 1e6:.2f} M params, pruned "
-        f"{w['pruned_decode_params'] / 1e6:.2f} M params: **ideal ratio {w['ideal_ratio']:.3f}x**", "",
+        f"- weights read per decode step: dense {w['dense_decode_params'] / 1e6:.2f} M params"
+        f"{_mb(w, 'dense')}, pruned {w['pruned_decode_params'] / 1e6:.2f} M params{_mb(w, 'pruned')}: "
+        f"**ideal ratio {w['ideal_ratio']:.3f}x**", "",
         "## Measured vs ideal", "",
         "| concurrency | output tok/s ratio (pruned/dense) | TPOT ratio (dense/pruned) | E2E ratio | ideal |",
         "|---|---|---|---|---|",

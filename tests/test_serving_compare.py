@@ -142,3 +142,20 @@ def test_quality_figures_in_the_report(pair, tmp_path, wikitext_dir):
               "weights": {"dense_decode_params": 2e6, "pruned_decode_params": 1e6, "ideal_ratio": 2.0},
               "ratios": [], "medians": {"dense": [], "pruned": []}, "quality": q}
     assert f"{q['perplexity']:.3f}" in format_markdown(report)
+
+
+def test_ideal_ratio_counts_quantized_linear_weights_at_their_width(pair):
+    """Dense bf16 vs pruned int8: the decoder linear weights of the quantized side count one byte each."""
+    from flap_deploy.params import count_params, decode_step_bytes
+
+    dense_dir, pruned_dir, _, _ = pair
+    cfg = read_config(pruned_dir)
+    linear = count_params(cfg).decoder_linear
+    int8 = dict(cfg, quantization_config={"config_groups": {"group_0": {
+        "weights": {"num_bits": 8, "type": "int"}, "input_activations": {"num_bits": 8, "dynamic": True}}}})
+    assert decode_step_bytes(cfg, 2) == 2 * decode_step_params(cfg)
+    assert decode_step_bytes(int8, 2) == 2 * (decode_step_params(cfg) - linear) + linear
+    bf16 = ideal_ratio(dense_dir, pruned_dir, "vllm", ["--dtype=bfloat16"])
+    fp32 = ideal_ratio(dense_dir, pruned_dir, "vllm", ["--dtype", "float32"])
+    assert (bf16["dense_element_bytes"], fp32["dense_element_bytes"]) == (2, 4)
+    assert bf16["ideal_ratio"] == pytest.approx(fp32["ideal_ratio"])  # same width on both sides: a parameter ratio
