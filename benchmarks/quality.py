@@ -126,15 +126,18 @@ def sequential_refits(model, input_ids, masks, ridge: float, batch_size: int = 8
     attention), toward the dense model's outputs of the same module (cross-covariance least squares,
     ridge toward the kept columns as they are)."""
     from flap_deploy.adapters import get_adapter
-    from flap_deploy.layerwise import _chunks, _layer_out, embed_inputs
+    from flap_deploy.layerwise import LayerPass
     from flap_deploy.reconstruct import LayerRefit, Refit, kept_columns
     from flap_deploy.stats import CovStats
 
     adapter = get_adapter(model.config)
     geom = adapter.geometry(model.config)
-    dense_h, kwargs_by_size = embed_inputs(model, input_ids, batch_size)
+    lp = LayerPass(model, input_ids, batch_size=batch_size)
+    dense_h, kwargs_by_size, slices = lp.buffer, lp.kwargs_by_size, lp.slices
     pruned_h = dense_h.clone()
-    slices = _chunks(input_ids.shape[0], batch_size)
+
+    def _layer_out(out):
+        return out[0] if isinstance(out, tuple) else out
     refits = []
 
     def fit(linear, kept, joint: CovStats) -> Refit:
@@ -406,7 +409,7 @@ def run(args) -> None:
                 for modules in (("attn",), ("mlp",)):
                     refits = refit_layers(dense, ids, bias.masks, DEFAULT.ridge, modules=modules,
                                           covariances=stats.covariances)
-                    variant = replace(bias, model=compress(dense, bias.masks, bias.means, refits=refits),
+                    variant = replace(bias, _model=compress(dense, bias.masks, bias.means, refits=refits), _cleanup=None,
                                       provenance={**bias.provenance,
                                                   "reconstruction": {"mode": "ls", "ridge": DEFAULT.ridge}})
                     add(f"ls {modules[0]}-only ridge {DEFAULT.ridge:g} {tag}", "study", "ls", variant,
@@ -414,7 +417,7 @@ def run(args) -> None:
                 if args.sequential:
                     for ridge in args.sequential_ridges:
                         refits = sequential_refits(dense, ids, bias.masks, ridge)
-                        variant = replace(bias, model=compress(dense, bias.masks, refits=refits),
+                        variant = replace(bias, _model=compress(dense, bias.masks, refits=refits), _cleanup=None,
                                           provenance={**bias.provenance,
                                                       "reconstruction": {"mode": "ls-sequential", "ridge": ridge}})
                         add(f"ls sequential ridge {ridge:g} {tag}", "study", "ls-sequential", variant,
