@@ -70,7 +70,7 @@ class PruneConfig:
     attn_ratio: float | None = None
     attn_granularity: str = "group"
     reconstruct: str = "ls"
-    ridge: float = 1.0
+    ridge: float = 0.3
     calib: str = "self"
     nsamples: int = 1024
     seqlen: int = 128

@@ -38,7 +38,7 @@ PRUNE_OPTIONS = (
                  help="What replaces the removed inputs of o_proj / down_proj (FLAP only): nothing, the paper's "
                       "calibration-mean biases, or a least-squares refit of the kept columns (a second calibration "
                       "pass). --no-bias is an alias of --reconstruct none."),
-    click.option("--ridge", default=1.0, show_default=True, type=float,
+    click.option("--ridge", default=0.3, show_default=True, type=float,
                  help="Shrinkage of the ls refit toward the paper's bias solution, in units of the kept channels' "
                       "mean variance (0: plain least squares; larger: closer to --reconstruct bias)."),
     click.option("--calib", default="self", show_default=True,
