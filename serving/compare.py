@@ -54,6 +54,14 @@ def weights_per_step(model: str | Path | ModelRef) -> int:
     return resolve_model(model).decode_step_params()
 
 
+def resolve_pair(dense: str, pruned: str, backend: str, vllm_args: Sequence[str] = ()) -> dict[str, ModelRef]:
+    """Both models, checked; with vLLM's random weights (``--load-format dummy``) a config is enough."""
+    from .vllm_launcher import random_weights
+
+    weights = not (backend == "vllm" and random_weights(vllm_args))
+    return {"dense": resolve_model(dense, check_weights=weights), "pruned": resolve_model(pruned, check_weights=weights)}
+
+
 def element_bytes(ref: ModelRef, backend: str, vllm_args: Sequence[str] = ()) -> int:
     """Bytes per unquantized weight as the runtime holds them: an ONNX export's dtype (a checkpoint
     served on ONNX Runtime is exported fp32); on vLLM the ``--dtype`` passed, else the checkpoint's."""
@@ -182,7 +190,7 @@ def compare(dense: str, pruned: str, *, backend: str | None = None, out_dir: str
         raise ParameterError("repeats", f"must be at least 1, got {repeats}")
     servers = resolve_server_mode(servers, backend)
     check_output_dir(out_dir, overwrite)
-    refs = {"dense": resolve_model(dense), "pruned": resolve_model(pruned)}
+    refs = resolve_pair(dense, pruned, backend, vllm_args)
     if eval_text:
         for name, ref in refs.items():
             if not ref.is_checkpoint:

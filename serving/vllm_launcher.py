@@ -22,6 +22,7 @@ import signal
 import socket
 import sys
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -65,6 +66,14 @@ def check_port_free(host: str, port: int) -> None:
             s.bind((host, port))
         except OSError as e:
             raise FlapDeployError(f"port {port} on {host} is not available ({e.strerror or e})") from None
+
+
+def random_weights(vllm_args: Sequence[str]) -> bool:
+    """Whether vLLM is told to make up the weights (``--load-format dummy``): then a checkpoint is
+    only its config, and nothing checks for weight files."""
+    args = list(vllm_args)
+    return any(a == "--load-format=dummy" or (a == "--load-format" and args[i + 1:i + 2] == ["dummy"])
+               for i, a in enumerate(args))
 
 
 def check_servable(model: str | os.PathLike | ModelRef, tp_size: int = 1, weights: bool = True,
@@ -160,9 +169,7 @@ def prepare_vllm_server(model: str | os.PathLike, *, host: str = "127.0.0.1", po
             raise ParameterError(name, f"must be a positive integer, got {size}")
     args = [*(["--max-num-seqs", str(max_num_seqs)] if max_num_seqs else []),
             *(["--max-model-len", str(max_model_len)] if max_model_len else []), *(extra_args or [])]
-    dummy = any(a == "--load-format=dummy" or (a == "--load-format" and args[i + 1:i + 2] == ["dummy"])
-                for i, a in enumerate(args))
-    ref = check_servable(model, tp_size, weights=not dummy, pp_size=pp_size)
+    ref = check_servable(model, tp_size, weights=not random_weights(args), pp_size=pp_size)
     check_vllm_installed()
     check_port_free(host, port)
     from exporters.vllm.validate import pp_layer_split, vllm_distribution

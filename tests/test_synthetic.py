@@ -27,3 +27,15 @@ def test_pair_hits_ratio_with_varying_widths(name, tp, bundled_dir, tmp_path):
 def test_unknown_shape(bundled_dir, tmp_path):
     with pytest.raises(FlapDeployError, match="unknown synthetic shape 'gpt5'"):
         build_synthetic_pair("gpt5", tmp_path / "x", 0.2, tokenizer_from=bundled_dir)
+
+
+def test_compare_takes_a_config_only_pair_when_vllm_makes_up_the_weights(bundled_dir, tmp_path):
+    """``compare --synthetic`` serves with ``--load-format dummy``: the pair has configs and no weights."""
+    from serving.compare import ideal_ratio, resolve_pair
+
+    dense, pruned = build_synthetic_pair("llama3.2-1b", tmp_path / "pair", 0.2, tokenizer_from=bundled_dir)
+    refs = resolve_pair(str(dense), str(pruned), "vllm", ["--load-format", "dummy", "--dtype=bfloat16"])
+    assert (refs["dense"].kind, refs["pruned"].kind) == ("dense", "pruned")
+    assert ideal_ratio(refs["dense"], refs["pruned"])["ideal_ratio"] == pytest.approx(ideal_speedup(dense, pruned))
+    with pytest.raises(FlapDeployError, match="no .safetensors weight files"):
+        resolve_pair(str(dense), str(pruned), "vllm", ["--dtype=bfloat16"])
