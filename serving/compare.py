@@ -18,9 +18,9 @@ The ideal speed-up is the ratio of weight bytes read per decode step (dense ÷ p
 every linear layer, the norms and the LM head are read once per step, the input embedding
 only one row per token (so an untied embedding table is not counted; a tied one is, as the
 LM head); the linear weights of a quantized checkpoint count at their stored width (dense
-bf16 vs pruned int8 compounds both savings). Decoding small batches on a CPU is bound by those reads, so the measured output
-throughput ratio approaches this figure when nothing else (Python, attention over the KV
-cache, the HTTP layer) dominates.
+bf16 vs pruned int8 compounds both savings). Decoding small batches on a CPU is bound by
+those reads, so the measured output throughput ratio approaches this figure when nothing
+else (Python, attention over the KV cache, the HTTP layer) dominates.
 """
 
 from __future__ import annotations
