@@ -69,10 +69,9 @@ def element_bytes(ref: ModelRef, backend: str, vllm_args: Sequence[str] = ()) ->
         return 2 if ref.config.get("dtype") == "float16" else 4
     if backend == "onnx":
         return 4
-    args = list(vllm_args)
-    dtype = next((a.split("=", 1)[1] for a in args if a.startswith("--dtype=")), None)
-    if dtype is None and "--dtype" in args[:-1]:
-        dtype = args[args.index("--dtype") + 1]
+    from .vllm_launcher import vllm_arg
+
+    dtype = vllm_arg(vllm_args, "--dtype")
     if dtype in (None, "auto"):
         dtype = ref.config.get("dtype") or ref.config.get("torch_dtype") or "float32"
     return 4 if dtype in ("float32", "float") else 2

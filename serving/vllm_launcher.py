@@ -68,12 +68,21 @@ def check_port_free(host: str, port: int) -> None:
             raise FlapDeployError(f"port {port} on {host} is not available ({e.strerror or e})") from None
 
 
+def vllm_arg(vllm_args: Sequence[str], flag: str) -> str | None:
+    """The value of ``flag`` among vLLM arguments (``--flag=value`` or ``--flag value``; the last wins)."""
+    args, value = list(vllm_args), None
+    for i, a in enumerate(args):
+        if a.startswith(flag + "="):
+            value = a.split("=", 1)[1]
+        elif a == flag and i + 1 < len(args):
+            value = args[i + 1]
+    return value
+
+
 def random_weights(vllm_args: Sequence[str]) -> bool:
     """Whether vLLM is told to make up the weights (``--load-format dummy``): then a checkpoint is
     only its config, and nothing checks for weight files."""
-    args = list(vllm_args)
-    return any(a == "--load-format=dummy" or (a == "--load-format" and args[i + 1:i + 2] == ["dummy"])
-               for i, a in enumerate(args))
+    return vllm_arg(vllm_args, "--load-format") == "dummy"
 
 
 def check_servable(model: str | os.PathLike | ModelRef, tp_size: int = 1, weights: bool = True,
