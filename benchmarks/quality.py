@@ -23,7 +23,8 @@ over the same calibration windows (mean of one before and one after), and the su
     python benchmarks/quality.py --study                     # the full run (see docs/pruning.md)
     python benchmarks/quality.py --smoke --out /tmp/q        # minutes: tiny sizes, proves it runs
 
-Results are rewritten after every evaluated group, so an interrupted run leaves partial figures.
+Results are rewritten after every evaluated group, so an interrupted run leaves partial figures;
+--resume continues it (rows already in quality.json are kept, not recomputed).
 """
 
 from __future__ import annotations
@@ -336,12 +337,8 @@ def calibration_sets(args, dense, tok) -> list[tuple[str, torch.Tensor, dict]]:
     return sets
 
 
-def run(args) -> None:
-    torch.set_num_threads(args.threads)
-    dense = load_model("smollm2-135m", dtype=torch.float32)
-    tok = load_tokenizer("smollm2-135m")
-    windows = eval_texts(tok, args)
-    data = {
+def fresh_data(args, dense, windows) -> dict:
+    return {
         "package_version": __version__, "torch": torch.__version__, "python": platform.python_version(),
         "machine": f"{platform.machine()}, {args.threads} torch threads",
         "default": {"reconstruct": DEFAULT.reconstruct, "ridge": DEFAULT.ridge},
@@ -352,16 +349,48 @@ def run(args) -> None:
                     "params": sum(p.numel() for p in dense.parameters()), "linear_weights": linear_weights(dense)}],
         "cost": {},
     }
-    rows = {"dense": data["models"][0]}
+
+
+def resumed_data(args, windows) -> dict:
+    """The figures of an earlier run with the same protocol; its rows are kept, not recomputed."""
+    path = args.out / "quality.json"
+    data = json.loads(path.read_text())
+    want = {"calibration.nsamples": args.nsamples, "calibration.seqlen": args.seqlen,
+            "eval.max_tokens": args.max_tokens, "eval.seqlen": args.eval_seqlen,
+            "default.reconstruct": DEFAULT.reconstruct, "default.ridge": DEFAULT.ridge}
+    for key, value in want.items():
+        section, field = key.split(".")
+        if data.get(section, {}).get(field) != value:
+            sys.exit(f"quality.py: --resume: {path} has {key} = {data.get(section, {}).get(field)!r}, "
+                     f"this run {value!r}; use another --out")
+    return data
+
+
+def run(args) -> None:
+    torch.set_num_threads(args.threads)
+    dense = load_model("smollm2-135m", dtype=torch.float32)
+    tok = load_tokenizer("smollm2-135m")
+    windows = eval_texts(tok, args)
+    resume = args.resume and (args.out / "quality.json").exists()
+    data = resumed_data(args, windows) if resume else fresh_data(args, dense, windows)
+    rows = {r["name"]: r for r in data["models"]}
 
     def save():
         write(args.out, data)
 
-    evaluate_group(dense, {"dense": dense}, rows, windows, save)
+    if any(d not in rows["dense"] for d in DOMAINS):
+        evaluate_group(dense, {"dense": dense}, rows, windows, save)
     base = dict(seqlen=args.seqlen, progress=False, batch_size=8)
     for label, ids, desc in calibration_sets(args, dense, tok):
         main_set = label == "valid"
-        stats = collect_statistics(dense, PruneConfig(**base), tok, covariance=True, windows=ids, calibration=desc)
+        cache = {}
+
+        def stats():  # one statistics pass per set, taken only if some row of the set still needs it
+            if "stats" not in cache:
+                cache["stats"] = collect_statistics(dense, PruneConfig(**base), tok, covariance=True, windows=ids,
+                                                    calibration=desc)
+            return cache["stats"]
+
         models = {}
 
         def flush():  # evaluate the pending models together (the dense logits once per window), then free them
@@ -370,7 +399,10 @@ def run(args) -> None:
                 models.clear()
                 gc.collect()
 
-        def add(name, group, method_name, result, **extra):
+        def add(name, group, method_name, make, **extra):
+            if name in rows:
+                return
+            result = make()
             r = row(name, group, result, extra)
             r["method_name"] = method_name
             data["models"].append(r)
@@ -383,51 +415,62 @@ def run(args) -> None:
         ratios = sorted(set(args.ratios if main_set else []) | set(args.study_ratios if args.study else []))
         for ratio in ratios:
             cfg = PruneConfig(**base, ratio=ratio, calib=desc["source"], nsamples=len(ids))
-            bias = prune(dense, replace(cfg, reconstruct="bias"), tokenizer=tok, statistics=stats)
+
+            def bias(cfg=cfg, key=("bias", ratio)):  # FLAP's masks and means at this ratio, pruned once
+                if key not in cache:
+                    cache[key] = prune(dense, replace(cfg, reconstruct="bias"), tokenizer=tok, statistics=stats())
+                return cache[key]
+
+            def ls(cfg=cfg, **kw):
+                return lambda: prune(dense, replace(cfg, reconstruct="ls", **kw), tokenizer=tok, statistics=stats())
+
+            def variant(mode, ridge, refits, means=True, bias=bias):
+                b = bias()
+                return replace(b, _model=compress(dense, b.masks, b.means if means else None, refits=refits),
+                               _cleanup=None,
+                               provenance={**b.provenance, "reconstruction": {"mode": mode, "ridge": ridge}})
+
             if main_set and ratio in args.ratios:
                 for name, kw in main_methods(args.methods):
                     if kw.get("method") in ("wanda-sp", "mag-sp"):
                         # the baselines calibrate (Wanda-sp) on the same windows through their own pass
-                        res = prune(dense, replace(cfg, **kw), tokenizer=tok)
+                        make = lambda kw=kw: prune(dense, replace(cfg, **kw), tokenizer=tok)  # noqa: E731
+                    elif kw.get("reconstruct") == "bias":
+                        make = bias
                     else:
-                        res = bias if kw.get("reconstruct") == "bias" else prune(
-                            dense, replace(cfg, **kw), tokenizer=tok, statistics=stats)
-                    add(f"{name} {ratio:.0%}", "main", name, res)
+                        make = lambda kw=kw, cfg=cfg: prune(dense, replace(cfg, **kw), tokenizer=tok,  # noqa: E731
+                                                            statistics=stats())
+                    add(f"{name} {ratio:.0%}", "main", name, make)
             if not args.study or ratio not in args.study_ratios:
                 continue
             tag = f"{ratio:.0%}" + ("" if main_set else f" calib {label}")
             if not main_set:
                 add(f"FLAP-bias {tag}", "study", "FLAP-bias", bias)
-                add(f"ls ridge {DEFAULT.ridge:g} {tag}", "study", "ls", prune(
-                    dense, replace(cfg, reconstruct="ls"), tokenizer=tok, statistics=stats), refit="one-pass")
-            else:
-                for ridge in args.ridges:
-                    if ridge != DEFAULT.ridge:
-                        add(f"ls ridge {ridge:g} {tag}", "study", "ls", prune(
-                            dense, replace(cfg, reconstruct="ls", ridge=ridge), tokenizer=tok, statistics=stats),
-                            refit="one-pass")
-                for modules in (("attn",), ("mlp",)):
-                    refits = refit_layers(dense, ids, bias.masks, DEFAULT.ridge, modules=modules,
-                                          covariances=stats.covariances)
-                    variant = replace(bias, _model=compress(dense, bias.masks, bias.means, refits=refits), _cleanup=None,
-                                      provenance={**bias.provenance,
-                                                  "reconstruction": {"mode": "ls", "ridge": DEFAULT.ridge}})
-                    add(f"ls {modules[0]}-only ridge {DEFAULT.ridge:g} {tag}", "study", "ls", variant,
-                        modules=modules[0], refit="one-pass")
-                if args.sequential:
-                    for ridge in args.sequential_ridges:
-                        refits = sequential_refits(dense, ids, bias.masks, ridge)
-                        variant = replace(bias, _model=compress(dense, bias.masks, refits=refits), _cleanup=None,
-                                          provenance={**bias.provenance,
-                                                      "reconstruction": {"mode": "ls-sequential", "ridge": ridge}})
-                        add(f"ls sequential ridge {ridge:g} {tag}", "study", "ls-sequential", variant,
-                            refit="sequential")
-        del stats
+                add(f"ls ridge {DEFAULT.ridge:g} {tag}", "study", "ls", ls(), refit="one-pass")
+                continue
+            for ridge in args.ridges:
+                if ridge != DEFAULT.ridge:
+                    add(f"ls ridge {ridge:g} {tag}", "study", "ls", ls(ridge=ridge), refit="one-pass")
+            for modules in (("attn",), ("mlp",)):
+                add(f"ls {modules[0]}-only ridge {DEFAULT.ridge:g} {tag}", "study", "ls",
+                    lambda modules=modules, variant=variant, bias=bias: variant(
+                        "ls", DEFAULT.ridge, refit_layers(dense, ids, bias().masks, DEFAULT.ridge, modules=modules,
+                                                          covariances=stats().covariances)),
+                    modules=modules[0], refit="one-pass")
+            if args.sequential:
+                for ridge in args.sequential_ridges:
+                    add(f"ls sequential ridge {ridge:g} {tag}", "study", "ls-sequential",
+                        lambda ridge=ridge, variant=variant, bias=bias: variant(
+                            "ls-sequential", ridge, sequential_refits(dense, ids, bias().masks, ridge), means=False),
+                        refit="sequential")
+        cache.clear()
         flush()
         save()
 
     if args.cost:
         for name, kw in main_methods(args.methods):
+            if resume and name in data["cost"]:
+                continue
             data["cost"][name] = measure_cost(args, dict(kw, ratio=0.2))
             print(f"cost {name}: {data['cost'][name]['prune_over_dense_forward']:.2f} x dense forward", flush=True)
             save()
@@ -462,6 +505,9 @@ def main() -> None:
                     help="Tiny sizes (8 windows of 32, 1,024 eval tokens in windows of 256, 20 %% only) to prove it runs.")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     ap.add_argument("--replot", action="store_true", help="Only rewrite quality.md and quality.png from quality.json.")
+    ap.add_argument("--resume", action="store_true",
+                    help="Keep the rows (and cost entries) already in --out's quality.json, measured with the same "
+                         "protocol, and add only the missing ones.")
     ap.add_argument("--cost-child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.cost_child:

@@ -25,7 +25,7 @@ from .atomic import atomic_directory
 from .checkpoint import TOKENIZER_FILES
 from .compress import LayerWidths, flap_config
 from .errors import FlapDeployError, ParameterError
-from .params import decode_step_params, layer_linear_params
+from .params import layer_linear_params
 
 
 @dataclass(frozen=True)
@@ -134,16 +134,6 @@ def cached_synthetic_pair(name: str, ratio: float, *, tp_size: int = 1, seed: in
     out = cache_dir() / "synthetic" / f"{name}-r{ratio:g}-tp{tp_size}-s{seed}"
     return build_synthetic_pair(name, out, ratio, tokenizer_from=materialize("smollm2-135m"), seed=seed,
                                 tp_size=tp_size, overwrite=True)
-
-
-def ideal_speedup(dense_dir: str | os.PathLike, pruned_dir: str | os.PathLike) -> float:
-    """Dense ÷ pruned weights read per decode step (decoder layers + final norm + lm_head)."""
-    def params(d: str | os.PathLike) -> int:
-        return decode_step_params(json.loads((Path(d) / "config.json").read_text()))
-
-    return params(dense_dir) / params(pruned_dir)
-
-
 
 
 def write_random_checkpoint(out: str | os.PathLike, shape: Shape, *, tokenizer_from: str | os.PathLike,

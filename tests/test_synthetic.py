@@ -7,7 +7,9 @@ import pytest
 from exporters.vllm.validate import validate_for_vllm
 from flap_deploy.errors import FlapDeployError
 from flap_deploy.modeling_flap_llama import validate_flap_config
-from flap_deploy.synthetic import build_synthetic_pair, ideal_speedup
+from flap_deploy.params import decode_step_params
+from flap_deploy.synthetic import build_synthetic_pair
+from serving.compare import ideal_ratio, resolve_pair
 
 
 @pytest.mark.parametrize("name,tp", [("llama2-7b", 1), ("llama3-8b", 2), ("qwen2.5-7b", 2)])
@@ -21,7 +23,8 @@ def test_pair_hits_ratio_with_varying_widths(name, tp, bundled_dir, tmp_path):
     assert len(set(mlp)) > 3 and all(w % 64 == 0 for w in mlp)  # adaptive widths, aligned
     assert mlp[0] > min(mlp) and mlp[-1] > min(mlp)  # first and last layers are kept wider
     assert (dense / "tokenizer.json").is_file() and not list(pruned.glob("*.safetensors"))
-    assert 1.15 < ideal_speedup(dense, pruned) < 1.3
+    refs = resolve_pair(str(dense), str(pruned), "vllm", ["--load-format", "dummy"])
+    assert 1.15 < ideal_ratio(refs["dense"], refs["pruned"])["ideal_ratio"] < 1.3
 
 
 def test_unknown_shape(bundled_dir, tmp_path):
@@ -31,11 +34,10 @@ def test_unknown_shape(bundled_dir, tmp_path):
 
 def test_compare_takes_a_config_only_pair_when_vllm_makes_up_the_weights(bundled_dir, tmp_path):
     """``compare --synthetic`` serves with ``--load-format dummy``: the pair has configs and no weights."""
-    from serving.compare import ideal_ratio, resolve_pair
-
     dense, pruned = build_synthetic_pair("llama3.2-1b", tmp_path / "pair", 0.2, tokenizer_from=bundled_dir)
     refs = resolve_pair(str(dense), str(pruned), "vllm", ["--load-format", "dummy", "--dtype=bfloat16"])
     assert (refs["dense"].kind, refs["pruned"].kind) == ("dense", "pruned")
-    assert ideal_ratio(refs["dense"], refs["pruned"])["ideal_ratio"] == pytest.approx(ideal_speedup(dense, pruned))
+    steps = [decode_step_params(json.loads((d / "config.json").read_text())) for d in (dense, pruned)]
+    assert ideal_ratio(refs["dense"], refs["pruned"])["ideal_ratio"] == pytest.approx(steps[0] / steps[1])
     with pytest.raises(FlapDeployError, match="no .safetensors weight files"):
         resolve_pair(str(dense), str(pruned), "vllm", ["--dtype=bfloat16"])
