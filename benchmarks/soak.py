@@ -22,7 +22,6 @@ import json
 import os
 import random
 import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -196,31 +195,28 @@ def main() -> int:
            "--max-num-seqs", str(args.max_num_seqs), "--max-queue", str(args.max_queue), "--max-model-len", "2048"]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    env = {"PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     import tempfile
 
-    log = tempfile.NamedTemporaryFile("w", prefix="soak-server-", suffix=".log", delete=False)
-    print(f"server log: {log.name}", file=sys.stderr)
-    server = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 300
-        while True:
+    from flap_deploy.errors import FlapDeployError
+    from serving.process import ManagedServer
+
+    url = f"http://127.0.0.1:{port}"
+    with tempfile.NamedTemporaryFile("w", prefix="soak-server-", suffix=".log", delete=False) as log:
+        print(f"server log: {log.name}", file=sys.stderr)
+        server = ManagedServer(cmd, url, name="soak server", env=env, log=log)
+        server.start()
+        try:
             try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if server.poll() is not None or time.time() > deadline:
-                raise SystemExit(f"the server did not start (exit {server.returncode})")
-            time.sleep(0.5)
-        stats, series, elapsed = asyncio.run(soak(url, server.pid, args))
-        alive = server.poll() is None and httpx.get(url + "/health", timeout=5).status_code == 200
-        if not alive:
-            stats["UNEXPECTED_server_unhealthy_at_end"] += 1
-    finally:
-        server.terminate()
-        server.wait(timeout=60)
+                server.wait_ready(timeout=300)
+            except FlapDeployError as e:
+                raise SystemExit(f"the server did not start: {e}") from None
+            stats, series, elapsed = asyncio.run(soak(url, server.proc.pid, args))
+            alive = server.proc.poll() is None and httpx.get(url + "/health", timeout=5).status_code == 200
+            if not alive:
+                stats["UNEXPECTED_server_unhealthy_at_end"] += 1
+        finally:
+            server.stop(grace=60)
     result = report(stats, series, elapsed, args, args.out)
     print(json.dumps({k: v for k, v in result.items() if k != "rss_series"}, indent=2))
     return 1 if result["unexpected_errors"] else 0
