@@ -351,7 +351,7 @@ def fresh_data(args, dense, windows) -> dict:
     }
 
 
-def resumed_data(args, windows) -> dict:
+def resumed_data(args) -> dict:
     """The figures of an earlier run with the same protocol; its rows are kept, not recomputed."""
     path = args.out / "quality.json"
     data = json.loads(path.read_text())
@@ -372,7 +372,7 @@ def run(args) -> None:
     tok = load_tokenizer("smollm2-135m")
     windows = eval_texts(tok, args)
     resume = args.resume and (args.out / "quality.json").exists()
-    data = resumed_data(args, windows) if resume else fresh_data(args, dense, windows)
+    data = resumed_data(args) if resume else fresh_data(args, dense, windows)
     rows = {r["name"]: r for r in data["models"]}
 
     def save():
