@@ -71,7 +71,7 @@ class PruneConfig:
     attn_ratio: float | None = None
     attn_granularity: str = "group"
     reconstruct: str = "ls"
-    ridge: float = 0.3
+    ridge: float = 0.03
     calib: str = "self"
     nsamples: int = 1024
     seqlen: int = 128
