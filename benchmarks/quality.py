@@ -482,28 +482,38 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     floats = lambda s: [float(x) for x in s.split(",")]  # noqa: E731
     ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
-    ap.add_argument("--ratios", type=floats, default=[0.2, 0.3, 0.5])
-    ap.add_argument("--nsamples", type=int, default=128)
-    ap.add_argument("--seqlen", type=int, default=128)
-    ap.add_argument("--max-tokens", type=int, default=40_000)
-    ap.add_argument("--eval-seqlen", type=int, default=512)
+    ap.add_argument("--ratios", type=floats, default=[0.2, 0.3, 0.5],
+                    help="Removed fractions of the methods table, comma-separated (default 0.2,0.3,0.5).")
+    ap.add_argument("--nsamples", type=int, default=128,
+                    help="Calibration windows of WikiText-2 valid (default 128; the study varies it).")
+    ap.add_argument("--seqlen", type=int, default=128, help="Tokens per calibration window (default 128).")
+    ap.add_argument("--max-tokens", type=int, default=40_000,
+                    help="Evaluation tokens from the start of each domain's text (default 40,000).")
+    ap.add_argument("--eval-seqlen", type=int, default=512, help="Evaluation window length (default 512).")
     ap.add_argument("--study", action="store_true", help="Also the study rows.")
-    ap.add_argument("--study-ratios", type=floats, default=[0.2, 0.3, 0.5])
-    ap.add_argument("--ridges", type=floats, default=[0.0, 0.01, 0.1, 1.0, 10.0])
-    ap.add_argument("--study-nsamples", type=ints, default=[32, 128, 512])
-    ap.add_argument("--no-sequential", dest="sequential", action="store_false")
+    ap.add_argument("--study-ratios", type=floats, default=[0.2, 0.3, 0.5],
+                    help="Removed fractions the study runs at (default 0.2,0.3,0.5).")
+    ap.add_argument("--ridges", type=floats, default=[0.0, 0.01, 0.1, 1.0, 10.0],
+                    help="Ridge values of the study's one-pass ls rows, besides the default's (default 0,0.01,0.1,1,10).")
+    ap.add_argument("--study-nsamples", type=ints, default=[32, 128, 512],
+                    help="Calibration sizes of the study's WikiText-2 valid sets (default 32,128,512).")
+    ap.add_argument("--no-sequential", dest="sequential", action="store_false",
+                    help="Skip the sequential-refit rows of the study.")
     ap.add_argument("--no-study-calib", dest="study_calib", action="store_false",
                     help="Skip the self / mix calibration sources of the study.")
     ap.add_argument("--methods", type=lambda s: s.split(","), default=list(METHOD_KEYS),
                     help=f"Main-table methods, comma-separated among {','.join(METHOD_KEYS)}.")
-    ap.add_argument("--sequential-ridges", type=floats, default=[0.01, 1.0])
-    ap.add_argument("--no-cost", dest="cost", action="store_false")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--sequential-ridges", type=floats, default=[0.01, 1.0],
+                    help="Ridge values of the sequential-refit rows (default 0.01,1).")
+    ap.add_argument("--no-cost", dest="cost", action="store_false",
+                    help="Skip the cost rows (each method's prune timed in a fresh process; run them alone).")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2).")
     ap.add_argument("--group-size", type=int, default=8,
                     help="Pruned models held and evaluated together (memory: about 0.5 GB each).")
     ap.add_argument("--smoke", action="store_true",
                     help="Tiny sizes (8 windows of 32, 1,024 eval tokens in windows of 256, 20 %% only) to prove it runs.")
-    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results",
+                    help="Directory of quality.{json,md,png} (default benchmarks/results).")
     ap.add_argument("--replot", action="store_true", help="Only rewrite quality.md and quality.png from quality.json.")
     ap.add_argument("--resume", action="store_true",
                     help="Keep the rows (and cost entries) already in --out's quality.json, measured with the same "

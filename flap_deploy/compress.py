@@ -282,7 +282,7 @@ def compress_stream(stream: LayerStream, masks: list[LayerMask], means: list[Lay
     The masks decide the pruned config first, and with it every tensor's name and shape (the
     checkpoint contract), so the shards are laid out before the first layer is read. Weights
     are written in the dtype the source stores them in. ``refit(i, modules)``, called while layer
-    ``i`` is resident, returns its ``LayerRefit`` (the ``ls`` reconstruction's second pass).
+    ``i`` is resident, returns its ``LayerRefit`` (the ``ls`` reconstruction, from held covariances or a second pass).
     Returns the config (not yet saved).
     """
     from .checkpoint import expected_tensor_shapes

@@ -49,8 +49,9 @@ class PruneConfig:
         equal group sizes within a layer).
     reconstruct: what replaces the removed inputs of o_proj / down_proj (FLAP only; the baselines
         are never compensated): ``none``; ``bias``, the paper's calibration-mean biases; ``ls``, the
-        least-squares refit of the kept columns on the dense calibration inputs (accumulated while
-        the pruned layers are written, after the allocation; see ``reconstruct``).
+        least-squares refit of the kept columns on the dense calibration inputs (their covariances
+        kept from the statistics pass when memory allows, else accumulated while the pruned layers
+        are written: ``plan_covariances``; see ``reconstruct``).
     ridge: ``ls`` shrinkage toward the ``bias`` solution, in units of the mean variance of the kept
         channels (``inf`` gives ``bias``, 0 the plain refit).
     calib: ``self`` | ``hf:wikitext2`` | a text file or directory. nsamples x seqlen tokens, seed.
@@ -70,7 +71,7 @@ class PruneConfig:
     attn_ratio: float | None = None
     attn_granularity: str = "group"
     reconstruct: str = "ls"
-    ridge: float = 0.3
+    ridge: float = 0.03
     calib: str = "self"
     nsamples: int = 1024
     seqlen: int = 128
@@ -220,8 +221,9 @@ class Statistics:
     """FLAP's calibration statistics of every layer (metric-independent, so reusable across
     ratios, metrics, structures, alignments and reconstructions of the same model and calibration
     set), with the calibration windows (for the ``ls`` pass). With full covariances (``layers[i].
-    attn_cov`` / ``mlp_cov``, from ``collect_statistics(covariance=True)``) the ``ls`` refit needs no
-    second pass; they cost n² float64 per module and layer, for small models and studies."""
+    attn_cov`` / ``mlp_cov``: kept by ``prune`` when its plan has room, ``plan_covariances``, or by
+    ``collect_statistics(covariance=True)``) the ``ls`` refit needs no second pass; they cost n²
+    float64 per module and layer."""
 
     layers: list[LayerStats]
     calibration: dict[str, Any]
@@ -246,15 +248,51 @@ def collect_statistics(model: Any, config: PruneConfig, tokenizer: Any = None, c
         calib = _calibration(stream, config, tokenizer, plan)
         windows, calibration = calib.input_ids, calib.description
     layers: list[LayerStats] = []
-    dev = stream.device
+    calibrate_layers(stream, windows, lambda i, stats: layers.append(_held(stats)), batch_size=config.batch_size,
+                     progress=config.progress, covariance=full_covariances(stream) if covariance else None)
+    return Statistics(layers=layers, calibration=calibration or {}, windows=windows)
 
+
+def covariance_nbytes(stream: LayerStream) -> int:
+    """Every layer's full float64 input covariances of o_proj and down_proj: what the ``ls`` refit
+    holds until the allocation when its statistics come from the statistics pass."""
+    g = stream.geometry
+    return 8 * g.num_layers * ((g.num_heads * g.head_dim) ** 2 + g.intermediate_size ** 2)
+
+
+def plan_covariances(stream: LayerStream, config: PruneConfig, plan: MemoryPlan) -> MemoryPlan:
+    """Where the ``ls`` refit's statistics come from, as part of the memory plan.
+
+    Full covariances kept from the statistics pass (``plan.covariance_bytes`` > 0) cost no forward
+    pass; without them the writing pass runs the calibration windows through the dense layers a
+    second time, accumulating each layer's covariance over its kept columns only (one layer's
+    worth of memory). They are kept when they fit in half of the headroom the plan leaves under
+    its limit (the other half for the solve and what the plan does not count), so ``max_memory``
+    decides: a 135M model keeps 0.6 GiB, a 70B's 530 GB never are.
+    """
+    need = covariance_nbytes(stream)
+    if config.effective_reconstruct != "ls" or need > (plan.limit_bytes - plan.host_peak_bytes) // 2:
+        return plan
+    return replace(plan, covariance_bytes=need, host_peak_bytes=plan.host_peak_bytes + need)
+
+
+def full_covariances(stream: LayerStream) -> Callable[[int], tuple[CovStats, CovStats]]:
+    """Layer i's (o_proj, down_proj) accumulators over every input column, for ``calibrate_layers``."""
     def full(i: int) -> tuple[CovStats, CovStats]:
         m = stream.adapter.layer_modules(stream.model, i)
-        return CovStats(m.o_proj.in_features, device=dev), CovStats(m.down_proj.in_features, device=dev)
+        return (CovStats(m.o_proj.in_features, device=stream.device),
+                CovStats(m.down_proj.in_features, device=stream.device))
 
-    calibrate_layers(stream, windows, lambda i, stats: layers.append(stats), batch_size=config.batch_size,
-                     progress=config.progress, covariance=full if covariance else None)
-    return Statistics(layers=layers, calibration=calibration or {}, windows=windows)
+    return full
+
+
+def _held(stats: LayerStats) -> LayerStats:
+    """A layer's statistics as they are kept until the allocation: covariances on the host (the device
+    holds one layer's accumulators at a time)."""
+    for cov in (stats.attn_cov, stats.mlp_cov):
+        if cov is not None:
+            cov.to("cpu")
+    return stats
 
 
 @dataclass
@@ -290,9 +328,10 @@ def _flap_layer(stream: LayerStream, i: int, stats: LayerStats, metric: str, sco
 
 
 def score_flap(stream: LayerStream, config: PruneConfig, calib: Calibration | None,
-               statistics: Statistics | None = None) -> Scores:
+               statistics: Statistics | None = None, covariance: bool = False) -> Scores:
     """FLAP: the configured metric on dense-calibration statistics, standardized per layer and module.
-    With ``statistics`` from an earlier run, only o_proj / down_proj weights are read, layer by layer."""
+    With ``statistics`` from an earlier run, only o_proj / down_proj weights are read, layer by layer.
+    ``covariance`` keeps every layer's full input covariances with the statistics (``plan_covariances``)."""
     geom = stream.geometry
     if statistics is not None:
         if len(statistics.layers) != geom.num_layers:
@@ -307,11 +346,12 @@ def score_flap(stream: LayerStream, config: PruneConfig, calib: Calibration | No
                     statistics=Statistics(kept, calib.description, windows=calib.input_ids))
 
     def on_layer(i: int, stats: LayerStats) -> None:
-        kept.append(stats)
+        kept.append(_held(stats))
         _flap_layer(stream, i, stats, config.metric, scores)
 
     calibrate_layers(stream, calib.input_ids, on_layer, batch_size=calib.batch_size,
-                     buffer_device=calib.buffer_device, progress=calib.progress)
+                     buffer_device=calib.buffer_device, progress=calib.progress,
+                     covariance=full_covariances(stream) if covariance else None)
     return scores
 
 
@@ -455,9 +495,9 @@ def _say(config: PruneConfig, text: str) -> None:
 
 
 def _score(stream: LayerStream, config: PruneConfig, calib: Calibration | None, statistics: Statistics | None,
-           align: Alignment) -> Scores:
+           align: Alignment, plan: MemoryPlan) -> Scores:
     if config.method == "flap":
-        return score_flap(stream, config, calib, statistics)
+        return score_flap(stream, config, calib, statistics, covariance=plan.covariance_bytes > 0)
     if config.method == "wanda-sp":
         return score_wanda_sp(stream, config, calib, align)
     return score_magnitude_sp(stream, config.progress)
@@ -514,11 +554,13 @@ def prune(model: str | os.PathLike | torch.nn.Module, config: PruneConfig | None
     plan = plan_memory(stream, config.nsamples * config.seqlen if calibrates else 0,
                        offload_buffer=config.offload_buffer, head=config.calib == "self",
                        max_memory=parse_size(config.max_memory, "max_memory"))
+    if calibrates and config.method == "flap":
+        plan = plan_covariances(stream, config, plan)
     _say(config, f"plan: {plan.describe()}")
 
     t0 = time.perf_counter()
     calib = _calibration(stream, config, tokenizer, plan) if calibrates else None
-    scores = _score(stream, config, calib, statistics, align)
+    scores = _score(stream, config, calib, statistics, align, plan)
     timings = {"calibrate_s": time.perf_counter() - t0}
     allocation = allocate(scores.attn, scores.mlp, stream.geometry, ratio=config.ratio,
                           structure=config.structure if config.method == "flap" else "UL-UM",

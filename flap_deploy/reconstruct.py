@@ -16,10 +16,12 @@ Modes (``PruneConfig.reconstruct``):
   ``W' x_k + b'`` is the best affine prediction of the dense output ``W x + b`` from the kept
   inputs; ``ridge`` -> infinity gives back ``bias`` exactly, ``ridge = 0`` the plain refit.
 
-Statistics: ``stats.CovStats`` streams the exact covariance between all input channels and a subset of
-columns (the kept ones) in float64, merging batches with Chan et al.'s update, so Sigma[all, k]
-(n x |k|) is all that is ever held: for Llama-70B's MLP (n = 28,672) and 80 % kept channels that
-is 28,672 x 22,938 x 8 B = 5.3 GB for one layer at a time (attention: 8,192 x |k| x 8 B <= 0.5 GB).
+Statistics: ``stats.CovStats`` streams the covariance in float64, merging batches with Chan et
+al.'s update. Where the memory plan has room (``pruning.plan_covariances``), every layer's full
+covariance is kept from the statistics pass; otherwise the writing pass accumulates each layer's
+against its kept columns only, so Sigma[all, k] (n x |k|) is all that is ever held: for Llama-70B's
+MLP (n = 28,672) and 80 % kept channels that is 28,672 x 22,938 x 8 B = 5.3 GB for one layer at a
+time (attention: 8,192 x |k| x 8 B <= 0.5 GB).
 """
 
 from __future__ import annotations

@@ -234,6 +234,7 @@ class MemoryPlan:
     host_peak_bytes: int
     device_peak_bytes: int
     limit_bytes: int
+    covariance_bytes: int = 0  # the ``ls`` refit's full covariances, when held from the statistics pass
 
     @property
     def buffer_on_host(self) -> bool:
@@ -243,7 +244,10 @@ class MemoryPlan:
         g = lambda b: f"{b / GIB:.2f} GiB"  # noqa: E731
         text = (f"checkpoint {g(self.checkpoint_bytes)}, largest layer {g(self.largest_layer_bytes)}, "
                 f"embeddings {g(self.embedding_bytes)}, calibration buffer {g(self.buffer_bytes)} "
-                f"(on {self.buffer_device}); expected peak host memory {g(self.host_peak_bytes)} of "
+                f"(on {self.buffer_device}); "
+                + (f"ls covariances {g(self.covariance_bytes)} (from the statistics pass); "
+                   if self.covariance_bytes else "")
+                + f"expected peak host memory {g(self.host_peak_bytes)} of "
                 f"{g(self.limit_bytes)} allowed")
         if self.device_peak_bytes:
             text += f", device memory {g(self.device_peak_bytes)}"

@@ -36,9 +36,10 @@ PRUNE_OPTIONS = (
                  help="Attention unit: a whole KV group, or query heads inside groups (equal group sizes per layer)."),
     click.option("--reconstruct", default="ls", show_default=True, type=click.Choice(RECONSTRUCT_MODES),
                  help="What replaces the removed inputs of o_proj / down_proj (FLAP only): nothing, the paper's "
-                      "calibration-mean biases, or a least-squares refit of the kept columns (a second calibration "
-                      "pass). --no-bias is an alias of --reconstruct none."),
-    click.option("--ridge", default=0.3, show_default=True, type=float,
+                      "calibration-mean biases, or a least-squares refit of the kept columns (from covariances kept "
+                      "from the statistics pass when --max-memory has room, else from a second calibration pass). "
+                      "--no-bias is an alias of --reconstruct none."),
+    click.option("--ridge", default=0.03, show_default=True, type=float,
                  help="Shrinkage of the ls refit toward the paper's bias solution, in units of the kept channels' "
                       "mean variance (0: plain least squares; larger: closer to --reconstruct bias)."),
     click.option("--calib", default="self", show_default=True,
