@@ -31,22 +31,27 @@ class _Captured(Exception):
 @dataclass
 class LayerStats:
     """Statistics of one layer's o_proj input (attention) and down_proj input (MLP); with
-    ``calibrate_layers(covariance=...)`` also their covariances (``stats.CovStats``)."""
+    ``calibrate_layers(covariance=...)`` also their covariances (``stats.CovStats``), which then
+    serve as the channel statistics too (a ``CovStats`` is one over every channel, whatever
+    columns its co-moment keeps)."""
 
     attn: ChannelStats
     mlp: ChannelStats
     attn_cov: CovStats | None = None
     mlp_cov: CovStats | None = None
 
+    @classmethod
+    def for_layer(cls, attn_in: int, mlp_in: int, device: torch.device | str,
+                  covariances: tuple[CovStats | None, CovStats | None] = (None, None)) -> LayerStats:
+        attn_cov, mlp_cov = covariances
+        return cls(attn_cov or ChannelStats(attn_in, device), mlp_cov or ChannelStats(mlp_in, device),
+                   attn_cov, mlp_cov)
+
     def update_attn(self, x: torch.Tensor) -> None:
-        for s in (self.attn, self.attn_cov):
-            if s is not None:
-                s.update(x)
+        self.attn.update(x)
 
     def update_mlp(self, x: torch.Tensor) -> None:
-        for s in (self.mlp, self.mlp_cov):
-            if s is not None:
-                s.update(x)
+        self.mlp.update(x)
 
 
 def _chunks(n: int, size: int) -> list[slice]:
@@ -147,8 +152,8 @@ def calibrate_layers(
         with stream.layer(i):
             m = stream.adapter.layer_modules(stream.model, i)
             dev = stream.device
-            stats = LayerStats(ChannelStats(m.o_proj.in_features, dev), ChannelStats(m.down_proj.in_features, dev),
-                               *(covariance(i) if covariance is not None else ()))
+            stats = LayerStats.for_layer(m.o_proj.in_features, m.down_proj.in_features, dev,
+                                         *((covariance(i),) if covariance is not None else ()))
             hooks = [
                 m.o_proj.register_forward_pre_hook(lambda mod, args: stats.update_attn(args[0])),
                 m.down_proj.register_forward_pre_hook(lambda mod, args: stats.update_mlp(args[0])),

@@ -346,8 +346,8 @@ def score_flap(stream: LayerStream, config: PruneConfig, calib: Calibration | No
                     statistics=Statistics(kept, calib.description, windows=calib.input_ids))
 
     def on_layer(i: int, stats: LayerStats) -> None:
-        kept.append(_held(stats))
         _flap_layer(stream, i, stats, config.metric, scores)
+        kept.append(_held(stats))
 
     calibrate_layers(stream, calib.input_ids, on_layer, batch_size=calib.batch_size,
                      buffer_device=calib.buffer_device, progress=calib.progress,

@@ -59,6 +59,14 @@ class ChannelStats:
         return self.m2 / self.count + self.mean.square()
 
 
+_TRIANGLE_BLOCKS = 8
+
+
+def _mirror_upper(upper: torch.Tensor) -> torch.Tensor:
+    """The symmetric matrix whose upper triangle (diagonal included) is ``upper``'s."""
+    return upper.triu() + upper.triu(1).T
+
+
 class CovStats(ChannelStats):
     """ChannelStats plus the co-moment ``sum (x - mu)(x[cols] - mu[cols])^T`` ([channels, len(cols)],
     float64) of every channel against a subset of columns (``cols=None``: all), merged the same
@@ -81,8 +89,16 @@ class CovStats(ChannelStats):
     def _merge(self, centred: torch.Tensor, delta: torch.Tensor, weight: float) -> None:
         super()._merge(centred, delta, weight)
         c = centred.to(self._product_dtype)
-        product = c.T @ (c if self.full else c[:, self.cols])
-        self.comoment += product.to(torch.float64) + torch.outer(delta, delta[self.cols]) * weight
+        if not self.full:
+            self.comoment += (c.T @ c[:, self.cols]).to(torch.float64) + torch.outer(delta, delta[self.cols]) * weight
+            return
+        # Symmetric: only the blocks on and above the diagonal (9/16 of the product's cost);
+        # ``covariance`` mirrors them.
+        n, step = self.channels, -(-self.channels // _TRIANGLE_BLOCKS)
+        for s in range(0, n, step):
+            e = min(s + step, n)
+            block = (c[:, s:e].T @ c[:, s:]).to(torch.float64)
+            self.comoment[s:e, s:] += block + torch.outer(delta[s:e], delta[s:]) * weight
 
     def to(self, device: torch.device | str) -> CovStats:
         """The same statistics on ``device`` (in place; full first-pass covariances wait on the host)."""
@@ -93,6 +109,8 @@ class CovStats(ChannelStats):
     def covariance(self, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> torch.Tensor:
         """Population covariance Sigma[rows, cols] (original channel indices; cols must be accumulated)."""
         cov = self.comoment / max(self.count, 1)
+        if self.full:
+            cov = _mirror_upper(cov)
         if cols is not None:
             pos = torch.full((self.channels,), -1, dtype=torch.long, device=self.cols.device)
             pos[self.cols] = torch.arange(self.cols.numel(), device=self.cols.device)
