@@ -268,7 +268,7 @@ def plan_covariances(stream: LayerStream, config: PruneConfig, plan: MemoryPlan)
     second time, accumulating each layer's covariance over its kept columns only (one layer's
     worth of memory). They are kept when they fit in half of the headroom the plan leaves under
     its limit (the other half for the solve and what the plan does not count), so ``max_memory``
-    decides: a 135M model keeps 0.6 GiB, a 70B's 530 GB never are.
+    decides: a 135M model keeps its 0.6 GiB, a 70B's 530 GiB only where over a terabyte is free.
     """
     need = covariance_nbytes(stream)
     if config.effective_reconstruct != "ls" or need > (plan.limit_bytes - plan.host_peak_bytes) // 2:
