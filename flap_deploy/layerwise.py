@@ -47,12 +47,6 @@ class LayerStats:
         return cls(attn_cov or ChannelStats(attn_in, device), mlp_cov or ChannelStats(mlp_in, device),
                    attn_cov, mlp_cov)
 
-    def update_attn(self, x: torch.Tensor) -> None:
-        self.attn.update(x)
-
-    def update_mlp(self, x: torch.Tensor) -> None:
-        self.mlp.update(x)
-
 
 def _chunks(n: int, size: int) -> list[slice]:
     return [slice(s, min(s + size, n)) for s in range(0, n, size)]
@@ -155,8 +149,8 @@ def calibrate_layers(
             stats = LayerStats.for_layer(m.o_proj.in_features, m.down_proj.in_features, dev,
                                          *((covariance(i),) if covariance is not None else ()))
             hooks = [
-                m.o_proj.register_forward_pre_hook(lambda mod, args: stats.update_attn(args[0])),
-                m.down_proj.register_forward_pre_hook(lambda mod, args: stats.update_mlp(args[0])),
+                m.o_proj.register_forward_pre_hook(lambda mod, args: stats.attn.update(args[0])),
+                m.down_proj.register_forward_pre_hook(lambda mod, args: stats.mlp.update(args[0])),
             ]
             _postfix(bar, f"layer {i}: statistics", done, started)
             try:
