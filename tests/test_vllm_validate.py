@@ -119,6 +119,33 @@ def test_cpu_engine_env_sizes_the_kv_cache_unless_the_user_did(monkeypatch):
     assert set(vllm_env.cpu_engine_env(2, {})) == {"VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_OMP_THREADS_BIND"}
 
 
+def test_shut_down_waits_for_the_output_thread():
+    """vLLM's client shutdown only signals its output thread; a thread still releasing tensors
+    when the interpreter finalizes aborts the process, so ``shut_down`` returns after it ended."""
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    from serving.vllm_env import shut_down
+
+    stop = threading.Event()
+
+    def process_outputs():
+        stop.wait()
+        time.sleep(0.3)  # the last outputs are released after the signal
+
+    class Client:  # vLLM's SyncMPClient contract: shutdown() signals, output_queue_thread is a daemon
+        output_queue_thread = threading.Thread(target=process_outputs, daemon=True)
+
+        def shutdown(self):
+            stop.set()
+
+    client = Client()
+    client.output_queue_thread.start()
+    shut_down(SimpleNamespace(llm_engine=SimpleNamespace(engine_core=client)))
+    assert stop.is_set() and not client.output_queue_thread.is_alive()
+
+
 def test_pp_split_is_vllms_and_has_no_width_rule(monkeypatch):
     from exporters.vllm.validate import describe_split, pp_layer_split
 
