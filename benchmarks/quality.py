@@ -30,12 +30,14 @@ Results are rewritten after every evaluated group, so an interrupted run leaves 
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import platform
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -315,25 +317,35 @@ def plot(out: Path, data: dict) -> None:
 
 # ---------------------------------------------------------------- the run
 
-def calibration_sets(args, dense, tok) -> list[tuple[str, torch.Tensor, dict]]:
-    """(label, windows, description): the main set first, then the study's."""
+def calibration_sets(args, dense, tok) -> list[tuple[str, Callable[[], torch.Tensor], dict]]:
+    """(label, windows, description): the main set first, then the study's. ``windows()`` makes
+    the windows on its first call, so a resumed run whose rows all exist makes none (the
+    self-generated set takes minutes of generation)."""
     valid = str(WIKITEXT / "valid.txt")
 
+    @functools.cache
     def text(n):
         return calibration_windows(valid, dense, tok, n, args.seqlen, 0, progress=False).input_ids
 
-    sets = [("valid", text(args.nsamples), {"source": valid, "samples": args.nsamples, "seqlen": args.seqlen, "seed": 0})]
+    @functools.cache
+    def own():
+        return calibration_windows("self", dense, tok, args.nsamples, args.seqlen, 0, progress=False).input_ids
+
+    def mix():
+        half = args.nsamples // 2
+        return torch.cat([text(args.nsamples)[:half], own()[: args.nsamples - half]])
+
+    def described(source, n=args.nsamples):
+        return {"source": source, "samples": n, "seqlen": args.seqlen, "seed": 0}
+
+    sets = [("valid", lambda: text(args.nsamples), described(valid))]
     if args.study:
         for n in args.study_nsamples:
             if n != args.nsamples:
-                sets.append((f"valid x{n}", text(n), {"source": valid, "samples": n, "seqlen": args.seqlen, "seed": 0}))
+                sets.append((f"valid x{n}", lambda n=n: text(n), described(valid, n)))
         if args.study_calib:
-            own = calibration_windows("self", dense, tok, args.nsamples, args.seqlen, 0, progress=False).input_ids
-            sets.append(("self", own, {"source": "self", "samples": args.nsamples, "seqlen": args.seqlen, "seed": 0}))
-            half = args.nsamples // 2
-            mix = torch.cat([text(args.nsamples)[:half], own[: args.nsamples - half]])
-            sets.append(("mix", mix, {"source": "mix: WikiText-2 valid + self, half each", "samples": args.nsamples,
-                                      "seqlen": args.seqlen, "seed": 0}))
+            sets.append(("self", own, described("self")))
+            sets.append(("mix", mix, described("mix: WikiText-2 valid + self, half each")))
     return sets
 
 
@@ -387,7 +399,7 @@ def run(args) -> None:
 
         def stats():  # one statistics pass per set, taken only if some row of the set still needs it
             if "stats" not in cache:
-                cache["stats"] = collect_statistics(dense, PruneConfig(**base), tok, covariance=True, windows=ids,
+                cache["stats"] = collect_statistics(dense, PruneConfig(**base), tok, covariance=True, windows=ids(),
                                                     calibration=desc)
             return cache["stats"]
 
@@ -414,7 +426,7 @@ def run(args) -> None:
 
         ratios = sorted(set(args.ratios if main_set else []) | set(args.study_ratios if args.study else []))
         for ratio in ratios:
-            cfg = PruneConfig(**base, ratio=ratio, calib=desc["source"], nsamples=len(ids))
+            cfg = PruneConfig(**base, ratio=ratio, calib=desc["source"], nsamples=desc["samples"])
 
             def bias(cfg=cfg, key=("bias", ratio)):  # FLAP's masks and means at this ratio, pruned once
                 if key not in cache:
@@ -454,14 +466,14 @@ def run(args) -> None:
             for modules in (("attn",), ("mlp",)):
                 add(f"ls {modules[0]}-only ridge {DEFAULT.ridge:g} {tag}", "study", "ls",
                     lambda modules=modules, variant=variant, bias=bias: variant(
-                        "ls", DEFAULT.ridge, refit_layers(dense, ids, bias().masks, DEFAULT.ridge, modules=modules,
+                        "ls", DEFAULT.ridge, refit_layers(dense, ids(), bias().masks, DEFAULT.ridge, modules=modules,
                                                           covariances=stats().covariances)),
                     modules=modules[0], refit="one-pass")
             if args.sequential:
                 for ridge in args.sequential_ridges:
                     add(f"ls sequential ridge {ridge:g} {tag}", "study", "ls-sequential",
                         lambda ridge=ridge, variant=variant, bias=bias: variant(
-                            "ls-sequential", ridge, sequential_refits(dense, ids, bias().masks, ridge), means=False),
+                            "ls-sequential", ridge, sequential_refits(dense, ids(), bias().masks, ridge), means=False),
                         refit="sequential")
         cache.clear()
         flush()
