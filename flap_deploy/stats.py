@@ -28,6 +28,7 @@ class ChannelStats:
     @torch.no_grad()
     def update(self, x: torch.Tensor) -> None:
         """Add every row of ``x`` (any leading shape, channels last)."""
+        dtype = x.dtype
         x = x.reshape(-1, x.shape[-1]).to(torch.float64)
         n_b = x.shape[0]
         if n_b == 0:
@@ -36,12 +37,13 @@ class ChannelStats:
         n_a = self.count
         n = n_a + n_b
         delta = mean_b - self.mean
-        self._merge(x - mean_b, delta, n_a * n_b / n)
+        self._merge(x - mean_b, delta, n_a * n_b / n, dtype)
         self.mean = self.mean + delta * (n_b / n)
         self.count = n
 
-    def _merge(self, centred: torch.Tensor, delta: torch.Tensor, weight: float) -> None:
-        """Chan's update of the second moments: the batch's own plus the shift between the means."""
+    def _merge(self, centred: torch.Tensor, delta: torch.Tensor, weight: float, dtype: torch.dtype) -> None:
+        """Chan's update of the second moments: the batch's own plus the shift between the means
+        (``dtype``: the inputs' own, which subclasses may compute products in)."""
         self.m2 = self.m2 + centred.square().sum(dim=0) + delta.square() * weight
 
     @property
@@ -79,16 +81,12 @@ class CovStats(ChannelStats):
                      else torch.as_tensor(cols, dtype=torch.long).flatten()).to(device)
         self.full = cols is None
         self.comoment = torch.zeros(channels, self.cols.numel(), dtype=torch.float64, device=device)
-        self._product_dtype = torch.float64
 
-    @torch.no_grad()
-    def update(self, x: torch.Tensor) -> None:
-        self._product_dtype = torch.promote_types(x.dtype, torch.float32)
-        super().update(x)
-
-    def _merge(self, centred: torch.Tensor, delta: torch.Tensor, weight: float) -> None:
-        super()._merge(centred, delta, weight)
-        c = centred.to(self._product_dtype)
+    def _merge(self, centred: torch.Tensor, delta: torch.Tensor, weight: float, dtype: torch.dtype) -> None:
+        super()._merge(centred, delta, weight, dtype)
+        # The batch product is the pass's cost: it runs in the inputs' precision (at least
+        # float32); the sums over batches are float64, so many batches add no error of their own.
+        c = centred.to(torch.promote_types(dtype, torch.float32))
         if not self.full:
             self.comoment += (c.T @ c[:, self.cols]).to(torch.float64) + torch.outer(delta, delta[self.cols]) * weight
             return
