@@ -30,22 +30,20 @@ class _Captured(Exception):
 
 @dataclass
 class LayerStats:
-    """Statistics of one layer's o_proj input (attention) and down_proj input (MLP); with
-    ``calibrate_layers(covariance=...)`` also their covariances (``stats.CovStats``), which then
-    serve as the channel statistics too (a ``CovStats`` is one over every channel, whatever
-    columns its co-moment keeps)."""
+    """Statistics of one layer's o_proj input (attention) and down_proj input (MLP). With
+    ``calibrate_layers(covariance=...)`` they are ``stats.CovStats``: a covariance accumulator is
+    the channel statistics too (over every channel, whatever columns its co-moment keeps)."""
 
     attn: ChannelStats
     mlp: ChannelStats
-    attn_cov: CovStats | None = None
-    mlp_cov: CovStats | None = None
 
-    @classmethod
-    def for_layer(cls, attn_in: int, mlp_in: int, device: torch.device | str,
-                  covariances: tuple[CovStats | None, CovStats | None] = (None, None)) -> LayerStats:
-        attn_cov, mlp_cov = covariances
-        return cls(attn_cov or ChannelStats(attn_in, device), mlp_cov or ChannelStats(mlp_in, device),
-                   attn_cov, mlp_cov)
+    @property
+    def attn_cov(self) -> CovStats | None:
+        return self.attn if isinstance(self.attn, CovStats) else None
+
+    @property
+    def mlp_cov(self) -> CovStats | None:
+        return self.mlp if isinstance(self.mlp, CovStats) else None
 
 
 def _chunks(n: int, size: int) -> list[slice]:
@@ -146,8 +144,8 @@ def calibrate_layers(
         with stream.layer(i):
             m = stream.adapter.layer_modules(stream.model, i)
             dev = stream.device
-            stats = LayerStats.for_layer(m.o_proj.in_features, m.down_proj.in_features, dev,
-                                         *((covariance(i),) if covariance is not None else ()))
+            stats = LayerStats(*(covariance(i) if covariance is not None else
+                                 (ChannelStats(m.o_proj.in_features, dev), ChannelStats(m.down_proj.in_features, dev))))
             hooks = [
                 m.o_proj.register_forward_pre_hook(lambda mod, args: stats.attn.update(args[0])),
                 m.down_proj.register_forward_pre_hook(lambda mod, args: stats.mlp.update(args[0])),
