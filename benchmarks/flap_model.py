@@ -3,7 +3,7 @@
 One recipe for every benchmark script, so their figures describe the same kind of model:
 FLAP at ``ratio`` with WikiText-2 valid calibration when ``../shared/data`` is present (else
 self-generated), MLP widths a multiple of 16, optionally aligned for tensor parallelism.
-The result is cached under ``work`` and reused (``flap_deploy.bundled.flap_pruned_bundled``).
+The result is cached under ``work`` and reused (``flap_deploy.io.bundled.flap_pruned_bundled``).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ WIKITEXT = REPO.parent / "shared" / "data" / "wikitext-2"
 def flap_pruned_bundled(work: Path, *, ratio: float = 0.2, tp_size: int = 1, nsamples: int = 64,
                         mlp_multiple: int = 16) -> Path:
     """Path of the FLAP-pruned bundled model (pruned into ``work`` on the first call)."""
-    from flap_deploy.bundled import flap_pruned_bundled as pruned
+    from flap_deploy.pruning.recipes import flap_pruned_bundled as pruned
 
     valid = WIKITEXT / "valid.txt"
     out = Path(work) / (f"smollm2-135m-flap{round(100 * ratio)}-{'wikitext' if valid.is_file() else 'self'}"

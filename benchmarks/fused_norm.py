@@ -3,7 +3,7 @@
     PYTHONPATH=. python benchmarks/fused_norm.py [--pairs 3] [--model DIR] [--dtype bfloat16]
 
 The model (default: the bundled SmolLM2-135M pruned 20 % by FLAP, ``benchmarks/flap_model.py``)
-runs through ``serving.vllm_offline`` twice per pair, in fresh interpreters: once from this
+runs through ``serving.vllm.offline`` twice per pair, in fresh interpreters: once from this
 checkout (fused: every norm is ``RMSNorm(x, residual)``), once from a copy of its packages in
 which ``add_norm`` is the plain path (``residual = residual + x; x = norm(residual)``), which is
 what the model did before the fused norm. Nothing else differs. The order alternates (fused,
@@ -57,7 +57,7 @@ def run(root: Path, request: dict, work: Path) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     (work / "request.json").write_text(json.dumps(request))
     env = dict(os.environ, PYTHONPATH=str(root), VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"))
-    proc = subprocess.run([sys.executable, "-m", "serving.vllm_offline", str(work / "request.json"),
+    proc = subprocess.run([sys.executable, "-m", "serving.vllm.offline", str(work / "request.json"),
                            str(work / "result.json")], cwd=root, env=env, capture_output=True, text=True, timeout=1200)
     if proc.returncode != 0:
         raise SystemExit(f"vLLM offline run failed ({root}):\n{proc.stderr[-4000:]}")

@@ -93,7 +93,7 @@ def prepare(work: Path, threads: int) -> dict:
     from exporters.onnx.export import export_onnx, quantize_export
     from flap_model import flap_pruned_bundled
 
-    from flap_deploy.model_ref import resolve_model
+    from flap_deploy.io.model_ref import resolve_model
 
     dense_ref = resolve_model("smollm2-135m")
     pruned_ref = resolve_model(flap_pruned_bundled(work))
@@ -114,7 +114,7 @@ def prepare(work: Path, threads: int) -> dict:
 
 
 def main() -> None:
-    from flap_deploy.bundled import cache_dir
+    from flap_deploy.io.bundled import cache_dir
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, default=cache_dir() / "bench-onnx",

@@ -3,7 +3,7 @@ domains, and the cost of pruning.
 
 Protocol (issue 12). Calibration: WikiText-2 valid, --nsamples random windows of --seqlen tokens,
 seed 0. Evaluation on two domains, the first --max-tokens tokens of each in windows of
---eval-seqlen: WikiText-2 test, and python-docs (``flap_deploy.text.python_docs_text``: the Python
+--eval-seqlen: WikiText-2 test, and python-docs (``flap_deploy.io.text.python_docs_text``: the Python
 Language Reference topics the interpreter ships for ``help()``). Figures: perplexity, mean
 KL(dense||pruned) per token and top-1 next-token agreement with the dense model on the same
 positions (the dense logits are computed once per window and shared by every model of a group).
@@ -38,7 +38,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -47,14 +47,14 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from flap_deploy import PruneConfig, __version__, prune  # noqa: E402
-from flap_deploy.calibration import calibration_windows  # noqa: E402
-from flap_deploy.compress import compress  # noqa: E402
-from flap_deploy.evaluate import Tally, log_probs, token_windows  # noqa: E402
-from flap_deploy.memory import peak_rss_bytes  # noqa: E402
-from flap_deploy.model_ref import load_model, load_tokenizer  # noqa: E402
-from flap_deploy.pruning import collect_statistics, linear_weights  # noqa: E402
-from flap_deploy.reconstruct import refit_layers  # noqa: E402
-from flap_deploy.text import load_text, python_docs_text  # noqa: E402
+from flap_deploy.pruning.calibration import calibration_windows  # noqa: E402
+from flap_deploy.pruning.compress import compress  # noqa: E402
+from flap_deploy.evaluation.perplexity import Tally, log_probs, token_windows  # noqa: E402
+from flap_deploy.streaming.memory import peak_rss_bytes  # noqa: E402
+from flap_deploy.io.model_ref import load_model, load_tokenizer  # noqa: E402
+from flap_deploy.pruning.pipeline import collect_statistics, linear_weights  # noqa: E402
+from flap_deploy.pruning.reconstruct import refit_layers  # noqa: E402
+from flap_deploy.io.text import load_text, python_docs_text  # noqa: E402
 
 WIKITEXT = REPO.parent / "shared" / "data" / "wikitext-2"
 DEFAULT = PruneConfig()
@@ -128,10 +128,10 @@ def sequential_refits(model, input_ids, masks, ridge: float, batch_size: int = 8
     the already pruned and refitted layers before it (and, for down_proj, by its own refitted
     attention), toward the dense model's outputs of the same module (cross-covariance least squares,
     ridge toward the kept columns as they are)."""
-    from flap_deploy.adapters import get_adapter
-    from flap_deploy.layerwise import LayerPass
-    from flap_deploy.reconstruct import LayerRefit, Refit, kept_columns
-    from flap_deploy.stats import CovStats
+    from flap_deploy.model.adapters import get_adapter
+    from flap_deploy.streaming.passes import LayerPass
+    from flap_deploy.pruning.reconstruct import LayerRefit, Refit, kept_columns
+    from flap_deploy.pruning.stats import CovStats
 
     adapter = get_adapter(model.config)
     geom = adapter.geometry(model.config)
@@ -254,7 +254,7 @@ def write(out: Path, data: dict) -> None:
         "",
         f"Calibration: WikiText-2 valid, {c['nsamples']} windows x {c['seqlen']} tokens, seed 0 (study rows say "
         f"otherwise). Evaluation: first {e['max_tokens']:,} tokens of WikiText-2 test and of python-docs (the "
-        f"Python {platform.python_version()} Language Reference topics, `flap_deploy.text.python_docs_text`), windows of "
+        f"Python {platform.python_version()} Language Reference topics, `flap_deploy.io.text.python_docs_text`), windows of "
         f"{e['seqlen']}. KL = mean KL(dense || pruned) per token; top-1 = argmax agreement with the dense model. "
         "Ratio = share of decoder linear weights removed.",
         "",

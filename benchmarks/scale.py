@@ -28,7 +28,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from flap_deploy.synthetic import Shape  # noqa: E402
+from flap_deploy.pruning.synthetic import Shape  # noqa: E402
 
 SIZES = {
     "0.5B": Shape("LlamaForCausalLM", 1024, 4096, 24, 16, 4, 64),
@@ -41,11 +41,11 @@ GIB = 1024**3
 # One process per figure, so each peak RSS is that of one job. Prints a JSON line.
 FORWARD = """
 import json, sys, time, torch
-from flap_deploy.memory import peak_rss_bytes
-from flap_deploy.calibration import text_windows
-from flap_deploy.layerwise import final_hidden
-from flap_deploy.model_ref import resolve_model
-from flap_deploy.streaming import LayerStream
+from flap_deploy.streaming.memory import peak_rss_bytes
+from flap_deploy.pruning.calibration import text_windows
+from flap_deploy.streaming.passes import final_hidden
+from flap_deploy.io.model_ref import resolve_model
+from flap_deploy.streaming.layers import LayerStream
 torch.set_num_threads({threads})
 ref = resolve_model(sys.argv[1])
 ids = text_windows(sys.argv[2], ref.tokenizer(), {nsamples}, {seqlen}, 0)
@@ -56,9 +56,9 @@ print(json.dumps({{"seconds": time.perf_counter() - t, "peak_rss": peak_rss_byte
 """
 BASELINE = """
 import json, sys, time, torch
-from flap_deploy.memory import peak_rss_bytes
-from flap_deploy.model_ref import load_model
-from flap_deploy.pruning import PruneConfig, prune
+from flap_deploy.streaming.memory import peak_rss_bytes
+from flap_deploy.io.model_ref import load_model
+from flap_deploy.pruning.pipeline import PruneConfig, prune
 torch.set_num_threads({threads})
 t = time.perf_counter()
 model = load_model(sys.argv[1], dtype=torch.float32)
@@ -94,9 +94,9 @@ def main() -> None:
                          "(float64, n x kept) and a second forward while writing")
     args = ap.parse_args()
 
-    from flap_deploy.bundled import materialize
-    from flap_deploy.shards import ShardedReader
-    from flap_deploy.synthetic import write_random_checkpoint
+    from flap_deploy.io.bundled import materialize
+    from flap_deploy.io.shards import ShardedReader
+    from flap_deploy.pruning.synthetic import write_random_checkpoint
 
     env = dict(os.environ, PYTHONPATH=str(REPO))
     tok = materialize("smollm2-135m")

@@ -31,12 +31,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import quality as Q  # noqa: E402
 
 from flap_deploy import PruneConfig, prune  # noqa: E402
-from flap_deploy.adapters import get_adapter  # noqa: E402
-from flap_deploy.calibration import calibration_windows  # noqa: E402
-from flap_deploy.compress import LayerMask, compress  # noqa: E402
-from flap_deploy.model_ref import load_model, load_tokenizer  # noqa: E402
-from flap_deploy.pruning import collect_statistics  # noqa: E402
-from flap_deploy.reconstruct import refit_layers  # noqa: E402
+from flap_deploy.model.adapters import get_adapter  # noqa: E402
+from flap_deploy.pruning.calibration import calibration_windows  # noqa: E402
+from flap_deploy.model.layout import LayerMask  # noqa: E402
+from flap_deploy.pruning.compress import compress  # noqa: E402
+from flap_deploy.io.model_ref import load_model, load_tokenizer  # noqa: E402
+from flap_deploy.pruning.pipeline import collect_statistics  # noqa: E402
+from flap_deploy.pruning.reconstruct import refit_layers  # noqa: E402
 
 
 def eliminate(w: torch.Tensor, sigma: torch.Tensor, unit: int, n_remove: int, ridge: float) -> torch.Tensor:

@@ -31,7 +31,7 @@ import httpx
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from flap_deploy.memory import rss_bytes  # noqa: E402
+from flap_deploy.streaming.memory import rss_bytes  # noqa: E402
 
 WORDS = ("the river city light market winter story people garden music old new small great "
          "morning evening house road field water").split()

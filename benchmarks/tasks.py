@@ -25,8 +25,8 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from flap_model import flap_pruned_bundled  # noqa: E402
 
-from flap_deploy.bundled import cache_dir, materialize  # noqa: E402
-from flap_deploy.task_report import format_table  # noqa: E402
+from flap_deploy.io.bundled import cache_dir, materialize  # noqa: E402
+from flap_deploy.evaluation.task_report import format_table  # noqa: E402
 from flap_deploy_cli.evaluate import task_comparison  # noqa: E402
 
 

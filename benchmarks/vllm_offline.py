@@ -28,13 +28,13 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]  # this checkout's packages, and flap_model
 
-from flap_deploy.bundled import materialize  # noqa: E402
-from flap_deploy.checkpoint import read_config  # noqa: E402
-from flap_deploy.evaluate import teacher_forced_top1  # noqa: E402
-from flap_deploy.model_ref import load_model, load_tokenizer  # noqa: E402
-from flap_deploy.params import decode_step_params  # noqa: E402
+from flap_deploy.io.bundled import materialize  # noqa: E402
+from flap_deploy.io.checkpoint import read_config  # noqa: E402
+from flap_deploy.evaluation.perplexity import teacher_forced_top1  # noqa: E402
+from flap_deploy.io.model_ref import load_model, load_tokenizer  # noqa: E402
+from flap_deploy.model.params import decode_step_params  # noqa: E402
 from flap_model import WIKITEXT, flap_pruned_bundled  # noqa: E402
-from serving.vllm_offline import run_offline_subprocess  # noqa: E402
+from serving.vllm.offline import run_offline_subprocess  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 

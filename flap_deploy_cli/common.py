@@ -14,7 +14,7 @@ import click
 
 # Error classes are looked up in sys.modules rather than imported: a class that was never
 # loaded cannot have been raised, and importing the library here would cost every --help.
-USER_ERROR_CLASSES = (("flap_deploy.errors", "FlapDeployError"), ("flap_deploy.modeling_flap_llama", "FlapConfigError"))
+USER_ERROR_CLASSES = (("flap_deploy.errors", "FlapDeployError"), ("flap_deploy.model.modeling_flap_llama", "FlapConfigError"))
 
 
 def user_error_message(error: BaseException, command: click.Command) -> str | None:

@@ -34,15 +34,15 @@ def run_demo(out: str | os.PathLike = "demo-out", *, quick: bool = False, backen
 
     from exporters.onnx import export_onnx
     from exporters.vllm.export import export_vllm
+    from flap_deploy.evaluation.perplexity import evaluate_windows
+    from flap_deploy.io.bundled import materialize
+    from flap_deploy.io.model_ref import resolve_model
+    from flap_deploy.pruning.calibration import self_generated
+    from flap_deploy.pruning.config import PruneConfig
+    from flap_deploy.pruning.pipeline import prune
     from serving.backends import default_backend
-    from serving.compare import compare
-    from serving.compare_report import format_markdown
-
-    from flap_deploy.bundled import materialize
-    from flap_deploy.calibration import self_generated
-    from flap_deploy.evaluate import evaluate_windows
-    from flap_deploy.model_ref import resolve_model
-    from flap_deploy.pruning import PruneConfig, prune
+    from serving.measure.compare import compare
+    from serving.measure.compare_report import format_markdown
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -118,8 +118,8 @@ def run_demo(out: str | os.PathLike = "demo-out", *, quick: bool = False, backen
 def _task_step(dense_dir: Path, pruned_dir: Path, out: Path, limit: int) -> dict[str, Any] | None:
     """Dense vs pruned on the offline task set through lm-eval's HF backend (None, with a note,
     where the WikiText-2 text the tasks are built from is not on this machine)."""
-    from flap_deploy.task_report import format_table
-    from flap_deploy.tasks import default_task_text
+    from flap_deploy.evaluation.task_report import format_table
+    from flap_deploy.evaluation.tasks import default_task_text
 
     from .evaluate import task_comparison
 

@@ -19,8 +19,8 @@ from .prune import DTYPES as COMPUTE_DTYPES
 @json_option
 def info(model: str, plot: Path | None, no_plot: bool, as_json: bool) -> None:
     """Per-layer widths, parameter counts and provenance of a checkpoint, and a widths plot."""
-    from flap_deploy.info import checkpoint_report, format_report, plot_widths
-    from flap_deploy.model_ref import CHECKPOINTS, resolve_model
+    from flap_deploy.io.info import checkpoint_report, format_report, plot_widths
+    from flap_deploy.io.model_ref import CHECKPOINTS, resolve_model
 
     ref = resolve_model(model, accept=CHECKPOINTS)
     report = checkpoint_report(ref)
@@ -85,7 +85,7 @@ def eval_command(ctx: click.Context, model: str, text_path: Path | None, tasks: 
             if other != mode and flag in explicit:
                 raise CliError(f"{flag} applies to {other}, not {mode}")
     if tasks is not None:
-        from flap_deploy.task_report import format_table
+        from flap_deploy.evaluation.task_report import format_table
 
         report = task_comparison(model, tasks, reference=reference, limit=limit, backend=backend,
                                  dtype=dtype or "float32",
@@ -99,10 +99,10 @@ def eval_command(ctx: click.Context, model: str, text_path: Path | None, tasks: 
             click.echo(f"\nplot: {report['plot']}")
         return
 
-    from flap_deploy.evaluate import evaluate
-    from flap_deploy.model_ref import CHECKPOINTS, resolve_model
-    from flap_deploy.streaming import resolve_device
-    from flap_deploy.text import load_text
+    from flap_deploy.evaluation.perplexity import evaluate
+    from flap_deploy.io.model_ref import CHECKPOINTS, resolve_model
+    from flap_deploy.io.text import load_text
+    from flap_deploy.streaming.layers import resolve_device
 
     resolve_device(device)  # a missing accelerator is an error before any reading
     text = load_text(text_path)
@@ -128,16 +128,21 @@ def task_comparison(model: str, tasks: str, *, reference: str | None = None, lim
     data, models), then run lm-eval on the reference and the model; return both results, the
     chance levels, the comparison rows and the plot path (``plot=True``: MODEL_DIR/flap_tasks.png).
     ``quiet``: progress and engine logs go to stderr, stdout stays clean for JSON."""
-    from flap_deploy.model_ref import CHECKPOINTS, resolve_model
-    from flap_deploy.task_report import compare_results, plot_comparison
-    from flap_deploy.tasks import check_limit, load_tasks, run_tasks, select_tasks
+    from flap_deploy.evaluation.task_report import compare_results, plot_comparison
+    from flap_deploy.evaluation.tasks import (
+        check_limit,
+        load_tasks,
+        run_tasks,
+        select_tasks,
+    )
+    from flap_deploy.io.model_ref import CHECKPOINTS, resolve_model
 
     check_limit(limit)
     selection = select_tasks(tasks, task_text=task_text)
     ref = resolve_model(model, accept=CHECKPOINTS)
     dense = resolve_model(reference, accept=CHECKPOINTS) if reference else None
     if backend == "vllm":
-        from serving.vllm_launcher import check_servable, check_vllm_installed
+        from serving.vllm.launcher import check_servable, check_vllm_installed
 
         check_vllm_installed()
         for r in (dense, ref):
@@ -148,7 +153,7 @@ def task_comparison(model: str, tasks: str, *, reference: str | None = None, lim
     def run(r):
         with stdout_to_stderr(quiet):
             if backend == "vllm":
-                from serving.vllm_tasks import run_tasks_vllm
+                from serving.vllm.tasks import run_tasks_vllm
 
                 return run_tasks_vllm(r, loaded, limit=limit, dtype=dtype, progress=not quiet)
             return run_tasks(r, loaded, limit=limit, batch_size=batch_size, dtype=dtype, progress=not quiet)

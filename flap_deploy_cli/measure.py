@@ -6,9 +6,16 @@ import click
 
 from serving.backends import BACKENDS, SERVER_MODES
 
-from .common import CliError, FlapCommand, echo_json, int_list, json_option, overwrite_option
+from .common import (
+    CliError,
+    FlapCommand,
+    echo_json,
+    int_list,
+    json_option,
+    overwrite_option,
+)
 
-# flap_deploy.synthetic.SHAPES' names, restated so that --help needs no torch (a test keeps them equal)
+# flap_deploy.pruning.synthetic.SHAPES' names, restated so that --help needs no torch (a test keeps them equal)
 SYNTHETIC_SHAPES = ("llama2-7b", "llama2-13b", "llama3-8b", "mistral-7b", "qwen2.5-7b", "llama3.2-1b", "smollm2-135m")
 
 
@@ -48,11 +55,11 @@ def bench(base_url: str, model: str | None, tokenizer: str | None, endpoint: str
           warmup: int, seed: int, temperature: float, percentiles: str, api_key: str | None, timeout: float,
           out_dir: str | None, overwrite: bool, as_json: bool) -> None:
     """Load-test an OpenAI-compatible endpoint: throughput, TTFT, TPOT, ITL, end-to-end latency."""
-    from serving.bench import build_requests, run_bench, server_tokenizer
-    from serving.bench_report import format_console, summary_rows, write_report
+    from serving.measure.bench import build_requests, run_bench, server_tokenizer
+    from serving.measure.bench_report import format_console, summary_rows, write_report
 
     if out_dir:
-        from flap_deploy.atomic import check_output_dir
+        from flap_deploy.io.atomic import check_output_dir
 
         check_output_dir(out_dir, overwrite)
     try:
@@ -120,7 +127,8 @@ def bench(base_url: str, model: str | None, tokenizer: str | None, endpoint: str
 def compare(dense: str | None, pruned: str | None, synthetic: str | None, ratio: float, tp_size: int,
             concurrency: str, as_json: bool, **settings) -> None:
     """Serve DENSE and PRUNED on the same settings, run the same workload on each, report measured vs ideal."""
-    from serving.compare import compare as run_compare, compare_synthetic
+    from serving.measure.compare import compare as run_compare
+    from serving.measure.compare import compare_synthetic
 
     levels = [c for c in int_list(concurrency, "--concurrency") if c is not None]
     if not levels:

@@ -1,9 +1,9 @@
 """`flap-deploy prune`: the first step of the flow.
 
 Every pruning option is declared once, in ``PRUNE_OPTIONS``, under the name of the
-``PruneConfig`` field it sets; the command passes them on as they are. Defaults and choices
-are spelled here so that `--help` needs no torch; tests/test_cli_help.py holds them equal to
-the library's.
+``PruneConfig`` field it sets; the command passes them on as they are. Choices come from the
+library's torch-free vocabularies (``flap_deploy.pruning.config``, ``methods``), so `--help`
+and a bad value cost no torch; tests/test_cli_help.py holds the defaults equal to the library's.
 """
 
 from __future__ import annotations
@@ -12,20 +12,16 @@ from pathlib import Path
 
 import click
 
-from .common import CliError, FlapCommand, echo_json, json_option, overwrite_option
+from flap_deploy.pruning.config import DTYPES, GRANULARITIES, METRICS, STRUCTURES
+from flap_deploy.pruning.methods import METHODS, RECONSTRUCTIONS
 
-METHODS = ("flap", "wanda-sp", "mag-sp")
-METRICS = ("WIFV", "IFV", "WIFN")
-STRUCTURES = ("AL-AM", "AL-MM", "UL-MM", "UL-UM")
-GRANULARITIES = ("group", "head")
-DTYPES = ("float32", "bfloat16", "float16")
-RECONSTRUCT_MODES = ("none", "bias", "ls")
+from .common import CliError, FlapCommand, echo_json, json_option, overwrite_option
 
 PRUNE_OPTIONS = (
     click.option("--ratio", default=0.2, show_default=True, type=float,
                  help="Fraction of the decoder layers' linear weights (q/k/v/o, gate/up/down) to remove, in [0, 1)."),
-    click.option("--method", default="flap", show_default=True, type=click.Choice(METHODS),
-                 help="FLAP, or a baseline (uniform per layer, no compensation) at the same budget."),
+    click.option("--method", default="flap", show_default=True, type=click.Choice(list(METHODS)),
+                 help="; ".join(f"{m.name}: {m.help}" for m in METHODS.values()) + "."),
     click.option("--metric", default="WIFV", show_default=True, type=click.Choice(METRICS),
                  help="FLAP importance: weighted input feature variance, input feature variance, weighted input norm."),
     click.option("--structure", default="AL-AM", show_default=True, type=click.Choice(STRUCTURES),
@@ -34,11 +30,11 @@ PRUNE_OPTIONS = (
                  help="Fraction of attention weights removed by UL-MM / AL-MM [default: 0.75 x ratio]."),
     click.option("--attn-granularity", default="group", show_default=True, type=click.Choice(GRANULARITIES),
                  help="Attention unit: a whole KV group, or query heads inside groups (equal group sizes per layer)."),
-    click.option("--reconstruct", default="ls", show_default=True, type=click.Choice(RECONSTRUCT_MODES),
-                 help="What replaces the removed inputs of o_proj / down_proj (FLAP only): nothing, the paper's "
-                      "calibration-mean biases, or a least-squares refit of the kept columns (from covariances kept "
-                      "from the statistics pass when --max-memory has room, else from a second calibration pass). "
-                      "--no-bias is an alias of --reconstruct none."),
+    click.option("--reconstruct", default="ls", show_default=True, type=click.Choice(list(RECONSTRUCTIONS)),
+                 help="What replaces the removed inputs of o_proj / down_proj (FLAP only): "
+                      + "; ".join(f"{r.name}, {r.help}" for r in RECONSTRUCTIONS.values())
+                      + " (ls: covariances kept from the statistics pass when --max-memory has room, else from a "
+                        "second calibration pass). --no-bias is an alias of --reconstruct none."),
     click.option("--ridge", default=0.03, show_default=True, type=float,
                  help="Shrinkage of the ls refit toward the paper's bias solution, in units of the kept channels' "
                       "mean variance (0: plain least squares; larger: closer to --reconstruct bias)."),
@@ -85,7 +81,7 @@ def prune_options(command):
 def prune(ctx: click.Context, model: str, out: Path, overwrite: bool, as_json: bool, no_bias: bool,
           **options) -> None:
     """Prune MODEL with FLAP (or a baseline) and write the pruned checkpoint to OUT."""
-    from flap_deploy.pruning import PruneConfig, prune as run_prune
+    from flap_deploy.pruning.config import PruneConfig
 
     if no_bias:
         if ctx.get_parameter_source("reconstruct") == click.core.ParameterSource.COMMANDLINE \
@@ -93,7 +89,12 @@ def prune(ctx: click.Context, model: str, out: Path, overwrite: bool, as_json: b
             raise CliError(f"--no-bias conflicts with --reconstruct {options['reconstruct']}")
         options["reconstruct"] = "none"
 
-    result = run_prune(model, PruneConfig(**options, progress=not as_json), out=out, overwrite=overwrite)
+    config = PruneConfig(**options, progress=not as_json)
+    config.validate()  # before the pipeline's imports (torch): a bad value is an error at once
+
+    from flap_deploy.pruning.pipeline import prune as run_prune
+
+    result = run_prune(model, config, out=out, overwrite=overwrite)
     path = result.path
     if as_json:
         echo_json({"out": str(path), "provenance": result.provenance, "timings": result.timings,

@@ -33,8 +33,8 @@ def generate(model: str, prompt: tuple[str, ...], max_tokens: int, temperature: 
     a checkpoint directory (or `smollm2-135m`) on PyTorch.
 
     With --json, one JSON record per prompt and line (runtime, tokens, text, finish reason)."""
-    from flap_deploy.model_ref import resolve_model
-    from flap_deploy.sampling import SamplingParams
+    from flap_deploy.generation.sampling import SamplingParams
+    from flap_deploy.io.model_ref import resolve_model
 
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
                             stop=stop)
@@ -42,7 +42,7 @@ def generate(model: str, prompt: tuple[str, ...], max_tokens: int, temperature: 
     if ref.kind == "onnx":
         from exporters.onnx.runtime import generate as run_generate
     else:
-        from flap_deploy.generate import generate as run_generate
+        from flap_deploy.generation.generate import generate as run_generate
     runtime = "onnx" if ref.kind == "onnx" else "pytorch"
     if ref.kind == "onnx":
         results = run_generate(ref.path, list(prompt), params, threads=threads, chat=chat)
@@ -111,7 +111,7 @@ def serve(model: str, backend: str | None, host: str, port: int, api_key: str | 
 
     backend = backend or default_backend()
     if backend == "vllm":
-        from serving.vllm_launcher import prepare_vllm_server, serve_vllm
+        from serving.vllm.launcher import prepare_vllm_server, serve_vllm
 
         cfg = prepare_vllm_server(model, host=host, port=port, tp_size=tp_size, pp_size=pp_size, api_key=api_key,
                                   max_num_seqs=max_num_seqs, max_model_len=max_model_len,
@@ -130,9 +130,9 @@ def serve(model: str, backend: str | None, host: str, port: int, api_key: str | 
         raise CliError(f"{'--tp-size' if tp_size != 1 else '--pp-size'} needs --backend vllm")
     if backend_args:
         raise CliError(f"arguments after -- are for vLLM; the onnx backend takes none ({' '.join(backend_args)})")
-    from flap_deploy.memory import parse_size
-    from serving.server import serve_onnx
-    from serving.vllm_launcher import check_port_free
+    from flap_deploy.streaming.memory import parse_size
+    from serving.onnx.server import serve_onnx
+    from serving.vllm.launcher import check_port_free
 
     sizes = {flag: parse_size(value, param) for flag, param, value in (
         ("--max-request-bytes", "max_request_bytes", max_request_bytes), ("--max-memory", "max_memory", max_memory))}

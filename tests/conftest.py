@@ -20,7 +20,7 @@ def wikitext_dir() -> Path:
 @pytest.fixture(scope="session")
 def bundled_dir() -> Path:
     """The materialized bundled SmolLM2-135M (converted once per cache)."""
-    from flap_deploy.bundled import materialize
+    from flap_deploy.io.bundled import materialize
 
     return materialize("smollm2-135m")
 
@@ -37,7 +37,8 @@ def flap20_dir(bundled_dir) -> Path:
     """The bundled model pruned 20 % by the real FLAP pruner (32 calibration windows from
     WikiText-2 valid, or self-generated without the data; MLP widths multiple of 16), cached
     beside the bundled model for the whole run."""
-    from flap_deploy.bundled import cache_dir, flap_pruned_bundled
+    from flap_deploy.io.bundled import cache_dir
+    from flap_deploy.pruning.recipes import flap_pruned_bundled
 
     valid = WIKITEXT / "valid.txt"
     out = cache_dir() / f"test-smollm2-135m-flap20-{'wikitext' if valid.is_file() else 'self'}32-m16"

@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 import transformers
 
-from flap_deploy.compress import LayerMask, LayerMeans, compress
-from flap_deploy.modeling_flap_llama import FlapLlamaForCausalLM
+from flap_deploy.model.layout import LayerMask
+from flap_deploy.pruning.compress import LayerMeans, compress
+from flap_deploy.model.modeling_flap_llama import FlapLlamaForCausalLM
 
 VOCAB = 128
 

@@ -3,8 +3,9 @@ import math
 import pytest
 import torch
 
-from flap_deploy.adapters import Geometry
-from flap_deploy.allocation import STRUCTURES, Alignment, allocate, attention_menu, dense_layer_cost
+from flap_deploy.model.adapters import Geometry
+from flap_deploy.pruning.config import STRUCTURES
+from flap_deploy.pruning.allocation import Alignment, allocate, attention_menu, dense_layer_cost
 from flap_deploy.errors import FlapDeployError
 
 GEOM = Geometry(hidden_size=64, num_layers=4, num_heads=8, num_kv_heads=2, head_dim=16, intermediate_size=256)

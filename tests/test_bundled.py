@@ -9,10 +9,11 @@ import transformers
 
 import flap_deploy  # noqa: F401
 from factories import logits_without_package
-from flap_deploy.bundled import materialize
-from flap_deploy.checkpoint import save_checkpoint
-from flap_deploy.compress import LayerMask, compress
-from flap_deploy.model_ref import load_model, load_tokenizer
+from flap_deploy.io.bundled import materialize
+from flap_deploy.io.checkpoint import save_checkpoint
+from flap_deploy.model.layout import LayerMask
+from flap_deploy.pruning.compress import compress
+from flap_deploy.io.model_ref import load_model, load_tokenizer
 
 pytestmark = pytest.mark.slow
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from factories import VOCAB, tiny_dense
-from flap_deploy.calibration import calibration_windows, random_windows, self_generated
+from flap_deploy.pruning.calibration import calibration_windows, random_windows, self_generated
 from flap_deploy.errors import FlapDeployError
 
 

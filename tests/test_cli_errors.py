@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from factories import tiny_heterogeneous
-from flap_deploy.checkpoint import save_checkpoint
+from flap_deploy.io.checkpoint import save_checkpoint
 
 
 def run_cli(*args, cwd=None):

@@ -58,16 +58,20 @@ def _option(command, name):
 
 
 def test_prune_options_are_the_prune_config_fields_with_its_defaults_and_choices():
-    from flap_deploy import allocation, importance, pruning, streaming
+    from flap_deploy.pruning.config import CHOICES, PruneConfig
 
     command = main.commands["prune"]
-    fields = {f.name: f.default for f in dataclasses.fields(pruning.PruneConfig) if f.name != "progress"}
+    fields = {f.name: f.default for f in dataclasses.fields(PruneConfig) if f.name != "progress"}
     options = {p.name: p.default for p in command.params if p.name not in ("model", "out", "overwrite", "as_json", "no_bias")}
     assert options == fields
-    for name, vocabulary in (("method", pruning.METHODS), ("metric", importance.METRICS),
-                             ("structure", allocation.STRUCTURES), ("attn_granularity", allocation.GRANULARITIES),
-                             ("dtype", streaming.COMPUTE_DTYPES), ("reconstruct", pruning.RECONSTRUCT_MODES)):
-        assert tuple(_option(command, name).type.choices) == tuple(vocabulary), name
+    for name, vocabulary in CHOICES.items():
+        assert tuple(_option(command, name).type.choices) == tuple(v for v in vocabulary if v is not None), name
+
+
+def test_a_bad_prune_value_is_refused_without_torch():
+    res, report = probe("prune", "smollm2-135m", "/nonexistent/out", "--ratio", "2")
+    assert report == {"code": 2, "heavy": []}, report
+    assert res.stderr.splitlines()[0] == "error: --ratio must be in [0, 1), got 2.0"
 
 
 def test_export_choices_are_the_exporters():
@@ -83,7 +87,7 @@ def test_export_choices_are_the_exporters():
 
 
 def test_synthetic_choices_are_the_synthetic_shapes():
-    from flap_deploy.synthetic import SHAPES
+    from flap_deploy.pruning.synthetic import SHAPES
     from flap_deploy_cli.measure import SYNTHETIC_SHAPES
 
     assert tuple(_option(main.commands["compare"], "synthetic").type.choices) == tuple(SHAPES) == SYNTHETIC_SHAPES

@@ -4,7 +4,7 @@ import pytest
 from click.testing import CliRunner
 
 from factories import tiny_dense
-from flap_deploy.checkpoint import validate_checkpoint
+from flap_deploy.io.checkpoint import validate_checkpoint
 from flap_deploy_cli import main
 
 

@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from factories import FAMILY_CONFIGS, tiny_dense
-from flap_deploy.adapters import get_adapter
-from flap_deploy.compress import LayerMask, LayerMeans, compress
+from flap_deploy.model.adapters import get_adapter
+from flap_deploy.model.layout import LayerMask
+from flap_deploy.pruning.compress import LayerMeans, compress
 from flap_deploy.errors import FlapDeployError
 
 FAMILIES = sorted(FAMILY_CONFIGS)

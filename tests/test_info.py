@@ -5,8 +5,8 @@ import subprocess
 import sys
 
 from factories import tiny_heterogeneous
-from flap_deploy.checkpoint import save_checkpoint
-from flap_deploy.info import checkpoint_report
+from flap_deploy.io.checkpoint import save_checkpoint
+from flap_deploy.io.info import checkpoint_report
 
 
 def test_report_counts_and_plot(tmp_path):

@@ -6,8 +6,8 @@ import transformers
 
 import flap_deploy  # noqa: F401  registers flap_llama
 from factories import logits_without_package, tiny_heterogeneous
-from flap_deploy.checkpoint import save_checkpoint, validate_checkpoint
-from flap_deploy.modeling_flap_llama import FlapLlamaForCausalLM
+from flap_deploy.io.checkpoint import save_checkpoint, validate_checkpoint
+from flap_deploy.model.modeling_flap_llama import FlapLlamaForCausalLM
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import torch
 
 from exporters.onnx import OnnxCausalLM, export_onnx
 from exporters.onnx.manifest import MANIFEST_NAME
-from flap_deploy.model_ref import load_model, load_tokenizer
+from flap_deploy.io.model_ref import load_model, load_tokenizer
 from onnx_helpers import hf_greedy
 
 pytestmark = pytest.mark.slow

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from exporters.onnx import OnnxCausalLM, export_onnx
 from exporters.onnx.manifest import MANIFEST_NAME
-from flap_deploy.checkpoint import save_checkpoint
+from flap_deploy.io.checkpoint import save_checkpoint
 from flap_deploy_cli import main
 from flap_deploy.errors import FlapDeployError
 from factories import tiny_dense

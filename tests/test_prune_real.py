@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from flap_deploy import PruneConfig, prune
-from flap_deploy.evaluate import evaluate
-from flap_deploy.model_ref import load_model, load_tokenizer
-from flap_deploy.text import load_text, python_docs_text
+from flap_deploy.evaluation.perplexity import evaluate
+from flap_deploy.io.model_ref import load_model, load_tokenizer
+from flap_deploy.io.text import load_text, python_docs_text
 
 
 @pytest.fixture(scope="module")

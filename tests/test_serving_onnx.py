@@ -10,7 +10,7 @@ import pytest
 from factories import tiny_heterogeneous
 from serving_util import concurrent_streams, running, tiny_tokenizer
 
-from serving.server import create_app, load_onnx_server
+from serving.onnx.server import create_app, load_onnx_server
 
 pytestmark = pytest.mark.slow  # exports a model (~30 s) and runs ONNX Runtime
 
@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow  # exports a model (~30 s) and runs ONNX Runtime
 @pytest.fixture(scope="module")
 def onnx_dir(tmp_path_factory):
     from exporters.onnx import export_onnx
-    from flap_deploy.checkpoint import save_checkpoint
+    from flap_deploy.io.checkpoint import save_checkpoint
 
     root = tmp_path_factory.mktemp("tiny-onnx")
     model = tiny_heterogeneous()
@@ -73,7 +73,7 @@ def test_chat_on_onnx(served):
 
 
 def test_bench_full_metric_set_on_onnx(served):
-    from serving.bench import build_requests, run_bench
+    from serving.measure.bench import build_requests, run_bench
 
     server, url = served
     reqs = build_requests(server.tokenizer, "self", 12, 10, 6, seed=0)
@@ -99,7 +99,7 @@ def test_vllm_bench_serve_against_onnx_server(served, tmp_path):
     pytest.importorskip("vllm")
     server, url = served
     repo = Path(__file__).resolve().parent.parent
-    cmd = [sys.executable, "-m", "serving.vllm_bench", "--backend", "openai", "--base-url", url[:-3],
+    cmd = [sys.executable, "-m", "serving.vllm.bench", "--backend", "openai", "--base-url", url[:-3],
            "--model", "tiny-onnx", "--tokenizer", server.model_root, "--dataset-name", "random",
            "--random-input-len", "12", "--random-output-len", "6", "--num-prompts", "16", "--ignore-eos",
            "--max-concurrency", "4", "--seed", "0", "--save-result", "--result-dir", str(tmp_path)]

@@ -15,7 +15,7 @@ import pytest
 from serving_fakes import TinyNumpyLM
 from serving_util import concurrent_streams, running, tiny_tokenizer
 
-from serving.server import OnnxServer, create_app
+from serving.onnx.server import OnnxServer, create_app
 
 KEY = "sk-test-key"
 

@@ -9,7 +9,7 @@ import pytest
 from serving_util import running
 
 from exporters.onnx.export import ensure_onnx
-from serving.server import create_app, load_onnx_server
+from serving.onnx.server import create_app, load_onnx_server
 
 pytestmark = pytest.mark.slow
 

@@ -1,6 +1,6 @@
 import torch
 
-from flap_deploy.stats import ChannelStats
+from flap_deploy.pruning.stats import ChannelStats
 
 
 def test_streaming_stats_equal_torch_over_concatenated_inputs():

@@ -11,9 +11,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from flap_deploy.memory import peak_rss_bytes
-from flap_deploy.shards import INDEX_NAME, ShardedReader, ShardWriter
-from flap_deploy.synthetic import Shape, write_random_checkpoint
+from flap_deploy.streaming.memory import peak_rss_bytes
+from flap_deploy.io.shards import INDEX_NAME, ShardedReader, ShardWriter
+from flap_deploy.pruning.synthetic import Shape, write_random_checkpoint
 from flap_deploy_cli import main
 
 TINY = Shape("LlamaForCausalLM", 128, 256, 4, 4, 2, 32)
@@ -124,8 +124,9 @@ def test_streamed_prune_equals_the_in_memory_prune(method, bundled_dir, calib_te
     """Read layer by layer from the safetensors, or all resident in memory: the same masks, widths and tensors."""
     from safetensors.torch import load_file
 
-    from flap_deploy.model_ref import load_model
-    from flap_deploy.pruning import PruneConfig, prune
+    from flap_deploy.io.model_ref import load_model
+    from flap_deploy.pruning.config import PruneConfig
+    from flap_deploy.pruning.pipeline import prune
 
     config = PruneConfig(ratio=0.2, method=method, calib=str(calib_text), nsamples=8, seqlen=32, mlp_multiple=16,
                          progress=False)
@@ -146,9 +147,9 @@ def test_streamed_prune_equals_the_in_memory_prune(method, bundled_dir, calib_te
 def test_streamed_eval_equals_the_whole_model_perplexity(bundled_dir, wikitext_dir):
     import torch.nn.functional as F
 
-    from flap_deploy.evaluate import evaluate_windows, token_windows
-    from flap_deploy.model_ref import resolve_model
-    from flap_deploy.text import load_text
+    from flap_deploy.evaluation.perplexity import evaluate_windows, token_windows
+    from flap_deploy.io.model_ref import resolve_model
+    from flap_deploy.io.text import load_text
 
     ref = resolve_model(bundled_dir)
     windows = token_windows(ref.tokenizer(), load_text(wikitext_dir / "test.txt"), 256, 2048)
@@ -167,8 +168,8 @@ def test_streamed_eval_of_a_pruned_checkpoint_equals_its_whole_model(flap20_dir)
     """Removed modules and per-layer widths run layer by layer as they run in the whole model."""
     import torch.nn.functional as F
 
-    from flap_deploy.evaluate import evaluate_windows
-    from flap_deploy.model_ref import resolve_model
+    from flap_deploy.evaluation.perplexity import evaluate_windows
+    from flap_deploy.io.model_ref import resolve_model
 
     ref = resolve_model(flap20_dir)
     windows = torch.randint(0, ref.config["vocab_size"], (3, 128), generator=torch.Generator().manual_seed(0))

@@ -6,10 +6,10 @@ import pytest
 
 from exporters.vllm.validate import validate_for_vllm
 from flap_deploy.errors import FlapDeployError
-from flap_deploy.modeling_flap_llama import validate_flap_config
-from flap_deploy.params import decode_step_params
-from flap_deploy.synthetic import build_synthetic_pair
-from serving.compare import ideal_ratio, resolve_pair
+from flap_deploy.model.modeling_flap_llama import validate_flap_config
+from flap_deploy.model.params import decode_step_params
+from flap_deploy.pruning.synthetic import build_synthetic_pair
+from serving.measure.compare import ideal_ratio, resolve_pair
 
 
 @pytest.mark.parametrize("name,tp", [("llama2-7b", 1), ("llama3-8b", 2), ("qwen2.5-7b", 2)])

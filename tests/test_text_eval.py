@@ -7,8 +7,8 @@ import torch
 
 from factories import tiny_dense
 from flap_deploy.errors import FlapDeployError
-from flap_deploy.evaluate import evaluate, token_windows
-from flap_deploy.text import detokenize_wikitext, load_text, looks_like_wikitext
+from flap_deploy.evaluation.perplexity import evaluate, token_windows
+from flap_deploy.io.text import detokenize_wikitext, load_text, looks_like_wikitext
 
 
 class CharTokenizer:

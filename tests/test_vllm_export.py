@@ -13,12 +13,13 @@ from safetensors.torch import save_file
 
 from exporters.vllm.export import export_vllm
 from factories import tiny_dense, tiny_heterogeneous
-from flap_deploy.checkpoint import save_checkpoint, validate_checkpoint
+from flap_deploy.io.checkpoint import save_checkpoint, validate_checkpoint
 from flap_deploy_cli import main
-from flap_deploy.compress import LayerMask, compress
-from flap_deploy.convert import import_per_layer_checkpoint
+from flap_deploy.model.layout import LayerMask
+from flap_deploy.pruning.compress import compress
+from flap_deploy.io.convert import import_per_layer_checkpoint
 from flap_deploy.errors import FlapDeployError
-from flap_deploy.model_ref import load_model
+from flap_deploy.io.model_ref import load_model
 
 
 @pytest.fixture(scope="module")

@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from factories import tiny_heterogeneous
-from flap_deploy.checkpoint import save_checkpoint
-from flap_deploy.evaluate import teacher_forced_top1
+from flap_deploy.io.checkpoint import save_checkpoint
+from flap_deploy.evaluation.perplexity import teacher_forced_top1
 from vllm_helpers import needs_vllm, run_vllm_offline, torch_greedy
 
 pytestmark = [needs_vllm, pytest.mark.slow, pytest.mark.vllm]
@@ -73,11 +73,11 @@ def test_heterogeneous_layers_present(tiny_model):
 
 def test_engine_resolves_flap_config(vllm_result, vllm_tp2_result):
     # The front end and every worker process (TP ranks) resolved model_type flap_llama to FlapLlamaConfig.
-    assert vllm_result["hf_config_class"] == "flap_deploy.modeling_flap_llama.FlapLlamaConfig"
+    assert vllm_result["hf_config_class"] == "flap_deploy.model.modeling_flap_llama.FlapLlamaConfig"
     for result, ranks in ((vllm_result, 1), (vllm_tp2_result, 2)):
         lines = [line for line in result["model_log"] if line.startswith("(Worker")]
         assert len(lines) == ranks, result["model_log"]
-        assert all("flap_deploy.modeling_flap_llama.FlapLlamaConfig" in line for line in lines)
+        assert all("flap_deploy.model.modeling_flap_llama.FlapLlamaConfig" in line for line in lines)
 
 
 def test_greedy_tokens_identical(tiny_model, prompts, vllm_result):
@@ -116,7 +116,7 @@ def test_pipeline_parallel_2_matches_pytorch(tiny_model, prompts, vllm_pp2_resul
 def test_fused_norm_on_the_flap_pruned_bundled_model(flap20_dir, tmp_path):
     """The real pruned model (per-layer widths, fused add + RMSNorm wherever a layer keeps both modules)
     in float32: the same greedy tokens as PyTorch, >= 99 % teacher-forced top-1."""
-    from flap_deploy.model_ref import resolve_model
+    from flap_deploy.io.model_ref import resolve_model
 
     ref = resolve_model(flap20_dir)
     tok = ref.tokenizer()

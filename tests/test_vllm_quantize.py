@@ -18,7 +18,7 @@ import torch
 from click.testing import CliRunner
 
 from factories import tiny_heterogeneous
-from flap_deploy.checkpoint import save_checkpoint
+from flap_deploy.io.checkpoint import save_checkpoint
 from flap_deploy_cli import main
 from vllm_helpers import REPO, free_port, needs_vllm, vllm_env
 
@@ -92,8 +92,8 @@ def test_plain_vllm_serves_pruned_int8(flap20_dir, tmp_path):
     from openai import OpenAI
     from transformers import AutoTokenizer
 
-    from flap_deploy.model_ref import resolve_model
-    from flap_deploy.evaluate import teacher_forced_top1
+    from flap_deploy.io.model_ref import resolve_model
+    from flap_deploy.evaluation.perplexity import teacher_forced_top1
 
     qdir = tmp_path / "flap20-w8a8"
     result = CliRunner().invoke(main, ["quantize", str(flap20_dir), str(qdir), "--json"])

@@ -14,7 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 from factories import tiny_heterogeneous
-from flap_deploy.checkpoint import save_checkpoint
+from flap_deploy.io.checkpoint import save_checkpoint
 from flap_deploy_cli import main
 from vllm_helpers import REPO, free_port, needs_vllm, vllm_env
 
@@ -101,7 +101,7 @@ def test_serve_pruned_bundled_with_openai_client(flap20_dir, tmp_path):
             wrong_key.models.list()
 
         # vLLM's own load generator against the launcher's server (the key from OPENAI_API_KEY)
-        bench = subprocess.run([sys.executable, "-m", "serving.vllm_bench", "--backend", "openai",
+        bench = subprocess.run([sys.executable, "-m", "serving.vllm.bench", "--backend", "openai",
                                 "--base-url", f"http://127.0.0.1:{port}", "--model", model.name,
                                 "--tokenizer", str(model), "--dataset-name", "random", "--random-input-len", "12",
                                 "--random-output-len", "6", "--num-prompts", "8", "--ignore-eos",

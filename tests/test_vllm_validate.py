@@ -8,7 +8,7 @@ import pytest
 
 from exporters.vllm.validate import check_layer_tp, supported_head_dim, validate_for_vllm
 from flap_deploy.errors import FlapDeployError
-from flap_deploy.tp import layer_tp_problem
+from flap_deploy.model.tp import layer_tp_problem
 
 
 def _cfg(heads, kv, mlp, head_dim=64):
@@ -80,7 +80,7 @@ def test_plugin_registers_lazily_and_idempotently():
     from vllm import ModelRegistry
 
     from exporters.vllm import plugin
-    from flap_deploy.modeling_flap_llama import FlapLlamaConfig
+    from flap_deploy.model.modeling_flap_llama import FlapLlamaConfig
 
     plugin.register()
     plugin.register()
@@ -98,7 +98,7 @@ def test_entry_point_declared():
 
 
 def test_cpu_tp_binding(monkeypatch):
-    from serving import vllm_env
+    from serving.vllm import env as vllm_env
 
     monkeypatch.setattr(vllm_env, "numa_nodes", lambda: 1)
     monkeypatch.setattr(vllm_env.os, "sched_getaffinity", lambda _pid: {0, 1, 2, 3})
@@ -110,7 +110,7 @@ def test_cpu_tp_binding(monkeypatch):
 
 
 def test_cpu_engine_env_sizes_the_kv_cache_unless_the_user_did(monkeypatch):
-    from serving import vllm_env
+    from serving.vllm import env as vllm_env
 
     monkeypatch.setattr(vllm_env, "numa_nodes", lambda: 1)
     monkeypatch.setattr(vllm_env.os, "sched_getaffinity", lambda _pid: {0, 1})
@@ -126,7 +126,7 @@ def test_shut_down_waits_for_the_output_thread():
     import time
     from types import SimpleNamespace
 
-    from serving.vllm_env import shut_down
+    from serving.vllm.env import shut_down
 
     stop = threading.Event()
 

@@ -25,8 +25,8 @@ def vllm_env() -> dict[str, str]:
 
 
 def run_vllm_offline(request: dict[str, Any], workdir: Path, timeout: float = 900) -> dict[str, Any]:
-    """``serving.vllm_offline`` in a subprocess (vLLM's engine processes stay out of pytest)."""
-    from serving.vllm_offline import run_offline_subprocess
+    """``serving.vllm.offline`` in a subprocess (vLLM's engine processes stay out of pytest)."""
+    from serving.vllm.offline import run_offline_subprocess
 
     try:
         return run_offline_subprocess(request, workdir, timeout=timeout, env=vllm_env())

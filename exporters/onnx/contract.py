@@ -2,7 +2,7 @@
 
 Every runtime of the contract (``OnnxCausalLM``, the serving engine, the export check) uses
 these; nothing here needs ONNX Runtime or torch, so the serving engine imports it without
-either. The batch is left-padded with ``flap_deploy.generate.left_pad`` (PyTorch uses it too).
+either. The batch is left-padded with ``flap_deploy.generation.generate.left_pad`` (PyTorch uses it too).
 """
 
 from __future__ import annotations

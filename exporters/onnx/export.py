@@ -24,13 +24,14 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from flap_deploy.atomic import atomic_directory, check_output_dir
-from flap_deploy.bundled import cache_dir
-from flap_deploy.checkpoint import TOKENIZER_FILES, copy_tokenizer_files
-from flap_deploy.compress import LayerMask, compress
 from flap_deploy.errors import FlapDeployError, ParameterError
-from flap_deploy.modeling_flap_llama import FlapLlamaForCausalLM
-from flap_deploy.model_ref import CHECKPOINTS, ModelRef, resolve_model
+from flap_deploy.io.atomic import atomic_directory, check_output_dir
+from flap_deploy.io.bundled import cache_dir
+from flap_deploy.io.checkpoint import TOKENIZER_FILES, copy_tokenizer_files
+from flap_deploy.io.model_ref import CHECKPOINTS, ModelRef, resolve_model
+from flap_deploy.model.layout import LayerMask
+from flap_deploy.model.modeling_flap_llama import FlapLlamaForCausalLM
+from flap_deploy.pruning.compress import compress
 
 from .contract import GRAPH_VERSION, cache_layers, input_names, output_names
 from .graph import OnnxDecoder

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from flap_deploy.modeling_flap_llama import FlapLlamaForCausalLM
+from flap_deploy.model.modeling_flap_llama import FlapLlamaForCausalLM
 
 from .contract import cache_layers
 

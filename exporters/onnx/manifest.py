@@ -29,7 +29,9 @@ def source_identity(model_dir: str | os.PathLike) -> dict[str, Any]:
     Hashing headers (names, shapes, dtypes, offsets) rather than all weight bytes keeps this
     instant for multi-GB checkpoints while still telling two checkpoints apart.
     """
-    from flap_deploy.shards import safetensors_header_bytes  # torch; reading a manifest needs none
+    from flap_deploy.io.shards import (
+        safetensors_header_bytes,  # torch; reading a manifest needs none
+    )
 
     model_dir = Path(model_dir).resolve()
     config = hashlib.sha256((model_dir / "config.json").read_bytes()).hexdigest()
@@ -44,7 +46,7 @@ def build_manifest(*, config: Any, layers: list[CacheLayer], opset: int, dtype: 
                    external_data: bool, tokenizer: bool) -> dict[str, Any]:
     """The manifest of a fresh export (verification figures are added by the exporter)."""
     from flap_deploy import __version__
-    from flap_deploy.params import decode_step_params
+    from flap_deploy.model.params import decode_step_params
 
     eos = config.eos_token_id
     return {

@@ -1,10 +1,10 @@
 """Generation on ONNX Runtime: ``OnnxCausalLM`` drives an exported decoder, KV cache kept as OrtValues.
 
 One ``forward`` is one call of the contract graph. ``generate`` runs prefill and cached
-decode for a left-padded batch, with greedy or sampled tokens (``flap_deploy.sampling``),
+decode for a left-padded batch, with greedy or sampled tokens (``flap_deploy.generation.sampling``),
 EOS and stop strings. The cache never leaves ORT between steps: each step's ``present.*``
 OrtValues are fed back as the next step's ``past_key_values.*``. The module-level
-``generate`` is the ONNX twin of ``flap_deploy.generate.generate`` (text prompts in,
+``generate`` is the ONNX twin of ``flap_deploy.generation.generate.generate`` (text prompts in,
 ``Generation`` records out).
 """
 
@@ -19,10 +19,16 @@ import numpy as np
 import onnxruntime as ort
 
 from flap_deploy.errors import FlapDeployError
-from flap_deploy.generate import Generation, encode_prompt, left_pad
-from flap_deploy.sampling import SamplingParams, find_stop, next_token
+from flap_deploy.generation.generate import Generation, encode_prompt, left_pad
+from flap_deploy.generation.sampling import SamplingParams, find_stop, next_token
 
-from .contract import LOGITS_INDEX, CacheLayer, logits_index, past_from_present, positions
+from .contract import (
+    LOGITS_INDEX,
+    CacheLayer,
+    logits_index,
+    past_from_present,
+    positions,
+)
 from .manifest import MODEL_NAME, cache_layers_of, check_graph_io, read_manifest
 
 OPT_LEVELS = {
@@ -227,7 +233,7 @@ class OnnxCausalLM:
 
 def generate(model_dir: str | os.PathLike, prompts: Sequence[str], params: SamplingParams,
              threads: int | None = None, chat: bool = False) -> list[Generation]:
-    """One Generation per text prompt, from an export directory (``flap_deploy.generate.generate``'s twin)."""
+    """One Generation per text prompt, from an export directory (``flap_deploy.generation.generate.generate``'s twin)."""
     lm = OnnxCausalLM.from_dir(model_dir, threads=threads)
     if lm.tokenizer is None:
         raise FlapDeployError(f"{model_dir}: the export has no tokenizer files, so it cannot take text prompts")

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from flap_deploy.generate import left_pad
+from flap_deploy.generation.generate import left_pad
 
 from .contract import positions
 from .runtime import OnnxCausalLM

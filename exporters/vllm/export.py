@@ -14,10 +14,10 @@ from typing import Any
 
 import torch
 
-from flap_deploy.atomic import atomic_directory, check_output_dir
-from flap_deploy.checkpoint import save_checkpoint
 from flap_deploy.errors import ParameterError
-from flap_deploy.model_ref import CHECKPOINTS, ModelRef, resolve_model
+from flap_deploy.io.atomic import atomic_directory, check_output_dir
+from flap_deploy.io.checkpoint import save_checkpoint
+from flap_deploy.io.model_ref import CHECKPOINTS, ModelRef, resolve_model
 
 from .validate import validate_for_vllm
 
@@ -47,7 +47,7 @@ def widths_of(ref: ModelRef) -> dict[str, Any]:
     """config.json of a contract checkpoint (validated by ``resolve_model``), or the width keys of a foreign one."""
     if ref.kind == "pruned":
         return ref.config
-    from flap_deploy.convert import widths_config
+    from flap_deploy.io.convert import widths_config
 
     return widths_config(ref.path, ref.config)
 
@@ -56,7 +56,7 @@ def load_for_export(ref: ModelRef, dtype: torch.dtype) -> tuple[torch.nn.Module,
     """A FlapLlamaForCausalLM from a contract checkpoint or another pruner's per-layer-width one."""
     if ref.kind == "pruned":
         return ref.load(dtype), "flap_llama"
-    from flap_deploy.convert import import_per_layer_checkpoint
+    from flap_deploy.io.convert import import_per_layer_checkpoint
 
     return import_per_layer_checkpoint(ref.path, dtype=dtype), f"imported from {ref.config.get('model_type')}"
 

@@ -20,7 +20,7 @@ def register() -> None:
     """The plugin entry point: the vLLM architecture and the transformers auto classes."""
     from vllm import ModelRegistry
 
-    from flap_deploy import register_auto_classes
+    from flap_deploy.model.registration import register_auto_classes
 
     from .compile_cache import patch_aot_load
 

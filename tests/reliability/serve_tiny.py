@@ -9,7 +9,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).res
 from serving_fakes import TinyNumpyLM  # noqa: E402
 from serving_util import tiny_tokenizer  # noqa: E402
 
-from serving.server import OnnxServer, run_server  # noqa: E402
+from serving.onnx.server import OnnxServer, run_server  # noqa: E402
 
 
 class Slow(TinyNumpyLM):

@@ -8,7 +8,7 @@ import httpx
 import pytest
 from serving_util import running
 
-from flap_deploy.memory import rss_bytes
+from flap_deploy.streaming.memory import rss_bytes
 
 pytestmark = [pytest.mark.reliability, pytest.mark.slow]
 
@@ -17,7 +17,7 @@ GIB = 1 << 30
 
 def test_item2_rss_returns_after_a_3000_token_prompt(bundled_dir):
     from exporters.onnx.export import ensure_onnx
-    from serving.server import create_app, load_onnx_server
+    from serving.onnx.server import create_app, load_onnx_server
 
     server = load_onnx_server(ensure_onnx(bundled_dir, progress=False), served_model_name="smollm2", max_num_seqs=2,
                               max_model_len=4096, threads=2)

@@ -15,7 +15,7 @@ import pytest
 from serving_fakes import TinyNumpyLM
 from serving_util import free_port, running, tiny_tokenizer
 
-from serving.server import OnnxServer, create_app, run_server
+from serving.onnx.server import OnnxServer, create_app, run_server
 
 pytestmark = pytest.mark.reliability
 

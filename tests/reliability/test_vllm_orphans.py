@@ -13,7 +13,7 @@ import pytest
 from serving_util import free_port
 from vllm_helpers import needs_vllm, vllm_env
 
-from serving.vllm_launcher import SERVER_MODULE, VllmServerConfig, build_command, build_env
+from serving.vllm.launcher import SERVER_MODULE, VllmServerConfig, build_command, build_env
 
 pytestmark = pytest.mark.reliability
 

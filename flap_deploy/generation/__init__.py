@@ -1,0 +1,1 @@
+"""Text generation: the one sampling vocabulary and PyTorch's generation loop."""

@@ -1,0 +1,1 @@
+"""Models on disk: references (a directory or the bundled name), the bundled model, safetensors shards, checkpoints, conversion of other pruners' checkpoints, atomic outputs, text sources, checkpoint reports."""

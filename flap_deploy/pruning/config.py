@@ -1,0 +1,103 @@
+"""``PruneConfig``, its vocabularies and its one validator: no torch, so that a bad value is an error
+before anything heavy is imported (the CLI builds its ``prune`` options from these fields)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from flap_deploy.errors import ParameterError
+from flap_deploy.streaming.memory import parse_size
+
+from .methods import METHODS, RECONSTRUCTIONS, Method
+
+METRICS = ("WIFV", "IFV", "WIFN")  # importance.channel_metric
+STRUCTURES = ("AL-AM", "AL-MM", "UL-MM", "UL-UM")  # allocation.allocate
+MANUAL_MODULE_STRUCTURES = ("AL-MM", "UL-MM")  # attention and MLP get fixed shares of the budget
+GRANULARITIES = ("group", "head")
+DTYPES = ("float32", "bfloat16", "float16")
+CHOICES = {"method": tuple(METHODS), "metric": METRICS, "structure": STRUCTURES, "attn_granularity": GRANULARITIES,
+           "reconstruct": tuple(RECONSTRUCTIONS), "dtype": (None, *DTYPES)}
+
+
+@dataclass
+class PruneConfig:
+    """Everything that decides a pruning run (recorded in the checkpoint's provenance), then how it runs.
+
+    ratio: fraction of the decoder layers' linear weights (q/k/v/o, gate/up/down) to remove.
+    method: ``flap`` or the baselines ``wanda-sp`` / ``mag-sp`` (uniform per layer, no compensation).
+    metric / structure: FLAP's importance metric and width structure (see ``importance``, ``allocation``).
+    attn_ratio: fraction of attention weights removed by the manual-module structures UL-MM / AL-MM
+        (default 0.75 x ratio, the authors' ablation setting of 384 of 1024 heads at 50 %).
+    attn_granularity: ``group`` (a KV group is a unit) or ``head`` (query heads inside groups,
+        equal group sizes within a layer).
+    reconstruct: what replaces the removed inputs of o_proj / down_proj (FLAP only; the baselines
+        are never compensated): ``none``; ``bias``, the paper's calibration-mean biases; ``ls``, the
+        least-squares refit of the kept columns on the dense calibration inputs (their covariances
+        kept from the statistics pass when memory allows, else accumulated while the pruned layers
+        are written: ``plan_covariances``; see ``reconstruct``).
+    ridge: ``ls`` shrinkage toward the ``bias`` solution, in units of the mean variance of the kept
+        channels (``inf`` gives ``bias``, 0 the plain refit).
+    calib: ``self`` | ``hf:wikitext2`` | a text file or directory. nsamples x seqlen tokens, seed.
+    mlp_multiple / tp_size: alignment of every layer's widths (see ``allocation.Alignment``).
+    batch_size: calibration windows per layer forward.
+    device: ``auto`` (the first CUDA device, else the CPU), ``cpu``, ``cuda``, ``cuda:N``.
+    dtype: compute dtype; default the checkpoint's on an accelerator, float32 on the CPU.
+    max_memory: host memory the run may use (bytes or e.g. ``12GiB``; default what the machine has
+        available); the plan is checked against it before any layer runs.
+    offload_buffer: keep the calibration buffer in pinned host memory instead of on the device.
+    """
+
+    ratio: float = 0.2
+    method: str = "flap"
+    metric: str = "WIFV"
+    structure: str = "AL-AM"
+    attn_ratio: float | None = None
+    attn_granularity: str = "group"
+    reconstruct: str = "ls"
+    ridge: float = 0.03
+    calib: str = "self"
+    nsamples: int = 1024
+    seqlen: int = 128
+    seed: int = 0
+    mlp_multiple: int = 1
+    tp_size: int = 1
+    batch_size: int = 8
+    device: str = "auto"
+    dtype: str | None = None
+    max_memory: int | str | None = None
+    offload_buffer: bool = False
+    progress: bool = True
+
+    def validate(self) -> None:
+        """One-line errors for values no run could use."""
+        if not 0 <= self.ratio < 1:
+            raise ParameterError("ratio", f"must be in [0, 1), got {self.ratio}")
+        if self.attn_ratio is not None and not 0 <= self.attn_ratio < 1:
+            raise ParameterError("attn_ratio", f"must be in [0, 1), got {self.attn_ratio}")
+        for name, choices in CHOICES.items():
+            if getattr(self, name) not in choices:
+                raise ParameterError(name, f"{getattr(self, name)!r} is not one of {', '.join(choices)}")
+        if not (isinstance(self.ridge, (int, float)) and self.ridge >= 0):
+            raise ParameterError("ridge", f"must be a number >= 0, got {self.ridge}")
+        for name in ("nsamples", "seqlen", "mlp_multiple", "tp_size", "batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ParameterError(name, f"must be a positive integer, got {value}")
+        if self.seqlen < 2:
+            raise ParameterError("seqlen", f"must be at least 2, got {self.seqlen}")
+        parse_size(self.max_memory, "max_memory")
+
+    @property
+    def pruning_method(self) -> Method:
+        return METHODS[self.method]
+
+    @property
+    def effective_reconstruct(self) -> str:
+        """The reconstruction the run applies: a method that does not compensate gets none."""
+        return self.reconstruct if self.pruning_method.compensates else "none"
+
+    @property
+    def effective_attn_ratio(self) -> float | None:
+        if self.structure in MANUAL_MODULE_STRUCTURES:
+            return self.attn_ratio if self.attn_ratio is not None else 0.75 * self.ratio
+        return None

@@ -1,0 +1,160 @@
+"""FLAP's calibration statistics, layer by layer: the inputs of o_proj and down_proj of each resident layer,
+and where the ``ls`` refit's covariances come from (kept from this pass, or a second one: the memory plan)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+
+from flap_deploy.model.layout import LayerMask
+from flap_deploy.pruning.stats import ChannelStats, CovStats
+from flap_deploy.streaming.layers import LayerStream
+from flap_deploy.streaming.passes import LayerPass, progress_bar, show_rate
+from flap_deploy.streaming.plan import MemoryPlan
+
+from .config import PruneConfig
+
+
+@dataclass
+class LayerStats:
+    """Statistics of one layer's o_proj input (attention) and down_proj input (MLP). With
+    ``calibrate_layers(covariance=...)`` they are ``stats.CovStats``: a covariance accumulator is
+    the channel statistics too (over every channel, whatever columns its co-moment keeps)."""
+
+    attn: ChannelStats
+    mlp: ChannelStats
+
+    @property
+    def attn_cov(self) -> CovStats | None:
+        return self.attn if isinstance(self.attn, CovStats) else None
+
+    @property
+    def mlp_cov(self) -> CovStats | None:
+        return self.mlp if isinstance(self.mlp, CovStats) else None
+
+
+@torch.no_grad()
+def calibrate_layers(
+    stream: LayerStream | torch.nn.Module,
+    input_ids: torch.Tensor,
+    on_layer: Callable[[int, LayerStats], LayerMask | None],
+    *,
+    batch_size: int = 8,
+    propagate_pruned: bool = False,
+    buffer_device: torch.device | str | None = None,
+    progress: bool = True,
+    covariance: Callable[[int], tuple[CovStats | None, CovStats | None]] | None = None,
+) -> None:
+    """Stream each layer's statistics and hand them to ``on_layer(i, stats)`` while the layer is resident.
+
+    Each layer is fed the dense outputs of the previous one (FLAP). With ``propagate_pruned``
+    (the Wanda-sp baseline), ``on_layer`` returns the layer's mask and the layer is run again
+    with the pruned channels zeroed, so the next layer sees the pruned outputs instead.
+    ``covariance(i)`` gives layer i's (o_proj, down_proj) covariance accumulators, fed by the
+    same hooks.
+    """
+    lp = LayerPass(stream, input_ids, batch_size=batch_size, buffer_device=buffer_device)
+    stream = lp.stream
+    geom = stream.geometry
+    started, done = time.perf_counter(), 0
+    bar = progress_bar(geom.num_layers, "calibrate", progress)
+    for i in range(geom.num_layers):
+        show_rate(bar, f"layer {i}: read", done, started)
+        with stream.layer(i):
+            m = stream.adapter.layer_modules(stream.model, i)
+            dev = stream.device
+            stats = LayerStats(*(covariance(i) if covariance is not None else
+                                 (ChannelStats(m.o_proj.in_features, dev), ChannelStats(m.down_proj.in_features, dev))))
+            hooks = [
+                m.o_proj.register_forward_pre_hook(lambda mod, args: stats.attn.update(args[0])),
+                m.down_proj.register_forward_pre_hook(lambda mod, args: stats.mlp.update(args[0])),
+            ]
+            show_rate(bar, f"layer {i}: statistics", done, started)
+            try:
+                lp.run(stream.layers[i], write=not propagate_pruned)  # Wanda-sp: statistics from the dense pass
+            finally:
+                for h in hooks:
+                    h.remove()
+            mask = on_layer(i, stats)
+            if propagate_pruned and mask is not None:
+                keep_attn = mask.heads.to(dev).repeat_interleave(geom.head_dim).to(stream.dtype)
+                keep_mlp = mask.mlp.to(dev).to(stream.dtype)
+                hooks = [
+                    m.o_proj.register_forward_pre_hook(lambda mod, args: (args[0] * keep_attn,)),
+                    m.down_proj.register_forward_pre_hook(lambda mod, args: (args[0] * keep_mlp,)),
+                ]
+                try:
+                    lp.run(stream.layers[i])
+                finally:
+                    for h in hooks:
+                        h.remove()
+        done += lp.tokens
+        bar.update()
+    show_rate(bar, "done", done, started)
+    bar.close()
+
+
+@dataclass
+class Statistics:
+    """FLAP's calibration statistics of every layer (metric-independent, so reusable across
+    ratios, metrics, structures, alignments and reconstructions of the same model and calibration
+    set), with the calibration windows (for the ``ls`` pass). With full covariances (``layers[i].
+    attn_cov`` / ``mlp_cov``: kept by ``prune`` when its plan has room, ``plan_covariances``, or by
+    ``collect_statistics(covariance=True)``) the ``ls`` refit needs no second pass; they cost n²
+    float64 per module and layer."""
+
+    layers: list[LayerStats]
+    calibration: dict[str, Any]
+    windows: torch.Tensor | None = None
+
+    @property
+    def covariances(self) -> list[tuple[CovStats, CovStats]] | None:
+        if all(s.attn_cov is not None and s.mlp_cov is not None for s in self.layers):
+            return [(s.attn_cov, s.mlp_cov) for s in self.layers]
+        return None
+
+
+def covariance_nbytes(stream: LayerStream) -> int:
+    """Every layer's full float64 input covariances of o_proj and down_proj: what the ``ls`` refit
+    holds until the allocation when its statistics come from the statistics pass."""
+    g = stream.geometry
+    return 8 * g.num_layers * ((g.num_heads * g.head_dim) ** 2 + g.intermediate_size ** 2)
+
+
+def plan_covariances(stream: LayerStream, config: PruneConfig, plan: MemoryPlan) -> MemoryPlan:
+    """Where the ``ls`` refit's statistics come from, as part of the memory plan.
+
+    Full covariances kept from the statistics pass (``plan.covariance_bytes`` > 0) cost no forward
+    pass; without them the writing pass runs the calibration windows through the dense layers a
+    second time, accumulating each layer's covariance over its kept columns only (one layer's
+    worth of memory). They are kept when they fit in half of the headroom the plan leaves under
+    its limit (the other half for the solve and what the plan does not count), so ``max_memory``
+    decides: a 135M model keeps its 0.6 GiB, a 70B's 530 GiB only where over a terabyte is free.
+    """
+    need = covariance_nbytes(stream)
+    if config.effective_reconstruct != "ls" or need > (plan.limit_bytes - plan.host_peak_bytes) // 2:
+        return plan
+    return replace(plan, covariance_bytes=need, host_peak_bytes=plan.host_peak_bytes + need)
+
+
+def full_covariances(stream: LayerStream) -> Callable[[int], tuple[CovStats, CovStats]]:
+    """Layer i's (o_proj, down_proj) accumulators over every input column, for ``calibrate_layers``."""
+    def full(i: int) -> tuple[CovStats, CovStats]:
+        m = stream.adapter.layer_modules(stream.model, i)
+        return (CovStats(m.o_proj.in_features, device=stream.device),
+                CovStats(m.down_proj.in_features, device=stream.device))
+
+    return full
+
+
+def held(stats: LayerStats) -> LayerStats:
+    """A layer's statistics as they are kept until the allocation: covariances on the host (the device
+    holds one layer's accumulators at a time)."""
+    for cov in (stats.attn_cov, stats.mlp_cov):
+        if cov is not None:
+            cov.to("cpu")
+    return stats

@@ -1,0 +1,1 @@
+"""Measurement of served models: the load generator, dense vs pruned comparison, their reports."""
