@@ -1,26 +1,35 @@
-"""The pruned model the benchmarks measure: the bundled SmolLM2-135M pruned by FLAP.
+"""The pruned model the benchmarks measure: what `flap-deploy prune smollm2-135m OUT` makes.
 
-One recipe for every benchmark script, so their figures describe the same kind of model:
-FLAP at ``ratio`` with WikiText-2 valid calibration when ``../shared/data`` is present (else
-self-generated), MLP widths a multiple of 16, optionally aligned for tensor parallelism.
-The result is cached under ``work`` and reused (``flap_deploy.io.bundled.flap_pruned_bundled``).
+One recipe for every benchmark script, so that their figures describe what users get: the
+shipped defaults (``PruneConfig()``: FLAP 20 %, WIFV, AL-AM, least-squares reconstruction,
+self-generated calibration), made through the CLI in a fresh process. ``flags`` adds CLI flags
+where a benchmark needs them (e.g. ``--tp-size 2``); the directory name says them, and
+``recipe(path)`` names the exact recipe for a result file. Cached under ``work``.
 """
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 WIKITEXT = REPO.parent / "shared" / "data" / "wikitext-2"
 
 
-def flap_pruned_bundled(work: Path, *, ratio: float = 0.2, tp_size: int = 1, nsamples: int = 64,
-                        mlp_multiple: int = 16) -> Path:
-    """Path of the FLAP-pruned bundled model (pruned into ``work`` on the first call)."""
-    from flap_deploy.pruning.recipes import flap_pruned_bundled as pruned
+def flap_pruned_bundled(work: Path, *flags: str) -> Path:
+    """Path of the bundled model pruned by `flap-deploy prune` with the shipped defaults plus ``flags``
+    (pruned into ``work`` on the first call)."""
+    out = Path(work) / "-".join(["smollm2-135m-flap-default", *(f.lstrip("-") for f in flags)])
+    if not (out / "config.json").is_file():
+        subprocess.run([sys.executable, "-m", "flap_deploy_cli", "prune", "smollm2-135m", str(out), "--overwrite",
+                        *flags], cwd=REPO, check=True)
+    return out
 
-    valid = WIKITEXT / "valid.txt"
-    out = Path(work) / (f"smollm2-135m-flap{round(100 * ratio)}-{'wikitext' if valid.is_file() else 'self'}"
-                        f"{nsamples}-m{mlp_multiple}-tp{tp_size}")
-    return pruned(out, ratio=ratio, calib=str(valid) if valid.is_file() else "self", nsamples=nsamples,
-                  mlp_multiple=mlp_multiple, tp_size=tp_size)
+
+def recipe(path: str | Path) -> str:
+    """The exact recipe of a pruned checkpoint (method, reconstruction, calibration, ratio, dtype)."""
+    from flap_deploy.pruning.recipes import describe_recipe
+
+    return describe_recipe(json.loads((Path(path) / "config.json").read_text()))

@@ -1,8 +1,8 @@
 """ONNX Runtime vs PyTorch eager, dense vs pruned: decode tokens/s and prefill latency.
 
 Models: the bundled SmolLM2-135M (dense) and its 20 % FLAP-pruned version
-(``benchmarks/flap_model.py``). Runtimes: ONNX Runtime fp32, ONNX Runtime int8 (dynamic
-quantization) and PyTorch eager fp32 (transformers, DynamicCache). Batch 1 and 8, the
+(``benchmarks/flap_model.py``). Runtimes: ONNX Runtime fp32, ONNX Runtime int8 (blockwise
+``MatMulNBits`` weights, ``--quantize int8``) and PyTorch eager fp32 (transformers, DynamicCache). Batch 1 and 8, the
 same prompts (token ids) for every configuration, runs interleaved round-robin, medians
 reported. Greedy decoding of a fixed number of tokens (EOS ignored).
 

@@ -34,13 +34,12 @@ def _cpu_threads():
 
 @pytest.fixture(scope="session")
 def flap20_dir(bundled_dir) -> Path:
-    """The bundled model pruned 20 % by the real FLAP pruner (32 calibration windows from
-    WikiText-2 valid, or self-generated without the data; MLP widths multiple of 16), cached
-    beside the bundled model for the whole run."""
+    """The bundled model pruned 20 % by the real pruner with the shipped defaults (FLAP, ls ridge 0.03) but
+    for a cheaper calibration (32 windows of WikiText-2 valid, or self-generated without the data) and MLP
+    widths a multiple of 16, cached beside the bundled model for the whole run."""
     from flap_deploy.io.bundled import cache_dir
-    from flap_deploy.pruning.recipes import flap_pruned_bundled
+    from flap_deploy.pruning.recipes import flap_pruned_bundled, recipe_name
 
     valid = WIKITEXT / "valid.txt"
-    out = cache_dir() / f"test-smollm2-135m-flap20-{'wikitext' if valid.is_file() else 'self'}32-m16"
-    return flap_pruned_bundled(out, ratio=0.2, calib=str(valid) if valid.is_file() else "self", nsamples=32,
-                               mlp_multiple=16, progress=False)
+    recipe = dict(ratio=0.2, calib=str(valid) if valid.is_file() else "self", nsamples=32, mlp_multiple=16)
+    return flap_pruned_bundled(cache_dir() / f"test-smollm2-135m-{recipe_name(**recipe)}", progress=False, **recipe)

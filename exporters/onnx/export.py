@@ -178,7 +178,7 @@ def export_onnx(model_dir_or_name: str | os.PathLike, out_dir: str | os.PathLike
     """Export a pruned or dense checkpoint to ``out_dir``: model.onnx + flap_onnx.json + tokenizer.
 
     ``opset``: 18-23 (23 lets ORT use RMSNormalization). ``dtype``: "fp32" | "fp16".
-    ``quantize``: None | "int8" (dynamic int8 MatMul weights, applied after the float export
+    ``quantize``: None | "int8" (blockwise int8 MatMul weights, ``MatMulNBits``, applied after the float export
     has been verified). ``verify``: compare with PyTorch on fixed prompts and record the
     figures in the manifest; fails (FlapDeployError, nothing written) when float logits
     differ by more than the tolerance. Returns ``out_dir``.
