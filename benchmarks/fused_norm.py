@@ -78,7 +78,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="fused-norm-"))
-    model = args.model or flap_pruned_bundled(work)
+    model = args.model or flap_pruned_bundled()
     roots = {"fused": REPO, "plain": plain_copy(work / "plain")}
     request = {"model": str(model), "prompts": [[1, 2, 3]], "max_tokens": 1, "dtype": args.dtype,
                "max_model_len": 512, "prompt_logprobs": False, "throughput_prompts": args.prompts,

@@ -96,7 +96,7 @@ def prepare(work: Path, threads: int) -> dict:
     from flap_deploy.io.model_ref import resolve_model
 
     dense_ref = resolve_model("smollm2-135m")
-    pruned_ref = resolve_model(flap_pruned_bundled(work))
+    pruned_ref = resolve_model(flap_pruned_bundled())
     dense = dense_ref.load(torch.float32)
     tokenizer = dense_ref.tokenizer()
     pruned = pruned_ref.load(torch.float32)

@@ -25,7 +25,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from flap_model import flap_pruned_bundled  # noqa: E402
 
-from flap_deploy.io.bundled import cache_dir, materialize  # noqa: E402
+from flap_deploy.io.bundled import materialize  # noqa: E402
 from flap_deploy.evaluation.task_report import format_table  # noqa: E402
 from flap_deploy_cli.evaluate import task_comparison  # noqa: E402
 
@@ -51,7 +51,7 @@ def main() -> None:
     args = parser.parse_args()
 
     dense = materialize("smollm2-135m")
-    pruned = flap_pruned_bundled(cache_dir() / "benchmarks")
+    pruned = flap_pruned_bundled()
     args.out.mkdir(parents=True, exist_ok=True)
     runs, times = {}, {}
     for backend in args.backends.split(","):

@@ -83,7 +83,7 @@ def main() -> None:
 
     dense_dir = materialize("smollm2-135m")
     tok = load_tokenizer(dense_dir)
-    pruned_dir = flap_pruned_bundled(work, "--tp-size", "2")
+    pruned_dir = flap_pruned_bundled("--tp-size", "2")
     prompts = wikitext_prompts(tok, args.prompts, args.prompt_len)
     pruned = load_model(pruned_dir, dtype=torch.float32)
     dense_params = sum(p.numel() for p in load_model(dense_dir).parameters())
