@@ -8,6 +8,8 @@ from .common import FlapCommand, FlapGroup, echo_json, json_option, overwrite_op
 
 ONNX_DTYPES = ("fp32", "fp16")
 ONNX_OPSETS = ("20", "23")
+ONNX_FORMS = ("gqa", "past-present")  # exporters.onnx.contract.FORMS (the CLI stays light for --help)
+ONNX_QUANTIZE = ("int8", "int4")
 VLLM_DTYPES = ("bfloat16", "float16", "float32")
 
 
@@ -19,36 +21,46 @@ def export() -> None:
 @export.command("onnx", cls=FlapCommand)
 @click.argument("model")
 @click.argument("out", type=click.Path(file_okay=False))
+@click.option("--attention", type=click.Choice(ONNX_FORMS), default="gqa", show_default=True,
+              help="Graph form. gqa: ONNX Runtime's GroupQueryAttention over a KV buffer updated in place "
+                   "(fused rotary and RMSNorm; needs head_dim a multiple of 16); past-present: explicit attention, "
+                   "each step returns the cache grown by the new tokens (any ONNX runtime).")
+@click.option("--max-length", type=click.IntRange(min=1), default=None,
+              help="Longest sequence (prompt + generated tokens) the graph takes: the gqa form's rotary "
+                   "positions and largest KV buffer. Default: the model's max_position_embeddings.")
 @click.option("--opset", type=click.Choice(ONNX_OPSETS), default="20", show_default=True,
-              help="ONNX opset; 23 adds fused RMSNormalization (needs onnxruntime >= 1.22).")
+              help="ONNX opset; 23 adds fused RMSNormalization to the past-present form (needs onnxruntime >= 1.22).")
 @click.option("--dtype", type=click.Choice(ONNX_DTYPES), default="fp32", show_default=True,
               help="Weight and KV-cache dtype of the graph.")
-@click.option("--quantize", type=click.Choice(["int8"]), default=None,
-              help="After export, store MatMul weights as blockwise int8 (MatMulNBits).")
+@click.option("--quantize", type=click.Choice(ONNX_QUANTIZE), default=None,
+              help="After export, store MatMul weights as blockwise int8 or int4 (MatMulNBits).")
 @click.option("--verify/--no-verify", default=True, show_default=True,
-              help="Compare with PyTorch on fixed prompts (prefill + 8 decode steps, batch 2, left padding); "
+              help="Compare with PyTorch on fixed prompts (prefill + 8 decode steps, batch 2 of two lengths); "
                    "fail if float logits are off.")
 @overwrite_option
 @click.option("--threads", type=int, default=None, help="ONNX Runtime threads for verification.")
 @json_option
-def export_onnx(model: str, out: str, opset: str, dtype: str, quantize: str | None, verify: bool, overwrite: bool,
-                threads: int | None, as_json: bool) -> None:
+def export_onnx(model: str, out: str, attention: str, max_length: int | None, opset: str, dtype: str,
+                quantize: str | None, verify: bool, overwrite: bool, threads: int | None, as_json: bool) -> None:
     """Export MODEL (pruned or dense checkpoint, or `smollm2-135m`) to an ONNX Runtime directory OUT.
 
-    OUT holds model.onnx (KV-cache decoder, contract I/O), the tokenizer files and flap_onnx.json
-    (per-layer KV heads, source identity, verification figures).
+    OUT holds model.onnx (KV-cache decoder, contract I/O of the --attention form), the tokenizer
+    files and flap_onnx.json (form, max_length, cache layout, per-layer KV heads, source identity,
+    verification figures).
     """
     from exporters.onnx.export import export_onnx as run_export
     from exporters.onnx.manifest import read_manifest
 
     path = run_export(model, out, opset=int(opset), dtype=dtype, quantize=quantize, verify=verify,
-                      overwrite=overwrite, threads=threads, progress=not as_json)
+                      overwrite=overwrite, threads=threads, progress=not as_json, attention=attention,
+                      max_length=max_length)
     manifest = read_manifest(path)
     if as_json:
         echo_json(manifest)
         return
     click.echo(f"wrote {path} ({manifest['size_bytes'] / 1e6:.1f} MB, {manifest['export_seconds']:.0f} s, "
-               f"opset {manifest['opset']}, {manifest['dtype']}{', int8' if manifest['quantize'] else ''})")
+               f"{manifest['attention']}, max_length {manifest['max_length']}, opset {manifest['opset']}, "
+               f"{manifest['dtype']}{', ' + manifest['quantize'] if manifest['quantize'] else ''})")
     for label, v in manifest["verification"].items():
         click.echo(f"  verify {label}: max |dlogit| {v['max_abs_logit_diff']:.3g} "
                    f"({v['relative_logit_diff']:.2g} of range), greedy agreement {v['greedy_matches']}/{v['greedy_total']}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from factories import VOCAB, tiny_heterogeneous
+from factories import VOCAB, tiny_dense, tiny_heterogeneous
 
 
 def lively_tiny_heterogeneous(seed: int = 0):
@@ -16,6 +16,20 @@ def lively_tiny_heterogeneous(seed: int = 0):
             if p.dim() == 2:
                 p.copy_(torch.randn(p.shape, generator=g) * (1.5 / p.shape[1] ** 0.5))
     return model
+
+
+def tiny_hollow(compensated: bool, seed: int = 0):
+    """A tiny Llama pruned so that layer 1 has neither attention nor MLP (compensation biases or nothing)."""
+    from flap_deploy.model.layout import LayerMask
+    from flap_deploy.pruning.compress import LayerMeans, compress
+
+    dense = tiny_dense("llama", seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    means = [LayerMeans(attn=0.1 * torch.randn(8 * 16, generator=g), mlp=0.1 * torch.randn(96, generator=g))
+             for _ in range(3)] if compensated else None
+    masks = [LayerMask(), LayerMask(heads=torch.zeros(8, dtype=torch.bool), mlp=torch.zeros(96, dtype=torch.bool)),
+             LayerMask(mlp=torch.arange(96) % 3 == 0)]
+    return compress(dense, masks, means)
 
 
 def tiny_tokenizer():

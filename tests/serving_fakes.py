@@ -1,21 +1,28 @@
-"""A tiny numpy language model on the ONNX KV-cache contract, for engine unit tests.
+"""A tiny numpy language model with the graph call of either ONNX graph form, for engine unit tests.
 
 It is a real (random-weight) attention model: learned position embeddings, layers with
-different KV-head counts and one layer without attention, causal attention that honours the
-attention mask. So left padding, per-row positions and cache splitting are exercised exactly
-as with the ONNX model, without an export.
+different KV-head counts and one layer without attention, causal attention. ``TinyNumpyLM``
+has the past-present call (attention mask honoured), so left padding, per-row positions and
+cache splitting are exercised exactly as with the ONNX model; ``TinyNumpyGqaLM`` computes the
+same function through the gqa call (buffers updated in place, right-padded chunks, rows that
+sit a call out), without an export. ``delay`` slows every graph call (requests still running).
 """
 
 from __future__ import annotations
+
+import time
 
 import numpy as np
 
 
 class TinyNumpyLM:
+    attention = "past-present"
+
     def __init__(self, vocab: int = 64, d: int = 32, kv_heads: tuple[int, ...] = (2, 0, 1), head_dim: int = 8,
-                 max_pos: int = 256, seed: int = 0):
+                 max_pos: int = 256, seed: int = 0, delay: float = 0.0):
         rng = np.random.default_rng(seed)
         f = np.float32
+        self.delay, self.max_length = delay, max_pos
         self.vocab, self.head_dim, self.kv_heads = vocab, head_dim, kv_heads
         self.emb = rng.normal(size=(vocab, d)).astype(f)
         self.pos = (0.5 * rng.normal(size=(max_pos, d))).astype(f)
@@ -37,9 +44,14 @@ class TinyNumpyLM:
                     past[f"past_key_values.{i}.{kind}"] = np.zeros((batch, h, 0, self.head_dim), np.float32)
         return past
 
+    def _called(self, input_ids) -> None:
+        self.calls.append(tuple(np.shape(input_ids)))
+        if self.delay:
+            time.sleep(self.delay)
+
     def forward(self, input_ids, attention_mask, position_ids, past, last_only=False):
         b, s = input_ids.shape
-        self.calls.append((b, s))
+        self._called(input_ids)
         x = self.emb[input_ids] + self.pos[position_ids]
         present = {}
         for i, layer in enumerate(self.layers):
@@ -65,3 +77,50 @@ class TinyNumpyLM:
         if last_only:
             x = x[:, -1:]
         return (x @ self.out).astype(np.float32), present
+
+
+class TinyNumpyGqaLM(TinyNumpyLM):
+    """TinyNumpyLM's function through the gqa form's call (exporters/onnx/batch.py)."""
+
+    attention = "gqa"
+
+    def kv_buffers(self, rows: int, capacity: int) -> dict[str, np.ndarray]:
+        return {f"{i}.{kind}": np.zeros((rows, h, capacity, self.head_dim), np.float32)
+                for i, h in enumerate(self.kv_heads) if h for kind in ("key", "value")}
+
+    def run_rows(self, kv, lo, hi, input_ids, seqlens_k, query_seqlens, logits_index):
+        b, s = input_ids.shape
+        assert b == hi - lo and len(seqlens_k) == len(query_seqlens) == len(logits_index) == b
+        self._called(input_ids)
+        before = seqlens_k + 1 - query_seqlens  # tokens each row held before the call
+        pos = np.minimum(before[:, None] + np.arange(s)[None, :], self.pos.shape[0] - 1)
+        x = self.emb[input_ids] + self.pos[pos]
+        for i, layer in enumerate(self.layers):
+            if layer is None:
+                x = x + 0.1 * np.tanh(x)
+                continue
+            wq, wk, wv, wo = layer
+            h, hd = self.kv_heads[i], self.head_dim
+            split = lambda t: t.reshape(b, s, h, hd).transpose(0, 2, 1, 3)  # noqa: E731
+            q, k, v = split(x @ wq), split(x @ wk), split(x @ wv)
+            keys, values = kv[f"{i}.key"][lo:hi], kv[f"{i}.value"][lo:hi]  # views: written in place
+            out = np.zeros((b, h, s, hd), np.float32)
+            for r in range(b):
+                n, start = int(query_seqlens[r]), int(before[r])
+                if not n:
+                    continue  # sits the call out: its cache is not touched
+                keys[r, :, start:start + n] = k[r, :, :n]
+                values[r, :, start:start + n] = v[r, :, :n]
+                t = start + n
+                scores = q[r, :, :n] @ keys[r, :, :t].transpose(0, 2, 1) / np.sqrt(hd)  # [h, n, t]
+                causal = np.arange(t)[None, :] <= (start + np.arange(n))[:, None]
+                scores = np.where(causal[None], scores, -1e30)
+                scores = scores - scores.max(-1, keepdims=True)
+                p = np.exp(scores)
+                out[r, :, :n] = (p / p.sum(-1, keepdims=True)) @ values[r, :, :t]
+            x = x + out.transpose(0, 2, 1, 3).reshape(b, s, h * hd) @ wo
+        picked = np.take_along_axis(x, logits_index[:, :, None], axis=1)
+        return (picked @ self.out).astype(np.float32)
+
+
+FAKES = {"past-present": TinyNumpyLM, "gqa": TinyNumpyGqaLM}

@@ -1,4 +1,4 @@
-"""ONNX export + ONNX Runtime generation on tiny models (fast; no bundled model)."""
+"""ONNX export + ONNX Runtime generation on tiny models, both graph forms (fast; no bundled model)."""
 
 from __future__ import annotations
 
@@ -16,25 +16,43 @@ from flap_deploy.io.checkpoint import save_checkpoint
 from flap_deploy_cli import main
 from flap_deploy.errors import FlapDeployError
 from factories import tiny_dense
-from onnx_helpers import hf_greedy, lively_tiny_heterogeneous, tiny_tokenizer
+from onnx_helpers import hf_greedy, lively_tiny_heterogeneous, tiny_hollow, tiny_tokenizer
+
+FORMS = ("gqa", "past-present")
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """(model, checkpoint dir with a tiny tokenizer, ONNX dir exported through the CLI)."""
+def tiny_ckpt(tmp_path_factory):
+    """(model, checkpoint dir with a tiny tokenizer)."""
     root = tmp_path_factory.mktemp("onnx")
     model = lively_tiny_heterogeneous()
-    ckpt = save_checkpoint(model, root / "ckpt", tokenizer=tiny_tokenizer())
-    out = root / "onnx"
-    result = CliRunner().invoke(main, ["export", "onnx", str(ckpt), str(out)])
+    return model, save_checkpoint(model, root / "ckpt", tokenizer=tiny_tokenizer())
+
+
+def _cli_export(ckpt, out, *flags):
+    result = CliRunner().invoke(main, ["export", "onnx", str(ckpt), str(out), *flags])
     assert result.exit_code == 0, result.output
     assert "verify fp32" in result.output
-    return model, ckpt, out
+    return out
 
 
 @pytest.fixture(scope="module")
-def lm(tiny):
-    return OnnxCausalLM.from_dir(tiny[2], threads=2)
+def tiny(tiny_ckpt, tmp_path_factory):
+    """(model, checkpoint dir, past-present ONNX dir exported through the CLI)."""
+    model, ckpt = tiny_ckpt
+    return model, ckpt, _cli_export(ckpt, tmp_path_factory.mktemp("pp") / "onnx", "--attention", "past-present")
+
+
+@pytest.fixture(scope="module")
+def tiny_gqa(tiny_ckpt, tmp_path_factory):
+    """(model, checkpoint dir, gqa ONNX dir exported through the CLI with its defaults)."""
+    model, ckpt = tiny_ckpt
+    return model, ckpt, _cli_export(ckpt, tmp_path_factory.mktemp("gqa") / "onnx")
+
+
+@pytest.fixture(scope="module", params=FORMS)
+def lm(request, tiny, tiny_gqa):
+    return OnnxCausalLM.from_dir({"gqa": tiny_gqa, "past-present": tiny}[request.param][2], threads=2)
 
 
 def test_graph_io_follows_the_contract(tiny):
@@ -57,9 +75,36 @@ def test_graph_io_follows_the_contract(tiny):
     assert outputs["logits"][2] == model.config.vocab_size
 
 
-def test_manifest_records_layout_source_and_verification(tiny):
-    _, ckpt, out = tiny
+def test_gqa_graph_has_one_attention_node_per_attention_layer_over_shared_buffers(tiny_gqa):
+    model, _, out = tiny_gqa
+    graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
+    dims = lambda v: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]  # noqa: E731
+    inputs = {i.name: dims(i) for i in graph.input}
+    expected = {0: (8, 2), 2: (2, 1), 3: (2, 2)}  # layer: (query heads, KV heads); layer 1 has no attention
+    assert list(inputs)[:4] == ["input_ids", "seqlens_k", "query_seqlens", "total_sequence_length"]
+    assert set(inputs) == {"input_ids", "seqlens_k", "query_seqlens", "total_sequence_length", "logits_index"} | {
+        f"past_key_values.{i}.{kv}" for i in expected for kv in ("key", "value")}
+    assert len(inputs["logits_index"]) == 2  # [batch, kept]: per row (chunks are right-padded)
+    attention = [n for n in graph.node if n.op_type == "GroupQueryAttention"]
+    assert len(attention) == 3 and not [n for n in graph.node if n.op_type in ("Softmax", "Concat")]
+    for node in attention:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        layer = int(node.output[1].split(".")[1])
+        assert (attrs["num_heads"], attrs["kv_num_heads"]) == expected[layer] and attrs["do_rotary"] == 1
+        # past and present of a layer are one buffer [batch, kv_heads, capacity, head_dim]
+        assert node.input[3] == f"past_key_values.{layer}.key" and node.output[1] == f"present.{layer}.key"
+        assert inputs[node.input[3]] == ["batch", expected[layer][1], "capacity", 16]
+    ops = {n.op_type for n in graph.node}
+    assert {"SkipSimplifiedLayerNormalization", "SimplifiedLayerNormalization"} <= ops
+    assert [o.name for o in graph.output][0] == "logits"
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_manifest_records_form_layout_source_and_verification(tiny, tiny_gqa, form):
+    _, ckpt, out = {"gqa": tiny_gqa, "past-present": tiny}[form]
     m = json.loads((out / MANIFEST_NAME).read_text())
+    assert m["attention"] == form and m["max_length"] == 256  # the tiny model's max_position_embeddings
+    assert ("capacity" in m["kv_cache"]) == (form == "gqa")
     assert m["num_key_value_heads_per_layer"] == [2, 0, 1, 2]
     assert m["cache_layers"] == [0, 2, 3]
     assert m["head_dim"] == 16 and m["dtype"] == "float32" and m["opset"] == 20 and m["quantize"] is None
@@ -70,8 +115,9 @@ def test_manifest_records_layout_source_and_verification(tiny):
     assert m["tokenizer"] and (out / "tokenizer.json").is_file()
 
 
-def test_forward_matches_pytorch_with_cache(tiny, lm):
+def test_past_present_forward_matches_pytorch_with_cache(tiny):
     model = tiny[0]
+    lm = OnnxCausalLM.from_dir(tiny[2], threads=2)
     ids = np.array([[0, 0, 5, 9, 17, 3], [4, 8, 15, 16, 23, 42]], dtype=np.int64)
     mask = np.array([[0, 0, 1, 1, 1, 1], [1] * 6], dtype=np.int64)
     pos = np.clip(mask.cumsum(1) - 1, 0, None)
@@ -90,6 +136,25 @@ def test_forward_matches_pytorch_with_cache(tiny, lm):
     last, _ = lm.forward(ids[:, :4], mask[:, :4], pos[:, :4], lm.empty_past(2), last_only=True)
     assert last.shape == (2, 1, logits1.shape[2])
     np.testing.assert_allclose(last[:, 0], logits1[:, -1], atol=1e-5, rtol=1e-5)
+
+
+def test_gqa_chunked_prefill_and_decode_match_pytorch(tiny_gqa):
+    model, _, out = tiny_gqa
+    lm = OnnxCausalLM.from_dir(out, threads=2)
+    prompts = [[4, 8, 15, 16, 23, 42, 7, 1, 9], [5, 9, 17], [3, 3, 2, 90, 11]]
+    cache = lm.new_cache(4, 32)
+    # rows 0, 1 and 3: two runs of rows, chunks of 4 tokens for the first (row 2 sits in between, free)
+    logits = cache.prefill([0, 1, 3], prompts, chunk_tokens=8, all_logits=True)
+    with torch.no_grad():
+        for p, got in zip(prompts, logits):
+            ref = model(torch.tensor([p])).logits[0].numpy()
+            np.testing.assert_allclose(got, ref, atol=1e-4, rtol=1e-4)
+    # one decode step for rows 0 and 3 only: row 1 sits it out, unchanged
+    step = cache.decode([3, 0], [77, 12])
+    assert list(cache.lengths) == [10, 3, 0, 6]
+    with torch.no_grad():
+        want = [model(torch.tensor([p + [t]])).logits[0, -1].numpy() for p, t in ((prompts[2], 77), (prompts[0], 12))]
+    np.testing.assert_allclose(step, np.stack(want), atol=1e-4, rtol=1e-4)
 
 
 def test_greedy_32_tokens_equal_pytorch_batch_1(tiny, lm):
@@ -158,45 +223,100 @@ def test_cli_generate_uses_the_runtime_the_directory_holds(tiny):
     assert records["onnx"]["text"] == records["pytorch"]["text"]
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3"])
-def test_dense_source_exports_as_the_same_graph_family(tmp_path, family):
-    dense = tiny_dense(family)
+def _family(family: str):
+    if family != "mistral-window":
+        return tiny_dense(family)
+    import transformers
+
+    from factories import FAMILY_CONFIGS
+
+    config = FAMILY_CONFIGS["mistral"]()
+    config.sliding_window = 4  # shorter than the prompts: the window really cuts
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+
+
+@pytest.mark.parametrize("family,forms", [("llama", FORMS), ("qwen3", FORMS), ("qwen2", ("gqa",)),
+                                          ("mistral-window", ("gqa",))])
+def test_dense_source_exports_as_the_same_graph_family(tmp_path, family, forms):
+    dense = _family(family)
     dense.save_pretrained(tmp_path / "dense")
-    out = export_onnx(tmp_path / "dense", tmp_path / "onnx", progress=False)
-    m = json.loads((out / MANIFEST_NAME).read_text())
-    n = dense.config.num_hidden_layers
-    assert m["cache_layers"] == list(range(n))
-    assert m["num_key_value_heads_per_layer"] == [dense.config.num_key_value_heads] * n
-    assert m["verification"]["fp32"]["relative_logit_diff"] <= 1e-3  # no tokenizer: random-id prompts
-    lm = OnnxCausalLM.from_dir(out)
     prompts = [[3, 1, 4, 1, 5, 9, 2, 6], [5, 3, 5]]
-    assert [g.token_ids for g in lm.generate(prompts, max_tokens=16, ignore_eos=True)] == hf_greedy(dense, prompts, 16)
+    want = hf_greedy(dense, prompts, 16)
+    for form in forms:
+        out = export_onnx(tmp_path / "dense", tmp_path / form, progress=False, attention=form)
+        m = json.loads((out / MANIFEST_NAME).read_text())
+        n = dense.config.num_hidden_layers
+        assert m["attention"] == form and m["cache_layers"] == list(range(n))
+        assert m["num_key_value_heads_per_layer"] == [dense.config.num_key_value_heads] * n
+        assert m["verification"]["fp32"]["relative_logit_diff"] <= 1e-3  # no tokenizer: random-id prompts
+        lm = OnnxCausalLM.from_dir(out)
+        assert [g.token_ids for g in lm.generate(prompts, max_tokens=16, ignore_eos=True)] == want, form
 
 
-def test_int8_quantized_export_is_verified_and_generates(tmp_path):
+@pytest.mark.parametrize("compensated,forms", [(True, FORMS), (False, ("gqa",))])
+def test_fully_removed_layer_gives_the_same_tokens_in_both_forms(tmp_path, compensated, forms):
+    model = tiny_hollow(compensated)
+    assert model.config.num_attention_heads_per_layer[1] == model.config.intermediate_size_per_layer[1] == 0
+    ckpt = save_checkpoint(model, tmp_path / "ckpt")
+    prompts = [[9, 8, 7, 6, 5, 4], [1, 2]]
+    want = hf_greedy(model, prompts, 16)
+    for form in forms:
+        out = export_onnx(ckpt, tmp_path / form, progress=False, attention=form)
+        m = json.loads((out / MANIFEST_NAME).read_text())
+        assert m["cache_layers"] == [0, 2] and m["verification"]["fp32"]["greedy_agreement"] == 1.0
+        got = OnnxCausalLM.from_dir(out).generate(prompts, max_tokens=16, ignore_eos=True)
+        assert [g.token_ids for g in got] == want, form
+
+
+def test_long_generation_up_to_max_length_stays_within_1e_3_in_both_forms(tiny_ckpt, tiny, tmp_path):
+    from exporters.onnx.verify import compare_with_torch
+
+    model, ckpt = tiny_ckpt
+    gqa = export_onnx(ckpt, tmp_path / "gqa", progress=False, max_length=40, verify=False)
+    prompts = [[5, 9, 17, 3, 44, 71, 2, 90, 11], [60, 7, 33, 8, 100]]
+    for out in (gqa, tiny[2]):
+        lm = OnnxCausalLM.from_dir(out, threads=2)
+        # teacher-forced greedy decode until the longer row holds 40 tokens: the gqa buffer is full
+        figures = compare_with_torch(lm, model, prompts, decode_steps=40 - 9, capacity=40)
+        assert figures["max_abs_logit_diff"] <= 1e-3 and figures["greedy_agreement"] == 1.0, (out, figures)
+    greedy = hf_greedy(model, prompts, 35)
+    full = OnnxCausalLM.from_dir(gqa, threads=2).generate(prompts, max_tokens=200, ignore_eos=True)
+    # a row ends with "length" when prompt + generated tokens reach max_length: no error, no wrap-around
+    assert [len(p) + len(g.token_ids) for p, g in zip(prompts, full)] == [40, 40]
+    assert {g.finish_reason for g in full} == {"length"}
+    assert [g.token_ids for g in full] == [greedy[0][:31], greedy[1]]
+
+
+def test_int8_and_int4_quantized_exports_are_verified_and_generate(tmp_path):
     model = lively_tiny_heterogeneous(seed=1)
     ckpt = save_checkpoint(model, tmp_path / "ckpt")
-    out = export_onnx(ckpt, tmp_path / "onnx", quantize="int8", progress=False)
-    m = json.loads((out / MANIFEST_NAME).read_text())
-    assert m["quantize"] == "int8" and set(m["verification"]) == {"fp32", "int8"}
-    q = m["verification"]["int8"]
-    assert q["finite"] and 0 < q["max_abs_logit_diff"]  # int8 weights do change the logits
-    graph = onnx.load(str(out / "model.onnx")).graph
-    weights = {i.name for i in graph.initializer}
-    assert any(n.op_type == "MatMulNBits" for n in graph.node)
-    assert not [n.name for n in graph.node if n.op_type == "MatMul" and n.input[1] in weights]  # all int8
-    assert not (out / "model.onnx.float").exists()
-    g = OnnxCausalLM.from_dir(out).generate([[1, 2, 3]], max_tokens=8, ignore_eos=True)
-    assert len(g[0].token_ids) == 8
+    for scheme in ("int8", "int4"):
+        out = export_onnx(ckpt, tmp_path / scheme, quantize=scheme, progress=False)
+        m = json.loads((out / MANIFEST_NAME).read_text())
+        assert m["quantize"] == scheme and set(m["verification"]) == {"fp32", scheme}
+        q = m["verification"][scheme]
+        assert q["finite"] and 0 < q["max_abs_logit_diff"]  # quantized weights do change the logits
+        graph = onnx.load(str(out / "model.onnx")).graph
+        weights = {i.name for i in graph.initializer}
+        bits = {a.i for n in graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "bits"}
+        assert bits == {int(scheme[3:])}
+        assert not [n.name for n in graph.node if n.op_type == "MatMul" and n.input[1] in weights]  # all quantized
+        assert not (out / "model.onnx.float").exists()
+        g = OnnxCausalLM.from_dir(out).generate([[1, 2, 3]], max_tokens=8, ignore_eos=True)
+        assert len(g[0].token_ids) == 8
 
 
-def test_fp16_export_verifies(tmp_path):
+@pytest.mark.parametrize("form", FORMS)
+def test_fp16_export_verifies(tmp_path, form):
     ckpt = save_checkpoint(lively_tiny_heterogeneous(seed=2), tmp_path / "ckpt")
-    out = export_onnx(ckpt, tmp_path / "onnx", dtype="fp16", progress=False)
+    out = export_onnx(ckpt, tmp_path / "onnx", dtype="fp16", progress=False, attention=form)
     m = json.loads((out / MANIFEST_NAME).read_text())
     assert m["dtype"] == "float16" and m["verification"]["fp16"]["relative_logit_diff"] <= 2e-2
     lm = OnnxCausalLM.from_dir(out)
-    assert lm.empty_past(1)["past_key_values.0.key"].data_type() == "tensor(float16)"
+    cache = lm.new_cache(1, 16)
+    (logits,) = cache.prefill([0], [[1, 2, 3]], chunk_tokens=16)
+    assert logits.dtype == np.float16 and np.isfinite(logits).all()
 
 
 # -- bad inputs: one-line errors, nothing half-written ---------------------------------------
@@ -258,13 +378,14 @@ def test_loading_rejects_a_manifest_that_does_not_match_the_graph(tiny, tmp_path
     assert "no flap_onnx.json" in str(pytest.raises(FlapDeployError, OnnxCausalLM.from_dir, bad).value)
 
 
-def test_large_models_keep_weights_in_external_data(tmp_path, monkeypatch):
+@pytest.mark.parametrize("form", FORMS)
+def test_large_models_keep_weights_in_external_data(tmp_path, monkeypatch, form):
     from exporters.onnx import export as export_mod
 
     monkeypatch.setattr(export_mod, "EXTERNAL_DATA_BYTES", 0)  # as if the weights were past 2 GB
     model = lively_tiny_heterogeneous(seed=3)
     ckpt = save_checkpoint(model, tmp_path / "ckpt")
-    out = export_onnx(ckpt, tmp_path / "onnx", progress=False)
+    out = export_onnx(ckpt, tmp_path / "onnx", progress=False, attention=form)
     m = json.loads((out / MANIFEST_NAME).read_text())
     data = [f for f in out.iterdir() if f.name.startswith("model.onnx") and f.name != "model.onnx"]
     assert m["external_data"] and data and (out / "model.onnx").stat().st_size < data[0].stat().st_size

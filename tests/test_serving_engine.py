@@ -1,4 +1,4 @@
-"""Continuous batching engine on a numpy contract model: batched == alone, limits, aborts."""
+"""Continuous batching engine on numpy models of both graph forms: batched == alone, limits, aborts."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import time
 
 import numpy as np
 import pytest
-from serving_fakes import TinyNumpyLM
+from serving_fakes import FAKES
 
 from flap_deploy.generation.sampling import SamplingParams
 from serving.onnx.engine import Engine, QueueFull
@@ -32,8 +32,8 @@ def _drain(q: queue.Queue, timeout: float = 30.0) -> tuple[list[int], str]:
             return out, ev.finish_reason
 
 
-def _reference(model: TinyNumpyLM, prompt: list[int], n: int) -> list[int]:
-    """Greedy generation without cache: the whole sequence re-run at every step."""
+def _reference(model, prompt: list[int], n: int) -> list[int]:
+    """Greedy generation without cache: the whole sequence re-run at every step (past-present call)."""
     ids = list(prompt)
     out = []
     for _ in range(n):
@@ -44,9 +44,9 @@ def _reference(model: TinyNumpyLM, prompt: list[int], n: int) -> list[int]:
     return out
 
 
-@pytest.fixture
-def model():
-    return TinyNumpyLM()
+@pytest.fixture(params=list(FAKES))
+def model(request):
+    return FAKES[request.param]()
 
 
 def test_batched_equals_alone_and_reference(model):
@@ -184,3 +184,55 @@ def test_a_failing_sink_ends_only_its_sequence(model):
         assert len(out) == 6 and reason == "length" and engine.alive
     finally:
         engine.shutdown()
+
+
+def test_a_join_and_a_leave_mid_batch_leave_the_others_unchanged(model):
+    greedy = lambda n: SamplingParams(max_tokens=n, temperature=0.0)  # noqa: E731
+    long_prompts = [[3, 1, 4, 1, 5], [9, 2, 6], [5, 3, 5, 8, 9, 7, 9]]
+    engine = Engine(model, max_model_len=64, max_num_seqs=4).start()
+    try:
+        alone = [_drain(_collect(engine, p, greedy(30))[1])[0] for p in long_prompts]
+        gate = threading.Event()
+        seen: list[int] = []
+
+        def first(ev):  # holds the engine after the long ones' first tokens, so that a join lands mid-batch
+            seen.append(ev)
+            if len(seen) == 3:
+                gate.wait(10)
+
+        qs = []
+        for p in long_prompts:
+            q: queue.Queue = queue.Queue()
+            engine.submit(p, greedy(30), lambda ev, q=q: (q.put(ev), first(ev)))
+            qs.append(q)
+        short = _collect(engine, [7, 7, 2], greedy(4))[1]  # joins, then leaves while the others run
+        gate.set()
+        together = [_drain(q)[0] for q in qs]
+        assert len(_drain(short)[0]) == 4
+    finally:
+        gate.set()
+        engine.shutdown()
+    assert together == alone
+    assert max(b for b, s in model.calls if s == 1) >= 3  # the long ones really decoded together
+
+
+def test_gqa_rows_stay_in_place_when_others_join_and_leave():
+    from serving_fakes import TinyNumpyGqaLM
+
+    model = TinyNumpyGqaLM()
+    engine = Engine(model, max_model_len=64, max_num_seqs=4)
+    buffers = dict(engine.cache.kv)
+    rng = np.random.default_rng(5)
+    engine.start()
+    try:
+        for _ in range(1000):  # joins and leaves of every kind: 1-3 at a time, ragged lengths
+            qs = [_collect(engine, list(rng.integers(0, 64, size=int(rng.integers(1, 12)))),
+                           SamplingParams(max_tokens=int(rng.integers(1, 6)), temperature=0.0))[1]
+                  for _ in range(int(rng.integers(1, 4)))]
+            for q in qs:
+                _drain(q)
+    finally:
+        engine.shutdown()
+    # the cache is the buffers allocated at start, nothing re-allocated or grown
+    assert all(engine.cache.kv[k] is v for k, v in buffers.items()) and engine.cache.kv.keys() == buffers.keys()
+    assert not engine.cache.lengths.any() and sorted(engine._free) == [0, 1, 2, 3]

@@ -1,10 +1,11 @@
 """``export_onnx``: a checkpoint (pruned or dense) -> an ONNX Runtime directory.
 
 Dense sources are first turned into a FlapLlama with all-true masks (``compress``), so
-dense and pruned models share one graph family and one exporter. The graph comes from
-``torch.onnx.export(dynamo=True)`` on ``OnnxDecoder`` with explicit dynamic axes; the whole
-directory is written atomically, and verification against PyTorch runs before it is
-renamed into place, so a failed export leaves nothing behind.
+dense and pruned models share one graph family and one exporter. The graph has one of two
+forms (``contract.FORMS``): ``gqa`` is written node by node (``gqa.py``), ``past-present`` comes
+from ``torch.onnx.export(dynamo=True)`` on ``OnnxDecoder`` with explicit dynamic axes. The whole
+directory is written atomically, and verification against PyTorch runs before it is renamed
+into place, so a failed export leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -33,14 +34,22 @@ from flap_deploy.model.layout import LayerMask
 from flap_deploy.model.modeling_flap_llama import FlapLlamaForCausalLM
 from flap_deploy.pruning.compress import compress
 
-from .contract import GRAPH_VERSION, cache_layers, input_names, output_names
+from .contract import (
+    DEFAULT_FORM,
+    FORMS,
+    GQA,
+    PAST_PRESENT,
+    cache_layers,
+    input_names,
+    output_names,
+)
+from .gqa import check_gqa, write_gqa_graph
 from .graph import OnnxDecoder
 from .manifest import DTYPES, MANIFEST_NAME, MODEL_NAME, build_manifest, source_identity
-from .quantize import quantize_int8
+from .quantize import QUANTIZE, quantize_weights
 from .verify import TOLERANCE, compare_with_torch, verification_prompts
 
 SUPPORTED_OPSETS = (18, 19, 20, 21, 22, 23)
-QUANTIZE = ("int8",)
 # torch.onnx keeps weights inside model.onnx only below protobuf's 2 GB limit.
 EXTERNAL_DATA_BYTES = 1_800_000_000
 # Example sizes for tracing: all > 1 and all different, or torch.export specializes them.
@@ -93,6 +102,15 @@ def export_graph(model: FlapLlamaForCausalLM, file: Path, opset: int, external_d
         program.save(str(file), external_data=external_data)
 
 
+def _write_past_present(model: FlapLlamaForCausalLM, file: Path, opset: int, external_data: bool,
+                        max_length: int) -> None:
+    export_graph(model, file, opset, external_data)  # any length: rotary is computed from position_ids
+
+
+# The graph writer of each form (contract.FORMS): (model, file, opset, external_data, max_length).
+WRITERS = {GQA: write_gqa_graph, PAST_PRESENT: _write_past_present}
+
+
 def _directory_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
@@ -120,34 +138,37 @@ def _verify(tmp: Path, model: torch.nn.Module, prompts: list[list[int]], label: 
     return figures
 
 
-def _quantize_in_place(tmp: Path, manifest: dict[str, Any], model: torch.nn.Module | None,
+def _quantize_in_place(tmp: Path, manifest: dict[str, Any], scheme: str, model: torch.nn.Module | None,
                        prompts: list[list[int]], threads: int | None) -> None:
-    """Replace tmp/model.onnx by its int8 version; verify it against ``model`` when given."""
+    """Replace tmp/model.onnx by its quantized version; verify it against ``model`` when given."""
     float_file = tmp / f"{MODEL_NAME}.float"
     os.replace(tmp / MODEL_NAME, float_file)
-    quantize_int8(float_file, tmp / MODEL_NAME, manifest["external_data"])
+    quantize_weights(float_file, tmp / MODEL_NAME, scheme, manifest["external_data"])
     for leftover in tmp.glob(f"{MODEL_NAME}.float*"):
         leftover.unlink()
-    manifest["quantize"] = "int8"
+    manifest["quantize"] = scheme
     _write_manifest(tmp, manifest)
     if model is not None:
-        # int8 is reported, not asserted: its error is a property of the weights.
-        manifest["verification"]["int8"] = _verify(tmp, model, prompts, "int8", threads, None)
+        # quantized graphs are reported, not asserted: their error is a property of the weights.
+        manifest["verification"][scheme] = _verify(tmp, model, prompts, scheme, threads, None)
 
 
 def quantize_export(onnx_dir: str | os.PathLike, out_dir: str | os.PathLike, verify: bool = True,
-                    overwrite: bool = False, threads: int | None = None) -> Path:
-    """Write an int8 copy of an existing fp32 export (no re-trace); verified against its source.
+                    overwrite: bool = False, threads: int | None = None, scheme: str = "int8") -> Path:
+    """Write a quantized copy (``scheme`` int8 | int4) of an existing fp32 export (no re-export);
+    verified against its source.
 
     The source checkpoint is found through the manifest's ``source.path``; with
     ``verify=False`` it is not needed.
     """
     from .manifest import read_manifest
 
+    if scheme not in QUANTIZE:
+        raise ParameterError("quantize", f"{scheme!r} is not supported (choose {' or '.join(QUANTIZE)})")
     src = Path(onnx_dir)
     manifest = read_manifest(src)
     if manifest.get("quantize") or manifest["dtype"] != "float32":
-        raise FlapDeployError(f"{src}: int8 quantization starts from an unquantized float32 export")
+        raise FlapDeployError(f"{src}: quantization starts from an unquantized float32 export")
     out = check_output_dir(out_dir, overwrite)
     started = time.perf_counter()
     model = prompts = None
@@ -163,8 +184,8 @@ def quantize_export(onnx_dir: str | os.PathLike, out_dir: str | os.PathLike, ver
 
             tokenizer = AutoTokenizer.from_pretrained(tmp)
         prompts = verification_prompts(tokenizer, manifest["vocab_size"])
-        manifest["verification"] = {k: v for k, v in manifest["verification"].items() if k != "int8"}
-        _quantize_in_place(tmp, manifest, model, prompts, threads)
+        manifest["verification"] = {k: v for k, v in manifest["verification"].items() if k not in QUANTIZE}
+        _quantize_in_place(tmp, manifest, scheme, model, prompts, threads)
         manifest["quantize_seconds"] = round(time.perf_counter() - started, 1)
         manifest["size_bytes"] = _directory_bytes(tmp)
         manifest["graph_bytes"] = sum(f.stat().st_size for f in tmp.glob(f"{MODEL_NAME}*"))
@@ -174,25 +195,35 @@ def quantize_export(onnx_dir: str | os.PathLike, out_dir: str | os.PathLike, ver
 
 def export_onnx(model_dir_or_name: str | os.PathLike, out_dir: str | os.PathLike, opset: int = 20,
                 dtype: str = "fp32", quantize: str | None = None, verify: bool = True, overwrite: bool = False,
-                threads: int | None = None, progress: bool = True) -> Path:
+                threads: int | None = None, progress: bool = True, attention: str = DEFAULT_FORM,
+                max_length: int | None = None) -> Path:
     """Export a pruned or dense checkpoint to ``out_dir``: model.onnx + flap_onnx.json + tokenizer.
 
-    ``opset``: 18-23 (23 lets ORT use RMSNormalization). ``dtype``: "fp32" | "fp16".
-    ``quantize``: None | "int8" (blockwise int8 MatMul weights, ``MatMulNBits``, applied after the float export
-    has been verified). ``verify``: compare with PyTorch on fixed prompts and record the
-    figures in the manifest; fails (FlapDeployError, nothing written) when float logits
-    differ by more than the tolerance. Returns ``out_dir``.
+    ``attention``: the graph form, "gqa" | "past-present" (``contract.FORMS``). ``max_length``:
+    the longest sequence (prompt + generated) the graph takes, the gqa form's rotary caches and
+    largest KV buffer (default: the model's max_position_embeddings).
+    ``opset``: 18-23 (23 lets the past-present form use RMSNormalization). ``dtype``: "fp32" | "fp16".
+    ``quantize``: None | "int8" | "int4" (blockwise MatMul weights, ``MatMulNBits``, applied after
+    the float export has been verified). ``verify``: compare with PyTorch on fixed prompts and
+    record the figures in the manifest; fails (FlapDeployError, nothing written) when float
+    logits differ by more than the tolerance. Returns ``out_dir``.
     """
     if opset not in SUPPORTED_OPSETS:
         raise FlapDeployError(f"opset {opset} is not supported (choose one of {', '.join(map(str, SUPPORTED_OPSETS))})")
     if dtype not in DTYPES:
         raise FlapDeployError(f"dtype {dtype!r} is not supported (choose fp32 or fp16)")
     if quantize not in (None, *QUANTIZE):
-        raise FlapDeployError(f"quantize {quantize!r} is not supported (choose int8)")
+        raise ParameterError("quantize", f"{quantize!r} is not supported (choose {' or '.join(QUANTIZE)})")
     if quantize and dtype != "fp32":
-        raise ParameterError("quantize", "int8 starts from an fp32 graph; use dtype fp32")
+        raise ParameterError("quantize", f"{quantize} starts from an fp32 graph; use dtype fp32")
+    if attention not in FORMS:
+        raise ParameterError("attention", f"{attention!r} is not a graph form (choose {' or '.join(FORMS)})")
+    if max_length is not None and max_length < 1:
+        raise ParameterError("max_length", f"must be at least 1, got {max_length}")
     out = check_output_dir(out_dir, overwrite)
     source_ref = resolve_model(model_dir_or_name, accept=CHECKPOINTS)  # fail on a bad source before any work
+    if attention == GQA:
+        check_gqa(source_ref.hf_config())
     started = time.perf_counter()
     steps = 2 + verify + (1 + verify) * bool(quantize)
     bar = tqdm(total=steps, desc="export onnx", disable=not progress, unit="step")
@@ -206,21 +237,22 @@ def export_onnx(model_dir_or_name: str | os.PathLike, out_dir: str | os.PathLike
     bar.update()
 
     layers = cache_layers(model.config)
+    max_length = max_length or model.config.max_position_embeddings
     weight_bytes = sum(p.numel() * p.element_size() for p in graph_model.parameters())
     external = weight_bytes > EXTERNAL_DATA_BYTES
     with atomic_directory(out, overwrite) as tmp:
-        bar.set_postfix_str("trace")
+        bar.set_postfix_str("write graph")
         t0 = time.perf_counter()
-        export_graph(graph_model, tmp / MODEL_NAME, opset, external)
+        WRITERS[attention](graph_model, tmp / MODEL_NAME, opset, external, max_length)
         trace_seconds = time.perf_counter() - t0
         bar.update()
 
         copy_tokenizer_files(source, tmp)
         has_tokenizer = any((tmp / f).is_file() for f in TOKENIZER_FILES if f.startswith("tokenizer"))
         manifest = build_manifest(
-            config=model.config, layers=layers, opset=opset, dtype=dtype, quantize=None,
-            source=source_identity(source), input_names=input_names(layers), output_names=output_names(layers),
-            external_data=external, tokenizer=has_tokenizer,
+            config=model.config, layers=layers, attention=attention, max_length=max_length, opset=opset,
+            dtype=dtype, quantize=None, source=source_identity(source), input_names=input_names(layers, attention),
+            output_names=output_names(layers), external_data=external, tokenizer=has_tokenizer,
         )
         _write_manifest(tmp, manifest)
         tokenizer = None
@@ -235,8 +267,8 @@ def export_onnx(model_dir_or_name: str | os.PathLike, out_dir: str | os.PathLike
                                                       TOLERANCE[DTYPES[dtype]])
             bar.update()
         if quantize:
-            bar.set_postfix_str("quantize int8")
-            _quantize_in_place(tmp, manifest, model if verify else None, prompts, threads)
+            bar.set_postfix_str("quantize " + quantize)
+            _quantize_in_place(tmp, manifest, quantize, model if verify else None, prompts, threads)
             bar.update(1 + verify)
         manifest["export_seconds"] = round(time.perf_counter() - started, 1)
         manifest["trace_seconds"] = round(trace_seconds, 1)
@@ -250,20 +282,32 @@ def export_onnx(model_dir_or_name: str | os.PathLike, out_dir: str | os.PathLike
 __all__ = ["export_onnx", "quantize_export", "export_graph", "load_flap_model"]
 
 
-def ensure_onnx(model: str | os.PathLike | ModelRef, *, progress: bool = True) -> Path:
+def ensure_onnx(model: str | os.PathLike | ModelRef, *, progress: bool = True, attention: str | None = None) -> Path:
     """An ONNX export directory for MODEL: itself if it is one, else a cached export of the checkpoint.
 
     Checkpoints (or `smollm2-135m`) are exported once, fp32, into ``<cache_dir()>/onnx``, keyed
-    by the source's identity (path, config and weight-header hashes), so a changed checkpoint
-    is exported again.
+    by the source's identity (path, config and weight-header hashes) and the form's graph
+    version, so a changed checkpoint or graph is exported again. ``attention`` (default: ``default_form``
+    of the checkpoint) picks the graph form.
     """
     ref = resolve_model(model)
     path = ref.path
     if ref.kind == "onnx":
         return path
-    identity = {**source_identity(path), "graph": GRAPH_VERSION}  # a changed graph is exported again
+    attention = attention or default_form(ref)
+    identity = {**source_identity(path), "graph": FORMS[attention].version}
     key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
     out = cache_dir() / "onnx" / f"{path.name}-{key}"
     if not (out / MANIFEST_NAME).is_file():
-        export_onnx(ref, out, overwrite=True, progress=progress)
+        export_onnx(ref, out, overwrite=True, progress=progress, attention=attention)
     return out
+
+
+def default_form(ref: ModelRef) -> str:
+    """The graph form a checkpoint is exported to by default: DEFAULT_FORM (gqa) where it can hold
+    the model, else past-present."""
+    try:
+        check_gqa(ref.hf_config())
+    except ParameterError:
+        return PAST_PRESENT
+    return DEFAULT_FORM

@@ -15,7 +15,7 @@ from typing import Any
 
 from flap_deploy.errors import FlapDeployError
 
-from .contract import CacheLayer
+from .contract import FORMS, CacheLayer, form_of
 
 MANIFEST_NAME = "flap_onnx.json"
 MODEL_NAME = "model.onnx"
@@ -41,9 +41,9 @@ def source_identity(model_dir: str | os.PathLike) -> dict[str, Any]:
     return {"path": str(model_dir), "config_sha256": config, "weights_header_sha256": weights.hexdigest()}
 
 
-def build_manifest(*, config: Any, layers: list[CacheLayer], opset: int, dtype: str, quantize: str | None,
-                   source: dict[str, Any], input_names: list[str], output_names: list[str],
-                   external_data: bool, tokenizer: bool) -> dict[str, Any]:
+def build_manifest(*, config: Any, layers: list[CacheLayer], attention: str, max_length: int, opset: int,
+                   dtype: str, quantize: str | None, source: dict[str, Any], input_names: list[str],
+                   output_names: list[str], external_data: bool, tokenizer: bool) -> dict[str, Any]:
     """The manifest of a fresh export (verification figures are added by the exporter)."""
     from flap_deploy import __version__
     from flap_deploy.model.params import decode_step_params
@@ -53,6 +53,9 @@ def build_manifest(*, config: Any, layers: list[CacheLayer], opset: int, dtype: 
         "format": FORMAT,
         "model": MODEL_NAME,
         "external_data": external_data,
+        "attention": attention,
+        "max_length": max_length,
+        "kv_cache": FORMS[attention].cache_layout,
         "opset": opset,
         "dtype": DTYPES[dtype],
         "quantize": quantize,
@@ -97,6 +100,8 @@ def read_manifest(onnx_dir: str | os.PathLike) -> dict[str, Any]:
     for key in ("num_key_value_heads_per_layer", "cache_layers", "head_dim", "inputs", "outputs", "dtype"):
         if key not in manifest:
             raise FlapDeployError(f"{file}: key '{key}' is missing")
+    if form_of(manifest) not in FORMS:
+        raise FlapDeployError(f"{file}: attention is {manifest['attention']!r}, expected one of {', '.join(FORMS)}")
     if not (onnx_dir / manifest.get("model", MODEL_NAME)).is_file():
         raise FlapDeployError(f"{onnx_dir}: graph file {manifest.get('model', MODEL_NAME)} is missing")
     return manifest

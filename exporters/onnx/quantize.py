@@ -1,7 +1,9 @@
-"""int8 quantization of the exported graph's linear weights, with ONNX Runtime's own tools.
+"""Blockwise weight quantization of the exported graph's linear weights, with ONNX Runtime's own tools.
 
-``MatMulNBits`` with 8-bit symmetric weights in blocks of 32 along the input dimension and
-``accuracy_level=4`` (activations quantized to int8 on the fly, per block, int8 dot products).
+``MatMulNBits`` with 8- or 4-bit symmetric weights in blocks of 32 along the input dimension
+and ``accuracy_level=4`` (activations quantized to int8 on the fly, per block, int8 dot
+products). Both graph forms store their linear weights as ``MatMul`` initializers, so one
+pass serves both.
 
 Why blockwise and not the classic ``quantize_dynamic`` (int8 per-channel weights, activations
 quantized per tensor at run time), measured on SmolLM2-135M (export verification prompts, 2 CPU
@@ -16,14 +18,16 @@ import logging
 from pathlib import Path
 
 BLOCK_SIZE = 32
+# --quantize choice -> bits per weight
+QUANTIZE = {"int8": 8, "int4": 4}
 
 
-def quantize_int8(src: Path, dst: Path, external_data: bool = False) -> None:
-    """Write ``dst``: ``src`` with every MatMul weight (projections and lm_head) stored as blockwise int8."""
+def quantize_weights(src: Path, dst: Path, scheme: str, external_data: bool = False) -> None:
+    """Write ``dst``: ``src`` with every MatMul weight (projections and lm_head) stored blockwise in ``scheme``."""
     root = logging.getLogger()
     level = root.level
     try:
-        _quantize(Path(src), Path(dst), external_data)
+        _quantize(Path(src), Path(dst), QUANTIZE[scheme], external_data)
     finally:
         # ORT's quantization modules call logging.basicConfig(INFO) on import: undo it for the caller.
         root.setLevel(level)
@@ -35,7 +39,7 @@ def quantize_int8(src: Path, dst: Path, external_data: bool = False) -> None:
 _root_handlers = list(logging.getLogger().handlers)
 
 
-def _quantize(src: Path, dst: Path, external_data: bool) -> None:
+def _quantize(src: Path, dst: Path, bits: int, external_data: bool) -> None:
     logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.ERROR)
     logging.getLogger().setLevel(logging.ERROR)  # the tools log every node
     import onnx
@@ -45,7 +49,7 @@ def _quantize(src: Path, dst: Path, external_data: bool) -> None:
     )
 
     model = onnx.load(str(src))
-    config = DefaultWeightOnlyQuantConfig(block_size=BLOCK_SIZE, is_symmetric=True, accuracy_level=4, bits=8)
+    config = DefaultWeightOnlyQuantConfig(block_size=BLOCK_SIZE, is_symmetric=True, accuracy_level=4, bits=bits)
     quantizer = MatMulNBitsQuantizer(model, algo_config=config)
     quantizer.process()
     quantizer.model.save_model_to_file(str(dst), use_external_data_format=external_data)

@@ -1,9 +1,11 @@
-"""Generation on ONNX Runtime: ``OnnxCausalLM`` drives an exported decoder, KV cache kept as OrtValues.
+"""Generation on ONNX Runtime: ``OnnxCausalLM`` drives an exported decoder of either graph form.
 
-One ``forward`` is one call of the contract graph. ``generate`` runs prefill and cached
-decode for a left-padded batch, with greedy or sampled tokens (``flap_deploy.generation.sampling``),
-EOS and stop strings. The cache never leaves ORT between steps: each step's ``present.*``
-OrtValues are fed back as the next step's ``past_key_values.*``. The module-level
+The graph call of each form: ``forward`` (past-present: the cache goes in as ``past_key_values.*``
+and comes back grown as ``present.*`` OrtValues, fed back unchanged) and ``run_rows`` (gqa:
+inputs and outputs bound with IO binding, the KV buffers bound as both past and present so that
+the graph appends in place and a decode step copies no cache). ``new_cache`` wraps either in the
+form's ``batch.RowCache``, through which ``generate`` runs prefill and cached decode with greedy
+or sampled tokens (``flap_deploy.generation.sampling``), EOS and stop strings. The module-level
 ``generate`` is the ONNX twin of ``flap_deploy.generation.generate.generate`` (text prompts in,
 ``Generation`` records out).
 """
@@ -19,15 +21,21 @@ import numpy as np
 import onnxruntime as ort
 
 from flap_deploy.errors import FlapDeployError
-from flap_deploy.generation.generate import Generation, encode_prompt, left_pad
+from flap_deploy.generation.generate import Generation, encode_prompt
 from flap_deploy.generation.sampling import SamplingParams, find_stop, next_token
 
+from .batch import RowCache, new_cache
 from .contract import (
+    GQA,
     LOGITS_INDEX,
+    PAST_PRESENT,
+    QUERY_SEQLENS,
+    SEQLENS_K,
+    TOTAL_SEQUENCE_LENGTH,
     CacheLayer,
+    form_of,
     logits_index,
     past_from_present,
-    positions,
 )
 from .manifest import MODEL_NAME, cache_layers_of, check_graph_io, read_manifest
 
@@ -38,8 +46,33 @@ OPT_LEVELS = {
     "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
 }
 NP_DTYPES = {"float32": np.float32, "float16": np.float16}
+# Padded tokens per prefill call in ``generate`` (a longer batch is prefilled in chunks).
+PREFILL_TOKENS = 4096
 
 Past = dict[str, Any]  # name -> OrtValue | np.ndarray
+
+
+class KVBuffers:
+    """The gqa form's cache: per layer ``[rows, kv_heads, capacity, head_dim]`` arrays, and the IO binding.
+
+    The arrays are allocated once (zero pages, so memory is committed as rows fill) and bound
+    by address: a call over rows ``[lo, hi)`` binds that contiguous slice as ``past_key_values.*``
+    and as ``present.*``. Last-token logits land in a preallocated ``[rows, 1, vocab]`` buffer.
+    """
+
+    def __init__(self, lm: OnnxCausalLM, rows: int, capacity: int):
+        self.capacity = capacity
+        self.arrays = {name: np.zeros((rows, c.kv_heads, capacity, c.head_dim), lm.dtype)
+                       for c in lm.layers for name in c.past_names}
+        self.logits = np.zeros((rows, 1, lm.vocab_size), lm.dtype)
+        self.binding = lm.session.io_binding()
+        self.binding.bind_output("logits", "cpu")  # first, so that it is get_outputs()[0]
+        self.bound: tuple[int, int] | None = None  # the row range the cache is bound to
+        self.inputs: dict[str, np.ndarray] = {}  # kept alive while bound
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.arrays.values()) + self.logits.nbytes
 
 
 class OnnxCausalLM:
@@ -51,6 +84,10 @@ class OnnxCausalLM:
         self.manifest = manifest
         self.tokenizer = tokenizer
         self.layers: list[CacheLayer] = cache_layers_of(manifest)
+        self.attention = form_of(manifest)
+        # longest sequence: the rotary caches' positions (gqa), the model's positions (past-present)
+        self.max_length: int | None = manifest.get("max_length") or manifest.get("max_position_embeddings")
+        self.vocab_size: int = manifest.get("vocab_size") or 0
         self.dtype = NP_DTYPES[manifest["dtype"]]
         self.output_names: list[str] = list(manifest["outputs"])
         # graphs exported before logits_index existed compute every position's logits
@@ -106,8 +143,14 @@ class OnnxCausalLM:
 
     # -- one graph call -------------------------------------------------------------------
 
+    def _require(self, form: str, call: str) -> None:
+        if self.attention != form:
+            raise FlapDeployError(f"{self.path}: {call} is the {form} form's graph call, this export is "
+                                  f"{self.attention}; use new_cache()")
+
     def empty_past(self, batch: int) -> dict[str, ort.OrtValue]:
-        """A zero-length cache for ``batch`` rows (the past of a prefill)."""
+        """A zero-length cache for ``batch`` rows (the past of a prefill; past-present form)."""
+        self._require(PAST_PRESENT, "empty_past")
         past = {}
         for c in self.layers:
             for name in c.past_names:
@@ -116,7 +159,7 @@ class OnnxCausalLM:
 
     def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
                 past: Past, last_only: bool = False) -> tuple[np.ndarray, dict[str, ort.OrtValue]]:
-        """Run the graph once.
+        """Run the past-present graph once.
 
         ``past`` maps ``past_key_values.{i}.key|value`` (or the previous step's
         ``present.*`` names) to OrtValues or arrays [batch, kv_heads_i, past, head_dim];
@@ -125,6 +168,7 @@ class OnnxCausalLM:
         computes alone when it has the ``logits_index`` input) and ``present.{i}.key|value``
         as OrtValues, ready to be fed back.
         """
+        self._require(PAST_PRESENT, "forward")
         feed: dict[str, ort.OrtValue] = {
             "input_ids": _ortvalue(input_ids, np.int64),
             "attention_mask": _ortvalue(attention_mask, np.int64),
@@ -144,6 +188,52 @@ class OnnxCausalLM:
         if last_only and not self.has_logits_index:
             logits = logits[:, -1:]
         return logits, present
+
+    def kv_buffers(self, rows: int, capacity: int) -> KVBuffers:
+        """The gqa form's cache of ``rows`` rows of ``capacity`` tokens (see ``KVBuffers``)."""
+        self._require(GQA, "kv_buffers")
+        return KVBuffers(self, rows, capacity)
+
+    def run_rows(self, kv: KVBuffers, lo: int, hi: int, input_ids: np.ndarray, seqlens_k: np.ndarray,
+                 query_seqlens: np.ndarray, logits_index: np.ndarray) -> np.ndarray:
+        """Run the gqa graph once over cache rows ``[lo, hi)``, appending in place.
+
+        ``input_ids`` [hi - lo, seq] right-padded, ``query_seqlens`` the new tokens per row (0:
+        the row sits the call out), ``seqlens_k`` each row's cache length after the call minus one,
+        ``logits_index`` [hi - lo, kept] the positions whose logits come back ([hi - lo, kept,
+        vocab]; with kept 1 a view of the preallocated buffer, valid until the next call).
+        """
+        io = kv.binding
+        kv.inputs = {"input_ids": np.ascontiguousarray(input_ids, np.int64),
+                     SEQLENS_K: np.ascontiguousarray(seqlens_k, np.int32),
+                     QUERY_SEQLENS: np.ascontiguousarray(query_seqlens, np.int32),
+                     TOTAL_SEQUENCE_LENGTH: np.asarray(kv.capacity, np.int32),
+                     LOGITS_INDEX: np.ascontiguousarray(logits_index, np.int64)}
+        for name, value in kv.inputs.items():
+            io.bind_cpu_input(name, value)
+        if kv.bound != (lo, hi):
+            for c in self.layers:
+                for past, present in zip(c.past_names, c.present_names):
+                    arr = kv.arrays[past]
+                    shape, address = [hi - lo, *arr.shape[1:]], arr.ctypes.data + lo * arr.strides[0]
+                    io.bind_input(past, "cpu", 0, self.dtype, shape, address)
+                    io.bind_output(present, "cpu", 0, self.dtype, shape, address)
+            kv.bound = (lo, hi)
+        last_only = logits_index.shape[1] == 1
+        if last_only:
+            out = kv.logits[lo:hi]
+            io.bind_output("logits", "cpu", 0, self.dtype, list(out.shape), out.ctypes.data)
+        else:
+            io.bind_output("logits", "cpu")
+        self.session.run_with_iobinding(io)
+        return out if last_only else io.get_outputs()[0].numpy()
+
+    def new_cache(self, rows: int, capacity: int | None = None) -> RowCache:
+        """A cache of ``rows`` sequences of up to ``capacity`` tokens (default: ``max_length``) for this graph form."""
+        capacity = capacity or self.max_length
+        if capacity is None:
+            raise FlapDeployError(f"{self.path}: the manifest states no max_length; pass a capacity")
+        return new_cache(self, rows, capacity)
 
     # -- generation -----------------------------------------------------------------------
 
@@ -173,13 +263,14 @@ class OnnxCausalLM:
 
     def generate(self, prompts: str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]],
                  params: SamplingParams | None = None, **sampling: Any) -> list[Generation]:
-        """Generate for a batch of prompts (text or token ids), left-padded, with the KV cache.
+        """Generate for a batch of prompts (text or token ids), one cache row each (``new_cache``).
 
         ``params``, or its fields as keywords (``max_tokens=32, temperature=0.7, ...``).
         Temperature 0 is greedy; otherwise tokens are sampled with top-k / top-p, row ``r``
         using seed ``seed + r`` when a seed is given. A row ends at EOS or a stop token
         (unless ``ignore_eos``; not before ``min_tokens``), at a stop string (text is cut
-        before it) or after ``max_tokens``.
+        before it), after ``max_tokens`` or when prompt + generated tokens reach ``max_length``
+        ("length").
         """
         if params is None:
             params = SamplingParams(**sampling)
@@ -189,27 +280,27 @@ class OnnxCausalLM:
             raise FlapDeployError(f"{self.path}: stop strings need a tokenizer, and the export has none")
         batch = self.encode(prompts)
         n = len(batch)
+        longest = max(len(p) for p in batch)
+        if self.max_length and longest >= self.max_length:
+            raise FlapDeployError(f"generate: a prompt of {longest} tokens leaves no room for a token within the "
+                                  f"graph's max_length {self.max_length}")
+        # prompt + generated tokens stay within max_length (the last token is never cached)
+        capacity = longest + params.max_tokens - 1
+        capacity = min(capacity, self.max_length - 1) if self.max_length else capacity
         rngs = [np.random.default_rng(None if params.seed is None else params.seed + r) for r in range(n)]
         eos = set() if params.ignore_eos else set(self.eos_token_ids) | set(params.stop_token_ids)
         new: list[list[int]] = [[] for _ in range(n)]
         reasons: list[str | None] = [None] * n
         texts: list[str | None] = [None] * n
 
-        ids, mask = left_pad(batch, self.pad_token_id)
-        pos = positions(mask)
-        past: Past = self.empty_past(n)
-        for _ in range(params.max_tokens):
-            logits, present = self.forward(ids, mask, pos, past, last_only=True)
-            past = present
-            last = logits[:, -1, :]
-            step = np.full((n, 1), self.pad_token_id, dtype=np.int64)
-            for r in range(n):
-                if reasons[r] is not None:
-                    continue
+        cache = self.new_cache(n, capacity)
+        live = list(range(n))
+        last = dict(zip(live, cache.prefill(live, batch, PREFILL_TOKENS)))
+        while True:
+            for r in live:
                 banned = sorted(eos) if len(new[r]) < params.min_tokens else ()
                 tok = next_token(last[r], params, rngs[r], banned=banned)
                 new[r].append(tok)
-                step[r, 0] = tok
                 if tok in eos:
                     reasons[r] = "stop"
                 elif params.stop:
@@ -217,13 +308,13 @@ class OnnxCausalLM:
                     cut = find_stop(text, params.stop)
                     if cut is not None:
                         reasons[r], texts[r] = "stop", text[:cut]
-                if reasons[r] is None and len(new[r]) >= params.max_tokens:
-                    reasons[r] = "length"
-            if all(x is not None for x in reasons):
+                if reasons[r] is None and (len(new[r]) >= params.max_tokens or cache.lengths[r] >= capacity):
+                    reasons[r] = "length"  # max_tokens, or max_length reached
+            cache.release([r for r in live if reasons[r] is not None])
+            live = [r for r in live if reasons[r] is None]
+            if not live:
                 break
-            ids = step
-            mask = np.concatenate([mask, np.ones((n, 1), dtype=np.int64)], axis=1)
-            pos = pos[:, -1:] + 1
+            last = dict(zip(live, cache.decode(live, [new[r][-1] for r in live])))
         out = []
         for r in range(n):
             text = texts[r] if texts[r] is not None else self.decode([t for t in new[r] if t not in eos])

@@ -1,11 +1,11 @@
-"""Continuous-batching generation engine over a model with the ONNX KV-cache contract.
+"""Continuous-batching generation engine over a model of either ONNX graph form.
 
 One engine thread owns the model session and loops over steps. Each step:
   1. drops aborted sequences (client gone, stop string seen),
-  2. admits waiting requests while fewer than `max_num_seqs` run: the admitted prompts are
-     prefilled together, left-padded, in batches of at most `max_prefill_tokens` padded tokens
-     (one graph call instead of one per prompt, so TTFT does not grow with every arrival);
-     a prompt longer than that is prefilled in chunks of `max_prefill_tokens` columns, each
+  2. admits waiting requests while fewer than `max_num_seqs` run, each into a free row of the
+     KV cache (the lowest): the admitted prompts are prefilled together in batches of at most
+     `max_prefill_tokens` padded tokens (one graph call instead of one per prompt, so TTFT does
+     not grow with every arrival); a prompt longer than that is prefilled in chunks, each
      chunk attending to the cache of the ones before, so a prefill's activations are bounded
      by configuration, not by the prompt. Only the last position's logits are computed.
      Their first tokens are sampled.
@@ -16,45 +16,36 @@ gets the exception) and the engine goes on; a failed decode step fails the runni
 only. Anything else that escapes the loop stops the engine: `error` is set, every pending
 request gets the error, and `on_death(error)` is called (the server then exits non-zero).
 
-The running batch keeps its KV cache as batched arrays `[batch, kv_heads, P, head_dim]`
-with each row's real entries at the right end and zeros on the left; the attention mask
-has zeros over the padding and `position_ids` are per row, so a padded row computes what it
-would compute alone. The arrays returned by one step are fed to the next unchanged; they
-are re-packed only when a sequence joins (left-pad to the longest row) or leaves (drop
-its row, trim columns that are padding in every row).
+The KV cache is the graph form's `exporters.onnx.batch.RowCache` of `max_num_seqs` rows of
+`max_model_len` tokens, a row per running sequence. gqa form: preallocated buffers that the
+graph updates in place; a decode step copies no cache, and a sequence joining or leaving moves
+no other sequence's cache. past-present form: the batch's cache is what the graph returns, fed
+back unchanged, re-packed when a sequence joins (left-pad to the longest row) or leaves (drop
+its row). Either way a row computes what it would compute alone.
 
-The model is anything with `forward(input_ids, attention_mask, position_ids, past, last_only) ->
-(logits, present)` and `empty_past(batch)` on the ONNX contract (`exporters.onnx.OnnxCausalLM`);
-with `last_only` true the logits may be those of the last position only ([batch, 1, vocab]).
+The model is an `exporters.onnx.OnnxCausalLM` or anything with the same graph call for its
+form (`batch.py`; the tests pass numpy fakes).
 """
 
 from __future__ import annotations
 
 import collections
+import heapq
 import itertools
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Protocol
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from exporters.onnx.contract import past_from_present, positions
-from flap_deploy.generation.generate import left_pad
+from exporters.onnx.batch import new_cache
 from flap_deploy.generation.sampling import (
     SamplingParams,
     log_softmax,
     next_token,
     top_logprobs,
 )
-
-
-class ContractModel(Protocol):
-    def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
-                past: dict[str, np.ndarray], last_only: bool = False
-                ) -> tuple[np.ndarray, dict[str, np.ndarray]]: ...
-
-    def empty_past(self, batch: int) -> dict[str, np.ndarray]: ...
 
 
 class QueueFull(Exception):
@@ -89,19 +80,15 @@ class _Sequence:
     rng: np.random.Generator
     output_ids: list[int] = field(default_factory=list)
     length: int = 0  # tokens held in the KV cache
+    row: int = -1  # its row of the KV cache while it runs
     first_token_time: float | None = None
     finished: bool = False
 
 
-def _array(x: Any) -> np.ndarray:
-    """A numpy view of a cache tensor (the ONNX runtime hands back OrtValues)."""
-    return x if isinstance(x, np.ndarray) else x.numpy()
-
-
 class Engine:
-    """Continuous batching over a contract model; thread-safe `submit` / `abort`."""
+    """Continuous batching over an ONNX model of either graph form; thread-safe `submit` / `abort`."""
 
-    def __init__(self, model: ContractModel, *, max_model_len: int, max_num_seqs: int = 8,
+    def __init__(self, model: Any, *, max_model_len: int, max_num_seqs: int = 8,
                  max_queue: int = 256, eos_token_ids: tuple[int, ...] = (), metrics: Any = None,
                  idle_wait_s: float = 0.5, max_prefill_tokens: int = 1024,
                  on_death: Callable[[BaseException], None] | None = None,
@@ -127,10 +114,10 @@ class Engine:
         self._stop = False
         self._thread: threading.Thread | None = None
         self.error: BaseException | None = None
-        # the running batch
+        # the running batch: a row of the KV cache per sequence (ValueError past the graph's max_length)
+        self.cache = new_cache(model, rows=max_num_seqs, capacity=max_model_len)
+        self._free = list(range(max_num_seqs))  # a heap: the lowest free row first, so rows stay dense
         self._rows: list[_Sequence] = []
-        self._past: dict[str, np.ndarray] = {}
-        self._mask = np.zeros((0, 0), dtype=np.int64)
         self._admitted: list[_Sequence] = []  # taken from the queue, being prefilled
         self._global_rng = np.random.default_rng()
 
@@ -314,106 +301,64 @@ class Engine:
             yield group
 
     def _prefill(self, seqs: list[_Sequence]) -> None:
-        """Left-padded graph calls for `seqs` (in column chunks); sample their first tokens; join the survivors."""
+        """Prefill `seqs` into free cache rows (in graph calls of `max_prefill_tokens`); sample their first tokens."""
         t0 = time.perf_counter()
-        ids, mask = left_pad([s.prompt_ids for s in seqs], pad_id=0)  # pad rows are masked out
-        pos = positions(mask)
-        batch, width = ids.shape
-        chunk = max(1, self.max_prefill_tokens // batch)
+        for seq in seqs:  # consecutive rows where they are free, so one call covers the group
+            seq.row = heapq.heappop(self._free)
+        prompts = [s.prompt_ids for s in seqs]
         try:
-            past: dict[str, Any] = self.model.empty_past(batch)
-            for start in range(0, width, chunk):
-                end = min(width, start + chunk)
-                # a chunk's queries attend to the cache of earlier chunks: mask covers [0, end)
-                logits, present = self.model.forward(ids[:, start:end], mask[:, :end], pos[:, start:end], past, True)
-                past = past_from_present(present)
+            logits = self.cache.prefill([s.row for s in seqs], prompts, self.max_prefill_tokens)
         except Exception as e:  # noqa: BLE001  this prefill's requests fail, the running batch goes on
             self._fail(seqs, e)
+            self._release(seqs)
             return
         finally:
             if self.after_prefill is not None:
-                self.after_prefill(int(ids.size))
+                self.after_prefill(sum(len(p) for p in prompts))
         elapsed = time.perf_counter() - t0
-        for r, seq in enumerate(seqs):
+        for seq, last in zip(seqs, logits):
             seq.length = len(seq.prompt_ids)
             if self.metrics:
                 m = self.metrics
                 m.of(m.prefill_time).observe(elapsed)
                 m.of(m.queue_time).observe(t0 - seq.arrival)
                 m.of(m.prompt_tokens).inc(seq.length)
-            self._emit(seq, logits[r, -1])
+            self._emit(seq, last)
             if self.metrics:
                 self.metrics.of(self.metrics.ttft).observe(time.perf_counter() - seq.arrival)
-        joining = [(r, s) for r, s in enumerate(seqs) if not s.finished]
-        if joining:
-            self._join(past, mask, joining)
+        self._rows = self._rows + [s for s in seqs if not s.finished]
+        self._release([s for s in seqs if s.finished])
 
-    def _join(self, past: dict[str, Any], mask: np.ndarray, joining: list[tuple[int, _Sequence]]) -> None:
-        """Add prefilled rows (`past` and `mask` of one prefill call, row index per sequence) to the batch."""
-        new_rows = [s for _, s in joining]
-        if not self._rows and len(joining) == mask.shape[0]:
-            # the prefill batch becomes the running batch as it is (OrtValues stay in ORT)
-            self._rows, self._past, self._mask = new_rows, past, mask
-            return
-        b_old = len(self._rows)
-        p_old = self._mask.shape[1] if b_old else 0
-        p_new = max([p_old] + [s.length for s in new_rows])
-        width = mask.shape[1]
-        merged = {}
-        for name, arr in past.items():
-            arr = _array(arr)
-            _, h, _, d = arr.shape
-            out = np.zeros((b_old + len(new_rows), h, p_new, d), dtype=arr.dtype)
-            if b_old:
-                out[:b_old, :, p_new - p_old:, :] = _array(self._past[name])
-            for i, (r, seq) in enumerate(joining):
-                out[b_old + i, :, p_new - seq.length:, :] = arr[r, :, width - seq.length:, :]
-            merged[name] = out
-        new_mask = np.zeros((b_old + len(new_rows), p_new), dtype=np.int64)
-        if b_old:
-            new_mask[:b_old, p_new - p_old:] = self._mask
-        for i, seq in enumerate(new_rows):
-            new_mask[b_old + i, p_new - seq.length:] = 1
-        self._rows = self._rows + new_rows
-        self._past, self._mask = merged, new_mask
+    def _release(self, seqs: list[_Sequence]) -> None:
+        """Give the cache rows of these sequences back (nothing else moves in the gqa form)."""
+        held = [s for s in seqs if s.row >= 0]
+        if held:
+            self.cache.release([s.row for s in held])
+        for seq in held:
+            heapq.heappush(self._free, seq.row)
+            seq.row = -1
 
     def _drop_finished(self) -> None:
-        keep = [i for i, s in enumerate(self._rows) if not s.finished]
-        if len(keep) == len(self._rows):
-            return
-        if not keep:
-            self._rows, self._past = [], {}
-            self._mask = np.zeros((0, 0), dtype=np.int64)
-            return
-        rows = [self._rows[i] for i in keep]
-        p_old = self._mask.shape[1]
-        p_new = max(s.length for s in rows)  # columns left of this are padding in every kept row
-        cut = p_old - p_new
-        idx = np.asarray(keep)
-        self._past = {k: np.ascontiguousarray(_array(v)[idx, :, cut:, :]) for k, v in self._past.items()}
-        self._mask = np.ascontiguousarray(self._mask[idx, cut:])
-        self._rows = rows
+        done = [s for s in self._rows if s.finished]
+        if done:
+            self._rows = [s for s in self._rows if not s.finished]
+            self._release(done)
 
     def _decode_step(self) -> None:
         t0 = time.perf_counter()
         rows = self._rows
-        ids = np.asarray([[s.output_ids[-1]] for s in rows], dtype=np.int64)
-        pos = np.asarray([[s.length] for s in rows], dtype=np.int64)
-        mask = np.concatenate([self._mask, np.ones((len(rows), 1), dtype=np.int64)], axis=1)
         try:
-            logits, present = self.model.forward(ids, mask, pos, self._past, True)
+            logits = self.cache.decode([s.row for s in rows], [s.output_ids[-1] for s in rows])
         except Exception as e:  # noqa: BLE001  the batch's cache is unusable: fail its requests, go on
             self._fail(rows, e)
-            self._rows, self._past = [], {}
-            self._mask = np.zeros((0, 0), dtype=np.int64)
+            self._rows = []
+            self._release(rows)
             return
-        self._past = past_from_present(present)
-        self._mask = mask
         if self.metrics:
             m = self.metrics
             m.of(m.step_time).observe(time.perf_counter() - t0)
             m.of(m.batch_size).observe(len(rows))
         for b, seq in enumerate(rows):
             seq.length += 1
-            self._emit(seq, logits[b, -1])
+            self._emit(seq, logits[b])
         self._drop_finished()
