@@ -150,8 +150,14 @@ def test_gqa_chunked_prefill_and_decode_match_pytorch(tiny_gqa):
             ref = model(torch.tensor([p])).logits[0].numpy()
             np.testing.assert_allclose(got, ref, atol=1e-4, rtol=1e-4)
     # one decode step for rows 0 and 3 only: row 1 sits it out, unchanged
+    buffers = {k: (a, a.ctypes.data, a[1].copy()) for k, a in cache.kv.arrays.items()}
     step = cache.decode([3, 0], [77, 12])
     assert list(cache.lengths) == [10, 3, 0, 6]
+    for name, (array, address, row1) in buffers.items():
+        # the graph wrote the new tokens into the bound buffers themselves (IO binding, no copy)
+        assert cache.kv.arrays[name] is array and array.ctypes.data == address, name
+        assert np.abs(array[3, :, 5]).sum() > 0 and np.abs(array[0, :, 9]).sum() > 0, name
+        np.testing.assert_array_equal(array[1], row1)
     with torch.no_grad():
         want = [model(torch.tensor([p + [t]])).logits[0, -1].numpy() for p, t in ((prompts[2], 77), (prompts[0], 12))]
     np.testing.assert_allclose(step, np.stack(want), atol=1e-4, rtol=1e-4)

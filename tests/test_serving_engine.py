@@ -132,6 +132,20 @@ def test_stop_token_min_tokens_and_ignore_eos(model):
         engine.shutdown()
 
 
+def test_a_sequence_that_fills_its_row_to_max_model_len_ends_with_length(model):
+    engine = Engine(model, max_model_len=16, max_num_seqs=2).start()
+    try:
+        prompts = [[3, 1, 4, 1, 5, 9, 2, 6, 5, 3], [7, 7]]  # the first fills its 16 tokens exactly
+        params = SamplingParams(max_tokens=16 - len(prompts[0]), temperature=0.0, ignore_eos=True)
+        qs = [_collect(engine, p, params)[1] for p in prompts]  # together: the full row runs beside another
+        got = [_drain(q) for q in qs]
+        assert engine.alive and engine.stats() == {"running": 0, "waiting": 0}
+    finally:
+        engine.shutdown()
+    assert [reason for _, reason in got] == ["length", "length"]
+    assert [out for out, _ in got] == [_reference(model, p, 6) for p in prompts]
+
+
 def test_context_limit_and_queue_bound(model):
     engine = Engine(model, max_model_len=16, max_num_seqs=1, max_queue=2)
     with pytest.raises(ValueError, match="context length"):

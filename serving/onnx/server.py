@@ -618,7 +618,7 @@ def load_onnx_server(model_dir: str | Path, *, served_model_name: str | None = N
 
 
 def _model_max_len(manifest: dict[str, Any], path: Path) -> int | None:
-    for key in ("max_position_embeddings", "max_model_len", "max_positions"):
+    for key in ("max_length", "max_position_embeddings", "max_model_len", "max_positions"):  # export's limit first
         if isinstance(manifest.get(key), int):
             return manifest[key]
     cfg = path / "config.json"
