@@ -9,14 +9,19 @@ import onnx
 import pytest
 import torch
 from click.testing import CliRunner
+from factories import tiny_dense
+from onnx_helpers import (
+    hf_greedy,
+    lively_tiny_heterogeneous,
+    tiny_hollow,
+    tiny_tokenizer,
+)
 
 from exporters.onnx import OnnxCausalLM, export_onnx
 from exporters.onnx.manifest import MANIFEST_NAME
+from flap_deploy.errors import FlapDeployError
 from flap_deploy.io.checkpoint import save_checkpoint
 from flap_deploy_cli import main
-from flap_deploy.errors import FlapDeployError
-from factories import tiny_dense
-from onnx_helpers import hf_greedy, lively_tiny_heterogeneous, tiny_hollow, tiny_tokenizer
 
 FORMS = ("gqa", "past-present")
 
@@ -233,7 +238,6 @@ def _family(family: str):
     if family != "mistral-window":
         return tiny_dense(family)
     import transformers
-
     from factories import FAMILY_CONFIGS
 
     config = FAMILY_CONFIGS["mistral"]()

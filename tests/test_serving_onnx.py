@@ -13,18 +13,23 @@ from serving_util import concurrent_streams, running, tiny_tokenizer
 from serving.onnx.server import create_app, load_onnx_server
 
 pytestmark = pytest.mark.slow  # exports a model (~30 s) and runs ONNX Runtime
+MAX_LENGTH = 128
 
 
 @pytest.fixture(scope="module")
-def onnx_dir(tmp_path_factory):
-    from exporters.onnx import export_onnx
+def tiny_ckpt(tmp_path_factory):
     from flap_deploy.io.checkpoint import save_checkpoint
 
-    root = tmp_path_factory.mktemp("tiny-onnx")
-    model = tiny_heterogeneous()
-    tok = tiny_tokenizer()
-    ckpt = save_checkpoint(model, root / "ckpt", tokenizer=tok)
-    return export_onnx(ckpt, root / "onnx", progress=False)
+    return save_checkpoint(tiny_heterogeneous(), tmp_path_factory.mktemp("tiny-onnx") / "ckpt",
+                           tokenizer=tiny_tokenizer())
+
+
+@pytest.fixture(scope="module")
+def onnx_dir(tiny_ckpt):
+    """The default (gqa) export, its max_length below the model's 256 positions."""
+    from exporters.onnx import export_onnx
+
+    return export_onnx(tiny_ckpt, tiny_ckpt.parent / "onnx", progress=False, max_length=MAX_LENGTH)
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +37,41 @@ def served(onnx_dir):
     server = load_onnx_server(onnx_dir, served_model_name="tiny-onnx", max_num_seqs=8, max_model_len=128, threads=1)
     with running(create_app(server)) as url:
         yield server, url
+
+
+def test_the_context_length_defaults_to_the_exports_max_length(onnx_dir):
+    from flap_deploy.errors import ParameterError
+
+    assert load_onnx_server(onnx_dir, threads=1).max_model_len == MAX_LENGTH
+    with pytest.raises(ParameterError, match="max_model_len"):
+        load_onnx_server(onnx_dir, max_model_len=MAX_LENGTH + 1)
+
+
+@pytest.mark.parametrize("form", ["gqa", "past-present"])
+def test_engine_joins_and_leaves_equal_generate_alone_in_both_forms(tiny_ckpt, onnx_dir, form):
+    """Ragged prompts and lengths through 3 slots: sequences join and leave mid-batch in either form."""
+    import queue
+
+    from exporters.onnx import OnnxCausalLM, export_onnx
+    from flap_deploy.generation.sampling import SamplingParams
+    from serving.onnx.engine import Engine
+
+    path = onnx_dir if form == "gqa" else export_onnx(tiny_ckpt, tiny_ckpt.parent / form, progress=False,
+                                                      attention=form, verify=False)
+    lm = OnnxCausalLM.from_dir(path, threads=1)
+    rng = np.random.default_rng(1)
+    jobs = [([int(t) for t in rng.integers(6, 128, size=int(rng.integers(1, 20)))], int(rng.integers(1, 24)))
+            for _ in range(8)]
+    alone = [lm.generate([p], max_tokens=n, temperature=0.0, ignore_eos=True)[0].token_ids for p, n in jobs]
+    engine = Engine(lm, max_model_len=64, max_num_seqs=3).start()
+    try:
+        sinks = [queue.Queue() for _ in jobs]
+        for (p, n), q in zip(jobs, sinks):
+            engine.submit(p, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True), q.put)
+        together = [[q.get(timeout=60).token_id for _ in range(n)] for (_, n), q in zip(jobs, sinks)]
+    finally:
+        engine.shutdown()
+    assert together == alone
 
 
 def test_greedy_matches_onnx_generate(served):
