@@ -1,23 +1,30 @@
-"""ONNX Runtime vs PyTorch eager, dense vs pruned: decode tokens/s and prefill latency.
+"""ONNX Runtime decode speed: the gqa graph form vs past-present, dense vs FLAP-20 % pruned.
 
 Models: the bundled SmolLM2-135M (dense) and its 20 % FLAP-pruned version
-(``benchmarks/flap_model.py``). Runtimes: ONNX Runtime fp32, ONNX Runtime int8 (blockwise
-``MatMulNBits`` weights, ``--quantize int8``) and PyTorch eager fp32 (transformers, DynamicCache). Batch 1 and 8, the
-same prompts (token ids) for every configuration, runs interleaved round-robin, medians
-reported. Greedy decoding of a fixed number of tokens (EOS ignored).
+(``benchmarks/flap_model.py``). Runtimes: ONNX Runtime fp32 in each graph form
+(``--forms``, ``exporters.onnx.contract.FORMS``), optionally blockwise int8 (``--int8``) and
+PyTorch eager fp32 (``--eager``). For every context (prompt tokens, ``--contexts``) and batch
+(``--batches``): the same prompts (WikiText-2 test token ids) for every configuration, prefill
+then ``--new-tokens`` greedy decode steps (EOS ignored) through the form's row cache
+(``OnnxCausalLM.new_cache``: the gqa form decodes into IO-bound buffers in place, past-present
+feeds each step's present back); runs interleaved round-robin, medians reported.
 
-    python benchmarks/onnx_speed.py [--work DIR] [--reps 5] [--threads 2]
+    python benchmarks/onnx_speed.py [--reps 5] [--threads 2] [--contexts 64 512 1536] [--batches 1 8]
+    python benchmarks/onnx_speed.py --smoke     # one short round of everything, results not written
 
-Writes benchmarks/results/onnx.md and onnx.json.
+Writes benchmarks/results/onnx.md and onnx.json (``--out``). Exports are kept in ``--work``,
+one directory per model, form (and its graph version) and weights.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -28,41 +35,44 @@ REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
 sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]  # this checkout's packages, and flap_model
 
+MODELS = ("dense", "pruned")
+SMOKE = {"reps": 1, "contexts": [64], "batches": [1, 2], "new_tokens": 4}
 
-def _prompts(tokenizer, batch: int, length: int) -> np.ndarray:
-    """``batch`` different prompts of exactly ``length`` tokens (WikiText-2 when present)."""
+
+def _prompts(tokenizer, batch: int, length: int) -> list[list[int]]:
+    """``batch`` different prompts of exactly ``length`` tokens of WikiText-2 test."""
     from flap_model import WIKITEXT
 
     wikitext = WIKITEXT / "test.txt"
     if not wikitext.is_file():
         sys.exit(f"error: {wikitext} is missing (the prompts come from WikiText-2 test)")
-    ids = tokenizer(wikitext.read_text()[:200_000])["input_ids"]
-    return np.array([ids[i * 997: i * 997 + length] for i in range(batch)], dtype=np.int64)
+    ids = tokenizer(wikitext.read_text()[:400_000])["input_ids"]
+    if (batch - 1) * 997 + length > len(ids):
+        sys.exit(f"error: WikiText-2 test is too short for {batch} prompts of {length} tokens")
+    return [ids[i * 997: i * 997 + length] for i in range(batch)]
 
 
 class OrtRunner:
     def __init__(self, path: Path, threads: int):
         from exporters.onnx import OnnxCausalLM
 
-        # No spinning: ORT's idle workers would otherwise spin into the next (PyTorch) run.
+        # No spinning: ORT's idle workers would otherwise spin into the next configuration's run.
         self.lm = OnnxCausalLM.from_dir(path, threads=threads,
                                         session_config={"session.intra_op.allow_spinning": "0"})
 
-    def run(self, ids: np.ndarray, new_tokens: int) -> tuple[float, float, list[list[int]]]:
-        lm = self.lm
-        b, s = ids.shape
-        mask = np.ones((b, s), dtype=np.int64)
-        pos = np.tile(np.arange(s, dtype=np.int64), (b, 1))
+    def run(self, prompts: list[list[int]], new_tokens: int) -> tuple[float, float, list[list[int]]]:
+        rows = list(range(len(prompts)))
+        # a cache made per run, as a server request batch would be; its allocation is not timed
+        cache = self.lm.new_cache(len(rows), len(prompts[0]) + new_tokens)
         t0 = time.perf_counter()
-        logits, past = lm.forward(ids, mask, pos, lm.empty_past(b))
+        logits = np.stack(cache.prefill(rows, prompts, chunk_tokens=sum(map(len, prompts))))
         t1 = time.perf_counter()
         out = []
-        for _ in range(new_tokens):
-            tok = logits[:, -1].argmax(-1)[:, None].astype(np.int64)
-            out.append(tok[:, 0])
-            mask = np.concatenate([mask, np.ones((b, 1), np.int64)], axis=1)
-            pos = pos[:, -1:] + 1
-            logits, past = lm.forward(tok, mask, pos, past)
+        for step in range(new_tokens):
+            tokens = logits.argmax(-1)
+            out.append(tokens)
+            if step + 1 < new_tokens:
+                logits = cache.decode(rows, tokens.tolist())
         t2 = time.perf_counter()
         return t1 - t0, t2 - t1, np.stack(out, 1).tolist()
 
@@ -72,175 +82,191 @@ class TorchRunner:
         self.model = model
 
     @torch.inference_mode()
-    def run(self, ids: np.ndarray, new_tokens: int) -> tuple[float, float, list[list[int]]]:
-        x = torch.from_numpy(ids)
+    def run(self, prompts: list[list[int]], new_tokens: int) -> tuple[float, float, list[list[int]]]:
+        x = torch.tensor(prompts)
         t0 = time.perf_counter()
         out = self.model(input_ids=x, use_cache=True)
         t1 = time.perf_counter()
         toks = []
         cache, logits = out.past_key_values, out.logits
-        for _ in range(new_tokens):
+        for step in range(new_tokens):
             tok = logits[:, -1].argmax(-1, keepdim=True)
             toks.append(tok[:, 0])
-            out = self.model(input_ids=tok, past_key_values=cache, use_cache=True)
-            cache, logits = out.past_key_values, out.logits
+            if step + 1 < new_tokens:
+                out = self.model(input_ids=tok, past_key_values=cache, use_cache=True)
+                cache, logits = out.past_key_values, out.logits
         t2 = time.perf_counter()
         return t1 - t0, t2 - t1, torch.stack(toks, 1).tolist()
 
 
-def prepare(work: Path, threads: int) -> dict:
+def prepare(work: Path, forms: list[str], int8: bool, threads: int) -> dict:
     """Checkpoints and exports (reused when already in ``work``)."""
-    from exporters.onnx.export import export_onnx, quantize_export
     from flap_model import flap_pruned_bundled
 
+    from exporters.onnx.contract import FORMS
+    from exporters.onnx.export import export_onnx, quantize_export
     from flap_deploy.io.model_ref import resolve_model
 
-    dense_ref = resolve_model("smollm2-135m")
-    pruned_ref = resolve_model(flap_pruned_bundled())
-    dense = dense_ref.load(torch.float32)
-    tokenizer = dense_ref.tokenizer()
-    pruned = pruned_ref.load(torch.float32)
-    dirs = {}
-    for name, src in (("dense", dense_ref), ("pruned", pruned_ref)):
-        fp32, int8 = work / f"{name}-fp32", work / f"{name}-int8"
-        if not (fp32 / "flap_onnx.json").is_file():
-            export_onnx(src, fp32, threads=threads, overwrite=True)
-        if not (int8 / "flap_onnx.json").is_file():
-            quantize_export(fp32, int8, threads=threads, overwrite=True)
-        dirs[name] = {"fp32": fp32, "int8": int8}
-    return {"tokenizer": tokenizer, "models": {"dense": dense, "pruned": pruned}, "dirs": dirs,
-            "pruned_dir": str(pruned_ref.path),
-            "decode_step_params": {"dense": dense_ref.decode_step_params(), "pruned": pruned_ref.decode_step_params()}}
+    refs = {"dense": resolve_model("smollm2-135m"), "pruned": resolve_model(flap_pruned_bundled())}
+    dirs: dict[str, dict[str, Path]] = {}
+    for name, ref in refs.items():
+        dirs[name] = {}
+        for form in forms:
+            fp32 = work / f"{name}-{form}-{FORMS[form].version}-fp32"
+            if not (fp32 / "flap_onnx.json").is_file():
+                export_onnx(ref, fp32, threads=threads, overwrite=True, attention=form)
+            dirs[name][f"ort-{form}-fp32"] = fp32
+            if int8:
+                q = fp32.with_name(fp32.name.replace("-fp32", "-int8"))
+                if not (q / "flap_onnx.json").is_file():
+                    quantize_export(fp32, q, threads=threads, overwrite=True)
+                dirs[name][f"ort-{form}-int8"] = q
+    return {"refs": refs, "dirs": dirs, "tokenizer": refs["dense"].tokenizer(),
+            "decode_step_params": {m: ref.decode_step_params() for m, ref in refs.items()}}
 
 
 def main() -> None:
+    from exporters.onnx.contract import FORMS
     from flap_deploy.io.bundled import cache_dir
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, default=cache_dir() / "bench-onnx",
-                    help="where the pruned checkpoint and the exports are kept (reused)")
+                    help="where the exports are kept (reused)")
     ap.add_argument("--reps", type=int, default=5, help="interleaved repetitions per configuration")
     ap.add_argument("--threads", type=int, default=2, help="threads for ORT and PyTorch")
-    ap.add_argument("--prompt-len", type=int, default=64)
-    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--contexts", type=int, nargs="+", default=[64, 512, 1536], help="prompt tokens")
+    ap.add_argument("--new-tokens", type=int, default=32, help="greedy tokens per run (decode steps + 1)")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--forms", nargs="+", choices=list(FORMS), default=list(FORMS), help="ONNX graph forms")
+    ap.add_argument("--int8", action="store_true", help="also each form's blockwise int8 export")
+    ap.add_argument("--eager", action="store_true", help="also PyTorch eager fp32")
+    ap.add_argument("--smoke", action="store_true",
+                    help=f"a quick check that everything runs ({SMOKE}); results go to a temporary directory")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
+    if args.smoke:
+        for key, value in SMOKE.items():
+            setattr(args, key, value)
+        args.out = Path(tempfile.mkdtemp(prefix="onnx_speed_smoke_"))
+    if args.new_tokens < 2 or args.reps < 1 or min(args.contexts) < 1 or min(args.batches) < 1:
+        sys.exit("error: --new-tokens >= 2, --reps >= 1 and positive --contexts / --batches are required")
 
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
-    env = prepare(args.work, args.threads)
-    runners = {}
-    for name in ("dense", "pruned"):
-        runners[(name, "ort-fp32")] = OrtRunner(env["dirs"][name]["fp32"], args.threads)
-        runners[(name, "ort-int8")] = OrtRunner(env["dirs"][name]["int8"], args.threads)
-        runners[(name, "torch-eager-fp32")] = TorchRunner(env["models"][name])
-    prompts = {b: _prompts(env["tokenizer"], b, args.prompt_len) for b in args.batches}
+    env = prepare(args.work, args.forms, args.int8, args.threads)
+    runners = {(m, rt): OrtRunner(d, args.threads) for m in MODELS for rt, d in env["dirs"][m].items()}
+    if args.eager:
+        for m in MODELS:
+            runners[(m, "torch-eager-fp32")] = TorchRunner(env["refs"][m].load(torch.float32))
+    runtimes = list(dict.fromkeys(rt for _, rt in runners))
+    shapes = [(c, b) for c in args.contexts for b in args.batches]
+    prompts = {(c, b): _prompts(env["tokenizer"], b, c) for c, b in shapes}
 
-    for key, r in runners.items():  # warm-up: allocators, ORT arenas, thread pools
-        r.run(prompts[1], 4)
-    raw = {f"{m}|{rt}|{b}": [] for (m, rt) in runners for b in args.batches}
+    for r in runners.values():  # warm-up: allocators, thread pools
+        r.run(prompts[shapes[0]], 2)
+    raw: dict[str, list[dict[str, float]]] = {}
     tokens = {}
     for rep in range(args.reps):
-        for b in args.batches:
-            for (m, rt), r in runners.items():  # interleaved: one run of each config per round
-                prefill, decode, toks = r.run(prompts[b], args.new_tokens)
-                raw[f"{m}|{rt}|{b}"].append({"prefill_s": prefill, "decode_s": decode})
-                tokens[f"{m}|{rt}|{b}"] = toks
+        for c, b in shapes:
+            for (m, rt), r in runners.items():  # interleaved: one run of each configuration per round
+                prefill, decode, toks = r.run(prompts[(c, b)], args.new_tokens)
+                key = f"{m}|{rt}|{c}|{b}"
+                raw.setdefault(key, []).append({"prefill_s": prefill, "decode_s": decode})
+                tokens[key] = toks
         print(f"round {rep + 1}/{args.reps} done", flush=True)
 
     rows = []
     for key, runs in raw.items():
-        m, rt, b = key.split("|")
-        b = int(b)
-        prefill = statistics.median(x["prefill_s"] for x in runs)
+        m, rt, c, b = key.split("|")
+        c, b = int(c), int(b)
         decode = statistics.median(x["decode_s"] for x in runs)
-        rows.append({"model": m, "runtime": rt, "batch": b, "prefill_ms": 1000 * prefill,
-                     "decode_tok_s": b * args.new_tokens / decode, "runs": len(runs)})
-    get = {(r["model"], r["runtime"], r["batch"]): r for r in rows}
+        rows.append({"model": m, "runtime": rt, "context": c, "batch": b,
+                     "prefill_ms": 1000 * statistics.median(x["prefill_s"] for x in runs),
+                     "decode_tok_s": b * (args.new_tokens - 1) / decode, "runs": len(runs)})
+    get = {(r["model"], r["runtime"], r["context"], r["batch"]): r for r in rows}
     ideal = env["decode_step_params"]["dense"] / env["decode_step_params"]["pruned"]  # as in `compare`
-    ratios = []
-    for rt in ("ort-fp32", "ort-int8", "torch-eager-fp32"):
-        for b in args.batches:
-            d, p = get[("dense", rt, b)], get[("pruned", rt, b)]
-            r = p["decode_tok_s"] / d["decode_tok_s"]
-            ratios.append({"runtime": rt, "batch": b, "pruned_over_dense": r, "of_ideal": r / ideal})
-    speedups = []
-    for m in ("dense", "pruned"):
-        for b in args.batches:
-            e = get[(m, "torch-eager-fp32", b)]["decode_tok_s"]
-            for rt in ("ort-fp32", "ort-int8"):
-                speedups.append({"model": m, "batch": b, "runtime": rt,
-                                 "decode_speedup_vs_eager": get[(m, rt, b)]["decode_tok_s"] / e,
-                                 "prefill_speedup_vs_eager": get[(m, "torch-eager-fp32", b)]["prefill_ms"]
-                                 / get[(m, rt, b)]["prefill_ms"]})
-    agree = {}
-    for m in ("dense", "pruned"):
-        for b in args.batches:
-            ref = np.array(tokens[f"{m}|torch-eager-fp32|{b}"])
-            for rt in ("ort-fp32", "ort-int8"):
-                agree[f"{m}|{rt}|{b}"] = float((np.array(tokens[f"{m}|{rt}|{b}"]) == ref).mean())
-    manifests = {m: {q: json.loads((env["dirs"][m][q] / "flap_onnx.json").read_text()) for q in ("fp32", "int8")}
-                 for m in ("dense", "pruned")}
+    ratios = [{"runtime": rt, "context": c, "batch": b, "pruned_over_dense":
+               get[("pruned", rt, c, b)]["decode_tok_s"] / get[("dense", rt, c, b)]["decode_tok_s"]}
+              for rt in runtimes for c, b in shapes]
+    for x in ratios:
+        x["of_ideal"] = x["pruned_over_dense"] / ideal
+    base = "ort-past-present-fp32"
+    forms = [{"model": m, "runtime": rt, "context": c, "batch": b, "decode_speedup":
+              get[(m, rt, c, b)]["decode_tok_s"] / get[(m, base, c, b)]["decode_tok_s"]}
+             for m in MODELS for rt in runtimes if rt != base and (m, base) in runners for c, b in shapes]
+    # the first runtime (gqa fp32 by default) is the reference of token agreement
+    agree = {key: float((np.array(toks) == np.array(tokens["|".join([key.split("|")[0], runtimes[0],
+                                                                      *key.split("|")[2:]])])).mean())
+             for key, toks in tokens.items()}
+    manifests = {m: {rt: json.loads((d / "flap_onnx.json").read_text()) for rt, d in env["dirs"][m].items()}
+                 for m in MODELS}
     result = {
-        "setup": {"threads": args.threads, "reps": args.reps, "prompt_len": args.prompt_len,
-                  "new_tokens": args.new_tokens, "batches": args.batches, "machine": platform.processor() or platform.machine(),
-                  "cpu_count": __import__("os").cpu_count(), "torch": torch.__version__,
-                  "onnxruntime": __import__("onnxruntime").__version__,
+        "setup": {"threads": args.threads, "reps": args.reps, "contexts": args.contexts, "batches": args.batches,
+                  "new_tokens": args.new_tokens, "smoke": args.smoke,
+                  "machine": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+                  "torch": torch.__version__, "onnxruntime": __import__("onnxruntime").__version__,
                   "note": "interleaved round-robin runs, medians; greedy decode, EOS ignored; same token-id prompts; "
-                          "ORT thread spinning off"},
-        "pruned_model": env["pruned_dir"], "decode_step_params": env["decode_step_params"],
-        "ideal_ratio": ideal,
-        "rows": rows, "pruned_over_dense": ratios, "ort_vs_eager": speedups, "token_agreement_vs_eager": agree,
-        "exports": {m: {q: {k: manifests[m][q].get(k) for k in ("export_seconds", "trace_seconds", "quantize_seconds",
-                                                               "size_bytes", "graph_bytes", "verification")}
-                        for q in ("fp32", "int8")} for m in ("dense", "pruned")},
+                          "ORT thread spinning off; decode tok/s = batch x (new_tokens - 1) / decode seconds"},
+        "pruned_model": str(env["refs"]["pruned"].path), "decode_step_params": env["decode_step_params"],
+        "ideal_ratio": ideal, "rows": rows, "pruned_over_dense": ratios, "vs_past_present": forms,
+        "token_agreement": {"reference": runtimes[0], "by_run": agree},
+        "exports": {m: {rt: {k: man.get(k) for k in ("attention", "export_seconds", "quantize_seconds", "size_bytes",
+                                                      "verification")} for rt, man in per.items()}
+                    for m, per in manifests.items()},
         "raw": raw,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "onnx.json").write_text(json.dumps(result, indent=2) + "\n")
     (args.out / "onnx.md").write_text(render(result))
     print(render(result))
+    print(f"wrote {args.out / 'onnx.md'}", file=sys.stderr)
 
 
 def render(r: dict) -> str:
     s = r["setup"]
     lines = [
-        "# ONNX Runtime speed: dense vs pruned SmolLM2-135M",
+        "# ONNX Runtime decode speed: graph forms, dense vs pruned SmolLM2-135M",
         "",
         f"Pruned model: FLAP 20 % (`benchmarks/flap_model.py`, `{Path(r['pruned_model']).name}`).",
         "",
-        f"`python benchmarks/onnx_speed.py` - {s['threads']} threads, prompt {s['prompt_len']} tokens, "
-        f"{s['new_tokens']} greedy tokens, {s['reps']} interleaved rounds, medians; "
-        f"torch {s['torch']}, onnxruntime {s['onnxruntime']} (thread spinning off), {s['cpu_count']} CPUs.",
+        f"`python benchmarks/onnx_speed.py` - {s['threads']} threads, contexts {s['contexts']}, batches "
+        f"{s['batches']}, {s['new_tokens']} greedy tokens, {s['reps']} interleaved rounds, medians; "
+        f"torch {s['torch']}, onnxruntime {s['onnxruntime']} (thread spinning off), {s['cpu_count']} CPUs."
+        + (" **Smoke run: not a measurement.**" if s["smoke"] else ""),
         "",
-        "| model | runtime | batch | prefill ms | decode tok/s |",
-        "|---|---|---:|---:|---:|",
+        "| model | runtime | context | batch | prefill ms | decode tok/s |",
+        "|---|---|---:|---:|---:|---:|",
     ]
-    for row in sorted(r["rows"], key=lambda x: (x["batch"], x["runtime"], x["model"])):
-        lines.append(f"| {row['model']} | {row['runtime']} | {row['batch']} | {row['prefill_ms']:.1f} | "
-                     f"{row['decode_tok_s']:.1f} |")
+    for row in sorted(r["rows"], key=lambda x: (x["context"], x["batch"], x["runtime"], x["model"])):
+        lines.append(f"| {row['model']} | {row['runtime']} | {row['context']} | {row['batch']} | "
+                     f"{row['prefill_ms']:.1f} | {row['decode_tok_s']:.1f} |")
+    if r["vs_past_present"]:
+        lines += ["", "Decode speed-up over the past-present form:", "",
+                  "| model | runtime | context | batch | decode speed-up |", "|---|---|---:|---:|---:|"]
+        for x in r["vs_past_present"]:
+            lines.append(f"| {x['model']} | {x['runtime']} | {x['context']} | {x['batch']} | "
+                         f"{x['decode_speedup']:.2f}x |")
     lines += ["", f"Ideal pruned/dense ratio (weights read per decode step, dense / pruned, as in `compare`): "
-              f"**{r['ideal_ratio']:.3f}**", "", "| runtime | batch | pruned/dense decode tok/s | of ideal |",
-              "|---|---:|---:|---:|"]
+              f"**{r['ideal_ratio']:.3f}**", "", "| runtime | context | batch | pruned/dense decode tok/s | of ideal |",
+              "|---|---:|---:|---:|---:|"]
     for x in r["pruned_over_dense"]:
-        lines.append(f"| {x['runtime']} | {x['batch']} | {x['pruned_over_dense']:.3f} | {x['of_ideal']:.2f} |")
-    lines += ["", "| model | batch | runtime | decode speed-up vs eager | prefill speed-up vs eager |",
-              "|---|---:|---|---:|---:|"]
-    for x in r["ort_vs_eager"]:
-        lines.append(f"| {x['model']} | {x['batch']} | {x['runtime']} | {x['decode_speedup_vs_eager']:.2f}x | "
-                     f"{x['prefill_speedup_vs_eager']:.2f}x |")
+        lines.append(f"| {x['runtime']} | {x['context']} | {x['batch']} | {x['pruned_over_dense']:.3f} | "
+                     f"{x['of_ideal']:.2f} |")
     lines += ["", "Export figures (from each directory's flap_onnx.json):", "",
-              "| model | graph | export s | size MB | max abs dlogit | rel. to range | greedy agreement |",
+              "| model | runtime | export s | size MB | max abs dlogit | rel. to range | greedy agreement |",
               "|---|---|---:|---:|---:|---:|---:|"]
     for m, per in r["exports"].items():
-        for q, e in per.items():
-            v = (e.get("verification") or {}).get(q, {})
-            secs = e.get("export_seconds") if q == "fp32" else e.get("quantize_seconds")
-            lines.append(f"| {m} | {q} | {secs} | {e['size_bytes'] / 1e6:.1f} | {v.get('max_abs_logit_diff', float('nan')):.3g} | "
-                         f"{v.get('relative_logit_diff', float('nan')):.2g} | {v.get('greedy_matches')}/{v.get('greedy_total')} |")
-    lines += ["", "Greedy-token agreement with PyTorch eager in the timed runs: " + ", ".join(
-        f"{k.replace('|', ' ')}: {v:.2f}" for k, v in r["token_agreement_vs_eager"].items()), ""]
+        for rt, e in per.items():
+            label = rt.rsplit("-", 1)[1]  # fp32 | int8: the verification entry
+            v = (e.get("verification") or {}).get(label, {})
+            secs = e.get("quantize_seconds") if label == "int8" else e.get("export_seconds")
+            lines.append(f"| {m} | {rt} | {secs} | {e['size_bytes'] / 1e6:.1f} | "
+                         f"{v.get('max_abs_logit_diff', float('nan')):.3g} | "
+                         f"{v.get('relative_logit_diff', float('nan')):.2g} | "
+                         f"{v.get('greedy_matches')}/{v.get('greedy_total')} |")
+    agree = r["token_agreement"]
+    lines += ["", f"Greedy-token agreement with {agree['reference']} in the timed runs: " + ", ".join(
+        f"{k.replace('|', ' ')}: {v:.2f}" for k, v in agree["by_run"].items() if agree["reference"] not in k), ""]
     return "\n".join(lines)
 
 

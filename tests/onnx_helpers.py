@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-
 from factories import VOCAB, tiny_dense, tiny_heterogeneous
 
 
@@ -34,7 +33,7 @@ def tiny_hollow(compensated: bool, seed: int = 0):
 
 def tiny_tokenizer():
     """A word-level fast tokenizer over the tiny vocabulary: words w0..w{VOCAB-3}, <unk>, </s>."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     vocab = {f"w{i}": i for i in range(VOCAB - 2)}
