@@ -2,8 +2,9 @@
 
     python benchmarks/soak.py [MODEL] --clients 64 --minutes 5 [--invalid 0.1] [--disconnect 0.1]
 
-MODEL (default `smollm2-135m`, exported once by `ensure_onnx`) is served by
-`flap-deploy serve MODEL --backend onnx` in a subprocess on 127.0.0.1. Each client loops:
+MODEL (default `smollm2-135m`, exported once by `ensure_onnx` in the `--attention` graph form,
+default gqa: the KV cache is one preallocated slot buffer per layer, so RSS should stay flat)
+is served by `flap-deploy serve MODEL --backend onnx` in a subprocess on 127.0.0.1. Each client loops:
 with probability `--invalid` it sends a request drawn from a set of invalid ones (each must
 get a 4xx in OpenAI's error shape), with probability `--disconnect` it starts a stream and
 hangs up after a few chunks, otherwise it streams a valid completion to `[DONE]`. The
@@ -134,7 +135,7 @@ def report(stats, series, elapsed, args, out: Path) -> dict:
     warm = [b for t, b in series if t >= elapsed / 4] or rss
     unexpected = {k: v for k, v in stats.items() if k.startswith("UNEXPECTED")}
     result = {
-        "model": args.model, "clients": args.clients, "minutes": args.minutes, "invalid": args.invalid,
+        "model": args.model, "attention": args.attention, "clients": args.clients, "minutes": args.minutes, "invalid": args.invalid,
         "disconnect": args.disconnect, "max_tokens": args.max_tokens, "seconds": round(elapsed, 1),
         "requests": sum(stats.values()), "completed": stats["completed"], "outcomes": dict(sorted(stats.items())),
         "unexpected_errors": sum(unexpected.values()),
@@ -146,7 +147,7 @@ def report(stats, series, elapsed, args, out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / "soak.json").write_text(json.dumps(result, indent=2) + "\n")
     r = result["rss_gib"]
-    lines = [f"# Soak: {args.clients} streaming clients, {args.minutes:g} min, {args.model}", "",
+    lines = [f"# Soak: {args.clients} streaming clients, {args.minutes:g} min, {args.model} ({args.attention} form)", "",
              f"{args.invalid:.0%} invalid requests, {args.disconnect:.0%} disconnects, max_tokens up to "
              f"{args.max_tokens}; {result['seconds']} s.", "",
              "| outcome | count |", "|---|---:|"]
@@ -175,6 +176,8 @@ def report(stats, series, elapsed, args, out: Path) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model", nargs="?", default="smollm2-135m")
+    ap.add_argument("--attention", choices=("gqa", "past-present"), default="gqa",
+                    help="ONNX graph form of the export (exporters.onnx.contract.FORMS)")
     ap.add_argument("--clients", type=int, default=64)
     ap.add_argument("--minutes", type=float, default=5.0)
     ap.add_argument("--invalid", type=float, default=0.1)
@@ -189,7 +192,7 @@ def main() -> int:
 
     from exporters.onnx.export import ensure_onnx
 
-    model_dir = ensure_onnx(args.model)  # exported once, outside the timed run
+    model_dir = ensure_onnx(args.model, attention=args.attention)  # exported once, outside the timed run
     port = free_port()
     cmd = [sys.executable, "-m", "flap_deploy_cli", "serve", str(model_dir), "--backend", "onnx", "--port", str(port),
            "--max-num-seqs", str(args.max_num_seqs), "--max-queue", str(args.max_queue), "--max-model-len", "2048"]
