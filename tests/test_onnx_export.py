@@ -168,6 +168,18 @@ def test_gqa_chunked_prefill_and_decode_match_pytorch(tiny_gqa):
     np.testing.assert_allclose(step, np.stack(want), atol=1e-4, rtol=1e-4)
 
 
+def test_readme_decode_loop_with_io_binding_gives_pytorchs_greedy_tokens(tiny_gqa):
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "exporters" / "onnx" / "README.md").read_text()
+    snippet = readme.split("A minimal greedy decode loop", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    model, _, out = tiny_gqa
+    prompt = [5, 9, 17, 3, 44, 71]
+    scope = {"onnx_dir": out, "prompt": prompt, "max_tokens": 12}
+    exec(compile(snippet, "README.md", "exec"), scope)
+    assert scope["tokens"] == hf_greedy(model, [prompt], 12)[0]
+
+
 def test_greedy_32_tokens_equal_pytorch_batch_1(tiny, lm):
     prompt = [5, 9, 17, 3, 44, 71]
     want = hf_greedy(tiny[0], [prompt], 32)
