@@ -21,10 +21,11 @@ def export() -> None:
 @export.command("onnx", cls=FlapCommand)
 @click.argument("model")
 @click.argument("out", type=click.Path(file_okay=False))
-@click.option("--attention", type=click.Choice(ONNX_FORMS), default="gqa", show_default=True,
+@click.option("--attention", type=click.Choice(ONNX_FORMS), default=None,
               help="Graph form. gqa: ONNX Runtime's GroupQueryAttention over a KV buffer updated in place "
-                   "(fused rotary and RMSNorm; needs head_dim a multiple of 16); past-present: explicit attention, "
-                   "each step returns the cache grown by the new tokens (any ONNX runtime).")
+                   "(fused rotary and RMSNorm; needs head_dim a multiple of 16 and SiLU MLPs); past-present: "
+                   "explicit attention, each step returns the cache grown by the new tokens (any ONNX runtime). "
+                   "Default: gqa where the model allows it, else past-present.")
 @click.option("--max-length", type=click.IntRange(min=1), default=None,
               help="Longest sequence (prompt + generated tokens) the graph takes: the gqa form's rotary "
                    "positions and largest KV buffer. Default: the model's max_position_embeddings.")

@@ -9,7 +9,7 @@ import onnx
 import pytest
 import torch
 from click.testing import CliRunner
-from factories import tiny_dense
+from factories import tiny_dense, tiny_heterogeneous
 from onnx_helpers import (
     hf_greedy,
     lively_tiny_heterogeneous,
@@ -358,6 +358,23 @@ def test_export_refuses_a_directory_that_is_not_a_checkpoint(tmp_path):
     msg = _cli_error(["export", "onnx", str(tmp_path / "missing"), str(tmp_path / "out")])
     assert "not found" in msg
     assert list(tmp_path.iterdir()) == [tmp_path / "notckpt"]
+
+
+def test_gqa_is_refused_for_a_head_dim_it_cannot_hold_and_not_the_default_there(tmp_path):
+    from exporters.onnx.export import default_form
+    from flap_deploy.io.model_ref import resolve_model
+
+    ckpt = save_checkpoint(tiny_heterogeneous(head_dim=8), tmp_path / "ckpt")
+    msg = _cli_error(["export", "onnx", str(ckpt), str(tmp_path / "out"), "--attention", "gqa"])
+    assert msg.startswith("error: --attention gqa needs head_dim a multiple of 16") and "has 8" in msg
+    assert default_form(resolve_model(ckpt)) == "past-present"
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_refuses_a_max_length_below_its_own_check(tiny, tmp_path):
+    msg = _cli_error(["export", "onnx", str(tiny[1]), str(tmp_path / "out"), "--max-length", "10"])
+    assert msg.startswith("error: --max-length 10 is below the export check's")
+    assert not (tmp_path / "out").exists()
 
 
 def test_export_refuses_a_non_empty_output_unless_overwrite(tiny, tmp_path):

@@ -47,7 +47,7 @@ from .gqa import check_gqa, write_gqa_graph
 from .graph import OnnxDecoder
 from .manifest import DTYPES, MANIFEST_NAME, MODEL_NAME, build_manifest, source_identity
 from .quantize import QUANTIZE, quantize_weights
-from .verify import TOLERANCE, compare_with_torch, verification_prompts
+from .verify import DECODE_STEPS, TOLERANCE, compare_with_torch, verification_prompts
 
 SUPPORTED_OPSETS = (18, 19, 20, 21, 22, 23)
 # torch.onnx keeps weights inside model.onnx only below protobuf's 2 GB limit.
@@ -109,6 +109,18 @@ def _write_past_present(model: FlapLlamaForCausalLM, file: Path, opset: int, ext
 
 # The graph writer of each form (contract.FORMS): (model, file, opset, external_data, max_length).
 WRITERS = {GQA: write_gqa_graph, PAST_PRESENT: _write_past_present}
+
+
+def _check_verification_fits(ref: ModelRef, max_length: int) -> None:
+    """ParameterError('max_length') when the export check's prompts and decode steps exceed ``max_length``."""
+    try:
+        tokenizer = ref.tokenizer()
+    except FlapDeployError:  # no tokenizer: the check uses random ids
+        tokenizer = None
+    need = max(map(len, verification_prompts(tokenizer, ref.hf_config().vocab_size))) + DECODE_STEPS
+    if need > max_length:
+        raise ParameterError("max_length", f"{max_length} is below the export check's {need} tokens; raise it or "
+                                           "skip the check")
 
 
 def _directory_bytes(path: Path) -> int:
@@ -195,11 +207,12 @@ def quantize_export(onnx_dir: str | os.PathLike, out_dir: str | os.PathLike, ver
 
 def export_onnx(model_dir_or_name: str | os.PathLike, out_dir: str | os.PathLike, opset: int = 20,
                 dtype: str = "fp32", quantize: str | None = None, verify: bool = True, overwrite: bool = False,
-                threads: int | None = None, progress: bool = True, attention: str = DEFAULT_FORM,
+                threads: int | None = None, progress: bool = True, attention: str | None = None,
                 max_length: int | None = None) -> Path:
     """Export a pruned or dense checkpoint to ``out_dir``: model.onnx + flap_onnx.json + tokenizer.
 
-    ``attention``: the graph form, "gqa" | "past-present" (``contract.FORMS``). ``max_length``:
+    ``attention``: the graph form, "gqa" | "past-present" (``contract.FORMS``); None: ``default_form``
+    of the source (gqa where it can hold the model). ``max_length``:
     the longest sequence (prompt + generated) the graph takes, the gqa form's rotary caches and
     largest KV buffer (default: the model's max_position_embeddings).
     ``opset``: 18-23 (23 lets the past-present form use RMSNormalization). ``dtype``: "fp32" | "fp16".
@@ -216,14 +229,17 @@ def export_onnx(model_dir_or_name: str | os.PathLike, out_dir: str | os.PathLike
         raise ParameterError("quantize", f"{quantize!r} is not supported (choose {' or '.join(QUANTIZE)})")
     if quantize and dtype != "fp32":
         raise ParameterError("quantize", f"{quantize} starts from an fp32 graph; use dtype fp32")
-    if attention not in FORMS:
+    if attention is not None and attention not in FORMS:
         raise ParameterError("attention", f"{attention!r} is not a graph form (choose {' or '.join(FORMS)})")
     if max_length is not None and max_length < 1:
         raise ParameterError("max_length", f"must be at least 1, got {max_length}")
     out = check_output_dir(out_dir, overwrite)
     source_ref = resolve_model(model_dir_or_name, accept=CHECKPOINTS)  # fail on a bad source before any work
+    attention = attention or default_form(source_ref)
     if attention == GQA:
         check_gqa(source_ref.hf_config())
+    if verify and max_length is not None:
+        _check_verification_fits(source_ref, max_length)
     started = time.perf_counter()
     steps = 2 + verify + (1 + verify) * bool(quantize)
     bar = tqdm(total=steps, desc="export onnx", disable=not progress, unit="step")

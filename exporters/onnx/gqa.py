@@ -53,7 +53,7 @@ def check_gqa(config: Any) -> None:
     if why is None and config.hidden_act != "silu":
         why = f"writes SiLU MLPs, the model's hidden_act is {config.hidden_act!r}"
     if why:
-        raise ParameterError("attention", f"gqa {why}; export with `attention` past-present")
+        raise ParameterError("attention", f"gqa {why}; choose past-present")
 
 
 class _Writer:
