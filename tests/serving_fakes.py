@@ -49,31 +49,38 @@ class TinyNumpyLM:
         if self.delay:
             time.sleep(self.delay)
 
+    def _project(self, x, i: int):
+        """Layer i's q, k, v [b, kv_heads_i, s, head_dim] and output weight; None for a layer without attention."""
+        if self.layers[i] is None:
+            return None
+        b, s = x.shape[:2]
+        wq, wk, wv, wo = self.layers[i]
+        split = lambda t: t.reshape(b, s, self.kv_heads[i], self.head_dim).transpose(0, 2, 1, 3)  # noqa: E731
+        return split(x @ wq), split(x @ wk), split(x @ wv), wo
+
+    def _attend(self, q, k, v, allowed):
+        scores = np.where(allowed, q @ np.swapaxes(k, -1, -2) / np.sqrt(self.head_dim), -1e30)
+        p = np.exp(scores - scores.max(-1, keepdims=True))
+        return (p / p.sum(-1, keepdims=True)) @ v
+
     def forward(self, input_ids, attention_mask, position_ids, past, last_only=False):
         b, s = input_ids.shape
         self._called(input_ids)
         x = self.emb[input_ids] + self.pos[position_ids]
         present = {}
-        for i, layer in enumerate(self.layers):
-            if layer is None:
+        for i in range(len(self.layers)):
+            projected = self._project(x, i)
+            if projected is None:
                 x = x + 0.1 * np.tanh(x)
                 continue
-            wq, wk, wv, wo = layer
-            h, hd = self.kv_heads[i], self.head_dim
-            split = lambda t: t.reshape(b, s, h, hd).transpose(0, 2, 1, 3)  # noqa: E731
-            q, k, v = split(x @ wq), split(x @ wk), split(x @ wv)
+            q, k, v, wo = projected
             k = np.concatenate([past[f"past_key_values.{i}.key"], k], axis=2)
             v = np.concatenate([past[f"past_key_values.{i}.value"], v], axis=2)
             present[f"present.{i}.key"], present[f"present.{i}.value"] = k, v
             t = k.shape[2]
-            scores = q @ k.transpose(0, 1, 3, 2) / np.sqrt(hd)  # [b, h, s, t]
             causal = np.arange(t)[None, :] <= (t - s + np.arange(s))[:, None]
             allowed = causal[None, None] & (attention_mask[:, None, None, :] > 0)
-            scores = np.where(allowed, scores, -1e30)
-            scores = scores - scores.max(-1, keepdims=True)
-            p = np.exp(scores)
-            p = p / p.sum(-1, keepdims=True)
-            x = x + (p @ v).transpose(0, 2, 1, 3).reshape(b, s, h * hd) @ wo
+            x = x + self._attend(q, k, v, allowed).transpose(0, 2, 1, 3).reshape(b, s, -1) @ wo
         if last_only:
             x = x[:, -1:]
         return (x @ self.out).astype(np.float32), present
@@ -95,16 +102,14 @@ class TinyNumpyGqaLM(TinyNumpyLM):
         before = seqlens_k + 1 - query_seqlens  # tokens each row held before the call
         pos = np.minimum(before[:, None] + np.arange(s)[None, :], self.pos.shape[0] - 1)
         x = self.emb[input_ids] + self.pos[pos]
-        for i, layer in enumerate(self.layers):
-            if layer is None:
+        for i in range(len(self.layers)):
+            projected = self._project(x, i)
+            if projected is None:
                 x = x + 0.1 * np.tanh(x)
                 continue
-            wq, wk, wv, wo = layer
-            h, hd = self.kv_heads[i], self.head_dim
-            split = lambda t: t.reshape(b, s, h, hd).transpose(0, 2, 1, 3)  # noqa: E731
-            q, k, v = split(x @ wq), split(x @ wk), split(x @ wv)
+            q, k, v, wo = projected
             keys, values = kv[f"{i}.key"][lo:hi], kv[f"{i}.value"][lo:hi]  # views: written in place
-            out = np.zeros((b, h, s, hd), np.float32)
+            out = np.zeros_like(q)
             for r in range(b):
                 n, start = int(query_seqlens[r]), int(before[r])
                 if not n:
@@ -112,13 +117,9 @@ class TinyNumpyGqaLM(TinyNumpyLM):
                 keys[r, :, start:start + n] = k[r, :, :n]
                 values[r, :, start:start + n] = v[r, :, :n]
                 t = start + n
-                scores = q[r, :, :n] @ keys[r, :, :t].transpose(0, 2, 1) / np.sqrt(hd)  # [h, n, t]
                 causal = np.arange(t)[None, :] <= (start + np.arange(n))[:, None]
-                scores = np.where(causal[None], scores, -1e30)
-                scores = scores - scores.max(-1, keepdims=True)
-                p = np.exp(scores)
-                out[r, :, :n] = (p / p.sum(-1, keepdims=True)) @ values[r, :, :t]
-            x = x + out.transpose(0, 2, 1, 3).reshape(b, s, h * hd) @ wo
+                out[r, :, :n] = self._attend(q[r, :, :n], keys[r, :, :t], values[r, :, :t], causal[None])
+            x = x + out.transpose(0, 2, 1, 3).reshape(b, s, -1) @ wo
         picked = np.take_along_axis(x, logits_index[:, :, None], axis=1)
         return (picked @ self.out).astype(np.float32)
 
