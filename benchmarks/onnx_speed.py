@@ -4,7 +4,7 @@ Models: the bundled SmolLM2-135M (dense) and its 20 % FLAP-pruned version
 (``benchmarks/flap_model.py``). Runtimes: ONNX Runtime fp32 in each graph form
 (``--forms``, ``exporters.onnx.contract.FORMS``), optionally blockwise int8 (``--int8``) and
 PyTorch eager fp32 (``--eager``). For every context (prompt tokens, ``--contexts``) and batch
-(``--batches``): the same prompts (WikiText-2 test token ids) for every configuration, prefill
+(``--batches``): the same prompts (token ids of WikiText-2 test, ``--text``) for every configuration, prefill
 then ``--new-tokens`` greedy decode steps (EOS ignored) through the form's row cache
 (``OnnxCausalLM.new_cache``: the gqa form decodes into IO-bound buffers in place, past-present
 feeds each step's present back); runs interleaved round-robin, medians reported.
@@ -39,16 +39,11 @@ MODELS = ("dense", "pruned")
 SMOKE = {"reps": 1, "contexts": [64], "batches": [1, 2], "new_tokens": 4}
 
 
-def _prompts(tokenizer, batch: int, length: int) -> list[list[int]]:
-    """``batch`` different prompts of exactly ``length`` tokens of WikiText-2 test."""
-    from flap_model import WIKITEXT
-
-    wikitext = WIKITEXT / "test.txt"
-    if not wikitext.is_file():
-        sys.exit(f"error: {wikitext} is missing (the prompts come from WikiText-2 test)")
-    ids = tokenizer(wikitext.read_text()[:400_000])["input_ids"]
+def _prompts(tokenizer, text: Path, batch: int, length: int) -> list[list[int]]:
+    """``batch`` different prompts of exactly ``length`` tokens of ``text``."""
+    ids = tokenizer(text.read_text()[:400_000])["input_ids"]
     if (batch - 1) * 997 + length > len(ids):
-        sys.exit(f"error: WikiText-2 test is too short for {batch} prompts of {length} tokens")
+        sys.exit(f"error: {text} is too short for {batch} prompts of {length} tokens")
     return [ids[i * 997: i * 997 + length] for i in range(batch)]
 
 
@@ -142,8 +137,16 @@ def main() -> None:
     ap.add_argument("--eager", action="store_true", help="also PyTorch eager fp32")
     ap.add_argument("--smoke", action="store_true",
                     help=f"a quick check that everything runs ({SMOKE}); results go to a temporary directory")
+    ap.add_argument("--text", type=Path, default=None,
+                    help="where the prompts come from (default: WikiText-2 test beside the checkout)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
+    if args.text is None:
+        from flap_model import WIKITEXT
+
+        args.text = WIKITEXT / "test.txt"
+    if not args.text.is_file():
+        sys.exit(f"error: --text {args.text} is missing (the prompts come from it)")
     if args.smoke:
         for key, value in SMOKE.items():
             setattr(args, key, value)
@@ -160,7 +163,7 @@ def main() -> None:
             runners[(m, "torch-eager-fp32")] = TorchRunner(env["refs"][m].load(torch.float32))
     runtimes = list(dict.fromkeys(rt for _, rt in runners))
     shapes = [(c, b) for c in args.contexts for b in args.batches]
-    prompts = {(c, b): _prompts(env["tokenizer"], b, c) for c, b in shapes}
+    prompts = {(c, b): _prompts(env["tokenizer"], args.text, b, c) for c, b in shapes}
 
     for r in runners.values():  # warm-up: allocators, thread pools
         r.run(prompts[shapes[0]], 2)
