@@ -16,9 +16,10 @@ calibration windows --study-nsamples; calibration source WikiText-2 valid / ``se
 (half of each). All FLAP variants of one calibration set share one statistics pass that keeps
 full covariances (``collect_statistics(covariance=True)``), so only the refits differ.
 
-Cost (one fresh subprocess per method, at 20 %, the real CLI-equivalent path with no reuse):
-prune wall time (calibration and reconstruction included) ÷ the time of one dense decoder forward
-over the same calibration windows (mean of one before and one after), and the subprocess's peak RSS.
+Cost (at 20 %): each method's ``flap-deploy prune smollm2-135m`` in a fresh process (streamed from the
+bundled model's safetensors, calibration, reconstruction and the write included; the wall time of the
+command) ÷ the time of one dense decoder forward over the same calibration windows (its own process,
+mean of one before and one after the prunes), and the command's own peak RSS.
 
     python benchmarks/quality.py --study                     # the full run (see docs/pruning.md)
     python benchmarks/quality.py --smoke --out /tmp/q        # minutes: tiny sizes, proves it runs
@@ -50,7 +51,6 @@ from flap_deploy import PruneConfig, __version__, prune  # noqa: E402
 from flap_deploy.pruning.calibration import calibration_windows  # noqa: E402
 from flap_deploy.pruning.compress import compress  # noqa: E402
 from flap_deploy.evaluation.perplexity import Tally, log_probs, token_windows  # noqa: E402
-from flap_deploy.streaming.memory import peak_rss_bytes  # noqa: E402
 from flap_deploy.io.model_ref import load_model, load_tokenizer  # noqa: E402
 from flap_deploy.pruning.pipeline import collect_statistics, linear_weights  # noqa: E402
 from flap_deploy.pruning.reconstruct import refit_layers  # noqa: E402
@@ -59,10 +59,6 @@ from flap_deploy.io.text import load_text, python_docs_text  # noqa: E402
 WIKITEXT = REPO.parent / "shared" / "data" / "wikitext-2"
 DEFAULT = PruneConfig()
 DOMAINS = ("wikitext2", "python_docs")
-
-
-def rss_mib() -> float:
-    return peak_rss_bytes() / 2**20
 
 
 @torch.no_grad()
@@ -89,35 +85,59 @@ def main_methods(keys=METHOD_KEYS) -> list[tuple[str, dict]]:
     return [methods[k] for k in keys]
 
 
-# ---------------------------------------------------------------- cost (subprocess)
+# ---------------------------------------------------------------- cost (fresh processes, the CLI)
 
 def cost_child(args) -> None:
-    """One method's prune, timed against the dense forward, in a fresh process (peak RSS is its own)."""
+    """The unit of the cost rows, in a fresh process: one dense decoder forward over the calibration windows."""
     torch.set_num_threads(args.threads)
-    kw = json.loads(args.cost_child)
     dense = load_model("smollm2-135m", dtype=torch.float32)
-    tok = load_tokenizer("smollm2-135m")
-    rss_load = rss_mib()
-    valid = str(WIKITEXT / "valid.txt")
-    calib = calibration_windows(valid, dense, tok, args.nsamples, args.seqlen, 0, progress=False)
-    runs = [dense_forward_s(dense, calib.input_ids, 8)]
-    t = time.perf_counter()
-    result = prune(dense, PruneConfig(calib=valid, nsamples=args.nsamples, seqlen=args.seqlen, progress=False, **kw),
-                   tokenizer=tok)
-    elapsed = time.perf_counter() - t
-    peak = rss_mib()
-    runs.append(dense_forward_s(dense, calib.input_ids, 8))
-    dense_s = sum(runs) / len(runs)
-    print(json.dumps({"prune_s": elapsed, "timings": result.timings, "dense_forward_s": dense_s,
-                      "dense_forward_runs_s": runs, "prune_over_dense_forward": elapsed / dense_s,
-                      "peak_rss_mib": peak, "rss_after_load_mib": rss_load}))
+    calib = calibration_windows(str(WIKITEXT / "valid.txt"), dense, load_tokenizer("smollm2-135m"), args.nsamples,
+                                args.seqlen, 0, progress=False)
+    dense_forward_s(dense, calib.input_ids[:8], 8)  # warm-up: first-call allocations are not the forward's cost
+    print(json.dumps({"dense_forward_s": dense_forward_s(dense, calib.input_ids, 8)}))
 
 
-def measure_cost(args, kw: dict) -> dict:
-    cmd = [sys.executable, __file__, "--cost-child", json.dumps(kw), "--nsamples", str(args.nsamples),
+def dense_forward_cost(args) -> float:
+    cmd = [sys.executable, __file__, "--cost-child", "dense", "--nsamples", str(args.nsamples),
            "--seqlen", str(args.seqlen), "--threads", str(args.threads)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    return json.loads(out.strip().splitlines()[-1])["dense_forward_s"]
+
+
+def cli_prune_cost(args, kw: dict, work: Path) -> dict:
+    """One method's prune as a user runs it: ``flap-deploy prune smollm2-135m`` in a fresh process (layers
+    streamed from the bundled model's safetensors, calibration and reconstruction included, the checkpoint
+    written). Wall time from the command's start (interpreter and imports included) to its exit; peak RSS as
+    the command reports it (its own VmHWM)."""
+    flags = [x for k, v in kw.items() for x in (f"--{k.replace('_', '-')}", str(v))]
+    cmd = [sys.executable, "-m", "flap_deploy_cli", "prune", "smollm2-135m", str(work), "--calib",
+           str(WIKITEXT / "valid.txt"), "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), *flags,
+           "--overwrite", "--json"]
+    t = time.perf_counter()
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=REPO).stdout
+    elapsed = time.perf_counter() - t
+    result = json.loads(out)
+    shown = ["OUT" if arg == str(work) else arg for arg in cmd[3:]]
+    return {"command": "flap-deploy " + " ".join(shown), "prune_s": elapsed, "timings": result["timings"],
+            "peak_rss_mib": result["memory"]["peak_rss_bytes"] / 2**20,
+            "achieved_ratio": result["provenance"]["achieved_ratio"]}
+
+
+def measure_costs(args, data: dict, save: Callable[[], None]) -> None:
+    """The cost rows, dense forward measured before and after the prunes (each in its own process)."""
+    import tempfile
+
+    dense_runs = [dense_forward_cost(args)]
+    todo = [(name, kw) for name, kw in main_methods(args.methods) if not (args.resume and name in data["cost"])]
+    with tempfile.TemporaryDirectory() as tmp:
+        costs = {name: cli_prune_cost(args, dict(kw, ratio=0.2), Path(tmp) / "pruned") for name, kw in todo}
+    dense_runs.append(dense_forward_cost(args))
+    dense_s = sum(dense_runs) / len(dense_runs)
+    for name, cost in costs.items():
+        data["cost"][name] = dict(cost, dense_forward_s=dense_s, dense_forward_runs_s=dense_runs,
+                                  prune_over_dense_forward=cost["prune_s"] / dense_s)
+        print(f"cost {name}: {data['cost'][name]['prune_over_dense_forward']:.2f} x dense forward", flush=True)
+    save()
 
 
 # ---------------------------------------------------------------- sequential refit (study)
@@ -277,7 +297,12 @@ def write(out: Path, data: dict) -> None:
             lines.append(f"| {r['name']} | {100 * r['achieved_ratio']:.2f} % | {cal_s} | " + " | ".join(cells) + " |")
         lines.append("")
     if data.get("cost"):
-        lines += ["## Cost of pruning (20 %, fresh process per method, calibration and reconstruction included)", "",
+        lines += ["## Cost of pruning (20 %, `flap-deploy prune smollm2-135m` in a fresh process per method)", "",
+                  "Each method pruned as a user runs it: layers streamed from the bundled model's safetensors, "
+                  "calibration, reconstruction and the checkpoint write included, wall time from the command's "
+                  "start to its exit (interpreter and imports included); peak RSS as the command reports it. "
+                  "Dense forward: one decoder forward over the same calibration windows in its own process, the "
+                  "mean of one run before and one after the prunes.", "",
                   "| method | prune (s) | dense forward (s) | prune / dense forward | peak RSS (MiB) |",
                   "|---|---:|---:|---:|---:|"]
         for name, cst in data["cost"].items():
@@ -480,12 +505,7 @@ def run(args) -> None:
         save()
 
     if args.cost:
-        for name, kw in main_methods(args.methods):
-            if resume and name in data["cost"]:
-                continue
-            data["cost"][name] = measure_cost(args, dict(kw, ratio=0.2))
-            print(f"cost {name}: {data['cost'][name]['prune_over_dense_forward']:.2f} x dense forward", flush=True)
-            save()
+        measure_costs(args, data, save)
     save()
     plot(args.out, data)
 
