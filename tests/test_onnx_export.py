@@ -10,6 +10,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from cli_util import one_line_error
 from exporters.onnx import OnnxCausalLM, export_onnx
 from exporters.onnx.manifest import MANIFEST_NAME
 from flap_deploy.io.checkpoint import save_checkpoint
@@ -20,16 +21,28 @@ from onnx_helpers import hf_greedy, lively_tiny_heterogeneous, tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """(model, checkpoint dir with a tiny tokenizer, ONNX dir exported through the CLI)."""
+def cli_export(tmp_path_factory):
+    """(model, checkpoint dir with a tiny tokenizer, ONNX dir, the result of `export onnx` into it)."""
     root = tmp_path_factory.mktemp("onnx")
     model = lively_tiny_heterogeneous()
     ckpt = save_checkpoint(model, root / "ckpt", tokenizer=tiny_tokenizer())
     out = root / "onnx"
-    result = CliRunner().invoke(main, ["export", "onnx", str(ckpt), str(out)])
+    return model, ckpt, out, CliRunner().invoke(main, ["export", "onnx", str(ckpt), str(out)])
+
+
+@pytest.fixture(scope="module")
+def tiny(cli_export):
+    """(model, checkpoint dir, ONNX dir exported through the CLI)."""
+    model, ckpt, out, result = cli_export
+    if result.exit_code != 0:
+        raise RuntimeError(f"export onnx failed: {result.output}")
+    return model, ckpt, out
+
+
+def test_cli_export_succeeds_and_reports_its_fp32_verification(cli_export):
+    result = cli_export[3]
     assert result.exit_code == 0, result.output
     assert "verify fp32" in result.output
-    return model, ckpt, out
 
 
 @pytest.fixture(scope="module")
@@ -202,10 +215,7 @@ def test_fp16_export_verifies(tmp_path):
 # -- bad inputs: one-line errors, nothing half-written ---------------------------------------
 
 def _cli_error(args):
-    res = CliRunner().invoke(main, args)
-    assert res.exit_code == 2, res.output
-    assert res.output.startswith("error: ") and res.output.count("\n") == 1, res.output
-    return res.output
+    return one_line_error(CliRunner().invoke(main, args))
 
 
 def test_export_refuses_a_directory_that_is_not_a_checkpoint(tmp_path):

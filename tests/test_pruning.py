@@ -137,7 +137,7 @@ def test_reused_statistics_give_the_same_model():
         assert torch.equal(x.heads, y.heads) and torch.equal(x.mlp, y.mlp)
 
 
-def test_provenance_block():
+def test_provenance_records_the_recipe_calibration_source_and_sizes():
     dense = tiny_dense("mistral")
     p = prune(dense, small(ratio=0.25, calib="self", seed=7)).provenance
     for key in ("method", "metric", "structure", "target_ratio", "achieved_ratio", "calibration", "source_model",

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import openai
 import pytest
+from cli_util import one_line_error
 from factories import tiny_heterogeneous
 from serving_util import concurrent_streams, running, tiny_tokenizer
 
@@ -164,7 +165,6 @@ def test_serve_cli_user_errors(tmp_path):
 
     from flap_deploy_cli import main
 
-    r = CliRunner().invoke(main, ["serve", str(tmp_path / "nope"), "--backend", "onnx"])
-    assert r.exit_code == 2 and "not found" in r.output
-    r = CliRunner().invoke(main, ["serve", str(tmp_path), "--backend", "onnx", "--max-num-seqs", "0"])
-    assert r.exit_code == 2 and "--max-num-seqs" in r.output
+    one_line_error(CliRunner().invoke(main, ["serve", str(tmp_path / "nope"), "--backend", "onnx"]), "not found")
+    one_line_error(CliRunner().invoke(main, ["serve", str(tmp_path), "--backend", "onnx", "--max-num-seqs", "0"]),
+                   "--max-num-seqs")

@@ -9,12 +9,10 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import math
-import subprocess
-import sys
 
 import pytest
 
-from test_cli_errors import assert_one_line_error, run_cli
+from cli_util import one_line_error, run_cli
 from vllm_helpers import needs_vllm, vllm_env
 
 # 100 items: one item is one point, so "within 1 point" allows a single differing answer.
@@ -22,9 +20,10 @@ LIMIT = 100
 
 
 def run_json(*args, env=None, timeout=1800):
-    res = subprocess.run([sys.executable, "-m", "flap_deploy_cli", *map(str, args), "--json"],
-                         capture_output=True, text=True, env=env, timeout=timeout)
-    assert res.returncode == 0, res.stderr[-4000:]
+    """The JSON a command prints (a RuntimeError with its stderr if it fails: fixtures call this too)."""
+    res = run_cli(*args, "--json", env=env, timeout=timeout)
+    if res.returncode != 0:
+        raise RuntimeError(f"flap-deploy {' '.join(map(str, args))} exited {res.returncode}:\n{res.stderr[-4000:]}")
     return json.loads(res.stdout)  # stdout holds the JSON alone, vLLM's log included
 
 
@@ -70,9 +69,9 @@ def test_vllm_cpu_answers_for_vllm_only_inside_the_context():
 
 # ---------------------------------------------------------------- bad inputs
 
-def test_unknown_task_name():
-    assert_one_line_error(run_cli("eval", "smollm2-135m", "--tasks", "no_such_task_xyz"),
-                          "--tasks", "'no_such_task_xyz'", "not an lm-eval task")
+def test_unknown_task_name_is_refused():
+    one_line_error(run_cli("eval", "smollm2-135m", "--tasks", "no_such_task_xyz"),
+                   "--tasks", "'no_such_task_xyz'", "not an lm-eval task")
 
 
 def test_task_yaml_with_missing_data_file(tmp_path):
@@ -80,20 +79,20 @@ def test_task_yaml_with_missing_data_file(tmp_path):
     task.write_text(f"task: mine\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
                     f"    test: {tmp_path / 'gone.jsonl'}\ntest_split: test\noutput_type: multiple_choice\n"
                     "doc_to_text: '{{q}}'\ndoc_to_choice: choices\ndoc_to_target: label\n")
-    assert_one_line_error(run_cli("eval", "smollm2-135m", "--tasks", task), "mine.yaml", "gone.jsonl",
-                          "no such file")
+    one_line_error(run_cli("eval", "smollm2-135m", "--tasks", task), "mine.yaml", "gone.jsonl",
+                   "no such file")
 
 
-def test_limit_zero():
-    assert_one_line_error(run_cli("eval", "smollm2-135m", "--tasks", "offline", "--limit", "0"),
-                          "--limit", "positive", "0")
+def test_limit_zero_is_refused():
+    one_line_error(run_cli("eval", "smollm2-135m", "--tasks", "offline", "--limit", "0"),
+                   "--limit", "positive", "0")
 
 
 def test_text_and_tasks_are_alternatives():
-    assert_one_line_error(run_cli("eval", "smollm2-135m"), "--text", "--tasks")
-    assert_one_line_error(run_cli("eval", "smollm2-135m", "--text", "x.txt", "--tasks", "offline"), "one of")
-    assert_one_line_error(run_cli("eval", "smollm2-135m", "--text", "x.txt", "--limit", "5"),
-                          "--limit applies to --tasks")
+    one_line_error(run_cli("eval", "smollm2-135m"), "--text", "--tasks")
+    one_line_error(run_cli("eval", "smollm2-135m", "--text", "x.txt", "--tasks", "offline"), "one of")
+    one_line_error(run_cli("eval", "smollm2-135m", "--text", "x.txt", "--limit", "5"),
+                   "--limit applies to --tasks")
 
 
 def test_cli_choices_are_the_library_vocabulary():

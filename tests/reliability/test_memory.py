@@ -1,4 +1,4 @@
-"""Issue 13, item 2: a long prompt's memory goes back (bundled SmolLM2 export, vocabulary 49,152)."""
+"""A long prompt's memory goes back (bundled SmolLM2 export, vocabulary 49,152; a probe of issue 13)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ pytestmark = [pytest.mark.reliability, pytest.mark.slow]
 GIB = 1 << 30
 
 
-def test_item2_rss_returns_after_a_3000_token_prompt(bundled_dir):
+def test_rss_returns_after_a_3000_token_prompt(bundled_dir):
     from exporters.onnx.export import ensure_onnx
     from serving.onnx.server import create_app, load_onnx_server
 
