@@ -9,10 +9,12 @@ from serving.backends import BACKENDS, SERVER_MODES
 from .common import (
     CliError,
     FlapCommand,
+    at_revision,
     echo_json,
     int_list,
     json_option,
     overwrite_option,
+    revision_option,
 )
 
 # flap_deploy.pruning.synthetic.SHAPES' names, restated so that --help needs no torch (a test keeps them equal)
@@ -88,6 +90,7 @@ def bench(base_url: str, model: str | None, tokenizer: str | None, endpoint: str
 @click.command(cls=FlapCommand)
 @click.argument("dense", required=False)
 @click.argument("pruned", required=False)
+@revision_option
 @click.option("--backend", type=click.Choice(BACKENDS), default=None,
               help="Server runtime for both models: vllm when vLLM is installed, else onnx.")
 @click.option("--synthetic", default=None, type=click.Choice(SYNTHETIC_SHAPES),
@@ -124,8 +127,8 @@ def bench(base_url: str, model: str | None, tokenizer: str | None, endpoint: str
 @click.option("--eval-max-tokens", default=16384, show_default=True, type=int, help="Tokens of --eval-text to use.")
 @overwrite_option
 @json_option
-def compare(dense: str | None, pruned: str | None, synthetic: str | None, ratio: float, tp_size: int,
-            concurrency: str, as_json: bool, **settings) -> None:
+def compare(dense: str | None, pruned: str | None, revision: str | None, synthetic: str | None, ratio: float,
+            tp_size: int, concurrency: str, as_json: bool, **settings) -> None:
     """Serve DENSE and PRUNED on the same settings, run the same workload on each, report measured vs ideal."""
     from serving.measure.compare import compare as run_compare
     from serving.measure.compare import compare_synthetic
@@ -134,11 +137,12 @@ def compare(dense: str | None, pruned: str | None, synthetic: str | None, ratio:
     if not levels:
         raise CliError(f"--concurrency {concurrency!r}: give at least one positive level")
     if synthetic:
-        if dense or pruned:
-            raise CliError("--synthetic builds its own DENSE and PRUNED: give neither")
+        if dense or pruned or revision:
+            raise CliError("--synthetic builds its own DENSE and PRUNED: give neither (nor --revision)")
         report = compare_synthetic(synthetic, ratio=ratio, tp_size=tp_size, concurrency=levels,
                                    progress=not as_json, **settings)
     elif dense and pruned:
+        dense, pruned = at_revision(revision, dense, pruned, out=settings["out_dir"], overwrite=settings["overwrite"])
         report = run_compare(dense, pruned, concurrency=levels, progress=not as_json, **settings)
     else:
         raise CliError("compare needs DENSE and PRUNED (or --synthetic NAME)")
