@@ -79,13 +79,16 @@ def info(model: str, revision: str | None, plot: Path | None, no_plot: bool, as_
               help="--tasks with --compare: where to write the PNG [default: MODEL_DIR/flap_tasks.png; none for a "
                    "Hub id].")
 @click.option("--no-plot", is_flag=True, help="--tasks with --compare: do not write the PNG.")
+@click.option("--card", is_flag=True,
+              help="Add the measured results to MODEL's model card (README.md, Hub metadata): MODEL must be a local "
+                   "pruned checkpoint (one made before cards existed gets its card first). A result measured "
+                   "again with the same settings replaces the earlier one.")
 @json_option
 @click.pass_context
 def eval_command(ctx: click.Context, model: str, revision: str | None, text_path: Path | None, tasks: str | None,
-                 seqlen: int,
-                 max_tokens: int | None, reference: str | None, batch_size: int | None, limit: int | None,
-                 backend: str, device: str, dtype: str | None, task_text: Path | None, plot: Path | None,
-                 no_plot: bool, as_json: bool) -> None:
+                 seqlen: int, max_tokens: int | None, reference: str | None, batch_size: int | None,
+                 limit: int | None, backend: str, device: str, dtype: str | None, task_text: Path | None,
+                 plot: Path | None, no_plot: bool, card: bool, as_json: bool) -> None:
     """Perplexity of MODEL on a text (--text), or its accuracy on lm-eval tasks (--tasks);
     optionally against a dense reference model (--compare)."""
     if (text_path is None) == (tasks is None):
@@ -102,6 +105,13 @@ def eval_command(ctx: click.Context, model: str, revision: str | None, text_path
     from flap_deploy.io.model_ref import CHECKPOINTS
 
     model, reference = at_revision(revision, model, reference, accept=CHECKPOINTS)
+    if card:  # where the results go is checked before they are measured
+        from flap_deploy.io.card import card_problem
+        from flap_deploy.io.model_ref import resolve_model
+
+        model = resolve_model(model, accept=CHECKPOINTS)
+        if problem := card_problem(model):
+            raise CliError(f"--card: {problem}")
     if tasks is not None:
         from flap_deploy.evaluation.task_report import format_table
 
@@ -109,12 +119,19 @@ def eval_command(ctx: click.Context, model: str, revision: str | None, text_path
                                  dtype=dtype or "float32",
                                  batch_size=batch_size or 16, task_text=task_text,
                                  plot=None if no_plot else plot or True, quiet=as_json)
+        if card:
+            report["card"] = _add_to_card(model, "tasks", {
+                "settings": {"tasks": tasks, "limit": limit, "backend": backend,
+                             "reference": reference and str(reference)},
+                "results": _task_scores(report)})
         if as_json:
             echo_json(report)
             return
         click.echo(format_table(report["model"], report["reference"], report["chance"]))
         if report["plot"]:
             click.echo(f"\nplot: {report['plot']}")
+        if card:
+            click.echo(f"added to the model card {report['card']}")
         return
 
     from flap_deploy.evaluation.perplexity import evaluate
@@ -128,15 +145,39 @@ def eval_command(ctx: click.Context, model: str, revision: str | None, text_path
     dense = resolve_model(reference, accept=CHECKPOINTS) if reference else None
     result = evaluate(ref, ref.tokenizer(), text, seqlen=seqlen, max_tokens=max_tokens, batch_size=batch_size or 1,
                       reference=dense, progress=not as_json, device=device, dtype=dtype)
+    written = _add_to_card(ref, "perplexity", {
+        "settings": {"text": str(text_path), "seqlen": seqlen, "max_tokens": max_tokens,
+                     "reference": reference and str(reference)},
+        **{k: v for k, v in result.to_dict().items() if k != "seqlen"}}) if card else None
     if as_json:
         echo_json({"model": str(model), "reference": reference and str(reference), "text": str(text_path),
-                   **result.to_dict()})
+                   **result.to_dict(), **({"card": written} if card else {})})
         return
     click.echo(f"perplexity {result.perplexity:.3f} over {result.tokens} tokens ({result.windows} x {seqlen})")
     if reference:
         click.echo(f"reference perplexity {result.reference_perplexity:.3f}")
         click.echo(f"mean KL(reference||model) {result.kl:.4f} nats/token")
         click.echo(f"top-1 agreement {100 * result.top1_agreement:.2f} %")
+    if written:
+        click.echo(f"added to the model card {written}")
+
+
+def _add_to_card(ref: Any, kind: str, record: dict[str, Any]) -> str:
+    from flap_deploy.io.card import add_result
+
+    return str(add_result(ref, kind, record))
+
+
+def _task_scores(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per task and metric: the model's score, the reference's (when there was one) and the items scored."""
+    reference = (report["reference"] or {}).get("tasks", {})
+    rows = []
+    for task, result in report["model"]["tasks"].items():
+        for metric, value in result["metrics"].items():
+            ref = reference.get(task, {}).get("metrics", {}).get(metric)
+            rows.append({"task": task, "metric": metric, "score": value["value"], "items": result["n"],
+                         "reference_score": ref and ref["value"]})
+    return rows
 
 
 def task_comparison(model: str, tasks: str, *, reference: str | None = None, limit: int | None = None,

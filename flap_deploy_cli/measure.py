@@ -129,7 +129,10 @@ def bench(base_url: str, model: str | None, tokenizer: str | None, endpoint: str
 @json_option
 def compare(dense: str | None, pruned: str | None, revision: str | None, synthetic: str | None, ratio: float,
             tp_size: int, concurrency: str, as_json: bool, **settings) -> None:
-    """Serve DENSE and PRUNED on the same settings, run the same workload on each, report measured vs ideal."""
+    """Serve DENSE and PRUNED on the same settings, run the same workload on each, report measured vs ideal.
+
+    The measured speed-up is added to PRUNED's model card (README.md) when PRUNED is a local pruned
+    checkpoint or an export with a card; a Hub snapshot and a synthetic pair are left as they are."""
     from serving.measure.compare import compare as run_compare
     from serving.measure.compare import compare_synthetic
 
@@ -147,10 +150,13 @@ def compare(dense: str | None, pruned: str | None, revision: str | None, synthet
     else:
         raise CliError("compare needs DENSE and PRUNED (or --synthetic NAME)")
     if as_json:
-        echo_json({"weights": report["weights"], "ratios": report["ratios"], "quality": report["quality"]})
+        echo_json({"weights": report["weights"], "ratios": report["ratios"], "quality": report["quality"],
+                   "card": report.get("card")})
         return
     click.echo(f"ideal ratio (weight bytes per decode step): {report['weights']['ideal_ratio']:.3f}")
     for r in report["ratios"]:
         click.echo(f"concurrency {r['max_concurrency']}: output throughput x{r['output_throughput_ratio']:.3f}, "
                    f"TPOT x{r['tpot_ratio']:.3f}")
     click.echo(f"wrote {settings['out_dir']}/report.md, report.json, throughput.png, latency.png")
+    if report.get("card"):
+        click.echo(f"added the speed-up to the model card {report['card']}")

@@ -157,6 +157,26 @@ def has_card(out: str | os.PathLike) -> bool:
     return (Path(out) / CARD_STATE).is_file()
 
 
+def card_problem(ref: Any) -> str | None:
+    """Why results measured on a model (a ``ModelRef``) cannot go into its card; None when they can: a local
+    directory with a card, or a pruned checkpoint (made before cards were, its card is written first)."""
+    if ref.revision:
+        return f"'{ref.arg}' is a Hugging Face Hub snapshot, left as it was fetched"
+    if has_card(ref.path) or ref.kind == "pruned":
+        return None
+    return f"{ref.path} is a {ref.kind} {'export' if ref.kind == 'onnx' else 'checkpoint'} without a model card"
+
+
+def add_result(ref: Any, kind: str, record: dict[str, Any]) -> Path:
+    """``add_measurement`` into the card of a model (a ``ModelRef``), written first if it has none."""
+    problem = card_problem(ref)
+    if problem:
+        raise FlapDeployError(problem)
+    if not has_card(ref.path):
+        write_card(ref.path, ref.config, form="quantized" if ref.config.get("quantization_config") else "pruned")
+    return add_measurement(ref.path, kind, record)
+
+
 def _save(out: Path, state: dict[str, Any]) -> None:
     (out / CARD_STATE).write_text(json.dumps(state, indent=2) + "\n")
     (out / CARD).write_text(render(state, plot=(out / WIDTHS_PLOT).is_file()))
