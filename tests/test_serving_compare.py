@@ -8,6 +8,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from factories import tiny_dense
+from huggingface_hub import ModelCard
 from serving_util import tiny_tokenizer
 
 from flap_deploy.io.checkpoint import save_checkpoint
@@ -97,6 +98,12 @@ def test_compare_onnx_end_to_end(pair, tmp_path, servers, starts):
     for ratio in report["ratios"]:
         assert ratio["output_throughput_ratio"] > 0 and ratio["ideal_ratio"] == report["weights"]["ideal_ratio"]
     assert "ideal ratio" in (out / "report.md").read_text()
+    # the measured speed-up goes into PRUNED's model card (written first: the pair predates cards), once per workload
+    assert json.loads(r.stdout)["card"] == str(pruned_dir / "README.md")
+    card = ModelCard.load(pruned_dir / "README.md").text
+    rows = [line for line in card.splitlines() if line.startswith("| onnx |")]
+    assert [row.split("|")[2:4] for row in rows] == [
+        [f" {x['max_concurrency']} ", f" ×{x['output_throughput_ratio']:.3f} "] for x in report["ratios"]]
 
 
 def test_server_mode(monkeypatch):
