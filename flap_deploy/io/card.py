@@ -115,6 +115,18 @@ def write_card(out: str | os.PathLike, config: dict[str, Any], *, form: str = "p
     return out / CARD
 
 
+def rewrite_card(source: str | os.PathLike, out: str | os.PathLike, *, path: str | os.PathLike | None = None) -> Path | None:
+    """The card of ``out``, a copy of directory ``source`` made into another form of the same checkpoint (an
+    int8 copy of a float ONNX export): the same facts and license, shown at ``path`` (default ``out``); results
+    measured on ``source`` do not carry over. None when ``source`` has no card (made before cards were)."""
+    state = _read_state(Path(source))
+    if not state:
+        return None
+    out = Path(out)
+    _save(out, {**state, "path": str(path or out), "measured": []})
+    return out / CARD
+
+
 def card_facts(config: dict[str, Any]) -> dict[str, Any]:
     """What a card states about a flap_llama checkpoint: its provenance (whatever it holds) and what its
     config implies (parameters, KV-cache bytes per token; the dense source's where the provenance
