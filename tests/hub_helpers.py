@@ -110,7 +110,9 @@ class FakeHub:
             monkeypatch.delenv("HF_TOKEN", raising=False)
         else:
             monkeypatch.setenv("HF_TOKEN", token)
-        from huggingface_hub.utils._http import hf_request_event_hook  # offline mode is enforced there
+        from huggingface_hub.utils._http import (
+            hf_request_event_hook,  # offline mode is enforced there
+        )
 
         huggingface_hub.set_client_factory(lambda: httpx2.Client(
             transport=httpx2.MockTransport(self.handle), event_hooks={"request": [hf_request_event_hook]}))

@@ -13,8 +13,8 @@ import httpx
 import pytest
 from click.testing import CliRunner
 from factories import tiny_dense
-from huggingface_hub import ModelCard, constants
 from hub_helpers import FakeHub, hub_env, lay_down
+from huggingface_hub import ModelCard, constants
 
 from flap_deploy.errors import FlapDeployError
 from flap_deploy.io.model_ref import resolve_model

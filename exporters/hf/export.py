@@ -30,7 +30,11 @@ from flap_deploy.io.card import write_card
 from flap_deploy.io.checkpoint import copy_tokenizer_files
 from flap_deploy.io.model_ref import ModelRef, resolve_model
 from flap_deploy.model.adapters import ADAPTERS
-from flap_deploy.model.modeling_flap_llama import PER_LAYER_ATTRIBUTES, PER_LAYER_KEYS, SKIPPABLE_BY
+from flap_deploy.model.modeling_flap_llama import (
+    PER_LAYER_ATTRIBUTES,
+    PER_LAYER_KEYS,
+    SKIPPABLE_BY,
+)
 
 # flap_llama's own keys that the family's config has no use for (the per-layer lists become per_layer_config)
 _DROPPED = {*PER_LAYER_KEYS, "model_type", "architectures", "auto_map", "transformers_version"}
@@ -55,7 +59,9 @@ def per_layer_config(cfg: dict[str, Any], globals_: dict[str, int]) -> dict[int,
 def upstream_config(cfg: dict[str, Any]) -> Any:
     """The source family's transformers config of a flap_llama config: dense global widths, per_layer_config."""
     from transformers import AutoConfig
-    from transformers.integrations.heterogeneity import AmbiguousGlobalPerLayerAttributeError
+    from transformers.integrations.heterogeneity import (
+        AmbiguousGlobalPerLayerAttributeError,
+    )
 
     provenance = cfg.get("flap") or {}
     architecture = provenance.get("source_architecture")
