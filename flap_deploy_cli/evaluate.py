@@ -7,25 +7,37 @@ from typing import Any
 
 import click
 
-from .common import CliError, FlapCommand, echo_json, json_option, stdout_to_stderr
+from .common import (
+    CliError,
+    FlapCommand,
+    at_revision,
+    echo_json,
+    json_option,
+    revision_option,
+    stdout_to_stderr,
+)
 from .prune import DTYPES as COMPUTE_DTYPES
 
 
 @click.command(cls=FlapCommand)
 @click.argument("model")
+@revision_option
 @click.option("--plot", type=click.Path(path_type=Path), default=None,
-              help="Where to write the widths PNG [default: MODEL_DIR/flap_widths.png].")
+              help="Where to write the widths PNG [default: MODEL_DIR/flap_widths.png; none for a Hub id, whose "
+                   "snapshot in the Hugging Face cache is left as fetched].")
 @click.option("--no-plot", is_flag=True, help="Do not write the PNG.")
 @json_option
-def info(model: str, plot: Path | None, no_plot: bool, as_json: bool) -> None:
+def info(model: str, revision: str | None, plot: Path | None, no_plot: bool, as_json: bool) -> None:
     """Per-layer widths, parameter counts and provenance of a checkpoint, and a widths plot."""
     from flap_deploy.io.info import checkpoint_report, format_report, plot_widths
     from flap_deploy.io.model_ref import CHECKPOINTS, resolve_model
 
-    ref = resolve_model(model, accept=CHECKPOINTS)
+    ref = resolve_model(model, accept=CHECKPOINTS, revision=revision)
     report = checkpoint_report(ref)
+    plot = plot or (None if ref.revision else ref.path / "flap_widths.png")
+    no_plot = no_plot or plot is None
     if not no_plot:
-        report["plot"] = str(plot_widths(report, plot or ref.path / "flap_widths.png"))
+        report["plot"] = str(plot_widths(report, plot))
     if as_json:
         echo_json(report)
         return
@@ -36,6 +48,7 @@ def info(model: str, plot: Path | None, no_plot: bool, as_json: bool) -> None:
 
 @click.command("eval", cls=FlapCommand)
 @click.argument("model")
+@revision_option
 @click.option("--text", "text_path", type=click.Path(path_type=Path),
               help="Perplexity on a text file or directory of .txt files (WikiText is detokenized).")
 @click.option("--tasks", default=None,
@@ -63,14 +76,19 @@ def info(model: str, plot: Path | None, no_plot: bool, as_json: bool) -> None:
               help="--tasks offline: the text the tasks are built from [default: WikiText-2 test in "
                    "../shared/data, or $FLAP_DEPLOY_TASK_TEXT].")
 @click.option("--plot", type=click.Path(path_type=Path), default=None,
-              help="--tasks with --compare: where to write the PNG [default: MODEL_DIR/flap_tasks.png].")
+              help="--tasks with --compare: where to write the PNG [default: MODEL_DIR/flap_tasks.png; none for a "
+                   "Hub id].")
 @click.option("--no-plot", is_flag=True, help="--tasks with --compare: do not write the PNG.")
+@click.option("--card", is_flag=True,
+              help="Add the measured results to MODEL's model card (README.md, Hub metadata): MODEL must be a local "
+                   "pruned checkpoint (one made before cards existed gets its card first). A result measured "
+                   "again with the same settings replaces the earlier one.")
 @json_option
 @click.pass_context
-def eval_command(ctx: click.Context, model: str, text_path: Path | None, tasks: str | None, seqlen: int,
-                 max_tokens: int | None, reference: str | None, batch_size: int | None, limit: int | None,
-                 backend: str, device: str, dtype: str | None, task_text: Path | None, plot: Path | None,
-                 no_plot: bool, as_json: bool) -> None:
+def eval_command(ctx: click.Context, model: str, revision: str | None, text_path: Path | None, tasks: str | None,
+                 seqlen: int, max_tokens: int | None, reference: str | None, batch_size: int | None,
+                 limit: int | None, backend: str, device: str, dtype: str | None, task_text: Path | None,
+                 plot: Path | None, no_plot: bool, card: bool, as_json: bool) -> None:
     """Perplexity of MODEL on a text (--text), or its accuracy on lm-eval tasks (--tasks);
     optionally against a dense reference model (--compare)."""
     if (text_path is None) == (tasks is None):
@@ -84,6 +102,16 @@ def eval_command(ctx: click.Context, model: str, text_path: Path | None, tasks: 
         for flag in flags:
             if other != mode and flag in explicit:
                 raise CliError(f"{flag} applies to {other}, not {mode}")
+    from flap_deploy.io.model_ref import CHECKPOINTS
+
+    model, reference = at_revision(revision, model, reference, accept=CHECKPOINTS)
+    if card:  # where the results go is checked before they are measured
+        from flap_deploy.io.card import card_problem
+        from flap_deploy.io.model_ref import resolve_model
+
+        model = resolve_model(model, accept=CHECKPOINTS)
+        if problem := card_problem(model):
+            raise CliError(f"--card: {problem}")
     if tasks is not None:
         from flap_deploy.evaluation.task_report import format_table
 
@@ -91,16 +119,23 @@ def eval_command(ctx: click.Context, model: str, text_path: Path | None, tasks: 
                                  dtype=dtype or "float32",
                                  batch_size=batch_size or 16, task_text=task_text,
                                  plot=None if no_plot else plot or True, quiet=as_json)
+        if card:
+            report["card"] = _add_to_card(model, "tasks", {
+                "settings": {"tasks": tasks, "limit": limit, "backend": backend,
+                             "reference": reference and str(reference)},
+                "results": _task_scores(report)})
         if as_json:
             echo_json(report)
             return
         click.echo(format_table(report["model"], report["reference"], report["chance"]))
         if report["plot"]:
             click.echo(f"\nplot: {report['plot']}")
+        if card:
+            click.echo(f"added to the model card {report['card']}")
         return
 
     from flap_deploy.evaluation.perplexity import evaluate
-    from flap_deploy.io.model_ref import CHECKPOINTS, resolve_model
+    from flap_deploy.io.model_ref import resolve_model
     from flap_deploy.io.text import load_text
     from flap_deploy.streaming.layers import resolve_device
 
@@ -110,14 +145,39 @@ def eval_command(ctx: click.Context, model: str, text_path: Path | None, tasks: 
     dense = resolve_model(reference, accept=CHECKPOINTS) if reference else None
     result = evaluate(ref, ref.tokenizer(), text, seqlen=seqlen, max_tokens=max_tokens, batch_size=batch_size or 1,
                       reference=dense, progress=not as_json, device=device, dtype=dtype)
+    written = _add_to_card(ref, "perplexity", {
+        "settings": {"text": str(text_path), "seqlen": seqlen, "max_tokens": max_tokens,
+                     "reference": reference and str(reference)},
+        **{k: v for k, v in result.to_dict().items() if k != "seqlen"}}) if card else None
     if as_json:
-        echo_json({"model": model, "reference": reference, "text": str(text_path), **result.to_dict()})
+        echo_json({"model": str(model), "reference": reference and str(reference), "text": str(text_path),
+                   **result.to_dict(), **({"card": written} if card else {})})
         return
     click.echo(f"perplexity {result.perplexity:.3f} over {result.tokens} tokens ({result.windows} x {seqlen})")
     if reference:
         click.echo(f"reference perplexity {result.reference_perplexity:.3f}")
         click.echo(f"mean KL(reference||model) {result.kl:.4f} nats/token")
         click.echo(f"top-1 agreement {100 * result.top1_agreement:.2f} %")
+    if written:
+        click.echo(f"added to the model card {written}")
+
+
+def _add_to_card(ref: Any, kind: str, record: dict[str, Any]) -> str:
+    from flap_deploy.io.card import add_result
+
+    return str(add_result(ref, kind, record))
+
+
+def _task_scores(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per task and metric: the model's score, the reference's (when there was one) and the items scored."""
+    reference = (report["reference"] or {}).get("tasks", {})
+    rows = []
+    for task, result in report["model"]["tasks"].items():
+        for metric, value in result["metrics"].items():
+            ref = reference.get(task, {}).get("metrics", {}).get(metric)
+            rows.append({"task": task, "metric": metric, "score": value["value"], "items": result["n"],
+                         "reference_score": ref and ref["value"]})
+    return rows
 
 
 def task_comparison(model: str, tasks: str, *, reference: str | None = None, limit: int | None = None,
@@ -161,9 +221,10 @@ def task_comparison(model: str, tasks: str, *, reference: str | None = None, lim
     dense_result = run(dense) if dense else None
     result = run(ref)
     plot_path = None
+    if plot is True:  # beside the model, unless it is a Hub snapshot (left as fetched)
+        plot = None if ref.revision else ref.path / "flap_tasks.png"
     if dense_result and plot:
-        plot_path = plot_comparison(result, dense_result, ref.path / "flap_tasks.png" if plot is True else plot,
-                                    selection.chance)
+        plot_path = plot_comparison(result, dense_result, plot, selection.chance)
     return {"model": result, "reference": dense_result, "chance": selection.chance,
             "comparison": compare_results(dense_result, result) if dense_result else None,
             "plot": str(plot_path) if plot_path else None}

@@ -15,7 +15,15 @@ import click
 from flap_deploy.pruning.config import DTYPES, GRANULARITIES, METRICS, STRUCTURES
 from flap_deploy.pruning.methods import METHODS, RECONSTRUCTIONS
 
-from .common import CliError, FlapCommand, echo_json, json_option, overwrite_option
+from .common import (
+    CliError,
+    FlapCommand,
+    at_revision,
+    echo_json,
+    json_option,
+    overwrite_option,
+    revision_option,
+)
 
 PRUNE_OPTIONS = (
     click.option("--ratio", default=0.2, show_default=True, type=float,
@@ -73,14 +81,16 @@ def prune_options(command):
 @click.command("prune", cls=FlapCommand)
 @click.argument("model")
 @click.argument("out", type=click.Path(path_type=Path))
+@revision_option
 @prune_options
 @click.option("--no-bias", "no_bias", is_flag=True, hidden=True, help="Alias of --reconstruct none.")
 @overwrite_option
 @json_option
 @click.pass_context
-def prune(ctx: click.Context, model: str, out: Path, overwrite: bool, as_json: bool, no_bias: bool,
-          **options) -> None:
-    """Prune MODEL with FLAP (or a baseline) and write the pruned checkpoint to OUT."""
+def prune(ctx: click.Context, model: str, out: Path, revision: str | None, overwrite: bool, as_json: bool,
+          no_bias: bool, **options) -> None:
+    """Prune MODEL (a directory, a Hugging Face Hub id or `smollm2-135m`) with FLAP (or a baseline) and write
+    the pruned checkpoint, with its model card (README.md), to OUT."""
     from flap_deploy.pruning.config import PruneConfig
 
     if no_bias:
@@ -94,6 +104,7 @@ def prune(ctx: click.Context, model: str, out: Path, overwrite: bool, as_json: b
 
     from flap_deploy.pruning.pipeline import prune as run_prune
 
+    (model,) = at_revision(revision, model, out=out, overwrite=overwrite, accept=("dense",))
     result = run_prune(model, config, out=out, overwrite=overwrite)
     path = result.path
     if as_json:

@@ -8,12 +8,20 @@ import click
 
 from serving.backends import BACKENDS
 
-from .common import CliError, FlapCommand, echo_json, json_option
+from .common import (
+    CliError,
+    FlapCommand,
+    at_revision,
+    echo_json,
+    json_option,
+    revision_option,
+)
 
 
 @click.command(cls=FlapCommand)
 @click.argument("model")
 @click.argument("prompt", nargs=-1, required=True)
+@revision_option
 @click.option("--max-new-tokens", "-n", "max_tokens", type=int, default=64, show_default=True,
               help="Tokens to generate.")
 @click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy.")
@@ -26,7 +34,7 @@ from .common import CliError, FlapCommand, echo_json, json_option
 @click.option("--device", default="auto", show_default=True,
               help="PyTorch: auto (the first CUDA device, else the CPU), cpu, cuda or cuda:N.")
 @json_option
-def generate(model: str, prompt: tuple[str, ...], max_tokens: int, temperature: float, top_p: float, top_k: int,
+def generate(model: str, prompt: tuple[str, ...], revision: str | None, max_tokens: int, temperature: float, top_p: float, top_k: int,
              seed: int | None, stop: tuple[str, ...], chat: bool, threads: int | None, device: str,
              as_json: bool) -> None:
     """Generate text for each PROMPT with MODEL: an ONNX export directory runs on ONNX Runtime,
@@ -38,7 +46,7 @@ def generate(model: str, prompt: tuple[str, ...], max_tokens: int, temperature: 
 
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
                             stop=stop)
-    ref = resolve_model(model)
+    ref = resolve_model(model, revision=revision)
     if ref.kind == "onnx":
         from exporters.onnx.runtime import generate as run_generate
     else:
@@ -58,6 +66,7 @@ def generate(model: str, prompt: tuple[str, ...], max_tokens: int, temperature: 
 
 @click.command(cls=FlapCommand)
 @click.argument("model")
+@revision_option
 @click.option("--backend", type=click.Choice(BACKENDS), default=None,
               help="Engine behind the endpoint: vllm when vLLM is installed, else onnx (the built-in ONNX Runtime "
                    "server with continuous batching).")
@@ -96,7 +105,7 @@ def generate(model: str, prompt: tuple[str, ...], max_tokens: int, temperature: 
               help="onnx: seconds a new connection may take to send its request headers.")
 @click.option("--threads", default=None, type=int, help="onnx: ONNX Runtime intra-op threads (default: ORT's).")
 @click.argument("backend_args", nargs=-1, type=click.UNPROCESSED)
-def serve(model: str, backend: str | None, host: str, port: int, api_key: str | None, served_model_name: str | None,
+def serve(model: str, revision: str | None, backend: str | None, host: str, port: int, api_key: str | None, served_model_name: str | None,
           max_num_seqs: int | None, max_model_len: int | None, tp_size: int, pp_size: int, ready_timeout: float,
           max_queue: int, max_request_bytes: str, max_prefill_tokens: int, max_memory: str | None,
           shutdown_timeout: float, header_timeout: float, threads: int | None, backend_args: tuple[str, ...]) -> None:
@@ -113,6 +122,7 @@ def serve(model: str, backend: str | None, host: str, port: int, api_key: str | 
     if backend == "vllm":
         from serving.vllm.launcher import prepare_vllm_server, serve_vllm
 
+        (model,) = at_revision(revision, model)
         cfg = prepare_vllm_server(model, host=host, port=port, tp_size=tp_size, pp_size=pp_size, api_key=api_key,
                                   max_num_seqs=max_num_seqs, max_model_len=max_model_len,
                                   extra_args=list(backend_args), served_model_name=served_model_name)
@@ -139,8 +149,12 @@ def serve(model: str, backend: str | None, host: str, port: int, api_key: str | 
     if threads is not None and threads < 1:
         raise click.BadParameter(f"must be at least 1, got {threads}", param_hint="'--threads'")
     check_port_free(host, port)  # before the model loads
-    sys.exit(serve_onnx(model, host=host, port=port, api_key=api_key, max_num_seqs=max_num_seqs or 8,
-                        max_model_len=max_model_len, max_queue=max_queue, served_model_name=served_model_name,
+    from flap_deploy.io.model_ref import resolve_model
+
+    ref = resolve_model(model, revision=revision)
+    sys.exit(serve_onnx(ref, host=host, port=port, api_key=api_key, max_num_seqs=max_num_seqs or 8,
+                        max_model_len=max_model_len, max_queue=max_queue,
+                        served_model_name=served_model_name or ref.name,
                         threads=threads, max_request_bytes=sizes["--max-request-bytes"],
                         max_prefill_tokens=max_prefill_tokens, shutdown_timeout_s=shutdown_timeout,
                         header_timeout_s=header_timeout, max_memory=sizes["--max-memory"]))

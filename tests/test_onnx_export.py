@@ -292,5 +292,9 @@ def test_quantize_export_makes_a_verified_int8_copy(tiny, tmp_path):
     assert m["quantize"] == "int8" and m["verification"]["int8"]["finite"]
     assert m["verification"]["fp32"] == json.loads((tiny[2] / MANIFEST_NAME).read_text())["verification"]["fp32"]
     assert (out / "model.onnx").stat().st_size < (tiny[2] / "model.onnx").stat().st_size
+    # the float export's card, for the copy: its own path in the commands
+    card, float_card = (out / "README.md").read_text(), (tiny[2] / "README.md").read_text()
+    assert card == float_card.replace(str(tiny[2]), str(out)).replace(f"# {tiny[2].name}\n", f"# {out.name}\n")
+    assert f"flap-deploy serve {out} --backend onnx" in card
     with pytest.raises(FlapDeployError, match="unquantized float32"):
         quantize_export(out, tmp_path / "again")

@@ -9,6 +9,7 @@ import torch
 from click.testing import CliRunner
 from cli_util import one_line_error
 from factories import tiny_dense
+from huggingface_hub import ModelCard
 from serving_util import tiny_tokenizer
 
 from flap_deploy.io.checkpoint import save_checkpoint
@@ -98,6 +99,12 @@ def test_compare_onnx_end_to_end(pair, tmp_path, servers, starts):
     for ratio in report["ratios"]:
         assert ratio["output_throughput_ratio"] > 0 and ratio["ideal_ratio"] == report["weights"]["ideal_ratio"]
     assert "ideal ratio" in (out / "report.md").read_text()
+    # the measured speed-up goes into PRUNED's model card (written first: the pair predates cards), once per workload
+    assert json.loads(r.stdout)["card"] == str(pruned_dir / "README.md")
+    card = ModelCard.load(pruned_dir / "README.md").text
+    rows = [line for line in card.splitlines() if line.startswith("| onnx |")]
+    assert [row.split("|")[2:4] for row in rows] == [
+        [f" {x['max_concurrency']} ", f" ×{x['output_throughput_ratio']:.3f} "] for x in report["ratios"]]
 
 
 def test_servers_run_together_only_where_both_fit(monkeypatch):

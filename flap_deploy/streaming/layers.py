@@ -63,12 +63,13 @@ class LayerStream:
     """A transformers causal LM whose decoder layers enter and leave memory one at a time."""
 
     def __init__(self, model: nn.Module, *, reader: ShardedReader | None, device: torch.device,
-                 dtype: torch.dtype, name: str):
+                 dtype: torch.dtype, name: str, revision: str | None = None):
         self.model = model
         self.reader = reader
         self.device = device
         self.dtype = dtype
         self.name = name
+        self.revision = revision  # the commit of a Hugging Face Hub source (ModelRef.revision)
         self.adapter: Adapter = runnable_adapter(model.config)
         self.geometry: Geometry = self.adapter.geometry(model.config)
         self.layers: nn.ModuleList = self.adapter.layers(model)
@@ -108,7 +109,7 @@ class LayerStream:
         for name, buf in list(model.named_buffers()):
             _set_tensor(model, name, buf.to(dev), parameter=False)
         _check_tensors(model, reader, ref.path)
-        return cls(model, reader=reader, device=dev, dtype=compute, name=ref.arg)
+        return cls(model, reader=reader, device=dev, dtype=compute, name=ref.arg, revision=ref.revision)
 
     # ------------------------------------------------------------------ residency
 

@@ -255,7 +255,23 @@ def compare(dense: str, pruned: str, *, backend: str | None = None, out_dir: str
     from serving.measure.compare_report import write_compare_report
 
     write_compare_report(report, out_dir, overwrite)
+    report["card"] = _add_to_card(refs["pruned"], report, out_dir, vllm_args)
     return report
+
+
+def _add_to_card(pruned: ModelRef, report: dict[str, Any], out_dir: str | Path, vllm_args: Sequence[str]) -> str | None:
+    """The measured speed-up, added to PRUNED's model card where it has one (or is a pruned checkpoint, whose
+    card is written first); not for random weights (a synthetic pair) nor a Hub snapshot."""
+    from flap_deploy.io.card import add_result, card_problem
+    from serving.vllm.launcher import random_weights
+
+    if random_weights(vllm_args) or card_problem(pruned):
+        return None
+    w = report["workload"]
+    settings = {"backend": report["backend"], "dense": report["dense"], "num_prompts": w["num_prompts"],
+                "input_len": w["input_len"], "output_len": w["output_len"], "concurrency": w["concurrency"]}
+    return str(add_result(pruned, "speedup", {"settings": settings, "ratios": report["ratios"],
+                                              "report": str(Path(out_dir) / "report.json")}))
 
 
 def compare_synthetic(name: str, *, ratio: float = 0.2, tp_size: int = 1, seed: int = 0, backend: str | None = None,

