@@ -15,6 +15,13 @@ MLP-only / both; one-pass (dense inputs) vs sequential refit (pruned inputs, den
 calibration windows --study-nsamples; calibration source WikiText-2 valid / ``self`` / a mix
 (half of each). All FLAP variants of one calibration set share one statistics pass that keeps
 full covariances (``collect_statistics(covariance=True)``), so only the refits differ.
+Levers (--levers, issue 25), at every --lever-ratios, beside the default of the main table (same
+statistics, same reconstruction): the width search (``--search evo``) at every --search-budgets; the
+default healed (``flap_deploy.heal``, KL to the dense model, LoRA) on WikiText-2 valid at every
+--heal-tokens; the searched widths healed the same way. The heal budgets of one model continue one
+training state (a run to N tokens is the start of a longer one), kept in --work. Each lever row
+records its wall time: prune + search, or the heal's training time to its tokens (summed over the
+runs that continued its state); both depend on the machine's load.
 
 Cost (at 20 %): each method's ``flap-deploy prune smollm2-135m`` in a fresh process (streamed from the
 bundled model's safetensors, calibration, reconstruction and the write included; the wall time of the
@@ -51,6 +58,7 @@ from flap_deploy import PruneConfig, __version__, prune  # noqa: E402
 from flap_deploy.pruning.calibration import calibration_windows  # noqa: E402
 from flap_deploy.pruning.compress import compress  # noqa: E402
 from flap_deploy.evaluation.perplexity import Tally, log_probs, token_windows  # noqa: E402
+from flap_deploy.heal import HealConfig, heal  # noqa: E402
 from flap_deploy.io.model_ref import load_model, load_tokenizer  # noqa: E402
 from flap_deploy.pruning.pipeline import collect_statistics, linear_weights  # noqa: E402
 from flap_deploy.pruning.reconstruct import refit_layers  # noqa: E402
@@ -256,7 +264,8 @@ def row(name: str, group: str, result, kw: dict) -> dict:
             "achieved_ratio": p["achieved_ratio"], "params": p["pruned_params"],
             "reconstruct": p["reconstruction"]["mode"], "ridge": p["reconstruction"]["ridge"],
             "attn_granularity": p["attn_granularity"], "calibration": p["calibration"],
-            **{k: v for k, v in kw.items() if k in ("modules", "refit")}}
+            "search": p.get("search"), "heal": p.get("heal"),
+            **{k: v for k, v in kw.items() if k in ("modules", "refit", "seconds")}}
 
 
 # ---------------------------------------------------------------- report
@@ -279,7 +288,8 @@ def write(out: Path, data: dict) -> None:
         "Ratio = share of decoder linear weights removed.",
         "",
     ]
-    for group, title in (("main", "Methods at the same budget"), ("study", "Study (FLAP masks; reconstruction variants)")):
+    for group, title in (("main", "Methods at the same budget"), ("study", "Study (FLAP masks; reconstruction variants)"),
+                         ("levers", "Levers: width search and heal (wall time on the machine named below, loaded)")):
         rows = [r for r in data["models"] if r["group"] in (group, "dense")]
         if len(rows) <= 1:
             continue
@@ -294,7 +304,8 @@ def write(out: Path, data: dict) -> None:
                 m = r.get(d) or {}
                 cells += [fmt(m.get("perplexity"), ".2f"), fmt(m.get("kl"), ".4f"),
                           fmt(100 * m["top1"], ".2f") + " %" if m.get("top1") is not None else "-"]
-            lines.append(f"| {r['name']} | {100 * r['achieved_ratio']:.2f} % | {cal_s} | " + " | ".join(cells) + " |")
+            wall = f" ({r['seconds']:.0f} s)" if r.get("seconds") is not None else ""
+            lines.append(f"| {r['name']}{wall} | {100 * r['achieved_ratio']:.2f} % | {cal_s} | " + " | ".join(cells) + " |")
         lines.append("")
     if data.get("cost"):
         lines += ["## Cost of pruning (20 %, `flap-deploy prune smollm2-135m` in a fresh process per method)", "",
@@ -439,7 +450,10 @@ def run(args) -> None:
         def add(name, group, method_name, make, **extra):
             if name in rows:
                 return
+            started = time.perf_counter()
             result = make()
+            if group == "levers":  # a heal's training time to its tokens, not its base prune's (shared)
+                extra = {**extra, "seconds": result.timings.get("heal_s", time.perf_counter() - started)}
             r = row(name, group, result, extra)
             r["method_name"] = method_name
             data["models"].append(r)
@@ -478,6 +492,8 @@ def run(args) -> None:
                         make = lambda kw=kw, cfg=cfg: prune(dense, replace(cfg, **kw), tokenizer=tok,  # noqa: E731
                                                             statistics=stats())
                     add(f"{name} {ratio:.0%}", "main", name, make)
+            if main_set and args.levers and ratio in args.lever_ratios:
+                levers(args, ratio, add, cache, ls)
             if not args.study or ratio not in args.study_ratios:
                 continue
             tag = f"{ratio:.0%}" + ("" if main_set else f" calib {label}")
@@ -510,6 +526,38 @@ def run(args) -> None:
     plot(args.out, data)
 
 
+def levers(args, ratio: float, add, cache: dict, ls) -> None:
+    """The lever rows at one ratio: ``ls`` is the default's prune on the shared statistics (``ls(**overrides)``
+    makes the prune)."""
+    tag = f"{ratio:.0%}"
+
+    def pruned(key, **kw):  # the checkpoint a lever starts from, pruned once
+        if key not in cache:
+            cache[key] = ls(**kw)()
+        return cache[key]
+
+    def healed(key, tokens, **kw):
+        base = pruned(key, **kw)
+        state = args.work / f"{'-'.join(map(str, key))}.heal-state"
+        out = args.work / f"{'-'.join(map(str, key))}-heal-{tokens}"
+        done = heal(str(base.path), out, HealConfig(teacher="smollm2-135m", data=str(WIKITEXT / "valid.txt"),
+                                                      tokens=tokens, seqlen=args.seqlen, progress=False),
+                    state_dir=state, resume=state.is_dir(), keep_state=True, overwrite=True)
+        model = load_model(done.path, dtype=torch.float32)
+        return replace(base, _model=model, _cleanup=None, provenance={**base.provenance, "heal": [done.record]},
+                       timings={**base.timings, "heal_s": done.seconds})
+
+    searches = [(("search", ratio, b), dict(search="evo", search_budget=str(b)), f"search evo {b}")
+                for b in args.search_budgets]
+    for key, kw, name in searches:
+        add(f"{name} {tag}", "levers", name, lambda key=key, kw=kw: pruned(key, **kw))
+    for key, kw, name in [(("default", ratio), {}, "default"), *searches[:1]]:
+        for tokens in sorted(args.heal_tokens):
+            size = f"{tokens // 1024}k" if tokens % 1024 == 0 else f"{tokens}"
+            label = f"{'' if name == 'default' else name + ' + '}heal {size}"
+            add(f"{label} {tag}", "levers", label, lambda key=key, kw=kw, tokens=tokens: healed(key, tokens, **kw))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     floats = lambda s: [float(x) for x in s.split(",")]  # noqa: E731
@@ -537,6 +585,15 @@ def main() -> None:
                     help=f"Main-table methods, comma-separated among {','.join(METHOD_KEYS)}.")
     ap.add_argument("--sequential-ridges", type=floats, default=[0.01, 1.0],
                     help="Ridge values of the sequential-refit rows (default 0.01,1).")
+    ap.add_argument("--levers", action="store_true", help="Also the lever rows (width search, heal; issue 25).")
+    ap.add_argument("--lever-ratios", type=floats, default=[0.2, 0.3, 0.5],
+                    help="Ratios of the lever rows (default 0.2,0.3,0.5; among --ratios).")
+    ap.add_argument("--search-budgets", type=ints, default=[100],
+                    help="Width-search budgets in evaluations (default 100); the first is also healed.")
+    ap.add_argument("--heal-tokens", type=ints, default=[65_536, 262_144],
+                    help="Heal token budgets (default 65536,262144), one training state continued.")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/flap-quality-levers"),
+                    help="Healed checkpoints and their training states (default /tmp/flap-quality-levers).")
     ap.add_argument("--no-cost", dest="cost", action="store_false",
                     help="Skip the cost rows (each method's prune timed in a fresh process; run them alone).")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2).")
@@ -558,6 +615,7 @@ def main() -> None:
         args.ratios, args.study_ratios, args.nsamples, args.seqlen = [0.2], [0.2], 8, 32
         args.max_tokens, args.eval_seqlen, args.study_nsamples = 1024, 256, [4, 8]
         args.ridges, args.sequential_ridges = [0.1, 1.0], [1.0]
+        args.lever_ratios, args.search_budgets, args.heal_tokens = [0.2], [6], [256, 512]
     if args.replot:
         data = json.loads((args.out / "quality.json").read_text())
         write(args.out, data)

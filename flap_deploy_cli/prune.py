@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from flap_deploy.pruning.config import DTYPES, GRANULARITIES, METRICS, STRUCTURES
-from flap_deploy.pruning.methods import METHODS, RECONSTRUCTIONS
+from flap_deploy.pruning.methods import METHODS, RECONSTRUCTIONS, SEARCHES
 
 from .common import (
     CliError,
@@ -46,6 +46,16 @@ PRUNE_OPTIONS = (
     click.option("--ridge", default=0.03, show_default=True, type=float,
                  help="Shrinkage of the ls refit toward the paper's bias solution, in units of the kept channels' "
                       "mean variance (0: plain least squares; larger: closer to --reconstruct bias)."),
+    click.option("--search", default="none", show_default=True, type=click.Choice(list(SEARCHES)),
+                 help="How the per-layer widths are chosen: " + "; ".join(f"{s.name}, {s.help}" for s in SEARCHES.values())
+                      + " (same menus, alignment and ratio; with ls, the covariances must fit in --max-memory)."),
+    click.option("--search-budget", default="100", show_default=True,
+                 help="What the search may spend: candidate evaluations (e.g. 200; one on the larger window set "
+                      "counts as its share) or wall time (90s, 10m, 1h). The same seed and evaluations give the same "
+                      "widths."),
+    click.option("--search-windows", default=8, show_default=True, type=int,
+                 help="Calibration windows most candidates are measured on; the start and the best of each "
+                      "generation are measured on four times as many (at most --nsamples)."),
     click.option("--calib", default="self", show_default=True,
                  help="Calibration data: 'self' (model-generated, no data needed), 'hf:wikitext2' (needs `datasets` "
                       "and a network), or a text file / directory (WikiText is detokenized)."),
@@ -115,5 +125,10 @@ def prune(ctx: click.Context, model: str, out: Path, revision: str | None, overw
     click.echo(f"pruned {p['source_model']} with {p['method']} ({p['structure']}): removed "
                f"{100 * p['achieved_ratio']:.2f} % of decoder linear weights (target {100 * p['target_ratio']:.1f} %), "
                f"{p['dense_params']:,} -> {p['pruned_params']:,} parameters in {result.timings['total_s']:.1f} s")
+    if p.get("search"):
+        s = p["search"]
+        click.echo(f"searched widths ({s['name']}): KL to the dense model {s['start_kl']:.4f} -> {s['kl']:.4f} on "
+                   f"{s['windows'][1]} calibration windows ({s['evaluations']:g} evaluations, {s['generations']} "
+                   f"generations, {result.timings['search_s']:.1f} s)")
     click.echo(f"wrote {path} (per-layer report: {path / 'flap_report.txt'}, plot: {path / 'flap_widths.png'}); "
                f"peak memory {result.memory['peak_rss_bytes'] / 2**30:.2f} GiB")

@@ -49,8 +49,8 @@ def test_usage_errors_import_no_torch():
 
 
 def test_commands_are_listed_in_flow_order():
-    assert list(main.commands) == ["prune", "info", "eval", "export", "quantize", "generate", "serve", "bench",
-                                  "compare"]
+    assert list(main.commands) == ["prune", "heal", "info", "eval", "export", "quantize", "generate", "serve",
+                                  "bench", "compare"]
 
 
 def _option(command, name):
@@ -67,6 +67,17 @@ def test_prune_options_are_the_prune_config_fields_with_its_defaults_and_choices
     assert options == fields
     for name, vocabulary in CHOICES.items():
         assert tuple(_option(command, name).type.choices) == tuple(v for v in vocabulary if v is not None), name
+
+
+def test_heal_options_are_the_heal_config_fields_with_its_defaults():
+    from flap_deploy.heal.config import DTYPES, HealConfig
+
+    command = main.commands["heal"]
+    fields = {f.name: f.default for f in dataclasses.fields(HealConfig) if f.name != "progress"}
+    options = {p.name: p.default for p in command.params
+               if p.name not in ("pruned", "out", "overwrite", "as_json", "state_dir", "resume", "keep_state")}
+    assert options == fields
+    assert tuple(_option(command, "dtype").type.choices) == DTYPES
 
 
 def test_a_bad_prune_value_is_refused_without_torch():

@@ -14,7 +14,7 @@ LAYERS = [
     ["flap_deploy.io"],
     ["flap_deploy.streaming"],
     ["flap_deploy.pruning"],
-    ["flap_deploy.evaluation", "flap_deploy.generation"],
+    ["flap_deploy.heal", "flap_deploy.evaluation", "flap_deploy.generation"],
     ["flap_deploy"],  # the package's own __init__: public names, loaded lazily by name
     ["exporters"],  # its package root
     ["exporters.onnx", "exporters.vllm"],

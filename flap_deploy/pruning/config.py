@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from flap_deploy.errors import ParameterError
 from flap_deploy.streaming.memory import parse_size
 
-from .methods import METHODS, RECONSTRUCTIONS, Method
+from .methods import METHODS, RECONSTRUCTIONS, SEARCHES, Method
 
 METRICS = ("WIFV", "IFV", "WIFN")  # importance.channel_metric
 STRUCTURES = ("AL-AM", "AL-MM", "UL-MM", "UL-UM")  # allocation.allocate
@@ -16,7 +16,23 @@ MANUAL_MODULE_STRUCTURES = ("AL-MM", "UL-MM")  # attention and MLP get fixed sha
 GRANULARITIES = ("group", "head")
 DTYPES = ("float32", "bfloat16", "float16")
 CHOICES = {"method": tuple(METHODS), "metric": METRICS, "structure": STRUCTURES, "attn_granularity": GRANULARITIES,
-           "reconstruct": tuple(RECONSTRUCTIONS), "dtype": (None, *DTYPES)}
+           "reconstruct": tuple(RECONSTRUCTIONS), "search": tuple(SEARCHES), "dtype": (None, *DTYPES)}
+SECONDS = {"s": 1, "m": 60, "h": 3600}
+
+
+def parse_budget(value: int | str, param: str = "search_budget") -> tuple[int | None, float | None]:
+    """A search budget: a number of candidate evaluations (``200``) or a wall time (``90s``, ``10m``,
+    ``1h``); returns (evaluations, seconds), one of them None."""
+    text = str(value).strip().lower()
+    unit = text[-1:] if text[-1:] in SECONDS else ""
+    try:
+        amount = float(text[:-1]) if unit else int(text)
+    except ValueError:
+        raise ParameterError(param, f"{value!r} is neither a number of evaluations (e.g. 200) nor a time "
+                                    "(e.g. 90s, 10m, 1h)") from None
+    if amount < 0:
+        raise ParameterError(param, f"must not be negative, got {value!r}")
+    return (None, amount * SECONDS[unit]) if unit else (amount, None)
 
 
 @dataclass
@@ -37,7 +53,12 @@ class PruneConfig:
         are written: ``plan_covariances``; see ``reconstruct``).
     ridge: ``ls`` shrinkage toward the ``bias`` solution, in units of the mean variance of the kept
         channels (``inf`` gives ``bias``, 0 the plain refit).
-    calib: ``self`` | ``hf:wikitext2`` | a text file or directory. nsamples x seqlen tokens, seed.
+    search: ``none`` keeps FLAP's allocation; ``evo`` searches per-layer widths from it (``search``).
+    search_budget: candidate evaluations (``200``) or wall time (``10m``) the search may spend.
+    search_windows: calibration windows most candidates are measured on; the best of each generation
+        and the start are measured on four times as many (at most ``nsamples``).
+    calib: ``self`` | ``hf:wikitext2`` | a text file or directory. nsamples x seqlen tokens, seed
+        (the search's seed too).
     mlp_multiple / tp_size: alignment of every layer's widths (see ``allocation.Alignment``).
     batch_size: calibration windows per layer forward.
     device: ``auto`` (the first CUDA device, else the CPU), ``cpu``, ``cuda``, ``cuda:N``.
@@ -55,6 +76,9 @@ class PruneConfig:
     attn_granularity: str = "group"
     reconstruct: str = "ls"
     ridge: float = 0.03
+    search: str = "none"
+    search_budget: str = "100"
+    search_windows: int = 8
     calib: str = "self"
     nsamples: int = 1024
     seqlen: int = 128
@@ -79,13 +103,20 @@ class PruneConfig:
                 raise ParameterError(name, f"{getattr(self, name)!r} is not one of {', '.join(choices)}")
         if not (isinstance(self.ridge, (int, float)) and self.ridge >= 0):
             raise ParameterError("ridge", f"must be a number >= 0, got {self.ridge}")
-        for name in ("nsamples", "seqlen", "mlp_multiple", "tp_size", "batch_size"):
+        for name in ("nsamples", "seqlen", "mlp_multiple", "tp_size", "batch_size", "search_windows"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ParameterError(name, f"must be a positive integer, got {value}")
         if self.seqlen < 2:
             raise ParameterError("seqlen", f"must be at least 2, got {self.seqlen}")
         parse_size(self.max_memory, "max_memory")
+        parse_budget(self.search_budget)
+        if self.search != "none" and not self.pruning_method.searchable:
+            raise ParameterError("search", f"starts from FLAP's allocation and statistics; method {self.method} has "
+                                           "neither (use `method` flap)")
+        if self.search != "none" and self.search_windows > self.nsamples:
+            raise ParameterError("search_windows", f"{self.search_windows} is more than the {self.nsamples} "
+                                                   "calibration windows (`nsamples`)")
 
     @property
     def pruning_method(self) -> Method:

@@ -1,10 +1,12 @@
-"""The pruning methods and the reconstruction modes: one entry each, and no torch (the CLI lists them).
+"""The pruning methods, the reconstruction modes and the width searches: one entry each, and no torch (the CLI
+lists them).
 
 A method names its scorer (a function of ``scores``, called as ``scorer(stream, config, calibration,
 statistics, align, plan) -> Scores``), whether it runs calibration windows, how its widths are allocated
 and recorded, and whether the configured reconstruction applies to it. A reconstruction mode names its
-function of ``reconstruct`` (``(stream, config, scores, calibration, masks) -> Compensation``). A new
-method or mode is one entry here and its function there.
+function of ``reconstruct`` (``(stream, config, scores, calibration, masks) -> Compensation``). A width
+search names its function of ``search`` (``(stream, config, scores, allocation, align) -> SearchResult``), or
+none for FLAP's allocation as it is. A new method, mode or search is one entry here and its function there.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ class Method:
     compensates: bool  # the configured reconstruction applies; otherwise the kept columns as they are
     metric: str | None = None  # what a method that is not adaptive records as its metric
     reuses_statistics: bool = False  # an earlier run's ``Statistics`` stand in for calibration
+    searchable: bool = False  # a width search can start from its allocation (needs its statistics)
 
     def structure(self, config: Any) -> str:
         return config.structure if self.adaptive else "UL-UM"
@@ -51,7 +54,7 @@ class Reconstruction:
 
 METHODS = {m.name: m for m in (
     Method("flap", "FLAP: fluctuation scores standardized across layers, adaptive widths, compensation",
-           "score_flap", calibrates=True, adaptive=True, compensates=True, reuses_statistics=True),
+           "score_flap", calibrates=True, adaptive=True, compensates=True, reuses_statistics=True, searchable=True),
     Method("wanda-sp", "Wanda-sp baseline: |W| x input norm, uniform per layer, pruned outputs propagated",
            "score_wanda_sp", calibrates=True, adaptive=False, compensates=False, metric="wanda"),
     Method("mag-sp", "magnitude-sp baseline: weights only, uniform per layer, no calibration",
@@ -62,4 +65,21 @@ RECONSTRUCTIONS = {r.name: r for r in (
     Reconstruction("none", "the kept columns as they are", "no_compensation"),
     Reconstruction("bias", "the paper's calibration-mean biases", "mean_compensation"),
     Reconstruction("ls", "least-squares refit of the kept columns on the dense calibration inputs", "ls_refit"),
+)}
+
+
+@dataclass(frozen=True)
+class Search:
+    name: str
+    help: str
+    runner: str | None  # None: the allocation as it is
+
+    def run(self, *args: Any) -> Any:
+        return getattr(import_module(".search", __package__), self.runner)(*args)
+
+
+SEARCHES = {s.name: s for s in (
+    Search("none", "FLAP's allocation as it is (one global threshold on the scores)", None),
+    Search("evo", "evolutionary search of per-layer widths from FLAP's allocation, against the whole model's "
+                  "KL to the dense one on calibration windows", "evolve"),
 )}

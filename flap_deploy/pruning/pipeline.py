@@ -27,7 +27,7 @@ from flap_deploy.pruning.allocation import Alignment, allocate
 from flap_deploy.pruning.calibration import calibration_windows
 from flap_deploy.pruning.compress import LayerMeans, compress_stream
 from flap_deploy.pruning.config import PruneConfig
-from flap_deploy.pruning.methods import RECONSTRUCTIONS
+from flap_deploy.pruning.methods import RECONSTRUCTIONS, SEARCHES
 from flap_deploy.pruning.reconstruct import LayerRefit
 from flap_deploy.pruning.scores import Calibration, Scores
 from flap_deploy.pruning.statistics import (
@@ -58,6 +58,7 @@ class PrunedModel:
     means: list[LayerMeans] | None = None
     refits: list[LayerRefit] | None = None  # kept for an in-memory source only (they are weights)
     statistics: Statistics | None = None
+    search: Any = None  # the width search's ``SearchResult`` (every candidate it measured), when one ran
     timings: dict[str, float] = field(default_factory=dict)
     memory: dict[str, Any] = field(default_factory=dict)
     _model: torch.nn.Module | None = field(default=None, repr=False)
@@ -167,7 +168,7 @@ def _calibration(stream: LayerStream, config: PruneConfig, tokenizer: Any, plan:
 
 
 def _provenance(config: PruneConfig, align: Alignment, scores: Scores, stream: LayerStream,
-                pruned_config: Any, reconstruction: dict[str, Any]) -> dict[str, Any]:
+                pruned_config: Any, reconstruction: dict[str, Any], search: dict[str, Any] | None) -> dict[str, Any]:
     """The run's record; the achieved ratio from the weights the pruned checkpoint holds (the contract's shapes)."""
     from flap_deploy.model.config import as_flap_config
     from flap_deploy.model.params import count_params
@@ -182,6 +183,7 @@ def _provenance(config: PruneConfig, align: Alignment, scores: Scores, stream: L
         "achieved_ratio": 1 - pruned.decoder_linear / dense.decoder_linear,
         "bias_compensation": scores.means is not None and config.effective_reconstruct == "bias",
         "reconstruction": reconstruction,
+        "search": search,
         "calibration": scores.calibration,
         "source_model": stream.name,
         "source_revision": stream.revision,
@@ -259,6 +261,12 @@ def prune(model: str | os.PathLike | torch.nn.Module, config: PruneConfig | None
     if calibrates:
         plan = plan_covariances(stream, config, plan)
     _say(config, f"plan: {plan.describe()}")
+    search = SEARCHES[config.search]
+    if search.runner is not None:
+        from flap_deploy.pruning.search import plan_search
+
+        search_plan = plan_search(stream, config, plan, statistics)
+        _say(config, search_plan.describe())
 
     t0 = time.perf_counter()
     calib = _calibration(stream, config, tokenizer, plan) if calibrates else None
@@ -267,6 +275,12 @@ def prune(model: str | os.PathLike | torch.nn.Module, config: PruneConfig | None
     allocation = allocate(scores.attn, scores.mlp, stream.geometry, ratio=config.ratio,
                           structure=method.structure(config),
                           attn_ratio=config.effective_attn_ratio, granularity=config.attn_granularity, align=align)
+    found = None
+    if search.runner is not None:
+        t_search = time.perf_counter()
+        found = search.run(stream, config, scores, calib, allocation, align, search_plan)
+        allocation = found.allocation
+        timings["search_s"] = time.perf_counter() - t_search
     means, refit, reconstruction = RECONSTRUCTIONS[config.effective_reconstruct].build(
         stream, config, scores, calib, allocation.masks)
     refits: list[LayerRefit] = []
@@ -281,7 +295,8 @@ def prune(model: str | os.PathLike | torch.nn.Module, config: PruneConfig | None
     target = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="flap-pruned-"))
     writing = atomic_directory(out, overwrite) if out is not None else _plain_directory(target)
     pruned_config = _write(stream, config, allocation.masks, means, refit,
-                           lambda cfg: _provenance(config, align, scores, stream, cfg, reconstruction),
+                           lambda cfg: _provenance(config, align, scores, stream, cfg, reconstruction,
+                                                   found.record if found is not None else None),
                            target, writing, tokenizer, source)
     timings.update(write_s=time.perf_counter() - t1, total_s=time.perf_counter() - t0)
     memory = {"plan": plan.to_dict(), "peak_rss_bytes": peak_rss_bytes()}
@@ -289,7 +304,7 @@ def prune(model: str | os.PathLike | torch.nn.Module, config: PruneConfig | None
         memory["peak_device_bytes"] = torch.cuda.max_memory_allocated(stream.device)
     result = PrunedModel(path=target, masks=allocation.masks, provenance=pruned_config.flap, means=means,
                          refits=refits or None, statistics=scores.statistics if method.reuses_statistics else statistics,
-                         timings=timings, memory=memory)
+                         search=found, timings=timings, memory=memory)
     if out is None:
         result._cleanup = weakref.finalize(result, shutil.rmtree, target, True)
     return result

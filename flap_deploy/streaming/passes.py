@@ -69,13 +69,15 @@ class LayerPass:
             stream.release_head()
 
     @torch.no_grad()
-    def run(self, layer: torch.nn.Module, *, write: bool = True) -> None:
-        """``layer`` over every chunk; ``write`` puts its outputs back into the buffer."""
+    def run(self, layer: torch.nn.Module, *, write: bool = True, buffer: torch.Tensor | None = None) -> None:
+        """``layer`` over every chunk; ``write`` puts its outputs back into the buffer (or into ``buffer``, hidden
+        states of the same windows held elsewhere, e.g. one per candidate of a width search)."""
         dev = self.stream.device
+        buffer = self.buffer if buffer is None else buffer
         for sl in self.slices:
-            out = layer(self.buffer[sl].to(dev, non_blocking=True), **self.kwargs_by_size[sl.stop - sl.start])
+            out = layer(buffer[sl].to(dev, non_blocking=True), **self.kwargs_by_size[sl.stop - sl.start])
             if write:
-                self.buffer[sl] = (out[0] if isinstance(out, tuple) else out).to(self.buffer.device)
+                buffer[sl] = (out[0] if isinstance(out, tuple) else out).to(buffer.device)
 
 
 def as_stream(model: LayerStream | torch.nn.Module) -> LayerStream:
