@@ -7,10 +7,10 @@ import shutil
 
 import pytest
 import torch
+from cli_util import one_line_error, run_cli
 from factories import VOCAB, tiny_dense
 from onnx_helpers import hf_greedy, tiny_tokenizer
 from safetensors.torch import load_file
-from test_cli_errors import assert_one_line_error, run_cli
 
 from flap_deploy import PruneConfig, prune
 from flap_deploy.evaluation.perplexity import evaluate_windows
@@ -76,6 +76,7 @@ def test_healed_checkpoint_keeps_the_widths_and_biases_and_records_the_heal(mode
     assert record["teacher_path"] == str(models / "dense")
     assert record["data"]["source"] == "self" and record["tokens"] == 96 * 60 and record["steps"] == 60
     assert record["final_loss"] == pytest.approx(sum(healed.losses[-20:]) / 20)
+    assert (healed.path / "README.md").read_text().startswith("---\n")  # its model card, like every pruned checkpoint
 
 
 def test_healed_checkpoint_generates_the_same_greedy_tokens_in_transformers_and_onnx_runtime(healed, tmp_path):
@@ -150,6 +151,6 @@ def test_bad_input_is_a_one_line_error_before_training_and_writes_nothing(models
     out = tmp_path / "out"
     res = run_cli("heal", models / "pruned", out, "--teacher", teacher, "--data", data, "--tokens", tokens,
                   "--seqlen", "24", "--batch-size", "4")
-    assert_one_line_error(res, *needles)
+    one_line_error(res, *needles)
     assert "heal plan" not in res.stderr  # refused before the models were loaded
     assert not out.exists() and not (tmp_path / "out.heal-state").exists()

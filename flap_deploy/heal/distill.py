@@ -182,6 +182,7 @@ def heal(student: str | os.PathLike, out: str | os.PathLike, config: HealConfig,
     """Distill ``student`` (a pruned checkpoint) from ``config.teacher`` and write the healed checkpoint to
     ``out``. ``resume`` continues the newest training state in ``state_dir`` (default ``OUT.heal-state``),
     which is removed at the end unless ``keep_state`` (a kept state resumes to a larger ``tokens``)."""
+    from flap_deploy.io.card import write_card
     from flap_deploy.io.checkpoint import save_checkpoint
     from flap_deploy.streaming.layers import LayerStream, resolve_device, resolve_dtype
 
@@ -241,6 +242,7 @@ def heal(student: str | os.PathLike, out: str | os.PathLike, config: HealConfig,
     merged.config.flap = flap
     merged.config.dtype = stored
     path = save_checkpoint(merged, inputs.out, tokenizer_from=inputs.student.path, overwrite=overwrite)
+    write_card(path, merged.config.to_dict(), source=inputs.student.path)  # every pruned checkpoint has its card
     if not keep_state:
         shutil.rmtree(inputs.state_dir, ignore_errors=True)
     tokens = steps * config.batch_tokens
