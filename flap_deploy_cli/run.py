@@ -90,16 +90,16 @@ def generate(model: str, prompt: tuple[str, ...], max_tokens: int, temperature: 
 @click.option("--max-memory", default=None, metavar="SIZE",
               help="onnx: refuse to start when the stated memory budget (weights + full KV cache + one prefill "
                    "chunk) exceeds SIZE (e.g. 8G).")
-@click.option("--shutdown-timeout", default=30.0, show_default=True, type=click.FloatRange(min=0),
+@click.option("--shutdown-timeout", "shutdown_timeout_s", default=30.0, show_default=True, type=click.FloatRange(min=0),
               help="onnx: seconds a SIGTERM waits for running requests; the rest end with an error event.")
-@click.option("--header-timeout", default=10.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+@click.option("--header-timeout", "header_timeout_s", default=10.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
               help="onnx: seconds a new connection may take to send its request headers.")
 @click.option("--threads", default=None, type=int, help="onnx: ONNX Runtime intra-op threads (default: ORT's).")
 @click.argument("backend_args", nargs=-1, type=click.UNPROCESSED)
 def serve(model: str, backend: str | None, host: str, port: int, api_key: str | None, served_model_name: str | None,
           max_num_seqs: int | None, max_model_len: int | None, tp_size: int, pp_size: int, ready_timeout: float,
           max_queue: int, max_request_bytes: str, max_prefill_tokens: int, max_memory: str | None,
-          shutdown_timeout: float, header_timeout: float, threads: int | None, backend_args: tuple[str, ...]) -> None:
+          shutdown_timeout_s: float, header_timeout_s: float, threads: int | None, backend_args: tuple[str, ...]) -> None:
     """Serve MODEL on an OpenAI-compatible endpoint (/v1/completions, /v1/chat/completions, /v1/models,
     /health, /metrics) until Ctrl-C / SIGTERM.
 
@@ -130,17 +130,12 @@ def serve(model: str, backend: str | None, host: str, port: int, api_key: str | 
         raise CliError(f"{'--tp-size' if tp_size != 1 else '--pp-size'} needs --backend vllm")
     if backend_args:
         raise CliError(f"arguments after -- are for vLLM; the onnx backend takes none ({' '.join(backend_args)})")
-    from flap_deploy.streaming.memory import parse_size
-    from serving.onnx.server import serve_onnx
-    from serving.vllm.launcher import check_port_free
+    from serving.onnx.app import serve_onnx
+    from serving.onnx.settings import OnnxServerSettings
 
-    sizes = {flag: parse_size(value, param) for flag, param, value in (
-        ("--max-request-bytes", "max_request_bytes", max_request_bytes), ("--max-memory", "max_memory", max_memory))}
-    if threads is not None and threads < 1:
-        raise click.BadParameter(f"must be at least 1, got {threads}", param_hint="'--threads'")
-    check_port_free(host, port)  # before the model loads
-    sys.exit(serve_onnx(model, host=host, port=port, api_key=api_key, max_num_seqs=max_num_seqs or 8,
-                        max_model_len=max_model_len, max_queue=max_queue, served_model_name=served_model_name,
-                        threads=threads, max_request_bytes=sizes["--max-request-bytes"],
-                        max_prefill_tokens=max_prefill_tokens, shutdown_timeout_s=shutdown_timeout,
-                        header_timeout_s=header_timeout, max_memory=sizes["--max-memory"]))
+    settings = OnnxServerSettings(
+        model=model, host=host, port=port, api_key=api_key, served_model_name=served_model_name,
+        max_num_seqs=max_num_seqs or 8, max_model_len=max_model_len, max_queue=max_queue,
+        max_request_bytes=max_request_bytes, max_prefill_tokens=max_prefill_tokens, max_memory=max_memory,
+        shutdown_timeout_s=shutdown_timeout_s, header_timeout_s=header_timeout_s, threads=threads)
+    sys.exit(serve_onnx(settings))

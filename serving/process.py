@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -18,6 +19,15 @@ import urllib.request
 from typing import IO, Any
 
 from flap_deploy.errors import FlapDeployError
+
+
+def check_port_free(host: str, port: int) -> None:
+    """FlapDeployError if ``host:port`` cannot be bound (another server holds it): checked before a model loads."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise FlapDeployError(f"port {port} on {host} is not available ({e.strerror or e})") from None
 
 
 def _tree(pid: int) -> set[int]:

@@ -19,7 +19,7 @@ LAYERS = [
     ["exporters"],  # its package root
     ["exporters.onnx", "exporters.vllm"],
     ["serving"],  # its package root
-    ["serving.process", "serving.child_guard"],
+    ["serving.process", "serving.child_guard", "serving.settings"],
     ["serving.onnx", "serving.vllm"],
     ["serving.backends"],
     ["serving.measure"],

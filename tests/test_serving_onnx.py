@@ -10,7 +10,9 @@ import pytest
 from factories import tiny_heterogeneous
 from serving_util import concurrent_streams, running, tiny_tokenizer
 
-from serving.onnx.server import create_app, load_onnx_server
+from serving.onnx.app import create_app
+from serving.onnx.server import load_onnx_server
+from serving.onnx.settings import OnnxServerSettings
 
 pytestmark = pytest.mark.slow  # exports a model (~30 s) and runs ONNX Runtime
 
@@ -29,7 +31,8 @@ def onnx_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def served(onnx_dir):
-    server = load_onnx_server(onnx_dir, served_model_name="tiny-onnx", max_num_seqs=8, max_model_len=128, threads=1)
+    server = load_onnx_server(OnnxServerSettings(model=onnx_dir, served_model_name="tiny-onnx", max_num_seqs=8,
+                                                 max_model_len=128, threads=1))
     with running(create_app(server)) as url:
         yield server, url
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import sys
 import threading
 from collections.abc import Sequence
@@ -29,7 +28,7 @@ from typing import IO, Any
 
 from flap_deploy.errors import FlapDeployError, ParameterError
 from flap_deploy.io.model_ref import ModelRef
-from serving.process import ManagedServer
+from serving.process import ManagedServer, check_port_free
 
 SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 GUARD_MODULE = "serving.child_guard"
@@ -54,17 +53,6 @@ class VllmServerConfig:
     def base_url(self) -> str:
         host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
         return f"http://{host}:{self.port}"
-
-
-def check_port_free(host: str, port: int) -> None:
-    """FlapDeployError if ``host:port`` cannot be bound (another server holds it)."""
-    if not 0 < port < 65536:
-        raise ParameterError("port", f"must be between 1 and 65535, got {port}")
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        try:
-            s.bind((host, port))
-        except OSError as e:
-            raise FlapDeployError(f"port {port} on {host} is not available ({e.strerror or e})") from None
 
 
 def vllm_arg(vllm_args: Sequence[str], flag: str) -> str | None:
