@@ -82,11 +82,11 @@ def run_demo(out: str | os.PathLike = "demo-out", *, quick: bool = False, backen
     t = _step("export vLLM directory")
     vllm_dir = Path(export_vllm(pruned_dir, out / "vllm-pruned", dtype="float32", overwrite=True)["output"])
     times["export_vllm_s"] = time.perf_counter() - t
+    exports = {"onnx": onnx_dir, "vllm": vllm_dir}  # what each backend serves
 
     backend = backend or default_backend()
     t = _step(f"compare dense vs pruned on {backend}")
-    pruned_served = vllm_dir if backend == "vllm" else onnx_dir
-    report = compare(str(dense_dir), str(pruned_served), backend=backend, out_dir=out / "compare",
+    report = compare(str(dense_dir), str(exports[backend]), backend=backend, out_dir=out / "compare",
                      concurrency=(1, 4, 16), num_prompts=16, input_len=128,
                      output_len=32 if quick else 64, repeats=1 if quick else 2, warmup=1 if quick else 2,
                      max_num_seqs=16, max_model_len=512, overwrite=True)
@@ -136,7 +136,7 @@ def _task_step(dense_dir: Path, pruned_dir: Path, out: Path, limit: int) -> dict
 @click.option("--out", default="demo-out", show_default=True, type=click.Path(path_type=Path),
               help="Working directory of the demo (replaced).")
 @click.option("--quick/--full", default=None, help="Smaller workload [default: quick when CI=true].")
-@click.option("--backend", type=click.Choice(BACKENDS), default=None,
+@click.option("--backend", type=click.Choice(tuple(BACKENDS)), default=None,
               help="Serving backend for compare [default: vllm when installed, else onnx].")
 def main(out: Path, quick: bool | None, backend: str | None) -> None:
     """The end-to-end demo on the bundled model (what `make demo` runs)."""

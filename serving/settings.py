@@ -13,7 +13,7 @@ import dataclasses
 import json
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -33,6 +33,22 @@ def at_least(param: str, value: float | None, low: float, *, open_: bool = False
         raise ParameterError(param, f"must be a number, got {value!r}")
     if value <= low if open_ else value < low:
         raise ParameterError(param, f"must be {'greater than' if open_ else 'at least'} {low:g}, got {value}")
+
+
+def arg_value(args: Sequence[str], flag: str) -> str | None:
+    """The value of ``flag`` among pass-through arguments (``--flag=value`` or ``--flag value``; the last wins)."""
+    value = None
+    for i, a in enumerate(args):
+        if a.startswith(flag + "="):
+            value = a.split("=", 1)[1]
+        elif a == flag and i + 1 < len(args):
+            value = args[i + 1]
+    return value
+
+
+def local_url(host: str, port: int) -> str:
+    """Where a client on this machine reaches a server bound to ``host:port`` (a wildcard bind on loopback)."""
+    return f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}"
 
 
 @dataclass(frozen=True)
@@ -60,9 +76,7 @@ class ServerSettings:
 
     @property
     def base_url(self) -> str:
-        """Where a client on this machine reaches the server (a wildcard bind is reached on loopback)."""
-        host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
-        return f"http://{host}:{self.port}"
+        return local_url(self.host, self.port)
 
     def replace(self: S, **changes: Any) -> S:
         return dataclasses.replace(self, **changes)

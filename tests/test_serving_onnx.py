@@ -171,3 +171,27 @@ def test_serve_cli_user_errors(tmp_path):
     assert r.exit_code == 2 and "not found" in r.output
     r = CliRunner().invoke(main, ["serve", str(tmp_path), "--backend", "onnx", "--max-num-seqs", "0"])
     assert r.exit_code == 2 and "--max-num-seqs" in r.output
+
+
+def test_the_onnx_entry_point_started_through_the_backend_table(onnx_dir, tmp_path):
+    """`python -m serving.onnx SETTINGS` as compare and soak start it: the key only in its environment,
+    the settings as given, and no process left after the stop."""
+    import httpx
+    from serving_util import free_port
+
+    from serving.backends import BACKENDS
+
+    onnx = BACKENDS["onnx"]
+    settings = onnx.settings_for(onnx_dir, port=free_port(), api_key="k1", served_model_name="tiny", max_num_seqs=2,
+                                 max_model_len=64, threads=1)
+    with open(tmp_path / "server.log", "w") as log, onnx.process(settings, log=log) as server:
+        server.wait_ready(120)
+        assert server.command[1:3] == ["-m", "serving.onnx"] and not any("k1" in a for a in server.command)
+        client = openai.OpenAI(base_url=settings.base_url + "/v1", api_key="k1", max_retries=0)
+        card = client.models.list().data[0]
+        assert (card.id, card.max_model_len) == ("tiny", 64)
+        r = client.completions.create(model="tiny", prompt=[5, 6, 7], max_tokens=3, temperature=0,
+                                      extra_body={"ignore_eos": True})
+        assert r.usage.completion_tokens == 3
+        assert httpx.get(settings.base_url + "/v1/models", timeout=5).status_code == 401
+    assert server.proc.returncode in (0, -15) and not server.pids()
