@@ -120,8 +120,7 @@ def _task_step(dense_dir: Path, pruned_dir: Path, out: Path, limit: int) -> dict
     where the WikiText-2 text the tasks are built from is not on this machine)."""
     from flap_deploy.evaluation.task_report import format_table
     from flap_deploy.evaluation.tasks import default_task_text
-
-    from .evaluate import task_comparison
+    from serving.measure.tasks import task_comparison
 
     if not default_task_text().is_file():
         click.echo(f"skipped: {default_task_text()} is not here (set FLAP_DEPLOY_TASK_TEXT)", err=True)
