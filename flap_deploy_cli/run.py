@@ -65,7 +65,8 @@ def _setting(flag: str, name: str, help: str, **kw):
     defaults = {b.name: next(f.default for f in dataclasses.fields(b.settings) if f.name == name) for b in takers}
     shown = {k: _shown(v, kw.get("metavar")) for k, v in defaults.items() if v not in (None, ())}
     if len(takers) < len(BACKENDS):
-        help = f"{' / '.join(defaults)}: {help[0].lower()}{help[1:]}"
+        lead = help[0] if help[1:2].isupper() else help[0].lower()  # an acronym keeps its case
+        help = f"{' / '.join(defaults)}: {lead}{help[1:]}"
     if len(set(shown.values())) == 1 and len(shown) == len(takers):
         help += f"  [default: {next(iter(shown.values()))}]"
     elif shown:
