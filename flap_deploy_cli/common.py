@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import re
 import sys
-from collections.abc import Iterator
 from typing import Any
 
 import click
@@ -107,21 +104,3 @@ class CliError(click.ClickException):
 
     def show(self, file=None) -> None:
         click.echo(f"error: {self.format_message()}", err=True)
-
-
-@contextlib.contextmanager
-def stdout_to_stderr(active: bool = True) -> Iterator[None]:
-    """Send everything written to stdout (file descriptor 1: Python, C code, child processes)
-    to stderr while active, so that a ``--json`` command's stdout carries only its JSON."""
-    if not active:
-        yield
-        return
-    sys.stdout.flush()
-    saved = os.dup(1)
-    os.dup2(2, 1)
-    try:
-        yield
-    finally:
-        sys.stdout.flush()
-        os.dup2(saved, 1)
-        os.close(saved)

@@ -128,8 +128,7 @@ def _task_step(dense_dir: Path, pruned_dir: Path, out: Path, limit: int) -> dict
     where the WikiText-2 text the tasks are built from is not on this machine)."""
     from flap_deploy.evaluation.task_report import format_table
     from flap_deploy.evaluation.tasks import default_task_text
-
-    from .evaluate import task_comparison
+    from serving.measure.tasks import task_comparison
 
     if not default_task_text().is_file():
         click.echo(f"skipped: {default_task_text()} is not here (set FLAP_DEPLOY_TASK_TEXT)", err=True)
@@ -146,7 +145,7 @@ def _task_step(dense_dir: Path, pruned_dir: Path, out: Path, limit: int) -> dict
 @click.option("--quick/--full", default=None,
               help="Smaller workload: 32 calibration windows instead of 128, fewer evaluation windows and task "
                    "items, one compare repeat of 32 output tokens [default: quick when CI=true].")
-@click.option("--backend", type=click.Choice(BACKENDS), default=None,
+@click.option("--backend", type=click.Choice(tuple(BACKENDS)), default=None,
               help="Serving backend for compare [default: vllm when installed, else onnx]. onnx starts no vLLM "
                    "engine (vllm starts two, one per model): --quick --backend onnx is the quick path the tests run.")
 def main(out: Path, quick: bool | None, backend: str | None) -> None:

@@ -12,13 +12,7 @@ import click
 
 from flap_deploy.heal.config import DTYPES, FULL_LR, LORA_LR
 
-from .common import (
-    FlapCommand,
-    echo_json,
-    json_option,
-    overwrite_option,
-    stdout_to_stderr,
-)
+from .common import FlapCommand, echo_json, json_option, overwrite_option
 
 HEAL_OPTIONS = (
     click.option("--teacher", default="", metavar="DENSE",
@@ -90,6 +84,7 @@ def heal(pruned: str, out: Path, state_dir: Path | None, resume: bool, keep_stat
     config.validate()  # before torch: a bad value is an error at once
 
     from flap_deploy.heal.distill import heal as run_heal
+    from flap_deploy.io.streams import stdout_to_stderr
 
     with stdout_to_stderr(as_json):
         result = run_heal(pruned, out, config, resume=resume, state_dir=state_dir, keep_state=keep_state,

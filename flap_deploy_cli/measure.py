@@ -91,8 +91,8 @@ def bench(base_url: str, model: str | None, tokenizer: str | None, endpoint: str
 @click.argument("dense", required=False)
 @click.argument("pruned", required=False)
 @revision_option
-@click.option("--backend", type=click.Choice(BACKENDS), default=None,
-              help="Server runtime for both models: vllm when vLLM is installed, else onnx.")
+@click.option("--backend", type=click.Choice(tuple(BACKENDS)), default=None,
+              help="Server runtime for both models (see serve): the first installed of " + ", ".join(BACKENDS) + ".")
 @click.option("--synthetic", default=None, type=click.Choice(SYNTHETIC_SHAPES),
               help="Instead of DENSE and PRUNED: a dense and a FLAP-shaped pruned checkpoint of this architecture's "
                    "shapes with random weights (vllm --load-format dummy).")
@@ -100,8 +100,9 @@ def bench(base_url: str, model: str | None, tokenizer: str | None, endpoint: str
               help="--synthetic: fraction of decoder linear weights the pruned shapes remove.")
 @click.option("--tp-size", default=1, show_default=True, type=click.IntRange(min=1),
               help="--synthetic: align the pruned widths to this tensor-parallel size.")
-@click.option("--vllm-arg", "vllm_args", multiple=True,
-              help="Extra argument for both vLLM servers (repeatable), e.g. --vllm-arg=--enforce-eager.")
+@click.option("--vllm-arg", "extra_args", multiple=True,
+              help="Extra argument for both vLLM servers (repeatable), e.g. --vllm-arg=--enforce-eager; the "
+                   "pass-through arguments of `serve ... -- ARGS`.")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
               help="Directory for report.json, report.md, throughput.png, latency.png.")
 @click.option("--concurrency", default="1,4,8", show_default=True, help="Comma-separated max concurrency levels.")

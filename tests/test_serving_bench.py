@@ -14,7 +14,9 @@ from serving_util import running, tiny_tokenizer
 from flap_deploy_cli import main
 from flap_deploy.errors import FlapDeployError
 from serving.measure.bench import RequestResult, build_requests, calculate_metrics, run_bench
-from serving.onnx.server import OnnxServer, create_app
+from serving.onnx.app import create_app
+from serving.onnx.server import OnnxServer
+from serving.onnx.settings import OnnxServerSettings
 
 
 def test_metric_definitions_follow_vllm():
@@ -55,8 +57,8 @@ def test_build_requests_self_and_file(tmp_path):
 def served(tmp_path_factory):
     tok_dir = tmp_path_factory.mktemp("tok")
     tok = tiny_tokenizer(save_to=tok_dir)
-    server = OnnxServer(TinyNumpyLM(vocab=len(tok)), tok, model_name="tiny", max_model_len=128, max_num_seqs=4,
-                        model_root=str(tok_dir))
+    server = OnnxServer(TinyNumpyLM(vocab=len(tok)), tok, OnnxServerSettings(model="tiny", max_model_len=128,
+                                                                             max_num_seqs=4), model_root=str(tok_dir))
     with running(create_app(server)) as url:
         yield url, tok
 

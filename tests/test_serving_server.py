@@ -15,7 +15,9 @@ import pytest
 from serving_fakes import TinyNumpyLM
 from serving_util import concurrent_streams, running, tiny_tokenizer
 
-from serving.onnx.server import OnnxServer, create_app
+from serving.onnx.app import create_app
+from serving.onnx.server import OnnxServer
+from serving.onnx.settings import OnnxServerSettings
 
 KEY = "sk-test-key"
 
@@ -27,9 +29,9 @@ def tokenizer():
 
 def _server(tokenizer, **kw) -> OnnxServer:
     model = TinyNumpyLM(vocab=len(tokenizer), seed=3)
-    opts = dict(model_name="tiny", max_model_len=64, max_num_seqs=4, max_queue=64)
+    opts = dict(model="tiny", max_model_len=64, max_num_seqs=4, max_queue=64)
     opts.update(kw)
-    return OnnxServer(model, tokenizer, **opts)
+    return OnnxServer(model, tokenizer, OnnxServerSettings(**opts))
 
 
 @pytest.fixture(scope="module")
@@ -223,8 +225,8 @@ def test_queue_full_is_503_and_a_request_that_never_fits_is_400(tokenizer):
             time.sleep(0.05)
             return super().forward(*args)
 
-    server = OnnxServer(Slow(vocab=len(tokenizer)), tokenizer, model_name="tiny", max_model_len=64, max_num_seqs=1,
-                        max_queue=1)
+    server = OnnxServer(Slow(vocab=len(tokenizer)), tokenizer,
+                        OnnxServerSettings(model="tiny", max_model_len=64, max_num_seqs=1, max_queue=1))
     with running(create_app(server)) as url:
         body = {"prompt": "hi", "max_tokens": 3, "n": 3}  # three sequences can never be queued at once
         err = _assert_error(_post(url, "/completions", body), 400, "n")
@@ -253,7 +255,8 @@ def test_disconnect_mid_stream_frees_the_slot(tokenizer):
             time.sleep(0.01)
             return super().forward(*args)
 
-    server = OnnxServer(Slow(vocab=len(tokenizer)), tokenizer, model_name="tiny", max_model_len=256, max_num_seqs=1)
+    server = OnnxServer(Slow(vocab=len(tokenizer)), tokenizer,
+                        OnnxServerSettings(model="tiny", max_model_len=256, max_num_seqs=1))
     with running(create_app(server)) as url:
         body = {"prompt": "hi", "max_tokens": 250, "stream": True, "ignore_eos": True, "temperature": 0}
         with httpx.stream("POST", url + "/completions", json=body, timeout=30) as r:

@@ -98,10 +98,31 @@ def test_text_and_tasks_are_alternatives():
 def test_cli_choices_are_the_library_vocabulary():
     from flap_deploy.evaluation import tasks
     from flap_deploy_cli import main
+    from serving.measure.tasks import TASK_BACKENDS
 
     params = {p.name: p for p in main.commands["eval"].params}
-    assert tuple(params["backend"].type.choices) == tasks.BACKENDS
+    assert tuple(params["backend"].type.choices) == tuple(TASK_BACKENDS)
     assert tuple(params["dtype"].type.choices) == tasks.DTYPES
+
+
+def _eval_mode_options():
+    from flap_deploy_cli import main
+    from flap_deploy_cli.evaluate import ModeOption
+
+    return [p for p in main.commands["eval"].params if isinstance(p, ModeOption)]
+
+
+@pytest.mark.parametrize("option", _eval_mode_options(), ids=lambda p: p.opts[0])
+def test_an_option_of_one_eval_mode_is_refused_in_the_other(option):
+    from click.testing import CliRunner
+
+    from flap_deploy_cli import main
+
+    other = {"--text": ["--tasks", "offline"], "--tasks": ["--text", "x.txt"]}[option.mode]
+    value = [] if option.is_flag else [option.type.choices[0] if hasattr(option.type, "choices") else "1"]
+    r = CliRunner().invoke(main, ["eval", "smollm2-135m", *other, option.opts[0], *value])
+    assert r.exit_code == 2 and r.output == f"error: {option.opts[0]} applies to {option.mode}, not {other[0]}\n"
+    assert option.help.startswith(option.mode + ": ")
 
 
 # ---------------------------------------------------------------- real runs

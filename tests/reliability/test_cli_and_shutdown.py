@@ -66,7 +66,7 @@ def test_sigterm_ends_running_streams_with_a_final_event(tmp_path):
     proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("serve_tiny.py")), str(port), "2"],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.time() + 30
+        deadline = time.time() + 120  # the tokenizer's import alone takes half a minute on a loaded machine
         while time.time() < deadline:
             try:
                 if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:

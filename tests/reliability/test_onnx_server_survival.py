@@ -13,7 +13,9 @@ import pytest
 from serving_fakes import TinyNumpyLM
 from serving_util import free_port, running, tiny_tokenizer
 
-from serving.onnx.server import OnnxServer, create_app, run_server
+from serving.onnx.app import create_app, run_server
+from serving.onnx.server import OnnxServer
+from serving.onnx.settings import OnnxServerSettings
 
 pytestmark = pytest.mark.reliability
 
@@ -41,9 +43,9 @@ class PoisonPill(TinyNumpyLM):
 
 
 def _server(tokenizer, model=None, **kw) -> OnnxServer:
-    opts = dict(model_name="tiny", max_model_len=256, max_num_seqs=4, max_queue=8)
+    opts = dict(model="tiny", max_model_len=256, max_num_seqs=4, max_queue=8, log_level="warning")
     opts.update(kw)
-    return OnnxServer(model or TinyNumpyLM(vocab=len(tokenizer), seed=3), tokenizer, **opts)
+    return OnnxServer(model or TinyNumpyLM(vocab=len(tokenizer), seed=3), tokenizer, OnnxServerSettings(**opts))
 
 
 def _wait_listening(port: int) -> None:
@@ -99,11 +101,10 @@ def test_engine_death_exits_non_zero(tokenizer):
         def empty_past(self, batch):
             raise SystemExit("the runtime is gone")  # escapes the per-request isolation
 
-    server = _server(tokenizer, model=Fatal(vocab=len(tokenizer)))
     port = free_port()
+    server = _server(tokenizer, model=Fatal(vocab=len(tokenizer)), port=port)
     result: list[int] = []
-    thread = threading.Thread(target=lambda: result.append(run_server(server, port=port, log_level="warning")),
-                              daemon=True)
+    thread = threading.Thread(target=lambda: result.append(run_server(server)), daemon=True)
     thread.start()
     _wait_listening(port)
     r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json={"prompt": "w1", "max_tokens": 2}, timeout=20)
@@ -127,8 +128,8 @@ def test_oversized_body_is_refused_before_it_is_read(tokenizer):
 def test_slow_headers_are_timed_out(tokenizer):
     server = _server(tokenizer)
     port = free_port()
-    thread = threading.Thread(target=run_server, args=(server,),
-                              kwargs={"port": port, "log_level": "warning", "header_timeout_s": 1.0}, daemon=True)
+    server = _server(tokenizer, port=port, header_timeout_s=1.0)
+    thread = threading.Thread(target=run_server, args=(server,), daemon=True)
     thread.start()
     _wait_listening(port)
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
