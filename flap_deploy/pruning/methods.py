@@ -44,6 +44,7 @@ class Reconstruction:
     name: str
     help: str
     builder: str
+    covariances: bool = False  # refits from the dense inputs' covariances (``statistics.plan_covariances``)
 
     def build(self, *args: Any) -> Any:
         return getattr(import_module(".reconstruct", __package__), self.builder)(*args)
@@ -61,5 +62,6 @@ METHODS = {m.name: m for m in (
 RECONSTRUCTIONS = {r.name: r for r in (
     Reconstruction("none", "the kept columns as they are", "no_compensation"),
     Reconstruction("bias", "the paper's calibration-mean biases", "mean_compensation"),
-    Reconstruction("ls", "least-squares refit of the kept columns on the dense calibration inputs", "ls_refit"),
+    Reconstruction("ls", "least-squares refit of the kept columns on the dense calibration inputs", "ls_refit",
+                   covariances=True),
 )}

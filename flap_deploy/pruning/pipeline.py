@@ -253,8 +253,9 @@ def prune(model: str | os.PathLike | torch.nn.Module, config: PruneConfig | None
     plan = plan_memory(stream, config.nsamples * config.seqlen if calibrates else 0,
                        offload_buffer=config.offload_buffer, head=config.calib == "self",
                        max_memory=parse_size(config.max_memory, "max_memory"))
-    if calibrates:
-        plan = plan_covariances(stream, config, plan)
+    reconstruction = RECONSTRUCTIONS[config.effective_reconstruct]
+    if calibrates and reconstruction.covariances:
+        plan = plan_covariances(stream, plan)
     _say(config, f"plan: {plan.describe()}")
 
     t0 = time.perf_counter()
@@ -264,8 +265,7 @@ def prune(model: str | os.PathLike | torch.nn.Module, config: PruneConfig | None
     allocation = allocate(scores.attn, scores.mlp, stream.geometry, ratio=config.ratio,
                           structure=method.structure(config),
                           attn_ratio=config.effective_attn_ratio, granularity=config.attn_granularity, align=align)
-    means, refit, reconstruction = RECONSTRUCTIONS[config.effective_reconstruct].build(
-        stream, config, scores, calib, allocation.masks)
+    means, refit, record = reconstruction.build(stream, config, scores, calib, allocation.masks)
     refits: list[LayerRefit] = []
     if refit is not None and not stream.streamed:  # small in-memory models keep them for inspection
         keep_refit = refit
@@ -278,7 +278,7 @@ def prune(model: str | os.PathLike | torch.nn.Module, config: PruneConfig | None
     target = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="flap-pruned-"))
     writing = atomic_directory(out, overwrite) if out is not None else _plain_directory(target)
     pruned_config = _write(stream, config, allocation.masks, means, refit,
-                           lambda cfg: _provenance(config, align, scores, stream, cfg, reconstruction),
+                           lambda cfg: _provenance(config, align, scores, stream, cfg, record),
                            target, writing, tokenizer, source)
     timings.update(write_s=time.perf_counter() - t1, total_s=time.perf_counter() - t0)
     memory = {"plan": plan.to_dict(), "peak_rss_bytes": peak_rss_bytes()}
