@@ -360,7 +360,7 @@ def run(args) -> None:
 
             if main_set and ratio in args.ratios:
                 for name, kw in main_methods(args.methods):
-                    if kw.get("method") in ("wanda-sp", "mag-sp"):
+                    if not replace(cfg, **kw).pruning_method.reuses_statistics:
                         # the baselines calibrate (Wanda-sp) on the same windows through their own pass
                         make = lambda kw=kw: prune(dense, replace(cfg, **kw), tokenizer=tok)  # noqa: E731
                     elif kw.get("reconstruct") == "bias":

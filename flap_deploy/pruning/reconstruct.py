@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -215,49 +215,3 @@ def refit_layers(model: torch.nn.Module, input_ids: torch.Tensor, masks: list[La
         bar.update()
     bar.close()
     return refits
-
-
-@dataclass
-class Compensation:
-    """What a reconstruction mode hands to the writing pass: calibration ``means`` (``bias``), a
-    ``refit(i, modules) -> LayerRefit`` called while layer i is resident (``ls``), and the record the
-    provenance keeps."""
-
-    means: list | None
-    refit: Callable[[int, Any], LayerRefit] | None
-    record: dict[str, Any]
-
-    def __iter__(self):
-        return iter((self.means, self.refit, self.record))
-
-
-def no_compensation(stream: Any, config: Any, scores: Any, calib: Any, masks: list) -> Compensation:
-    return Compensation(None, None, {"mode": "none", "ridge": None, "statistics": None})
-
-
-def mean_compensation(stream: Any, config: Any, scores: Any, calib: Any, masks: list) -> Compensation:
-    return Compensation(scores.means, None, {"mode": "bias", "ridge": None, "statistics": {
-        "means": "float64 calibration means of the o_proj / down_proj inputs", "calibration": scores.calibration}})
-
-
-def ls_refit(stream: Any, config: Any, scores: Any, calib: Any, masks: list) -> Compensation:
-    """The ``ls`` refit of every layer while it is written. Its dense-input covariances over the columns
-    the allocation keeps come from full first-pass covariances when the statistics hold them, else from
-    the writing pass itself (the calibration windows run through the dense layers again, one resident at
-    a time, each layer refitted before it is sliced), so memory stays one layer's."""
-    stats = scores.statistics
-    record = {"mode": "ls", "ridge": config.ridge, "statistics": {
-        "covariance": "float64, dense calibration inputs of o_proj and down_proj", "calibration": stats.calibration}}
-    head_dim = stream.geometry.head_dim
-    covariances = stats.covariances
-    if covariances is not None:
-        record["statistics"]["pass"] = "first (full covariances kept with the statistics)"
-
-        def refit(i: int, m: Any) -> LayerRefit:
-            return refit_layer(m.o_proj, m.down_proj, *covariances[i], masks[i], head_dim, config.ridge)
-
-        return Compensation(None, refit, record)
-    windows = stats.windows if stats.windows is not None else calib.input_ids
-    record["statistics"]["pass"] = "second (while writing, kept columns only)"
-    return Compensation(None, RefitPass(stream, windows, masks, config.ridge, batch_size=config.batch_size,
-                                        buffer_device=calib.buffer_device if calib is not None else None), record)
