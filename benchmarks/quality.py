@@ -49,6 +49,7 @@ sys.path.insert(0, str(REPO))
 from flap_deploy import PruneConfig, __version__, prune  # noqa: E402
 from flap_deploy.pruning.calibration import calibration_windows  # noqa: E402
 from flap_deploy.pruning.compress import compress  # noqa: E402
+from flap_deploy.pruning.methods import RECONSTRUCTIONS  # noqa: E402
 from flap_deploy.evaluation.perplexity import Tally, log_probs, token_windows  # noqa: E402
 from flap_deploy.streaming.memory import peak_rss_bytes  # noqa: E402
 from flap_deploy.io.model_ref import load_model, load_tokenizer  # noqa: E402
@@ -78,7 +79,7 @@ METHOD_KEYS = ("wanda-group", "wanda-head", "mag", "bias", "default")
 
 
 def main_methods(keys=METHOD_KEYS) -> list[tuple[str, dict]]:
-    default = f"FLAP {DEFAULT.reconstruct}" + (f" ridge {DEFAULT.ridge:g}" if DEFAULT.reconstruct == "ls" else "")
+    default = f"FLAP {DEFAULT.reconstruct}" + (f" ridge {DEFAULT.ridge:g}" if RECONSTRUCTIONS[DEFAULT.reconstruct].covariances else "")
     methods = {
         "wanda-group": ("Wanda-sp group", dict(method="wanda-sp", attn_granularity="group")),
         "wanda-head": ("Wanda-sp head", dict(method="wanda-sp", attn_granularity="head")),
