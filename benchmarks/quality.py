@@ -57,6 +57,7 @@ sys.path.insert(0, str(REPO))
 from flap_deploy import PruneConfig, __version__, prune  # noqa: E402
 from flap_deploy.pruning.calibration import calibration_windows  # noqa: E402
 from flap_deploy.pruning.compress import compress  # noqa: E402
+from flap_deploy.pruning.methods import RECONSTRUCTIONS  # noqa: E402
 from flap_deploy.evaluation.perplexity import Tally, log_probs, token_windows  # noqa: E402
 from flap_deploy.heal import HealConfig, heal  # noqa: E402
 from flap_deploy.io.model_ref import load_model, load_tokenizer  # noqa: E402
@@ -82,7 +83,7 @@ METHOD_KEYS = ("wanda-group", "wanda-head", "mag", "bias", "default")
 
 
 def main_methods(keys=METHOD_KEYS) -> list[tuple[str, dict]]:
-    default = f"FLAP {DEFAULT.reconstruct}" + (f" ridge {DEFAULT.ridge:g}" if DEFAULT.reconstruct == "ls" else "")
+    default = f"FLAP {DEFAULT.reconstruct}" + (f" ridge {DEFAULT.ridge:g}" if RECONSTRUCTIONS[DEFAULT.reconstruct].covariances else "")
     methods = {
         "wanda-group": ("Wanda-sp group", dict(method="wanda-sp", attn_granularity="group")),
         "wanda-head": ("Wanda-sp head", dict(method="wanda-sp", attn_granularity="head")),
@@ -146,90 +147,6 @@ def measure_costs(args, data: dict, save: Callable[[], None]) -> None:
                                   prune_over_dense_forward=cost["prune_s"] / dense_s)
         print(f"cost {name}: {data['cost'][name]['prune_over_dense_forward']:.2f} x dense forward", flush=True)
     save()
-
-
-# ---------------------------------------------------------------- sequential refit (study)
-
-@torch.no_grad()
-def sequential_refits(model, input_ids, masks, ridge: float, batch_size: int = 8) -> list:
-    """The study's sequential variant: each layer's o_proj / down_proj refit on the inputs produced by
-    the already pruned and refitted layers before it (and, for down_proj, by its own refitted
-    attention), toward the dense model's outputs of the same module (cross-covariance least squares,
-    ridge toward the kept columns as they are)."""
-    from flap_deploy.model.adapters import get_adapter
-    from flap_deploy.streaming.passes import LayerPass
-    from flap_deploy.pruning.reconstruct import LayerRefit, Refit, kept_columns
-    from flap_deploy.pruning.stats import CovStats
-
-    adapter = get_adapter(model.config)
-    geom = adapter.geometry(model.config)
-    lp = LayerPass(model, input_ids, batch_size=batch_size)
-    dense_h, kwargs_by_size, slices = lp.buffer, lp.kwargs_by_size, lp.slices
-    pruned_h = dense_h.clone()
-
-    def _layer_out(out):
-        return out[0] if isinstance(out, tuple) else out
-    refits = []
-
-    def fit(linear, kept, joint: CovStats) -> Refit:
-        n = linear.in_features
-        w = linear.weight.double()
-        b = linear.bias.double() if linear.bias is not None else torch.zeros(w.shape[0], dtype=torch.float64)
-        cov, mu = joint.covariance(), joint.mean  # joint variable [x_dense (n), x_pruned_kept (|k|)]
-        s_kk, s_dk = cov[n:, n:], cov[:n, n:]
-        lam = ridge * float(s_kk.diagonal().mean()) if kept.numel() else 0.0
-        w_k = w[:, kept]
-        if kept.numel():  # min ||W x_d - W' x_k||² + lam ||W' - W_k||²
-            rhs = w @ s_dk + lam * w_k
-            new_w = torch.linalg.solve(s_kk + lam * torch.eye(kept.numel(), dtype=torch.float64), rhs.T).T
-        else:
-            new_w = w_k
-        return Refit(kept=kept, weight=new_w, bias=b + w @ mu[:n] - new_w @ mu[n:])
-
-    for i in range(geom.num_layers):
-        layer = adapter.layers(model)[i]
-        m = adapter.layer_modules(model, i)
-        kept_attn, kept_mlp = kept_columns(masks[i], geom.head_dim, m.o_proj.in_features, m.down_proj.in_features)
-        captured: dict[str, torch.Tensor] = {}
-        fits: dict[str, Refit] = {}
-
-        def capture(name):
-            return lambda mod, args: captured.__setitem__(name, args[0])
-
-        def replace_out(name, kept):  # the pruned stream's module output: the refit (or mask) applied
-            def hook(mod, args, out):
-                x = args[0][..., kept]
-                f = fits.get(name)
-                if f is None:
-                    return torch.nn.functional.linear(x, mod.weight[:, kept], mod.bias)
-                return torch.nn.functional.linear(x, f.weight.to(x.dtype), f.bias.to(x.dtype))
-            return hook
-
-        for name, linear, kept in (("attn", m.o_proj, kept_attn), ("mlp", m.down_proj, kept_mlp)):
-            joint = CovStats(linear.in_features + kept.numel(), device=dense_h.device)
-            for sl in slices:
-                kw = kwargs_by_size[sl.stop - sl.start]
-                h = [linear.register_forward_pre_hook(capture("dense"))]
-                layer(dense_h[sl], **kw)
-                h[0].remove()
-                h = [linear.register_forward_pre_hook(capture("pruned"))]
-                h += [mod.register_forward_hook(replace_out(k, kk)) for k, mod, kk in
-                      (("attn", m.o_proj, kept_attn), ("mlp", m.down_proj, kept_mlp))]
-                layer(pruned_h[sl], **kw)
-                for x in h:
-                    x.remove()
-                joint.update(torch.cat([captured["dense"], captured["pruned"][..., kept]], dim=-1))
-            fits[name] = fit(linear, kept, joint)
-        for sl in slices:  # advance both streams
-            kw = kwargs_by_size[sl.stop - sl.start]
-            dense_h[sl] = _layer_out(layer(dense_h[sl], **kw))
-            h = [mod.register_forward_hook(replace_out(k, kk)) for k, mod, kk in
-                 (("attn", m.o_proj, kept_attn), ("mlp", m.down_proj, kept_mlp))]
-            pruned_h[sl] = _layer_out(layer(pruned_h[sl], **kw))
-            for x in h:
-                x.remove()
-        refits.append(LayerRefit(attn=fits["attn"], mlp=fits["mlp"]))
-    return refits
 
 
 # ---------------------------------------------------------------- evaluation
@@ -483,7 +400,7 @@ def run(args) -> None:
 
             if main_set and ratio in args.ratios:
                 for name, kw in main_methods(args.methods):
-                    if kw.get("method") in ("wanda-sp", "mag-sp"):
+                    if not replace(cfg, **kw).pruning_method.reuses_statistics:
                         # the baselines calibrate (Wanda-sp) on the same windows through their own pass
                         make = lambda kw=kw: prune(dense, replace(cfg, **kw), tokenizer=tok)  # noqa: E731
                     elif kw.get("reconstruct") == "bias":
@@ -514,7 +431,8 @@ def run(args) -> None:
                 for ridge in args.sequential_ridges:
                     add(f"ls sequential ridge {ridge:g} {tag}", "study", "ls-sequential",
                         lambda ridge=ridge, variant=variant, bias=bias: variant(
-                            "ls-sequential", ridge, sequential_refits(dense, ids(), bias().masks, ridge), means=False),
+                            "ls-sequential", ridge, refit_layers(dense, ids(), bias().masks, ridge, pruned_inputs=True,
+                                                                 progress=False), means=False),
                         refit="sequential")
         cache.clear()
         flush()

@@ -2,7 +2,7 @@
 
 Every pruning option is declared once, in ``PRUNE_OPTIONS``, under the name of the
 ``PruneConfig`` field it sets; the command passes them on as they are. Choices come from the
-library's torch-free vocabularies (``flap_deploy.pruning.config``, ``methods``), so `--help`
+library's torch-free vocabularies (``flap_deploy.pruning.choices``, ``methods``), so `--help`
 and a bad value cost no torch; tests/test_cli_help.py holds the defaults equal to the library's.
 """
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from flap_deploy.pruning.config import DTYPES, GRANULARITIES, METRICS, STRUCTURES
+from flap_deploy.pruning.choices import DTYPES, GRANULARITIES, METRICS, STRUCTURES
 from flap_deploy.pruning.methods import METHODS, RECONSTRUCTIONS, SEARCHES
 
 from .common import (

@@ -58,14 +58,14 @@ def _option(command, name):
 
 
 def test_prune_options_are_the_prune_config_fields_with_its_defaults_and_choices():
-    from flap_deploy.pruning.config import CHOICES, PruneConfig
+    from flap_deploy.pruning.config import PruneConfig, choices
 
     command = main.commands["prune"]
     fields = {f.name: f.default for f in dataclasses.fields(PruneConfig) if f.name != "progress"}
     options = {p.name: p.default for p in command.params if p.name not in ("model", "out", "revision", "overwrite", "as_json",
                                                                             "no_bias")}
     assert options == fields
-    for name, vocabulary in CHOICES.items():
+    for name, vocabulary in choices().items():
         assert tuple(_option(command, name).type.choices) == tuple(v for v in vocabulary if v is not None), name
 
 

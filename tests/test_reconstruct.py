@@ -7,7 +7,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from factories import VOCAB, tiny_dense
+from factories import VOCAB, masked_dense_logits, small, tiny_dense
 from flap_deploy import prune
 from flap_deploy.model.adapters import get_adapter
 from flap_deploy.model.layout import LayerMask
@@ -16,7 +16,6 @@ from flap_deploy.pruning.reconstruct import refit_layers
 from flap_deploy.pruning.stats import CovStats
 from flap_deploy.streaming.layers import LayerStream
 from flap_deploy.streaming.plan import MemoryPlan
-from test_pruning import masked_dense_logits, small
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 2e-6)])
@@ -75,6 +74,26 @@ def test_ls_reproduces_the_dense_model_where_the_removed_channels_are_redundant_
     assert (bias - ref).abs().max() > 1e-2
 
 
+def test_sequential_refit_on_pruned_inputs_also_reproduces_redundant_channels():
+    """The study's variant (each module refitted on the pruned stream's inputs) is the same pass and
+    the same solve: where the removed channels are redundant the pruned stream is the dense one, so
+    it gives the one-pass refit and reproduces the dense model (in float64, where nothing but the
+    solve rounds)."""
+    dense, masks = redundant_model()
+    dense = dense.double()
+    calib = torch.randint(0, VOCAB, (12, 24), generator=torch.Generator().manual_seed(1))
+    one_pass = refit_layers(dense, calib, masks, ridge=0.0, batch_size=5, progress=False)
+    sequential = refit_layers(dense, calib, masks, ridge=0.0, batch_size=5, progress=False, pruned_inputs=True)
+    with torch.no_grad():
+        ref = dense(input_ids=calib, use_cache=False).logits
+        got = compress(dense, masks, refits=sequential)(input_ids=calib, use_cache=False).logits
+    assert (got - ref).abs().max() <= 1e-10
+    for a, b in zip(one_pass, sequential):
+        for x, y in ((a.attn, b.attn), (a.mlp, b.mlp)):
+            torch.testing.assert_close(y.weight, x.weight, rtol=0, atol=1e-10)
+            torch.testing.assert_close(y.bias, x.bias, rtol=0, atol=1e-10)
+
+
 def test_infinite_ridge_is_the_bias_compensation():
     dense = tiny_dense("qwen2")
     ls = prune(dense, small(ratio=0.35, reconstruct="ls", ridge=math.inf))
@@ -113,11 +132,17 @@ def test_the_plan_keeps_full_covariances_within_half_its_headroom_only():
     need = covariance_nbytes(stream)
     assert need == 8 * cfg.num_hidden_layers * ((cfg.num_attention_heads * cfg.head_dim) ** 2 + cfg.intermediate_size ** 2)
     base = MemoryPlan(0, 0, 0, 0, "host", 0, host_peak_bytes=1000, device_peak_bytes=0, limit_bytes=1000 + 2 * need)
-    kept = plan_covariances(stream, small(), base)
+    kept = plan_covariances(stream, base)
     assert kept.covariance_bytes == need and kept.host_peak_bytes == 1000 + need and "ls covariances" in kept.describe()
     tight = replace(base, limit_bytes=1000 + 2 * need - 2)
-    assert plan_covariances(stream, small(), tight) == tight
-    assert plan_covariances(stream, small(reconstruct="bias"), base) == base
+    assert plan_covariances(stream, tight) == tight
+
+
+def test_only_the_ls_reconstruction_plans_covariances():
+    dense = tiny_dense("llama")
+    assert prune(dense, small(ratio=0.3)).memory["plan"]["covariance_bytes"] > 0
+    for kw in (dict(reconstruct="bias"), dict(reconstruct="none"), dict(method="wanda-sp")):
+        assert prune(dense, small(ratio=0.3, **kw)).memory["plan"]["covariance_bytes"] == 0, kw
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3"])

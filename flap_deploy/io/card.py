@@ -297,15 +297,18 @@ def _pct(x: float) -> str:
 
 
 def _method(p: dict[str, Any]) -> str:
-    if p["method"] == "flap":
-        return f"FLAP, {p.get('metric')} importance, {p.get('structure')} structure, {p.get('attn_granularity')} heads"
-    return p["method"]
+    return f"{p['method']}, {p.get('metric')} importance, {p.get('structure')} structure, {p.get('attn_granularity')} heads"
+
+
+def reconstruction_of(p: dict[str, Any]) -> tuple[str, float | None]:
+    """The reconstruction mode and ridge a provenance records (checkpoints from before the record: bias or none)."""
+    rec = p.get("reconstruction") or {}
+    return rec.get("mode", "bias" if p.get("bias_compensation") else "none"), rec.get("ridge")
 
 
 def _reconstruction(p: dict[str, Any]) -> str:
-    rec = p.get("reconstruction") or {}
-    mode = rec.get("mode", "bias" if p.get("bias_compensation") else "none")
-    return mode + (f" (ridge {rec['ridge']:g})" if rec.get("ridge") is not None else "")
+    mode, ridge = reconstruction_of(p)
+    return mode + (f" (ridge {ridge:g})" if ridge is not None else "")
 
 
 def _calibration(c: dict[str, Any]) -> str:

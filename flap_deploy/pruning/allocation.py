@@ -30,7 +30,7 @@ from flap_deploy.model.adapters import Geometry
 from flap_deploy.model.layout import LayerMask
 from flap_deploy.model.params import layer_linear_params
 from flap_deploy.model.tp import layer_tp_problem
-from flap_deploy.pruning.config import GRANULARITIES, STRUCTURES
+from flap_deploy.pruning.choices import GRANULARITIES, STRUCTURES
 
 
 @dataclass

@@ -8,31 +8,21 @@ from dataclasses import dataclass
 from flap_deploy.errors import ParameterError
 from flap_deploy.streaming.memory import parse_size
 
-from .methods import METHODS, RECONSTRUCTIONS, SEARCHES, Method
+from .choices import (
+    DTYPES,
+    GRANULARITIES,
+    MANUAL_MODULE_STRUCTURES,
+    METRICS,
+    STRUCTURES,
+    parse_budget,
+)
+from .methods import METHODS, RECONSTRUCTIONS, SEARCHES, Method, Reconstruction
 
-METRICS = ("WIFV", "IFV", "WIFN")  # importance.channel_metric
-STRUCTURES = ("AL-AM", "AL-MM", "UL-MM", "UL-UM")  # allocation.allocate
-MANUAL_MODULE_STRUCTURES = ("AL-MM", "UL-MM")  # attention and MLP get fixed shares of the budget
-GRANULARITIES = ("group", "head")
-DTYPES = ("float32", "bfloat16", "float16")
-CHOICES = {"method": tuple(METHODS), "metric": METRICS, "structure": STRUCTURES, "attn_granularity": GRANULARITIES,
-           "reconstruct": tuple(RECONSTRUCTIONS), "search": tuple(SEARCHES), "dtype": (None, *DTYPES)}
-SECONDS = {"s": 1, "m": 60, "h": 3600}
 
-
-def parse_budget(value: int | str, param: str = "search_budget") -> tuple[int | None, float | None]:
-    """A search budget: a number of candidate evaluations (``200``) or a wall time (``90s``, ``10m``,
-    ``1h``); returns (evaluations, seconds), one of them None."""
-    text = str(value).strip().lower()
-    unit = text[-1:] if text[-1:] in SECONDS else ""
-    try:
-        amount = float(text[:-1]) if unit else int(text)
-    except ValueError:
-        raise ParameterError(param, f"{value!r} is neither a number of evaluations (e.g. 200) nor a time "
-                                    "(e.g. 90s, 10m, 1h)") from None
-    if amount < 0:
-        raise ParameterError(param, f"must not be negative, got {value!r}")
-    return (None, amount * SECONDS[unit]) if unit else (amount, None)
+def choices() -> dict[str, tuple]:
+    """Every field with a vocabulary, and its values (the tables' as they are now)."""
+    return {"method": tuple(METHODS), "metric": METRICS, "structure": STRUCTURES, "attn_granularity": GRANULARITIES,
+            "reconstruct": tuple(RECONSTRUCTIONS), "search": tuple(SEARCHES), "dtype": (None, *DTYPES)}
 
 
 @dataclass
@@ -40,7 +30,7 @@ class PruneConfig:
     """Everything that decides a pruning run (recorded in the checkpoint's provenance), then how it runs.
 
     ratio: fraction of the decoder layers' linear weights (q/k/v/o, gate/up/down) to remove.
-    method: ``flap`` or the baselines ``wanda-sp`` / ``mag-sp`` (uniform per layer, no compensation).
+    method: a name of ``methods.METHODS`` (FLAP, or a baseline at the same budget).
     metric / structure: FLAP's importance metric and width structure (see ``importance``, ``allocation``).
     attn_ratio: fraction of attention weights removed by the manual-module structures UL-MM / AL-MM
         (default 0.75 x ratio, the authors' ablation setting of 384 of 1024 heads at 50 %).
@@ -98,9 +88,9 @@ class PruneConfig:
             raise ParameterError("ratio", f"must be in [0, 1), got {self.ratio}")
         if self.attn_ratio is not None and not 0 <= self.attn_ratio < 1:
             raise ParameterError("attn_ratio", f"must be in [0, 1), got {self.attn_ratio}")
-        for name, choices in CHOICES.items():
-            if getattr(self, name) not in choices:
-                raise ParameterError(name, f"{getattr(self, name)!r} is not one of {', '.join(choices)}")
+        for name, values in choices().items():
+            if getattr(self, name) not in values:
+                raise ParameterError(name, f"{getattr(self, name)!r} is not one of {', '.join(map(str, values))}")
         if not (isinstance(self.ridge, (int, float)) and self.ridge >= 0):
             raise ParameterError("ridge", f"must be a number >= 0, got {self.ridge}")
         for name in ("nsamples", "seqlen", "mlp_multiple", "tp_size", "batch_size", "search_windows"):
@@ -126,6 +116,10 @@ class PruneConfig:
     def effective_reconstruct(self) -> str:
         """The reconstruction the run applies: a method that does not compensate gets none."""
         return self.reconstruct if self.pruning_method.compensates else "none"
+
+    @property
+    def reconstruction(self) -> Reconstruction:
+        return RECONSTRUCTIONS[self.effective_reconstruct]
 
     @property
     def effective_attn_ratio(self) -> float | None:

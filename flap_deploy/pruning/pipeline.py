@@ -2,10 +2,10 @@
 
 ``prune(model, config)``: validate → open the source as a ``LayerStream`` (tensor shapes and
 alignment checked, nothing read yet) → state the memory plan → calibration windows → score
-(pass 1, layer by layer: ``score_flap``, ``score_wanda_sp``, ``score_magnitude_sp``) →
-allocate widths globally (``allocation``) → slice and write (pass 2, layer by layer,
-``compress.compress_stream``) → provenance. The pruned checkpoint is written straight into
-the output directory (atomically); the CLI only wraps this.
+(pass 1, layer by layer: the method's scorer, ``methods.METHODS``) → allocate widths globally
+(``allocation``) → the reconstruction's compensation (``methods.RECONSTRUCTIONS``) → slice and
+write (pass 2, layer by layer, ``compress.compress_stream``) → provenance. The pruned checkpoint
+is written straight into the output directory (atomically); the CLI only wraps this.
 """
 
 from __future__ import annotations
@@ -27,9 +27,14 @@ from flap_deploy.pruning.allocation import Alignment, allocate
 from flap_deploy.pruning.calibration import calibration_windows
 from flap_deploy.pruning.compress import LayerMeans, compress_stream
 from flap_deploy.pruning.config import PruneConfig
-from flap_deploy.pruning.methods import RECONSTRUCTIONS, SEARCHES
+from flap_deploy.pruning.methods import (
+    RECONSTRUCTIONS,
+    SEARCHES,
+    Calibration,
+    Compensation,
+    Scores,
+)
 from flap_deploy.pruning.reconstruct import LayerRefit
-from flap_deploy.pruning.scores import Calibration, Scores
 from flap_deploy.pruning.statistics import (
     LayerStats,
     Statistics,
@@ -168,7 +173,7 @@ def _calibration(stream: LayerStream, config: PruneConfig, tokenizer: Any, plan:
 
 
 def _provenance(config: PruneConfig, align: Alignment, scores: Scores, stream: LayerStream,
-                pruned_config: Any, reconstruction: dict[str, Any], search: dict[str, Any] | None) -> dict[str, Any]:
+                pruned_config: Any, compensation: Compensation, search: dict[str, Any] | None) -> dict[str, Any]:
     """The run's record; the achieved ratio from the weights the pruned checkpoint holds (the contract's shapes)."""
     from flap_deploy.model.config import as_flap_config
     from flap_deploy.model.params import count_params
@@ -181,8 +186,8 @@ def _provenance(config: PruneConfig, align: Alignment, scores: Scores, stream: L
         "attn_granularity": config.attn_granularity,
         "target_ratio": config.ratio,
         "achieved_ratio": 1 - pruned.decoder_linear / dense.decoder_linear,
-        "bias_compensation": scores.means is not None and config.effective_reconstruct == "bias",
-        "reconstruction": reconstruction,
+        "bias_compensation": compensation.means is not None,
+        "reconstruction": compensation.record,
         "search": search,
         "calibration": scores.calibration,
         "source_model": stream.name,
@@ -258,11 +263,11 @@ def prune(model: str | os.PathLike | torch.nn.Module, config: PruneConfig | None
     plan = plan_memory(stream, config.nsamples * config.seqlen if calibrates else 0,
                        offload_buffer=config.offload_buffer, head=config.calib == "self",
                        max_memory=parse_size(config.max_memory, "max_memory"))
-    if calibrates:
-        plan = plan_covariances(stream, config, plan)
+    if calibrates and config.reconstruction.covariances:
+        plan = plan_covariances(stream, plan)
     _say(config, f"plan: {plan.describe()}")
     search = SEARCHES[config.search]
-    if search.runner is not None:
+    if search.run is not None:
         from flap_deploy.pruning.search import plan_search
 
         search_plan = plan_search(stream, config, plan, statistics)
@@ -270,19 +275,19 @@ def prune(model: str | os.PathLike | torch.nn.Module, config: PruneConfig | None
 
     t0 = time.perf_counter()
     calib = _calibration(stream, config, tokenizer, plan) if calibrates else None
-    scores = method.score(stream, config, calib, statistics, align, plan)
+    scores = method.scorer(stream, config, calib, statistics, align, plan)
     timings = {"calibrate_s": time.perf_counter() - t0}
     allocation = allocate(scores.attn, scores.mlp, stream.geometry, ratio=config.ratio,
                           structure=method.structure(config),
                           attn_ratio=config.effective_attn_ratio, granularity=config.attn_granularity, align=align)
     found = None
-    if search.runner is not None:
+    if search.run is not None:
         t_search = time.perf_counter()
         found = search.run(stream, config, scores, calib, allocation, align, search_plan)
         allocation = found.allocation
         timings["search_s"] = time.perf_counter() - t_search
-    means, refit, reconstruction = RECONSTRUCTIONS[config.effective_reconstruct].build(
-        stream, config, scores, calib, allocation.masks)
+    compensation = config.reconstruction.build(stream, config, scores, calib, allocation.masks)
+    means, refit = compensation.means, compensation.refit
     refits: list[LayerRefit] = []
     if refit is not None and not stream.streamed:  # small in-memory models keep them for inspection
         keep_refit = refit
@@ -295,7 +300,7 @@ def prune(model: str | os.PathLike | torch.nn.Module, config: PruneConfig | None
     target = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="flap-pruned-"))
     writing = atomic_directory(out, overwrite) if out is not None else _plain_directory(target)
     pruned_config = _write(stream, config, allocation.masks, means, refit,
-                           lambda cfg: _provenance(config, align, scores, stream, cfg, reconstruction,
+                           lambda cfg: _provenance(config, align, scores, stream, cfg, compensation,
                                                    found.record if found is not None else None),
                            target, writing, tokenizer, source)
     timings.update(write_s=time.perf_counter() - t1, total_s=time.perf_counter() - t0)

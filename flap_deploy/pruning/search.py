@@ -53,9 +53,8 @@ from flap_deploy.streaming.passes import LayerPass
 from flap_deploy.streaming.plan import MemoryPlan
 
 from .allocation import Alignment, Allocation, chosen
+from .choices import parse_budget
 from .compress import compensation_biases, slice_layer
-from .config import PruneConfig, parse_budget
-from .methods import RECONSTRUCTIONS
 from .reconstruct import LayerRefit
 
 OFFSPRING = 8  # candidates a generation
@@ -105,13 +104,14 @@ class SearchPlan:
                 f"refits cached up to {g(self.cache_bytes)}")
 
 
-def plan_search(stream: LayerStream, config: PruneConfig, plan: MemoryPlan, statistics: Any) -> SearchPlan:
+def plan_search(stream: LayerStream, config: Any, plan: MemoryPlan, statistics: Any) -> SearchPlan:
     """What the search will hold, checked against the memory plan's headroom; the ``ls`` variants need every
     layer's covariances from the statistics pass (held by the plan, or in the given ``statistics``)."""
-    if config.effective_reconstruct == "ls":
+    if config.reconstruction.covariances:
         held = statistics.covariances is not None if statistics is not None else plan.covariance_bytes > 0
         if not held:
-            raise ParameterError("search", "with `reconstruct` ls refits every candidate from the covariances held "
+            raise ParameterError("search", f"with `reconstruct` {config.effective_reconstruct} every candidate is "
+                                           "refitted from the covariances held "
                                            "from the statistics pass, and "
                                  + ("the given statistics hold none (collect_statistics(covariance=True))"
                                     if statistics is not None else
@@ -145,10 +145,10 @@ class Variants:
     """A layer's variant for a candidate's widths: the dense layer sliced and reconstructed as ``compress_stream``
     writes it (cast to the stored dtype), as a ``FlapLlamaDecoderLayer``. Refits are cached by (layer, options)."""
 
-    def __init__(self, stream: LayerStream, config: PruneConfig, scores: Any, calib: Any, allocation: Allocation,
+    def __init__(self, stream: LayerStream, config: Any, scores: Any, calib: Any, allocation: Allocation,
                  cache_bytes: int):
         self.stream, self.allocation, self.cache_bytes = stream, allocation, cache_bytes
-        build = RECONSTRUCTIONS[config.effective_reconstruct].build
+        build = config.reconstruction.build
         self.compensation = lambda masks: build(stream, config, scores, calib, masks)
         start = self.compensation(allocation.masks)
         self.biases = compensation_biases(stream.adapter.layer_modules(stream.model, 0), start.means,
@@ -349,7 +349,7 @@ class Spend:
         return self.evaluations - self.used
 
 
-def evolve(stream: LayerStream, config: PruneConfig, scores: Any, calib: Any, allocation: Allocation,
+def evolve(stream: LayerStream, config: Any, scores: Any, calib: Any, allocation: Allocation,
            align: Alignment, plan: SearchPlan) -> SearchResult:
     """The evolutionary width search (see the module docstring)."""
     from tqdm.auto import tqdm
