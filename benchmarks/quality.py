@@ -126,7 +126,7 @@ def cli_prune_cost(args, kw: dict, work: Path) -> dict:
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=REPO).stdout
     elapsed = time.perf_counter() - t
     result = json.loads(out)
-    shown = ["OUT" if arg == str(work) else arg for arg in cmd[3:]]
+    shown = ["OUT" if arg == str(work) else arg.replace(str(REPO.parent) + "/", "../") for arg in cmd[3:]]
     return {"command": "flap-deploy " + " ".join(shown), "prune_s": elapsed, "timings": result["timings"],
             "peak_rss_mib": result["memory"]["peak_rss_bytes"] / 2**20,
             "achieved_ratio": result["provenance"]["achieved_ratio"]}
