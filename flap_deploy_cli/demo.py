@@ -94,7 +94,7 @@ def run_demo(out: str | os.PathLike = "demo-out", *, quick: bool = False, backen
     backend = backend or default_backend()
     t = _step(f"compare dense vs pruned on {backend}")
     report = compare(str(dense_dir), str(exports[backend]), backend=backend, out_dir=out / "compare",
-                     concurrency=(1, 4, 16), num_prompts=16, input_len=128,
+                     concurrency=(1, 4) if quick else (1, 4, 16), num_prompts=8 if quick else 16, input_len=128,
                      output_len=32 if quick else 64, repeats=1 if quick else 2, warmup=1 if quick else 2,
                      max_num_seqs=16, max_model_len=512, overwrite=True)
     times["compare_s"] = time.perf_counter() - t
@@ -144,7 +144,8 @@ def _task_step(dense_dir: Path, pruned_dir: Path, out: Path, limit: int) -> dict
               help="Working directory of the demo (replaced).")
 @click.option("--quick/--full", default=None,
               help="Smaller workload: 32 calibration windows instead of 128, fewer evaluation windows and task "
-                   "items, one compare repeat of 32 output tokens [default: quick when CI=true].")
+                   "items, one compare repeat of 8 prompts x 32 output tokens at concurrency 1 and 4 [default: quick when "
+                   "CI=true].")
 @click.option("--backend", type=click.Choice(tuple(BACKENDS)), default=None,
               help="Serving backend for compare [default: vllm when installed, else onnx]. onnx starts no vLLM "
                    "engine (vllm starts two, one per model): --quick --backend onnx is the quick path the tests run.")
