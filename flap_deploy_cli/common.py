@@ -55,6 +55,15 @@ def echo_json(data: Any, *, one_line: bool = False) -> None:
     click.echo(json.dumps(data, indent=None if one_line else 2, default=str))
 
 
+def options(declared: tuple) -> Any:
+    """One decorator applying click options declared as a tuple, listed in their --help order."""
+    def decorate(command: Any) -> Any:
+        for option in reversed(declared):
+            command = option(command)
+        return command
+    return decorate
+
+
 json_option = click.option("--json", "as_json", is_flag=True,
                            help="Print the result as JSON on stdout (messages and progress go to stderr).")
 overwrite_option = click.option("--overwrite", is_flag=True, help="Replace the output directory if it exists.")

@@ -9,7 +9,14 @@ import click
 
 from serving.measure.tasks import TASK_BACKENDS, task_comparison
 
-from .common import CliError, FlapCommand, at_revision, echo_json, json_option, revision_option
+from .common import (
+    CliError,
+    FlapCommand,
+    at_revision,
+    echo_json,
+    json_option,
+    revision_option,
+)
 from .prune import DTYPES as COMPUTE_DTYPES
 
 

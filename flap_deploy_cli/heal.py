@@ -12,7 +12,7 @@ import click
 
 from flap_deploy.heal.config import DTYPES, FULL_LR, LORA_LR
 
-from .common import FlapCommand, echo_json, json_option, overwrite_option
+from .common import FlapCommand, echo_json, json_option, options, overwrite_option
 
 HEAL_OPTIONS = (
     click.option("--teacher", default="", metavar="DENSE",
@@ -52,16 +52,12 @@ HEAL_OPTIONS = (
 )
 
 
-def heal_options(command):
-    for option in reversed(HEAL_OPTIONS):
-        command = option(command)
-    return command
 
 
 @click.command("heal", cls=FlapCommand)
 @click.argument("pruned")
 @click.argument("out", type=click.Path(path_type=Path))
-@heal_options
+@options(HEAL_OPTIONS)
 @click.option("--state", "state_dir", default=None, type=click.Path(path_type=Path),
               help="Directory of the resumable training states [default: OUT.heal-state]; removed once OUT is written "
                    "unless --keep-state.")

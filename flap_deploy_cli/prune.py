@@ -21,6 +21,7 @@ from .common import (
     at_revision,
     echo_json,
     json_option,
+    options,
     overwrite_option,
     revision_option,
 )
@@ -82,17 +83,13 @@ PRUNE_OPTIONS = (
 )
 
 
-def prune_options(command):
-    for option in reversed(PRUNE_OPTIONS):
-        command = option(command)
-    return command
 
 
 @click.command("prune", cls=FlapCommand)
 @click.argument("model")
 @click.argument("out", type=click.Path(path_type=Path))
 @revision_option
-@prune_options
+@options(PRUNE_OPTIONS)
 @click.option("--no-bias", "no_bias", is_flag=True, hidden=True, help="Alias of --reconstruct none.")
 @overwrite_option
 @json_option
