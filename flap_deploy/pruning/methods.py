@@ -245,6 +245,7 @@ RECONSTRUCTIONS = {r.name: r for r in (
 # ---------------------------------------------------------------- the width searches
 
 def evolve(*args: Any) -> Any:
+    # imported when a search runs: search.py imports torch, and the CLI lists this table for --help
     from .search import evolve
 
     return evolve(*args)
