@@ -172,8 +172,8 @@ REPO_ID = "flap-test/smollm2-135m"
 @pytest.fixture(scope="module")
 def hub_cache(bundled_dir, flap20_dir, tmp_path_factory):
     """A Hugging Face cache holding the bundled model as REPO_ID's main branch and the FLAP-20 % model as its
-    'flap20' branch (files linked, not copied). It lives in the flap-deploy cache, so that the ONNX exports
-    the serve tests make of its snapshots are cached across runs like every other test model's."""
+    'flap20' branch (files linked, not copied). Its snapshots' ONNX exports are those of the linked directories
+    (``ensure_onnx`` keys on where the weight bytes live), cached like every other test model's."""
     from flap_deploy.io.bundled import cache_dir
 
     cache = cache_dir() / f"test-hf-hub-{flap20_dir.name}"
@@ -223,7 +223,7 @@ def test_eval_at_a_revision_measures_that_snapshot(hub_cache, flap20_dir):
 
 
 @pytest.mark.slow
-def test_serve_answers_under_the_hub_id(hub_cache, tmp_path):
+def test_serve_answers_under_the_hub_id(hub_cache, flap20_dir, tmp_path):
     """The ONNX backend: the snapshot is exported once into the flap-deploy cache, then served."""
     from serving_util import free_port
 
@@ -242,6 +242,11 @@ def test_serve_answers_under_the_hub_id(hub_cache, tmp_path):
         done = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=120,
                           json={"model": REPO_ID, "prompt": "The capital of France is", "max_tokens": 4}).json()
         assert done["usage"]["completion_tokens"] == 4
+    from exporters.onnx.export import ensure_onnx
+
+    cache, commits, _ = hub_cache
+    snapshot = cache / ("models--" + REPO_ID.replace("/", "--")) / "snapshots" / commits["flap20"]
+    assert ensure_onnx(snapshot, progress=False) == ensure_onnx(flap20_dir, progress=False)  # one export, shared
 
 
 @pytest.mark.slow

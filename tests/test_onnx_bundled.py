@@ -6,11 +6,12 @@ import json
 
 import pytest
 import torch
+from onnx_helpers import hf_greedy
 
-from exporters.onnx import OnnxCausalLM, export_onnx
+from exporters.onnx import OnnxCausalLM
+from exporters.onnx.export import ensure_onnx
 from exporters.onnx.manifest import MANIFEST_NAME
 from flap_deploy.io.model_ref import load_model, load_tokenizer
-from onnx_helpers import hf_greedy
 
 pytestmark = pytest.mark.slow
 
@@ -18,9 +19,9 @@ PROMPTS = ("The capital of France is", "Write a short poem about the sea. The wa
 
 
 @pytest.fixture(scope="module")
-def pruned_export(flap20_dir, tmp_path_factory):
-    root = tmp_path_factory.mktemp("bundled_onnx")
-    out = export_onnx(flap20_dir, root / "onnx", progress=False)
+def pruned_export(flap20_dir):
+    """The cached export (``ensure_onnx``), the one the Hub tests serve through the snapshot's links."""
+    out = ensure_onnx(flap20_dir, progress=False)
     return load_model(flap20_dir, dtype=torch.float32), load_tokenizer(flap20_dir), out
 
 

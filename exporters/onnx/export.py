@@ -257,16 +257,21 @@ def ensure_onnx(model: str | os.PathLike | ModelRef, *, progress: bool = True) -
     """An ONNX export directory for MODEL: itself if it is one, else a cached export of the checkpoint.
 
     Checkpoints (or `smollm2-135m`) are exported once, fp32, into ``<cache_dir()>/onnx``, keyed
-    by the source's identity (path, config and weight-header hashes), so a changed checkpoint
-    is exported again.
+    by the source's identity (where its weight files' bytes live, config and weight-header hashes), so a
+    changed checkpoint is exported again, and the same weights reached through a Hub snapshot's links
+    (or any other link) are not.
     """
     ref = resolve_model(model)
     path = ref.path
     if ref.kind == "onnx":
         return path
     identity = {**source_identity(path), "graph": GRAPH_VERSION}  # a changed graph is exported again
+    # Where the weight bytes live, not the directory that names them: a Hub snapshot's files link to
+    # blobs named by their content, so a model reached by its Hub id and by a local path is exported once.
+    weights = sorted(f.resolve() for f in path.glob("*.safetensors"))
+    identity["path"] = [str(f) for f in weights]
     key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
-    out = cache_dir() / "onnx" / f"{path.name}-{key}"
+    out = cache_dir() / "onnx" / f"{(weights[0].parent if weights else path).name}-{key}"
     if not (out / MANIFEST_NAME).is_file():
         export_onnx(ref, out, overwrite=True, progress=progress)
     return out
