@@ -68,7 +68,7 @@ cp "$WORK/prune.json" benchmarks/results/gpu_prune_8b.json
 
 export VLLM_LOGGING_LEVEL=WARNING
 timeout 420 "$PY" -m flap_deploy_cli compare --synthetic "$SHAPE" --ratio "$RATIO" --backend vllm \
-  --concurrency 1,8,32 --num-prompts 64 --input-len 512 --output-len 128 --repeats 1 --warmup 4 \
+  --concurrency 1,8,32 --num-prompts 64 --workload fixed:512,128 --repeats 1 --warmup 4 \
   --vllm-arg=--dtype=bfloat16 --max-model-len 2048 --max-num-seqs 64 --out "$OUT" --overwrite \
   --vllm-arg=--gpu-memory-utilization=0.85
 cat "$OUT/report.md"

@@ -79,8 +79,7 @@ def test_compare_onnx_end_to_end(pair, tmp_path, servers, starts):
     dense_dir, pruned_dir, _, _ = pair
     out = tmp_path / "cmp"
     r = CliRunner().invoke(main, ["compare", str(dense_dir), str(pruned_dir), "--backend", "onnx", "--out", str(out),
-                                  "--concurrency", "1,4", "--num-prompts", "6", "--input-len", "8", "--output-len",
-                                  "6", "--repeats", "2", "--warmup", "1", "--threads", "1", "--servers", servers,
+                                  "--concurrency", "1,4", "--num-prompts", "6", "--workload", "fixed:8,6", "--repeats", "2", "--warmup", "1", "--threads", "1", "--servers", servers,
                                   "--json"],
                            env={"FLAP_DEPLOY_CACHE": str(tmp_path / "cache")})
     assert r.exit_code == 0, r.output
@@ -145,7 +144,8 @@ def test_quality_figures_in_the_report(pair, tmp_path, wikitext_dir):
     assert q["perplexity"] > 1 and q["reference_perplexity"] > 1 and q["kl"] > 0
     assert 0 <= q["top1_agreement"] <= 1
     report = {"backend": "onnx", "dense": "d", "pruned": "p",
-              "workload": {"prompts": "self", "num_prompts": 1, "input_len": 1, "output_len": 1, "concurrency": [1],
+              "workload": {"workload": "fixed:1,1", "prompts": "self", "num_prompts": 1, "mean_input_len": 1,
+                           "mean_output_len": 1, "concurrency": [1],
                            "repeats": 1, "seed": 0, "max_num_seqs": 1},
               "weights": {"dense_decode_params": 2e6, "pruned_decode_params": 1e6, "ideal_ratio": 2.0},
               "ratios": [], "medians": {"dense": [], "pruned": []}, "quality": q}

@@ -77,10 +77,11 @@ def test_chat_on_onnx(served):
 
 
 def test_bench_full_metric_set_on_onnx(served):
-    from serving.measure.bench import build_requests, run_bench
+    from serving.measure.bench import run_bench
+    from serving.measure.workload import parse_workload
 
     server, url = served
-    reqs = build_requests(server.tokenizer, "self", 12, 10, 6, seed=0)
+    reqs = parse_workload("fixed:10,6").requests(server.tokenizer, 12, seed=0)
     result = run_bench(url, reqs, concurrency=[2, 8], tokenizer=server.tokenizer, progress=False)
     for run in result["runs"]:
         assert run["completed"] == 12 and run["failed"] == 0

@@ -119,7 +119,7 @@ def test_serve_pruned_bundled_with_openai_client(flap20_dir, tmp_path):
 
         # compare's load generator, as compare runs it on each of its servers
         ours = run_cli("bench", "--base-url", f"http://127.0.0.1:{port}/v1", "--api-key", "secret", "--tokenizer", model,
-                       "--num-prompts", "8", "--input-len", "12", "--output-len", "6", "--concurrency", "1,4", "--json",
+                       "--num-prompts", "8", "--workload", "fixed:12,6", "--concurrency", "1,4", "--json",
                        timeout=600)
         assert ours.returncode == 0, ours.stderr[-3000:]
         rows = json.loads(ours.stdout)

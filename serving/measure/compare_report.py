@@ -33,8 +33,8 @@ def format_markdown(report: dict[str, Any]) -> str:
     lines = [
         f"# Dense vs pruned serving ({report['backend']} backend)", "",
         f"- dense: `{report['dense']}`; pruned: `{report['pruned']}`",
-        f"- workload: {wl['num_prompts']} requests per level, {wl['input_len']} input / {wl['output_len']} output "
-        f"tokens (ignore_eos, greedy), prompts `{wl['prompts']}`, seed {wl['seed']}, concurrency "
+        f"- workload `{wl['workload']}`: {wl['num_prompts']} requests per level, mean {wl['mean_input_len']:.0f} "
+        f"input / {wl['mean_output_len']:.0f} output tokens (ignore_eos, greedy), prompts `{wl['prompts']}`, seed {wl['seed']}, concurrency "
         f"{', '.join(map(str, wl['concurrency']))}; max_num_seqs {wl['max_num_seqs']}; {wl['repeats']} interleaved "
         f"repeat(s), medians shown; servers {_servers(report)}",
         f"- weights read per decode step: dense {w['dense_decode_params'] / 1e6:.2f} M params"

@@ -1,0 +1,88 @@
+"""The capacity search on a simulated server of known saturation, and the model of the gain (KV bytes, ideals)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from serving_fakes import SaturatingServer
+
+from flap_deploy.errors import ParameterError
+from serving.measure.bench import calculate_metrics
+from serving.measure.capacity import CapacitySearch, find_capacity, full_ideal
+from serving.measure.workload import arrival_offsets, parse_slo
+
+REQUESTS = 200
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def searcher(server: SaturatingServer, slo: str, clock: FakeClock | None = None, burstiness: float = math.inf):
+    """measure(rate): REQUESTS arrivals at the rate (the workload module's), served by the simulated server."""
+    slo = parse_slo(slo)
+
+    def measure(rate: float) -> dict:
+        results, duration = server.run(arrival_offsets(REQUESTS, rate, burstiness, seed=1))
+        if clock is not None:
+            clock.now += duration
+        return calculate_metrics(results, duration, slo=slo)
+
+    return measure
+
+
+@pytest.mark.parametrize("start", [0.5, 3.0, 40.0])
+def test_capacity_lies_within_the_resolution_of_the_saturation(start):
+    """Evenly spaced arrivals: nothing waits below saturation, and a queue builds above it, so an SLO at the
+    unloaded TTFT breaks at the saturation point, whichever side the search starts on."""
+    server = SaturatingServer(slots=2, prefill_s=0.05, tpot_s=0.01, output_tokens=6)  # 20 req/s
+    search = CapacitySearch(start=start, resolution=0.05, max_rate=1000)
+    found = find_capacity(searcher(server, "ttft_p99=50.5ms"), search)
+    assert found["complete"] and found["limit"] is None
+    assert found["capacity"] <= server.saturation < found["failed_rate"]
+    assert found["failed_rate"] == pytest.approx(found["capacity"] * 1.05)
+    assert server.saturation / found["capacity"] <= 1.05
+    # bracketing doubles, then bisection closes the bracket: a few points, not a sweep of the grid
+    assert len(found["points"]) <= 12
+
+
+def test_capacity_is_monotone_in_the_slo():
+    """Poisson arrivals: queueing starts below saturation, so the capacity grows with the bound, never shrinks."""
+    server = SaturatingServer(slots=4, prefill_s=0.02, tpot_s=0.005, output_tokens=9)
+    search = CapacitySearch(start=10.0, resolution=0.1)
+    found = [find_capacity(searcher(server, f"ttft_p99={ms}ms,tpot_p50=6ms", burstiness=1.0), search)["capacity"]
+             for ms in (25, 40, 80, 200, 1000)]
+    assert all(c is not None for c in found) and found == sorted(found) and found[0] < found[-1]
+
+
+def test_capacity_search_reports_its_limits_and_budget():
+    server = SaturatingServer(slots=1, prefill_s=0.1, tpot_s=0.02, output_tokens=6)  # 5 req/s
+    slo = "e2el_p99=201ms"
+    capped = find_capacity(searcher(server, slo), CapacitySearch(start=1.0, max_rate=3.0, resolution=0.1))
+    assert capped["limit"] == "max_rate" and capped["capacity"] <= 3.0 and capped["failed_rate"] is None
+    none = find_capacity(searcher(server, slo), CapacitySearch(start=20.0, min_rate=8.0, resolution=0.1))
+    assert none["capacity"] is None and none["limit"] == "min_rate" and none["failed_rate"] >= 8.0
+    # a budget of about two runs: the search stops with what it measured, marked incomplete
+    clock = FakeClock()
+    short = find_capacity(searcher(server, slo, clock), CapacitySearch(start=1.0, budget_s=250.0), clock=clock)
+    assert not short["complete"] and len(short["points"]) == 2 and short["failed_rate"] is None
+
+
+def test_capacity_search_refuses_impossible_settings():
+    for kwargs, param in (({"start": 0.0}, "rate_start"), ({"start": 500.0}, "rate_start"),
+                          ({"resolution": 0.0}, "resolution"), ({"budget_s": -1.0}, "budget")):
+        with pytest.raises(ParameterError) as e:
+            CapacitySearch(**kwargs)
+        assert e.value.param == param
+
+
+def test_full_ideal_counts_weights_and_kv_bytes():
+    weights = {"dense_decode_bytes": 1000, "pruned_decode_bytes": 800, "ideal_ratio": 1.25}
+    kv = {"dense": 10, "pruned": 5}
+    assert full_ideal(weights, kv, batch=0, context=100) == pytest.approx(1.25)
+    assert full_ideal(weights, kv, batch=4, context=50) == pytest.approx((1000 + 2000) / (800 + 1000))
