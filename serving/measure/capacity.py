@@ -147,9 +147,9 @@ def full_ideal(weights: dict[str, Any], kv_bytes: dict[str, int], batch: float, 
 
 
 def kv_model(refs: dict[str, Any], backend: Any, extra_args: Sequence[str], kv_tokens: dict[str, int | None],
-             lengths: dict[str, float], weights: dict[str, Any], batch: float | None) -> dict[str, Any]:
-    """KV bytes per token at the runtime's element size, the sequences of mean length the KV cache holds,
-    the weight-only and the full ideal."""
+             lengths: dict[str, float], weights: dict[str, Any], batch: float | None, batch_bound: int) -> dict[str, Any]:
+    """KV bytes per token at the runtime's element size, the sequences of mean length the KV cache holds (the
+    server's batch bound, max_num_seqs, caps how many run at once besides), the weight-only and the full ideal."""
     from flap_deploy.model.params import kv_bytes_per_token
 
     per_token = {name: kv_bytes_per_token(ref.config, backend.element_bytes(ref, extra_args))
@@ -158,6 +158,7 @@ def kv_model(refs: dict[str, Any], backend: Any, extra_args: Sequence[str], kv_t
     context = decode_context(lengths)
     return {
         "kv_bytes_per_token": per_token, "kv_cache_tokens": kv_tokens, "mean_sequence_len": seq_len,
+        "batch_bound": batch_bound,
         "sequences_that_fit": {n: (t // math.ceil(seq_len) if t else None) for n, t in kv_tokens.items()},
         "decode_context": context, "batch": batch, "weight_only_ideal": weights["ideal_ratio"],
         "full_ideal": full_ideal(weights, per_token, batch, context) if batch is not None else None,
@@ -185,7 +186,10 @@ def deployer_sentence(report: dict[str, Any]) -> str:
     text = (f"At SLO {w['slo']} and workload {w['workload']} ({w['arrivals']}), one pruned replica serves "
             f"{served(c['pruned'])} against {served(c['dense'])} for dense")
     if dense and pruned:
-        text += f": {replicas(load, pruned)} replicas instead of {replicas(load, dense)} for a load of {load:g} req/s"
+        # a capacity at the top rate tried is a lower bound, so its replica count is an upper one
+        n = {name: ("at most " if c[name]["limit"] == "max_rate" else "") + str(replicas(load, c[name]["capacity"]))
+             for name in ("dense", "pruned")}
+        text += f": {n['pruned']} replicas instead of {n['dense']} for a load of {load:g} req/s"
     return text + "."
 
 
@@ -249,7 +253,7 @@ def compare_capacity(dense: str, pruned: str, *, slo: str | SLO, out_dir: str | 
         "capacity_ratio": (capacity["pruned"]["capacity"] / capacity["dense"]["capacity"]
                            if capacity["dense"]["capacity"] and capacity["pruned"]["capacity"] else None),
         "kv": kv_model(refs, b, extra_args, kv_tokens, lengths, weights,
-                       little_batch(at_dense) if at_dense else None),
+                       little_batch(at_dense) if at_dense else None, max_num_seqs),
     }
     report["sentence"] = deployer_sentence(report)
     from serving.measure.capacity_report import write_capacity_report

@@ -36,14 +36,15 @@ def format_markdown(report: dict[str, Any]) -> str:
         f"req/s, doubling to bracket the knee then bisecting; budget {s['budget_s']:g} s per model "
         "(* = budget spent before the bracket closed)", "",
         "| model | capacity (req/s) | first failing rate | rates measured | search s | KV B/token | KV tokens | "
-        "sequences of mean length that fit |",
+        "sequences of mean length that fit (batch bound) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for name in ("dense", "pruned"):
         c = cap[name]
         lines.append(f"| {name} | {_capacity_cell(c)} | {_f(c['failed_rate'], '.3g')} | {len(c['points'])} | "
                      f"{c['elapsed_s']:.0f} | {kv['kv_bytes_per_token'][name]:,} | "
-                     f"{_f(kv['kv_cache_tokens'][name], ',')} | {_f(kv['sequences_that_fit'][name], ',')} |")
+                     f"{_f(kv['kv_cache_tokens'][name], ',')} | {_f(kv['sequences_that_fit'][name], ',')} "
+                     f"({kv['batch_bound']}) |")
     lines += [
         "", "| capacity ratio (pruned / dense) | weight-only ideal | full ideal |", "|---|---|---|",
         f"| {_f(report['capacity_ratio'], '.3f')} | {kv['weight_only_ideal']:.3f} | {_f(kv['full_ideal'], '.3f')} |", "",

@@ -275,7 +275,8 @@ class Target:
     ms: float
 
     def __str__(self) -> str:
-        return f"{self.metric}_p{self.percentile}={self.ms:g}ms"
+        bound = f"{self.ms / 1000:g}s" if self.ms >= 1000 else f"{self.ms:g}ms"
+        return f"{self.metric}_p{self.percentile}={bound}"
 
 
 @dataclass(frozen=True)
