@@ -86,3 +86,28 @@ def test_full_ideal_counts_weights_and_kv_bytes():
     kv = {"dense": 10, "pruned": 5}
     assert full_ideal(weights, kv, batch=0, context=100) == pytest.approx(1.25)
     assert full_ideal(weights, kv, batch=4, context=50) == pytest.approx((1000 + 2000) / (800 + 1000))
+
+
+def test_kv_bytes_and_full_ideal_of_the_bundled_pair_by_hand(bundled_dir, flap20_dir):
+    """SmolLM2-135M: 30 layers of 3 KV heads of 64; the pruned one keeps fewer KV heads in some layers."""
+    from flap_deploy.io.checkpoint import read_config
+    from flap_deploy.io.model_ref import resolve_model
+    from serving.backends import get_backend
+    from serving.measure.capacity import kv_model
+    from serving.measure.compare import ideal_ratio
+
+    kept = read_config(flap20_dir)["num_key_value_heads_per_layer"]
+    assert len(kept) == 30 and sum(kept) < 90
+    refs = {"dense": resolve_model(bundled_dir), "pruned": resolve_model(flap20_dir)}
+    weights = ideal_ratio(refs["dense"], refs["pruned"], "onnx")  # float32 exports: 4 bytes an element
+    lengths = {"mean_input_len": 1500.0, "mean_output_len": 200.0}
+    kv = kv_model(refs, get_backend("onnx"), (), {"dense": 8 * 2048, "pruned": 8 * 2048}, lengths, weights,
+                  batch=6.0, batch_bound=8)
+    dense_kv, pruned_kv = 30 * 2 * 3 * 64 * 4, sum(kept) * 2 * 64 * 4
+    assert kv["kv_bytes_per_token"] == {"dense": dense_kv, "pruned": pruned_kv}
+    assert kv["sequences_that_fit"] == {"dense": 8 * 2048 // 1700, "pruned": 8 * 2048 // 1700}
+    context = 1500 + 200 / 2
+    expected = ((weights["dense_decode_bytes"] + 6 * context * dense_kv)
+                / (weights["pruned_decode_bytes"] + 6 * context * pruned_kv))
+    assert kv["decode_context"] == context and kv["full_ideal"] == pytest.approx(expected)
+    assert kv["weight_only_ideal"] == weights["ideal_ratio"]
