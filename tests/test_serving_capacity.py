@@ -10,6 +10,7 @@ from serving_fakes import SaturatingServer
 from flap_deploy.errors import ParameterError
 from serving.measure.bench import calculate_metrics
 from serving.measure.capacity import CapacitySearch, find_capacity, full_ideal
+from serving.measure.capacity_report import capacity_text
 from serving.measure.workload import arrival_offsets, parse_slo
 
 REQUESTS = 200
@@ -67,10 +68,12 @@ def test_capacity_search_reports_its_limits_and_budget():
     assert capped["limit"] == "max_rate" and capped["capacity"] <= 3.0 and capped["failed_rate"] is None
     none = find_capacity(searcher(server, slo), CapacitySearch(start=20.0, min_rate=8.0, resolution=0.1))
     assert none["capacity"] is None and none["limit"] == "min_rate" and none["failed_rate"] >= 8.0
+    assert capacity_text(capped) == f"at least {capped['capacity']:.3g}" and capacity_text(none) == "less than 8"
     # a budget of about two runs: the search stops with what it measured, marked incomplete
     clock = FakeClock()
     short = find_capacity(searcher(server, slo, clock), CapacitySearch(start=1.0, budget_s=250.0), clock=clock)
     assert not short["complete"] and len(short["points"]) == 2 and short["failed_rate"] is None
+    assert capacity_text(short) == f"{short['capacity']:.3g} (unfinished)"
 
 
 def test_capacity_search_refuses_impossible_settings():

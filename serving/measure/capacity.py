@@ -35,6 +35,7 @@ from flap_deploy.io.atomic import check_output_dir
 from serving.backends import get_backend
 from serving.measure.bench import run_bench
 from serving.measure.bench_report import summary_rows
+from serving.measure.capacity_report import deployer_sentence, write_capacity_report
 from serving.measure.compare import ideal_ratio, launched_servers, resolve_pair
 from serving.measure.workload import (
     SLO,
@@ -168,31 +169,6 @@ def kv_model(refs: dict[str, Any], backend: Any, extra_args: Sequence[str], kv_t
 # ------------------------------------------------------------------------------ dense vs pruned
 
 
-def replicas(load: float, capacity: float | None) -> int | None:
-    return math.ceil(load / capacity - 1e-9) if capacity else None
-
-
-def deployer_sentence(report: dict[str, Any]) -> str:
-    """The sentence a deployer needs: capacities at the SLO and workload, replicas for the stated load."""
-    c, load = report["capacity"], report["fleet_load"]
-    dense, pruned = c["dense"]["capacity"], c["pruned"]["capacity"]
-
-    def served(cap: dict[str, Any]) -> str:
-        if cap["capacity"] is None:
-            return f"less than {cap['search']['min_rate']:g} req/s"
-        return ("at least " if cap["limit"] == "max_rate" else "") + f"{cap['capacity']:.3g} req/s"
-
-    w = report["workload"]
-    text = (f"At SLO {w['slo']} and workload {w['workload']} ({w['arrivals']}), one pruned replica serves "
-            f"{served(c['pruned'])} against {served(c['dense'])} for dense")
-    if dense and pruned:
-        # a capacity at the top rate tried is a lower bound, so its replica count is an upper one
-        n = {name: ("at most " if c[name]["limit"] == "max_rate" else "") + str(replicas(load, c[name]["capacity"]))
-             for name in ("dense", "pruned")}
-        text += f": {n['pruned']} replicas instead of {n['dense']} for a load of {load:g} req/s"
-    return text + "."
-
-
 def check_capacity_args(slo: SLO | None, burstiness: float, repeats: int, fleet_load: float) -> None:
     """What a capacity search needs besides its ``CapacitySearch``, checked before any work."""
     if slo is None:
@@ -256,8 +232,6 @@ def compare_capacity(dense: str, pruned: str, *, slo: str | SLO, out_dir: str | 
                        little_batch(at_dense) if at_dense else None, max_num_seqs),
     }
     report["sentence"] = deployer_sentence(report)
-    from serving.measure.capacity_report import write_capacity_report
-
     write_capacity_report(report, out_dir, overwrite)
     return report
 

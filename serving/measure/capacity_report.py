@@ -1,8 +1,9 @@
-"""capacity.json, capacity.md and capacity.png of a dense-vs-pruned capacity search."""
+"""capacity.json, capacity.md and capacity.png of a dense-vs-pruned capacity search, and its sentence."""
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +16,34 @@ def _f(x: Any, fmt: str) -> str:
     return "-" if x is None else format(x, fmt)
 
 
-def _capacity_cell(cap: dict[str, Any]) -> str:
+def replicas(load: float, capacity: float | None) -> int | None:
+    return math.ceil(load / capacity - 1e-9) if capacity else None
+
+
+def capacity_text(cap: dict[str, Any]) -> str:
+    """A found capacity in words: a figure, a bound where the search hit a limit, '(unfinished)' where its
+    budget ran out before the bracket closed."""
     if cap["capacity"] is None:
-        return f"< {cap['search']['min_rate']:g}"
-    return (">= " if cap["limit"] == "max_rate" else "") + f"{cap['capacity']:.3g}" + ("" if cap["complete"] else " *")
+        below = cap["search"]["min_rate"] if cap["complete"] else cap["failed_rate"]
+        text = f"less than {below:.3g}"
+    else:
+        text = ("at least " if cap["limit"] == "max_rate" else "") + f"{cap['capacity']:.3g}"
+    return text if cap["complete"] else f"{text} (unfinished)"
+
+
+def deployer_sentence(report: dict[str, Any]) -> str:
+    """The sentence a deployer needs: capacities at the SLO and workload, replicas for the stated load."""
+    c, load = report["capacity"], report["fleet_load"]
+    dense, pruned = c["dense"]["capacity"], c["pruned"]["capacity"]
+    w = report["workload"]
+    text = (f"At SLO {w['slo']} and workload {w['workload']} ({w['arrivals']}), one pruned replica serves "
+            f"{capacity_text(c['pruned'])} req/s against {capacity_text(c['dense'])} for dense")
+    if dense and pruned:
+        # a capacity at the top rate tried is a lower bound, so its replica count is an upper one
+        n = {name: ("at most " if c[name]["limit"] == "max_rate" else "") + str(replicas(load, c[name]["capacity"]))
+             for name in ("dense", "pruned")}
+        text += f": {n['pruned']} replicas instead of {n['dense']} for a load of {load:g} req/s"
+    return text + "."
 
 
 def format_markdown(report: dict[str, Any]) -> str:
@@ -34,14 +59,14 @@ def format_markdown(report: dict[str, Any]) -> str:
         f"- SLO `{w['slo']}`: a rate meets it when every stated percentile is within its bound and no request failed",
         f"- search: rates {s['start']:g} × (1 + {s['resolution']:g})^k within [{s['min_rate']:g}, {s['max_rate']:g}] "
         f"req/s, doubling to bracket the knee then bisecting; budget {s['budget_s']:g} s per model "
-        "(* = budget spent before the bracket closed)", "",
+        "(unfinished: the budget ran out before the bracket closed)", "",
         "| model | capacity (req/s) | first failing rate | rates measured | search s | KV B/token | KV tokens | "
         "sequences of mean length that fit (batch bound) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for name in ("dense", "pruned"):
         c = cap[name]
-        lines.append(f"| {name} | {_capacity_cell(c)} | {_f(c['failed_rate'], '.3g')} | {len(c['points'])} | "
+        lines.append(f"| {name} | {capacity_text(c)} | {_f(c['failed_rate'], '.3g')} | {len(c['points'])} | "
                      f"{c['elapsed_s']:.0f} | {kv['kv_bytes_per_token'][name]:,} | "
                      f"{_f(kv['kv_cache_tokens'][name], ',')} | {_f(kv['sequences_that_fit'][name], ',')} "
                      f"({kv['batch_bound']}) |")
