@@ -79,7 +79,8 @@ def test_compare_onnx_end_to_end(pair, tmp_path, servers, starts):
     dense_dir, pruned_dir, _, _ = pair
     out = tmp_path / "cmp"
     r = CliRunner().invoke(main, ["compare", str(dense_dir), str(pruned_dir), "--backend", "onnx", "--out", str(out),
-                                  "--concurrency", "1,4", "--num-prompts", "6", "--workload", "fixed:8,6", "--repeats", "2", "--warmup", "1", "--threads", "1", "--servers", servers,
+                                  "--concurrency", "1,4", "--num-prompts", "6", "--workload", "fixed:8,6",
+                                  "--slo", "e2el_p99=60s", "--repeats", "2", "--warmup", "1", "--threads", "1", "--servers", servers,
                                   "--json"],
                            env={"FLAP_DEPLOY_CACHE": str(tmp_path / "cache")})
     assert r.exit_code == 0, r.output
@@ -95,6 +96,8 @@ def test_compare_onnx_end_to_end(pair, tmp_path, servers, starts):
         rows = report["medians"][name]
         assert [x["max_concurrency"] for x in rows] == [1, 4]
         assert all(x["completed"] == 12 and x["failed"] == 0 and x["output_throughput"] > 0 for x in rows)
+        # a generous SLO: every request was good
+        assert all(x["request_goodput"] == pytest.approx(x["request_throughput"]) for x in rows)
     for ratio in report["ratios"]:
         assert ratio["output_throughput_ratio"] > 0 and ratio["ideal_ratio"] == report["weights"]["ideal_ratio"]
     assert "ideal ratio" in (out / "report.md").read_text()

@@ -125,6 +125,14 @@ def test_serve_pruned_bundled_with_openai_client(flap20_dir, tmp_path):
         rows = json.loads(ours.stdout)
         assert [row["max_concurrency"] for row in rows] == [1, 4], rows
         assert all(row["completed"] == 8 and row["failed"] == 0 and row["total_output_tokens"] == 8 * 6 for row in rows)
+
+        # the KV budget compare --capacity reports: vLLM's own planning, from its metrics
+        from serving.backends import get_backend
+        from serving.vllm.settings import VllmServerSettings
+
+        tokens = get_backend("vllm").kv_cache_tokens(f"http://127.0.0.1:{port}/v1",
+                                                     VllmServerSettings(model=str(model), api_key="secret"))
+        assert tokens is not None and tokens >= 512, tokens  # at least one sequence of max_model_len
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGINT)  # Ctrl-C

@@ -121,8 +121,8 @@ async def send_request(session: Any, url: str, model: str, req: BenchRequest, *,
 
 
 async def _run(url: str, model: str, requests: Sequence[BenchRequest], *, chat: bool, api_key: str | None,
-               concurrency: int | None, request_rate: float, burstiness: float, seed: int, ignore_eos: bool, temperature: float,
-               warmup: int, timeout_s: float, extra_body: dict[str, Any] | None, progress: bool
+               concurrency: int | None, request_rate: float, burstiness: float, seed: int, ignore_eos: bool,
+               temperature: float, warmup: int, timeout_s: float, extra_body: dict[str, Any] | None, progress: bool
                ) -> tuple[list[RequestResult], float]:
     import aiohttp
     from tqdm import tqdm
