@@ -4,8 +4,8 @@
 # Prepared for a one-GPU CUDA machine (an H100/H200 class card), run from the repo root:
 #   bash benchmarks/gpu_check.sh [SHAPE] [RATIO]
 # Then the FLAP-pruned bundled model bf16 / W8A8 int8 / FP8-dynamic (and TP 2, PP 2 with 2+ GPUs), and
-# the pruned model with vLLM's V2 model runner off and on.
-# It needs about 15 minutes: prunes a Llama-3-8B-shaped random checkpoint on the GPU, installs what is missing (vllm for CUDA, this package without
+# the pruned model with vLLM's V2 model runner off and on; last, capacity at an SLO on 8B shapes.
+# It needs about 15 minutes (and up to 50 more for the capacity searches): prunes a Llama-3-8B-shaped random checkpoint on the GPU, installs what is missing (vllm for CUDA, this package without
 # its CPU-only pins), builds the synthetic pair with `--load-format dummy` weights (random,
 # no download), and runs `flap-deploy compare --backend vllm` on it. Results land in
 # benchmarks/results/gpu/ (report.json, report.md, plots) and benchmarks/results/gpu_check.log.
@@ -68,7 +68,7 @@ cp "$WORK/prune.json" benchmarks/results/gpu_prune_8b.json
 
 export VLLM_LOGGING_LEVEL=WARNING
 timeout 420 "$PY" -m flap_deploy_cli compare --synthetic "$SHAPE" --ratio "$RATIO" --backend vllm \
-  --concurrency 1,8,32 --num-prompts 64 --input-len 512 --output-len 128 --repeats 1 --warmup 4 \
+  --concurrency 1,8,32 --num-prompts 64 --workload fixed:512,128 --repeats 1 --warmup 4 \
   --vllm-arg=--dtype=bfloat16 --max-model-len 2048 --max-num-seqs 64 --out "$OUT" --overwrite \
   --vllm-arg=--gpu-memory-utilization=0.85
 cat "$OUT/report.md"
@@ -114,5 +114,17 @@ with tempfile.TemporaryDirectory() as work:
 print(json.dumps({"model": sys.argv[1], "v2_model_runner": sys.argv[2], "greedy": r["greedy"][0][:8],
                   "tokens_per_s": r["throughput"]["tokens_per_s"], "engine_start_s": r["engine_start_s"]}))
 PYEOF
+done
+# Capacity at an SLO (issue 22), dense vs pruned on the GPU, 8B shapes (synthetic llama3-8b pair, weights
+# made up): a traffic-like workload and a long-context one where KV bytes per token matter. Each model's
+# server runs alone for its search; the rates bracket the knee then bisect it (10 % grid), 10 min per model.
+for W in "lognormal:512,0.5,128,0.5" "uniform:1024,2048,64,128"; do
+  NAME=$(echo "$W" | cut -d: -f1)
+  timeout 1500 "$PY" -m flap_deploy_cli compare --synthetic llama3-8b --ratio "$RATIO" --backend vllm --capacity \
+    --workload "$W" --slo ttft_p99=500ms,tpot_p99=50ms --num-prompts 200 --rate-start 4 --rate-max 256 \
+    --resolution 0.1 --budget 600 --repeats 1 --fleet-load 1000 --max-num-seqs 256 --max-model-len 4096 \
+    --vllm-arg=--dtype=bfloat16 --vllm-arg=--gpu-memory-utilization=0.85 \
+    --out "$OUT/capacity-$NAME" --overwrite || echo "capacity $W: failed"
+  cat "$OUT/capacity-$NAME/capacity.md" 2>/dev/null || true
 done
 echo "== $(date -u +%FT%TZ) done"

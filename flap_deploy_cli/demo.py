@@ -94,8 +94,8 @@ def run_demo(out: str | os.PathLike = "demo-out", *, quick: bool = False, backen
     backend = backend or default_backend()
     t = _step(f"compare dense vs pruned on {backend}")
     report = compare(str(dense_dir), str(exports[backend]), backend=backend, out_dir=out / "compare",
-                     concurrency=(1, 4) if quick else (1, 4, 16), num_prompts=8 if quick else 16, input_len=128,
-                     output_len=32 if quick else 64, repeats=1 if quick else 2, warmup=1 if quick else 2,
+                     concurrency=(1, 4) if quick else (1, 4, 16), num_prompts=8 if quick else 16,
+                     workload="fixed:128,32" if quick else "fixed:128,64", repeats=1 if quick else 2, warmup=1 if quick else 2,
                      max_num_seqs=16, max_model_len=512, overwrite=True)
     times["compare_s"] = time.perf_counter() - t
     times["total_s"] = time.perf_counter() - start

@@ -42,6 +42,8 @@ class Backend:
     element_bytes: Callable[[ModelRef, Sequence[str]], int]
     # what its server is started on, made once before any server starts (ONNX: the export): (model, progress)
     serve_target: Callable[[ModelRef, bool], Path]
+    # tokens its running server's KV cache holds (None: it does not say): (its /v1 URL, its settings)
+    kv_cache_tokens: Callable[[str, Any], int | None] = lambda url, settings: None
     # pass-through arguments under which it makes up the weights (a config alone is served); None: it cannot
     random_weights_args: tuple[str, ...] | None = None
     health: str = "/health"  # answers 200 once the server takes requests
@@ -96,12 +98,25 @@ def _onnx_export(ref: ModelRef, progress: bool) -> Path:
     return ensure_onnx(ref, progress=progress)
 
 
+def _served_card(url: str, api_key: str | None) -> dict[str, Any]:
+    import httpx
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    return httpx.get(url.rstrip("/") + "/models", headers=headers, timeout=30, trust_env=False).json()["data"][0]
+
+
+def _onnx_kv_tokens(url: str, settings: OnnxServerSettings) -> int:
+    """A slot of max_model_len tokens per sequence of the batch bound (the server's own memory budget); the
+    context length as the server resolved it (its /v1/models card), since the settings may leave it unset."""
+    return settings.max_num_seqs * int(_served_card(url, settings.api_key)["max_model_len"])
+
+
 ONNX = Backend(
     name="onnx", summary="the built-in ONNX Runtime server with continuous batching",
     settings=OnnxServerSettings, module="serving.onnx", serve=_serve_onnx,
     installed=lambda: all(importlib.util.find_spec(m) is not None for m in ("onnxruntime", "fastapi", "uvicorn")),
     side_by_side=lambda: True,  # idle ONNX Runtime servers take no CPU and hold only their weights
-    element_bytes=_onnx_element_bytes, serve_target=_onnx_export)
+    element_bytes=_onnx_element_bytes, serve_target=_onnx_export, kv_cache_tokens=_onnx_kv_tokens)
 
 
 # ------------------------------------------------------------------------------ vLLM
@@ -128,12 +143,27 @@ def _vllm_element_bytes(ref: ModelRef, extra_args: Sequence[str]) -> int:
     return 4 if dtype in ("float32", "float") else 2
 
 
+def _vllm_kv_tokens(url: str, settings: VllmServerSettings) -> int | None:
+    """KV blocks × block size from the engine's ``vllm:cache_config_info`` metric (its own planning)."""
+    import re
+
+    import httpx
+
+    headers = {"Authorization": f"Bearer {settings.api_key}"} if settings.api_key else {}
+    text = httpx.get(url.rstrip("/").removesuffix("/v1") + "/metrics", headers=headers, timeout=30,
+                     trust_env=False).text
+    line = next((x for x in text.splitlines() if x.startswith("vllm:cache_config_info{")), "")
+    labels = dict(re.findall(r'(\w+)="([^"]*)"', line))
+    blocks, size = labels.get("num_gpu_blocks"), labels.get("block_size")
+    return int(blocks) * int(size) if blocks and size and blocks.isdigit() and size.isdigit() else None
+
+
 VLLM = Backend(
     name="vllm", summary="vLLM's OpenAI server, after every check that can run before its engine",
     settings=VllmServerSettings, module="serving.vllm", serve=_serve_vllm,
     installed=lambda: importlib.util.find_spec("vllm") is not None, side_by_side=_vllm_side_by_side,
     element_bytes=_vllm_element_bytes, serve_target=lambda ref, progress: ref.path,
-    random_weights_args=RANDOM_WEIGHTS_ARGS)
+    kv_cache_tokens=_vllm_kv_tokens, random_weights_args=RANDOM_WEIGHTS_ARGS)
 
 
 # ------------------------------------------------------------------------------ the table

@@ -256,7 +256,7 @@ def test_compare_takes_a_hub_id_at_a_revision(hub_cache, bundled_dir, flap20_dir
     _, _, env = hub_cache
     out = tmp_path / "cmp"
     res = cli(env, "compare", "smollm2-135m", REPO_ID, "--revision", "flap20", "--backend", "onnx", "--out", out,
-              "--concurrency", "1", "--num-prompts", "2", "--input-len", "8", "--output-len", "4", "--repeats", "1",
+              "--concurrency", "1", "--num-prompts", "2", "--workload", "fixed:8,4", "--repeats", "1",
               "--warmup", "0", "--threads", "2", "--json")
     assert res.returncode == 0, res.stderr
     report = json.loads((out / "report.json").read_text())

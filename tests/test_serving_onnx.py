@@ -77,10 +77,11 @@ def test_chat_on_onnx(served):
 
 
 def test_bench_full_metric_set_on_onnx(served):
-    from serving.measure.bench import build_requests, run_bench
+    from serving.measure.bench import run_bench
+    from serving.measure.workload import parse_workload
 
     server, url = served
-    reqs = build_requests(server.tokenizer, "self", 12, 10, 6, seed=0)
+    reqs = parse_workload("fixed:10,6").requests(server.tokenizer, 12, seed=0)
     result = run_bench(url, reqs, concurrency=[2, 8], tokenizer=server.tokenizer, progress=False)
     for run in result["runs"]:
         assert run["completed"] == 12 and run["failed"] == 0
@@ -93,28 +94,41 @@ def test_bench_full_metric_set_on_onnx(served):
 
 @pytest.mark.slow
 @pytest.mark.vllm
-def test_vllm_bench_serve_against_onnx_server(served, tmp_path):
-    """`vllm bench serve` (from the vLLM install) runs against our server without errors."""
+def test_bench_agrees_with_vllm_bench_serve(served, tmp_path):
+    """`vllm bench serve` (from the vLLM install) and our bench, the same open-loop workload against the same
+    server: same completed count, request throughput and goodput within 10 % of each other."""
     import os
     import subprocess
     import sys
     from pathlib import Path
 
+    from click.testing import CliRunner
+
+    from flap_deploy_cli import main
+
     pytest.importorskip("vllm")
     server, url = served
+    n, rate = 32, 8.0
     repo = Path(__file__).resolve().parent.parent
     cmd = [sys.executable, "-m", "serving.vllm.bench", "--backend", "openai", "--base-url", url[:-3],
            "--model", "tiny-onnx", "--tokenizer", server.model_root, "--dataset-name", "random",
-           "--random-input-len", "12", "--random-output-len", "6", "--num-prompts", "16", "--ignore-eos",
-           "--max-concurrency", "4", "--seed", "0", "--save-result", "--result-dir", str(tmp_path)]
+           "--random-input-len", "12", "--random-output-len", "6", "--num-prompts", str(n), "--ignore-eos",
+           "--request-rate", str(rate), "--burstiness", "1.0", "--goodput", "ttft:2000", "tpot:500", "e2el:5000",
+           "--seed", "0", "--save-result", "--result-dir", str(tmp_path)]
     env = dict(os.environ, PYTHONPATH=f"{repo}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     (result_file,) = tmp_path.glob("*.json")
-    result = json.loads(result_file.read_text())
-    assert result["completed"] == 16 and result["failed"] == 0
-    assert result["total_output_tokens"] == 16 * 6
-    assert result["mean_ttft_ms"] > 0 and result["mean_tpot_ms"] > 0
+    theirs = json.loads(result_file.read_text())
+    res = CliRunner().invoke(main, ["bench", "--base-url", url, "--model", "tiny-onnx", "--workload", "fixed:12,6",
+                                    "--num-prompts", str(n), "--request-rate", str(rate), "--burstiness", "1",
+                                    "--slo", "ttft_p99=2s,tpot_p99=500ms,e2el_p99=5s", "--seed", "0", "--json"])
+    assert res.exit_code == 0, res.output
+    (ours,) = json.loads(res.stdout)
+    assert theirs["completed"] == ours["completed"] == n and theirs["failed"] == ours["failed"] == 0
+    assert theirs["total_output_tokens"] == ours["total_output_tokens"] == n * 6
+    assert ours["request_throughput"] == pytest.approx(theirs["request_throughput"], rel=0.1)
+    assert ours["request_goodput"] == pytest.approx(theirs["request_goodput"], rel=0.1)
 
 
 def test_serve_cli_subprocess(onnx_dir, tmp_path):

@@ -119,12 +119,20 @@ def test_serve_pruned_bundled_with_openai_client(flap20_dir, tmp_path):
 
         # compare's load generator, as compare runs it on each of its servers
         ours = run_cli("bench", "--base-url", f"http://127.0.0.1:{port}/v1", "--api-key", "secret", "--tokenizer", model,
-                       "--num-prompts", "8", "--input-len", "12", "--output-len", "6", "--concurrency", "1,4", "--json",
+                       "--num-prompts", "8", "--workload", "fixed:12,6", "--concurrency", "1,4", "--json",
                        timeout=600)
         assert ours.returncode == 0, ours.stderr[-3000:]
         rows = json.loads(ours.stdout)
         assert [row["max_concurrency"] for row in rows] == [1, 4], rows
         assert all(row["completed"] == 8 and row["failed"] == 0 and row["total_output_tokens"] == 8 * 6 for row in rows)
+
+        # the KV budget compare --capacity reports: vLLM's own planning, from its metrics
+        from serving.backends import get_backend
+        from serving.vllm.settings import VllmServerSettings
+
+        tokens = get_backend("vllm").kv_cache_tokens(f"http://127.0.0.1:{port}/v1",
+                                                     VllmServerSettings(model=str(model), api_key="secret"))
+        assert tokens is not None and tokens >= 512, tokens  # at least one sequence of max_model_len
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGINT)  # Ctrl-C

