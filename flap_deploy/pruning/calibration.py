@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from flap_deploy.errors import FlapDeployError, ParameterError
 
 HF_SOURCES = {"hf:wikitext2": ("wikitext", "wikitext-2-raw-v1", "train")}
+SELF_BATCH = 128  # sequences self-generated at a time (part of the recipe: the sampling order depends on it)
 
 
 @dataclass
@@ -86,7 +87,7 @@ def start_token(model: torch.nn.Module, tokenizer: Any | None) -> int:
 
 @torch.no_grad()
 def self_generated(model: torch.nn.Module, tokenizer: Any | None, nsamples: int, seqlen: int, seed: int,
-                   batch_size: int = 128, progress: bool = True) -> torch.Tensor:
+                   batch_size: int = SELF_BATCH, progress: bool = True) -> torch.Tensor:
     """Windows sampled from the model itself, starting at BOS (temperature 1, EOS suppressed so
     every window is full length). Batches are drawn in a fixed order from one seeded generator."""
     device = next(model.parameters()).device

@@ -32,7 +32,8 @@ from typing import Any, Callable
 
 import torch
 
-from flap_deploy.pruning.stats import CovStats
+from flap_deploy.errors import FlapDeployError
+from flap_deploy.pruning.stats import BLOCKS, CovStats, block_slices
 
 
 @dataclass
@@ -58,27 +59,77 @@ class LayerRefit:
 @torch.no_grad()
 def refit_linear(weight: torch.Tensor, bias: torch.Tensor | None, kept: torch.Tensor, stats: CovStats,
                  ridge: float) -> Refit:
-    """The ``ls`` refit of one linear layer on its kept input columns (see the module docstring)."""
-    w = weight.detach().to(torch.float64).cpu()
-    kept = torch.as_tensor(kept, dtype=torch.long).flatten().cpu()
-    removed = torch.ones(w.shape[1], dtype=torch.bool)
+    """The ``ls`` refit of one linear layer on its kept input columns (see the module docstring), where its
+    statistics live (host or device), within ``refit_nbytes``.
+
+    The system ``[Sigma[k, k]; Sigma[r, k]]`` (``CovStats.system``: a second-pass accumulator's own
+    co-moment, consumed) is factorized in place (Cholesky of the kept block + lam I), the right-hand
+    side ``W[:, r] Sigma[r, k]`` [out, |k|] is solved in place by two triangular solves and becomes
+    W'; products with the weight run one row block at a time, so no float64 copy of the whole weight
+    is made. ``ridge = 0`` factorizes a copy, so that a singular kept block can fall back to the
+    minimum-norm solution."""
+    dev = stats.mean.device
+    kept = torch.as_tensor(kept, dtype=torch.long).flatten().to(dev)
+    removed = torch.ones(weight.shape[1], dtype=torch.bool, device=dev)
     removed[kept] = False
     removed = removed.nonzero().flatten()
-    mu = stats.mean.cpu()
-    new_w = w[:, kept].clone()
+    w = weight.detach()
+    mu = stats.mean
+    blocks = block_slices(w.shape[0])
     if kept.numel() and removed.numel() and math.isfinite(ridge):
-        sigma = stats.covariance(cols=kept).cpu()  # [n, |k|]
-        s_kk, s_rk = sigma[kept], sigma[removed]
-        lam = ridge * float(s_kk.diagonal().mean())
-        lhs = s_kk + lam * torch.eye(kept.numel(), dtype=torch.float64)
-        try:
-            a = torch.linalg.solve(lhs, s_rk.T)  # [|k|, |r|] = (S_kk + lam I)^-1 S_kr
-        except RuntimeError:  # singular without ridge: the minimum-norm solution
-            a = torch.linalg.pinv(lhs, hermitian=True) @ s_rk.T
-        new_w += w[:, removed] @ a.T
-    b = bias.detach().to(torch.float64).cpu() if bias is not None else torch.zeros(w.shape[0], dtype=torch.float64)
-    new_b = b + w @ mu - new_w @ mu[kept]
-    return Refit(kept=kept, weight=new_w.to(weight.dtype), bias=new_b)
+        system = stats.system(kept)  # [n, |k|] co-moment sums: kept rows, then removed rows
+        n_kept = kept.numel()
+        new_w = torch.empty(w.shape[0], n_kept, dtype=torch.float64, device=dev)
+        for b in blocks:  # W[:, r] Sigma[r, k] (the count cancels: it scales both sides)
+            torch.matmul(w[b][:, removed.to(w.device)].to(dev, torch.float64), system[n_kept:], out=new_w[b])
+        lhs = system[:n_kept]
+        scale = float(lhs.diagonal().mean())
+        lhs.diagonal().add_(ridge * scale)
+        if scale == 0:  # constant inputs: nothing to predict from, the right-hand side is zero too
+            pass
+        elif ridge == 0:  # the plain refit: its kept block may be singular, so factorize a copy
+            if not _cholesky_solve(lhs.clone(), new_w):
+                new_w.copy_(new_w @ torch.linalg.pinv(lhs, hermitian=True))  # the minimum-norm solution
+        elif not _cholesky_solve(lhs, new_w):
+            raise FlapDeployError(f"the ls refit's system ({n_kept} kept input channels) is not positive definite "
+                                  f"at ridge {ridge:g}; use a larger `ridge`")
+        del system, lhs
+        for b in blocks:
+            new_w[b] += w[b][:, kept.to(w.device)].to(dev)
+    else:
+        new_w = w[:, kept.to(w.device)].to(dev, torch.float64)
+    b = bias.detach().to(dev, torch.float64) if bias is not None else torch.zeros(w.shape[0], dtype=torch.float64,
+                                                                                   device=dev)
+    w_mu = torch.cat([w[rows].to(dev, torch.float64) @ mu for rows in blocks])
+    new_b = b + w_mu - new_w @ mu[kept]
+    return Refit(kept=kept.cpu(), weight=new_w.to(weight.dtype), bias=new_b)
+
+
+def refit_nbytes(out: int, channels: int, kept: int, elt: int, ridge: float, gathered: bool) -> int:
+    """The most ``refit_linear`` holds beyond its statistics, for a weight [out, channels] of ``elt``-byte
+    elements refitted on ``kept`` columns: W' in float64 and its cast, one row block of the weight gathered
+    and cast; ``gathered``: the system copied out of full covariances, and one row block of that gather;
+    ``ridge == 0``: the factorized copy and the minimum-norm fallback (an eigendecomposition, its
+    workspace and the pseudo-inverse)."""
+    total = out * kept * (8 + elt) + -(-out // BLOCKS) * channels * (elt + 8)
+    if gathered:
+        total += 8 * channels * kept + 8 * -(-channels // BLOCKS) * kept
+    if ridge == 0:
+        total += 5 * 8 * kept * kept
+    return total
+
+
+def _cholesky_solve(lhs: torch.Tensor, rhs: torch.Tensor) -> bool:
+    """``rhs <- rhs lhs^-1`` for a symmetric positive definite ``lhs``, which is overwritten by its Cholesky
+    factor (on its column-major view, which LAPACK factorizes without a copy); the two triangular solves
+    write into ``rhs``. False, ``rhs`` untouched, when ``lhs`` is not positive definite."""
+    factor, info = torch.linalg.cholesky_ex(lhs.mT, out=(lhs.mT, torch.empty((), dtype=torch.int32,
+                                                                                device=lhs.device)))
+    if int(info) != 0:
+        return False
+    torch.linalg.solve_triangular(factor.mT, rhs, upper=True, left=False, out=rhs)
+    torch.linalg.solve_triangular(factor, rhs, upper=False, left=False, out=rhs)
+    return True
 
 
 def kept_columns(mask, head_dim: int, attn_in: int, mlp_in: int) -> tuple[torch.Tensor, torch.Tensor]:
