@@ -31,7 +31,7 @@ fi
 "$PY" -c "import vllm, torch; print('vllm', vllm.__version__, 'torch', torch.__version__, torch.cuda.get_device_name())"
 
 # The synthetic pair uses the bundled tokenizer; convert it once (no network).
-"$PY" -c "from flap_deploy.bundled import materialize; print(materialize('smollm2-135m'))"
+"$PY" -c "from flap_deploy.io.bundled import materialize; print(materialize('smollm2-135m'))"
 
 # Pruning at 8B scale on the GPU: a Llama-3-8B-shaped random-weight checkpoint (bf16, written
 # here), FLAP 20 % with one decoder layer resident at a time: wall time, peak host RSS and GPU memory.
@@ -39,8 +39,8 @@ WORK=/tmp/flap-gpu-check
 "$PY" - "$WORK" <<'PY'
 import sys, torch
 from pathlib import Path
-from flap_deploy.bundled import materialize
-from flap_deploy.synthetic import SHAPES, write_random_checkpoint
+from flap_deploy.io.bundled import materialize
+from flap_deploy.pruning.synthetic import SHAPES, write_random_checkpoint
 work = Path(sys.argv[1]); work.mkdir(parents=True, exist_ok=True)
 words = "the of and to in a is was for on as with by that from at his it an were are which".split()
 g = torch.Generator().manual_seed(0)
@@ -60,6 +60,13 @@ print(f"prune 8B on GPU: {d['timings']['total_s']:.1f} s (calibrate {d['timings'
       f"write {d['timings']['write_s']:.1f}); peak host RSS {m['peak_rss_bytes'] / 2**30:.2f} GiB; "
       f"peak GPU memory {m.get('peak_device_bytes', 0) / 2**30:.2f} GiB; checkpoint "
       f"{m['plan']['checkpoint_bytes'] / 2**30:.2f} GiB; removed {100 * d['provenance']['achieved_ratio']:.1f} %")
+# The memory plan is a bound (issue 21): torch.cuda.max_memory_allocated and the host VmHWM at or below
+# the planned device and host peaks, and within 10 % of them.
+for what, planned, measured in (("device", m["plan"]["device_peak_bytes"], m.get("peak_device_bytes", 0)),
+                                ("host", m["plan"]["host_peak_bytes"], m["peak_rss_bytes"])):
+    ok = measured <= planned and measured >= 0.9 * planned
+    print(f"plan check {what}: planned {planned / 2**30:.2f} GiB, measured {measured / 2**30:.2f} GiB: "
+          + ("OK" if ok else "FAIL"))
 PY
 grep -E "Maximum resident|Elapsed" "$WORK/prune.log" || true
 cp "$WORK/prune.json" benchmarks/results/gpu_prune_8b.json

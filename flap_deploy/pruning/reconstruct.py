@@ -17,9 +17,9 @@ Modes (``PruneConfig.reconstruct``):
   inputs; ``ridge`` -> infinity gives back ``bias`` exactly, ``ridge = 0`` the plain refit.
 
 Statistics: ``stats.CovStats`` streams the covariance in float64, merging batches with Chan et
-al.'s update. Where the memory plan has room (``pruning.plan_covariances``), every layer's full
-covariance is kept from the statistics pass; otherwise the writing pass accumulates each layer's
-against its kept columns only, so Sigma[all, k] (n x |k|) is all that is ever held: for Llama-70B's
+al.'s update. By default the writing pass accumulates each layer's against its kept columns only
+(where ``max_memory`` is given with room for them, ``pipeline.plan_prune``, every layer's full
+covariance is kept from the statistics pass instead), so Sigma[all, k] (n x |k|) is all that is ever held: for Llama-70B's
 MLP (n = 28,672) and 80 % kept channels that is 28,672 x 22,938 x 8 B = 5.3 GB for one layer at a
 time (attention: 8,192 x |k| x 8 B <= 0.5 GB).
 """

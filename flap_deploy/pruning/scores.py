@@ -60,8 +60,8 @@ def score_flap(stream: LayerStream, config: PruneConfig, calib: Calibration | No
                align: Alignment, plan: MemoryPlan) -> Scores:
     """FLAP: the configured metric on dense-calibration statistics, standardized per layer and module.
     With ``statistics`` from an earlier run, only o_proj / down_proj weights are read, layer by layer.
-    Every layer's full input covariances are kept with the statistics when the plan has room for them
-    (``statistics.plan_covariances``)."""
+    Every layer's full input covariances are kept with the statistics when the plan says so
+    (``pipeline.plan_prune``: a ``max_memory`` with room for them)."""
     geom = stream.geometry
     if statistics is not None:
         if len(statistics.layers) != geom.num_layers:

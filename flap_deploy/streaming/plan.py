@@ -11,6 +11,7 @@ allocation will keep), it is bounded (by the dense widths), and the code keeps t
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
@@ -159,7 +160,7 @@ class MemoryPlan:
         elif self.ls_statistics == "second pass":
             text += (f"; ls covariances from a second calibration pass while writing, one layer at a time (keeping "
                      f"every layer's from the statistics pass would need a peak of {g(self.kept_need_bytes)}: "
-                     f"--max-memory {self.kept_need_bytes / GIB:.1f}GiB or more keeps them and saves that pass)")
+                     f"--max-memory {math.ceil(self.kept_need_bytes / GIB * 10) / 10:.1f}GiB or more keeps them and saves that pass)")
         return text
 
     def check(self) -> MemoryPlan:
