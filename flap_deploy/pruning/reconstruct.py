@@ -63,55 +63,62 @@ def refit_linear(weight: torch.Tensor, bias: torch.Tensor | None, kept: torch.Te
     statistics live (host or device), within ``refit_nbytes``.
 
     The system ``[Sigma[k, k]; Sigma[r, k]]`` (``CovStats.system``: a second-pass accumulator's own
-    co-moment, consumed) is factorized in place (Cholesky of the kept block + lam I), the right-hand
-    side ``W[:, r] Sigma[r, k]`` [out, |k|] is solved in place by two triangular solves and becomes
-    W'; products with the weight run one row block at a time, so no float64 copy of the whole weight
-    is made. ``ridge = 0`` factorizes a copy, so that a singular kept block can fall back to the
-    minimum-norm solution."""
+    co-moment, consumed) is factorized in place (Cholesky of the kept block + lam I). The output rows are
+    independent, so W' is solved one row block at a time: the block's right-hand side ``W[b, r] Sigma[r, k]``
+    in float64, two triangular solves in place, ``W[b, k]`` added, its bias taken, and cast into W' in the
+    weight's dtype; no float64 copy of the whole weight or of W' is made. ``ridge = 0`` factorizes a copy,
+    so that a singular kept block can fall back to the minimum-norm solution."""
     dev = stats.mean.device
     kept = torch.as_tensor(kept, dtype=torch.long).flatten().to(dev)
     removed = torch.ones(weight.shape[1], dtype=torch.bool, device=dev)
     removed[kept] = False
     removed = removed.nonzero().flatten()
-    w = weight.detach()
-    mu = stats.mean
-    blocks = block_slices(w.shape[0])
-    if kept.numel() and removed.numel() and math.isfinite(ridge):
+    w, mu, n_kept = weight.detach(), stats.mean, kept.numel()
+    kept_w, removed_w = kept.to(w.device), removed.to(w.device)
+    system = factor = pinv = None
+    if n_kept and removed.numel() and math.isfinite(ridge):
         system = stats.system(kept)  # [n, |k|] co-moment sums: kept rows, then removed rows
-        n_kept = kept.numel()
-        new_w = torch.empty(w.shape[0], n_kept, dtype=torch.float64, device=dev)
-        for b in blocks:  # W[:, r] Sigma[r, k] (the count cancels: it scales both sides)
-            torch.matmul(w[b][:, removed.to(w.device)].to(dev, torch.float64), system[n_kept:], out=new_w[b])
-        lhs = system[:n_kept]
+        lhs = system[:n_kept]  # the count cancels: it scales both sides
         scale = float(lhs.diagonal().mean())
         lhs.diagonal().add_(ridge * scale)
         if scale == 0:  # constant inputs: nothing to predict from, the right-hand side is zero too
-            pass
+            system = None
         elif ridge == 0:  # the plain refit: its kept block may be singular, so factorize a copy
-            if not _cholesky_solve(lhs.clone(), new_w):
-                new_w.copy_(new_w @ torch.linalg.pinv(lhs, hermitian=True))  # the minimum-norm solution
-        elif not _cholesky_solve(lhs, new_w):
-            raise FlapDeployError(f"the ls refit's system ({n_kept} kept input channels) is not positive definite "
-                                  f"at ridge {ridge:g}; use a larger `ridge`")
-        del system, lhs
-        for b in blocks:
-            new_w[b] += w[b][:, kept.to(w.device)].to(dev)
-    else:
-        new_w = w[:, kept.to(w.device)].to(dev, torch.float64)
-    b = bias.detach().to(dev, torch.float64) if bias is not None else torch.zeros(w.shape[0], dtype=torch.float64,
-                                                                                   device=dev)
-    w_mu = torch.cat([w[rows].to(dev, torch.float64) @ mu for rows in blocks])
-    new_b = b + w_mu - new_w @ mu[kept]
-    return Refit(kept=kept.cpu(), weight=new_w.to(weight.dtype), bias=new_b)
+            factor = _cholesky(lhs.clone())
+            if factor is None:
+                pinv = torch.linalg.pinv(lhs, hermitian=True)  # the minimum-norm solution
+        else:
+            factor = _cholesky(lhs)
+            if factor is None:
+                raise FlapDeployError(f"the ls refit's system ({n_kept} kept input channels) is not positive "
+                                      f"definite at ridge {ridge:g}; use a larger `ridge`")
+    new_w = torch.empty(w.shape[0], n_kept, dtype=weight.dtype, device=dev)
+    new_b = (bias.detach().to(dev, torch.float64) if bias is not None
+             else torch.zeros(w.shape[0], dtype=torch.float64, device=dev))
+    for b in block_slices(w.shape[0]):
+        block = w[b][:, kept_w].to(dev, torch.float64)
+        if system is not None:
+            rhs = w[b][:, removed_w].to(dev, torch.float64) @ system[n_kept:]
+            if factor is not None:
+                torch.linalg.solve_triangular(factor.mT, rhs, upper=True, left=False, out=rhs)
+                torch.linalg.solve_triangular(factor, rhs, upper=False, left=False, out=rhs)
+            else:
+                rhs = rhs @ pinv
+            block += rhs
+            del rhs
+        new_b[b] += w[b].to(dev, torch.float64) @ mu - block @ mu[kept]
+        new_w[b] = block
+    return Refit(kept=kept.cpu(), weight=new_w, bias=new_b)
 
 
 def refit_nbytes(out: int, channels: int, kept: int, elt: int, ridge: float, gathered: bool) -> int:
     """The most ``refit_linear`` holds beyond its statistics, for a weight [out, channels] of ``elt``-byte
-    elements refitted on ``kept`` columns: W' in float64 and its cast, one row block of the weight gathered
-    and cast; ``gathered``: the system copied out of full covariances, and one row block of that gather;
-    ``ridge == 0``: the factorized copy and the minimum-norm fallback (an eigendecomposition, its
-    workspace and the pseudo-inverse)."""
-    total = out * kept * (8 + elt) + -(-out // BLOCKS) * channels * (elt + 8)
+    elements refitted on ``kept`` columns: W' in the weight's dtype; one row block's float64 right-hand side
+    and W'[b], and the weight's row block gathered and cast; ``gathered``: the system copied out of full
+    covariances, and one row block of that gather; ``ridge == 0``: the factorized copy and the minimum-norm
+    fallback (an eigendecomposition, its workspace and the pseudo-inverse)."""
+    step = -(-out // BLOCKS)
+    total = out * kept * elt + 2 * step * kept * 8 + step * channels * (elt + 8)
     if gathered:
         total += 8 * channels * kept + 8 * -(-channels // BLOCKS) * kept
     if ridge == 0:
@@ -119,17 +126,12 @@ def refit_nbytes(out: int, channels: int, kept: int, elt: int, ridge: float, gat
     return total
 
 
-def _cholesky_solve(lhs: torch.Tensor, rhs: torch.Tensor) -> bool:
-    """``rhs <- rhs lhs^-1`` for a symmetric positive definite ``lhs``, which is overwritten by its Cholesky
-    factor (on its column-major view, which LAPACK factorizes without a copy); the two triangular solves
-    write into ``rhs``. False, ``rhs`` untouched, when ``lhs`` is not positive definite."""
+def _cholesky(lhs: torch.Tensor) -> torch.Tensor | None:
+    """The lower Cholesky factor of a symmetric positive definite ``lhs``, written over it (on its
+    column-major view, which LAPACK factorizes without a copy); None when ``lhs`` is not positive definite."""
     factor, info = torch.linalg.cholesky_ex(lhs.mT, out=(lhs.mT, torch.empty((), dtype=torch.int32,
                                                                                 device=lhs.device)))
-    if int(info) != 0:
-        return False
-    torch.linalg.solve_triangular(factor.mT, rhs, upper=True, left=False, out=rhs)
-    torch.linalg.solve_triangular(factor, rhs, upper=False, left=False, out=rhs)
-    return True
+    return factor if int(info) == 0 else None
 
 
 def kept_columns(mask, head_dim: int, attn_in: int, mlp_in: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -216,6 +218,7 @@ def ls_refit(stream: Any, config: Any, scores: Any, calib: Any, masks: list) -> 
     the allocation keeps come from full first-pass covariances when the statistics hold them, else from
     the writing pass itself (the calibration windows run through the dense layers again, one resident at
     a time, each layer refitted before it is sliced), so memory stays one layer's."""
+    from flap_deploy.streaming.memory import give_back_memory
     from flap_deploy.streaming.passes import LayerPass
 
     stats = scores.statistics
@@ -246,6 +249,7 @@ def ls_refit(stream: Any, config: Any, scores: Any, calib: Any, masks: list) -> 
         finally:
             for h in hooks:
                 h.remove()
+        give_back_memory()  # the pass's activations and batch products, freed, before the solve allocates
         return refit_layer(m.o_proj, m.down_proj, attn, mlp, masks[i], head_dim, config.ridge)
 
     return Compensation(None, refit, record)
