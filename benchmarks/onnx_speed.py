@@ -114,6 +114,7 @@ def prepare(work: Path, threads: int) -> dict:
 
 
 def main() -> None:
+    from flap_model import recipe
     from flap_deploy.io.bundled import cache_dir
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -189,7 +190,7 @@ def main() -> None:
                   "onnxruntime": __import__("onnxruntime").__version__,
                   "note": "interleaved round-robin runs, medians; greedy decode, EOS ignored; same token-id prompts; "
                           "ORT thread spinning off"},
-        "pruned_model": env["pruned_dir"], "decode_step_params": env["decode_step_params"],
+        "pruned_model": env["pruned_dir"], "pruned_recipe": recipe(env["pruned_dir"]), "decode_step_params": env["decode_step_params"],
         "ideal_ratio": ideal,
         "rows": rows, "pruned_over_dense": ratios, "ort_vs_eager": speedups, "token_agreement_vs_eager": agree,
         "exports": {m: {q: {k: manifests[m][q].get(k) for k in ("export_seconds", "trace_seconds", "quantize_seconds",
@@ -208,7 +209,8 @@ def render(r: dict) -> str:
     lines = [
         "# ONNX Runtime speed: dense vs pruned SmolLM2-135M",
         "",
-        f"Pruned model: FLAP 20 % (`benchmarks/flap_model.py`, `{Path(r['pruned_model']).name}`).",
+        f"Pruned model: `flap-deploy prune smollm2-135m` with the shipped defaults (`benchmarks/flap_model.py`, "
+        f"`{Path(r['pruned_model']).name}`): {r.get('pruned_recipe') or 'recipe not recorded'}.",
         "",
         f"`python benchmarks/onnx_speed.py` - {s['threads']} threads, prompt {s['prompt_len']} tokens, "
         f"{s['new_tokens']} greedy tokens, {s['reps']} interleaved rounds, medians; "

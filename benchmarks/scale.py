@@ -28,6 +28,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from flap_deploy.pruning.methods import RECONSTRUCTIONS  # noqa: E402
 from flap_deploy.pruning.synthetic import Shape  # noqa: E402
 
 SIZES = {
@@ -89,7 +90,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/flap-scale"))
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    ap.add_argument("--reconstruct", default="bias", choices=("none", "bias", "ls"),
+    ap.add_argument("--reconstruct", default="bias", choices=tuple(RECONSTRUCTIONS),
                     help="bias (the paper's) measures the streaming itself; ls adds one layer's input covariance "
                          "(float64, n x kept) and a second forward while writing")
     args = ap.parse_args()

@@ -9,10 +9,12 @@ from serving.backends import BACKENDS, SERVER_MODES
 from .common import (
     CliError,
     FlapCommand,
+    at_revision,
     echo_json,
     int_list,
     json_option,
     overwrite_option,
+    revision_option,
 )
 
 # flap_deploy.pruning.synthetic.SHAPES' names, restated so that --help needs no torch (a test keeps them equal)
@@ -88,8 +90,9 @@ def bench(base_url: str, model: str | None, tokenizer: str | None, endpoint: str
 @click.command(cls=FlapCommand)
 @click.argument("dense", required=False)
 @click.argument("pruned", required=False)
-@click.option("--backend", type=click.Choice(BACKENDS), default=None,
-              help="Server runtime for both models: vllm when vLLM is installed, else onnx.")
+@revision_option
+@click.option("--backend", type=click.Choice(tuple(BACKENDS)), default=None,
+              help="Server runtime for both models (see serve): the first installed of " + ", ".join(BACKENDS) + ".")
 @click.option("--synthetic", default=None, type=click.Choice(SYNTHETIC_SHAPES),
               help="Instead of DENSE and PRUNED: a dense and a FLAP-shaped pruned checkpoint of this architecture's "
                    "shapes with random weights (vllm --load-format dummy).")
@@ -97,8 +100,9 @@ def bench(base_url: str, model: str | None, tokenizer: str | None, endpoint: str
               help="--synthetic: fraction of decoder linear weights the pruned shapes remove.")
 @click.option("--tp-size", default=1, show_default=True, type=click.IntRange(min=1),
               help="--synthetic: align the pruned widths to this tensor-parallel size.")
-@click.option("--vllm-arg", "vllm_args", multiple=True,
-              help="Extra argument for both vLLM servers (repeatable), e.g. --vllm-arg=--enforce-eager.")
+@click.option("--vllm-arg", "extra_args", multiple=True,
+              help="Extra argument for both vLLM servers (repeatable), e.g. --vllm-arg=--enforce-eager; the "
+                   "pass-through arguments of `serve ... -- ARGS`.")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
               help="Directory for report.json, report.md, throughput.png, latency.png.")
 @click.option("--concurrency", default="1,4,8", show_default=True, help="Comma-separated max concurrency levels.")
@@ -124,9 +128,12 @@ def bench(base_url: str, model: str | None, tokenizer: str | None, endpoint: str
 @click.option("--eval-max-tokens", default=16384, show_default=True, type=int, help="Tokens of --eval-text to use.")
 @overwrite_option
 @json_option
-def compare(dense: str | None, pruned: str | None, synthetic: str | None, ratio: float, tp_size: int,
-            concurrency: str, as_json: bool, **settings) -> None:
-    """Serve DENSE and PRUNED on the same settings, run the same workload on each, report measured vs ideal."""
+def compare(dense: str | None, pruned: str | None, revision: str | None, synthetic: str | None, ratio: float,
+            tp_size: int, concurrency: str, as_json: bool, **settings) -> None:
+    """Serve DENSE and PRUNED on the same settings, run the same workload on each, report measured vs ideal.
+
+    The measured speed-up is added to PRUNED's model card (README.md) when PRUNED is a local pruned
+    checkpoint or an export with a card; a Hub snapshot and a synthetic pair are left as they are."""
     from serving.measure.compare import compare as run_compare
     from serving.measure.compare import compare_synthetic
 
@@ -134,19 +141,23 @@ def compare(dense: str | None, pruned: str | None, synthetic: str | None, ratio:
     if not levels:
         raise CliError(f"--concurrency {concurrency!r}: give at least one positive level")
     if synthetic:
-        if dense or pruned:
-            raise CliError("--synthetic builds its own DENSE and PRUNED: give neither")
+        if dense or pruned or revision:
+            raise CliError("--synthetic builds its own DENSE and PRUNED: give neither (nor --revision)")
         report = compare_synthetic(synthetic, ratio=ratio, tp_size=tp_size, concurrency=levels,
                                    progress=not as_json, **settings)
     elif dense and pruned:
+        dense, pruned = at_revision(revision, dense, pruned, out=settings["out_dir"], overwrite=settings["overwrite"])
         report = run_compare(dense, pruned, concurrency=levels, progress=not as_json, **settings)
     else:
         raise CliError("compare needs DENSE and PRUNED (or --synthetic NAME)")
     if as_json:
-        echo_json({"weights": report["weights"], "ratios": report["ratios"], "quality": report["quality"]})
+        echo_json({"weights": report["weights"], "ratios": report["ratios"], "quality": report["quality"],
+                   "card": report.get("card")})
         return
     click.echo(f"ideal ratio (weight bytes per decode step): {report['weights']['ideal_ratio']:.3f}")
     for r in report["ratios"]:
         click.echo(f"concurrency {r['max_concurrency']}: output throughput x{r['output_throughput_ratio']:.3f}, "
                    f"TPOT x{r['tpot_ratio']:.3f}")
     click.echo(f"wrote {settings['out_dir']}/report.md, report.json, throughput.png, latency.png")
+    if report.get("card"):
+        click.echo(f"added the speed-up to the model card {report['card']}")

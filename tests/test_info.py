@@ -1,9 +1,8 @@
 """`flap-deploy info`: widths table, parameter counts, provenance, plot."""
 
 import json
-import subprocess
-import sys
 
+from cli_util import run_cli
 from factories import tiny_heterogeneous
 from flap_deploy.io.checkpoint import save_checkpoint
 from flap_deploy.io.info import checkpoint_report
@@ -21,8 +20,7 @@ def test_report_counts_and_plot(tmp_path):
     assert dense["decoder_linear"] == 4 * (64 * 16 * 20 + 3 * 64 * 96)
     assert 0 < report["params"]["decoder_linear_removed"] < 1
 
-    res = subprocess.run([sys.executable, "-m", "flap_deploy_cli", "info", str(ckpt), "--json",
-                          "--plot", str(tmp_path / "w.png")], capture_output=True, text=True)
+    res = run_cli("info", ckpt, "--json", "--plot", tmp_path / "w.png")
     assert res.returncode == 0, res.stderr
     data = json.loads(res.stdout)
     assert data["params"] == json.loads(json.dumps(report["params"]))

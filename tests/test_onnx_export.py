@@ -10,26 +10,40 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from cli_util import one_line_error
 from exporters.onnx import OnnxCausalLM, export_onnx
 from exporters.onnx.manifest import MANIFEST_NAME
 from flap_deploy.io.checkpoint import save_checkpoint
 from flap_deploy_cli import main
 from flap_deploy.errors import FlapDeployError
+from flap_deploy.generation.sampling import SamplingParams
 from factories import tiny_dense
 from onnx_helpers import hf_greedy, lively_tiny_heterogeneous, tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """(model, checkpoint dir with a tiny tokenizer, ONNX dir exported through the CLI)."""
+def cli_export(tmp_path_factory):
+    """(model, checkpoint dir with a tiny tokenizer, ONNX dir, the result of `export onnx` into it)."""
     root = tmp_path_factory.mktemp("onnx")
     model = lively_tiny_heterogeneous()
     ckpt = save_checkpoint(model, root / "ckpt", tokenizer=tiny_tokenizer())
     out = root / "onnx"
-    result = CliRunner().invoke(main, ["export", "onnx", str(ckpt), str(out)])
+    return model, ckpt, out, CliRunner().invoke(main, ["export", "onnx", str(ckpt), str(out)])
+
+
+@pytest.fixture(scope="module")
+def tiny(cli_export):
+    """(model, checkpoint dir, ONNX dir exported through the CLI)."""
+    model, ckpt, out, result = cli_export
+    if result.exit_code != 0:
+        raise RuntimeError(f"export onnx failed: {result.output}")
+    return model, ckpt, out
+
+
+def test_cli_export_succeeds_and_reports_its_fp32_verification(cli_export):
+    result = cli_export[3]
     assert result.exit_code == 0, result.output
     assert "verify fp32" in result.output
-    return model, ckpt, out
 
 
 @pytest.fixture(scope="module")
@@ -158,6 +172,27 @@ def test_cli_generate_uses_the_runtime_the_directory_holds(tiny):
     assert records["onnx"]["text"] == records["pytorch"]["text"]
 
 
+def test_one_seed_samples_the_same_tokens_on_pytorch_and_onnx_runtime(tiny):
+    """Both runtimes run one generation loop with one sampler (``generation.generate.decode``), so on an
+    fp32 export the same seed picks the same tokens, greedy or sampled, batch left-padded."""
+    from exporters.onnx.runtime import generate as onnx_generate
+    from flap_deploy.generation.generate import generate as torch_generate
+
+    _, ckpt, out = tiny
+    prompts = ["w5 w9 w17", "w11 w60 w7 w3 w44 w71 w2"]
+    sampled = SamplingParams(max_tokens=32, temperature=1.0, top_p=0.9, top_k=40, seed=3, ignore_eos=True)
+    greedy = SamplingParams(max_tokens=32, ignore_eos=True)
+    runs = {}
+    for params in (sampled, greedy):
+        want = torch_generate(ckpt, prompts, params, device="cpu")
+        got = onnx_generate(out, prompts, params)
+        assert [len(g.token_ids) for g in want] == [32, 32]
+        assert [g.token_ids for g in got] == [g.token_ids for g in want]
+        assert [g.text for g in got] == [g.text for g in want]
+        runs[params.greedy] = want
+    assert all(s.token_ids != g.token_ids for s, g in zip(runs[False], runs[True]))  # it really sampled
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
 def test_dense_source_exports_as_the_same_graph_family(tmp_path, family):
     dense = tiny_dense(family)
@@ -202,10 +237,7 @@ def test_fp16_export_verifies(tmp_path):
 # -- bad inputs: one-line errors, nothing half-written ---------------------------------------
 
 def _cli_error(args):
-    res = CliRunner().invoke(main, args)
-    assert res.exit_code == 2, res.output
-    assert res.output.startswith("error: ") and res.output.count("\n") == 1, res.output
-    return res.output
+    return one_line_error(CliRunner().invoke(main, args))
 
 
 def test_export_refuses_a_directory_that_is_not_a_checkpoint(tmp_path):
@@ -282,5 +314,9 @@ def test_quantize_export_makes_a_verified_int8_copy(tiny, tmp_path):
     assert m["quantize"] == "int8" and m["verification"]["int8"]["finite"]
     assert m["verification"]["fp32"] == json.loads((tiny[2] / MANIFEST_NAME).read_text())["verification"]["fp32"]
     assert (out / "model.onnx").stat().st_size < (tiny[2] / "model.onnx").stat().st_size
+    # the float export's card, for the copy: its own path in the commands
+    card, float_card = (out / "README.md").read_text(), (tiny[2] / "README.md").read_text()
+    assert card == float_card.replace(str(tiny[2]), str(out)).replace(f"# {tiny[2].name}\n", f"# {out.name}\n")
+    assert f"flap-deploy serve {out} --backend onnx" in card
     with pytest.raises(FlapDeployError, match="unquantized float32"):
         quantize_export(out, tmp_path / "again")

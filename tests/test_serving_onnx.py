@@ -7,10 +7,13 @@ import json
 import numpy as np
 import openai
 import pytest
+from cli_util import one_line_error
 from factories import tiny_heterogeneous
 from serving_util import concurrent_streams, running, tiny_tokenizer
 
-from serving.onnx.server import create_app, load_onnx_server
+from serving.onnx.app import create_app
+from serving.onnx.server import load_onnx_server
+from serving.onnx.settings import OnnxServerSettings
 
 pytestmark = pytest.mark.slow  # exports a model (~30 s) and runs ONNX Runtime
 
@@ -29,7 +32,8 @@ def onnx_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def served(onnx_dir):
-    server = load_onnx_server(onnx_dir, served_model_name="tiny-onnx", max_num_seqs=8, max_model_len=128, threads=1)
+    server = load_onnx_server(OnnxServerSettings(model=onnx_dir, served_model_name="tiny-onnx", max_num_seqs=8,
+                                                 max_model_len=128, threads=1))
     with running(create_app(server)) as url:
         yield server, url
 
@@ -164,7 +168,30 @@ def test_serve_cli_user_errors(tmp_path):
 
     from flap_deploy_cli import main
 
-    r = CliRunner().invoke(main, ["serve", str(tmp_path / "nope"), "--backend", "onnx"])
-    assert r.exit_code == 2 and "not found" in r.output
-    r = CliRunner().invoke(main, ["serve", str(tmp_path), "--backend", "onnx", "--max-num-seqs", "0"])
-    assert r.exit_code == 2 and "--max-num-seqs" in r.output
+    one_line_error(CliRunner().invoke(main, ["serve", str(tmp_path / "nope"), "--backend", "onnx"]), "not found")
+    one_line_error(CliRunner().invoke(main, ["serve", str(tmp_path), "--backend", "onnx", "--max-num-seqs", "0"]),
+                   "--max-num-seqs")
+
+
+def test_the_onnx_entry_point_started_through_the_backend_table(onnx_dir, tmp_path):
+    """`python -m serving.onnx SETTINGS` as compare and soak start it: the key only in its environment,
+    the settings as given, and no process left after the stop."""
+    import httpx
+    from serving_util import free_port
+
+    from serving.backends import BACKENDS
+
+    onnx = BACKENDS["onnx"]
+    settings = onnx.settings_for(onnx_dir, port=free_port(), api_key="k1", served_model_name="tiny", max_num_seqs=2,
+                                 max_model_len=64, threads=1)
+    with open(tmp_path / "server.log", "w") as log, onnx.process(settings, log=log) as server:
+        server.wait_ready(120)
+        assert server.command[1:3] == ["-m", "serving.onnx"] and not any("k1" in a for a in server.command)
+        client = openai.OpenAI(base_url=settings.base_url + "/v1", api_key="k1", max_retries=0)
+        card = client.models.list().data[0]
+        assert (card.id, card.max_model_len) == ("tiny", 64)
+        r = client.completions.create(model="tiny", prompt=[5, 6, 7], max_tokens=3, temperature=0,
+                                      extra_body={"ignore_eos": True})
+        assert r.usage.completion_tokens == 3
+        assert httpx.get(settings.base_url + "/v1/models", timeout=5).status_code == 401
+    assert server.proc.returncode in (0, -15) and not server.pids()

@@ -11,6 +11,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from cli_util import one_line_error
 from flap_deploy.streaming.memory import peak_rss_bytes
 from flap_deploy.io.shards import INDEX_NAME, ShardedReader, ShardWriter
 from flap_deploy.pruning.synthetic import Shape, write_random_checkpoint
@@ -53,21 +54,13 @@ def test_shard_writer_round_trip(tmp_path):
             assert torch.equal(t, tensors[name])
 
 
-def _one_line_error(res) -> str:
-    assert res.exit_code == 2, res.output
-    assert "Traceback" not in res.output
-    errors = [line for line in res.output.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1, res.output
-    return errors[0]
-
-
 def _prune(src, out, *args):
     return CliRunner().invoke(main, ["prune", str(src), str(out), "--nsamples", "4", "--seqlen", "32", *map(str, args)])
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error of a machine without CUDA")
 def test_device_cuda_without_cuda_is_an_error_before_any_layer(sharded, calib_text, tmp_path):
-    line = _one_line_error(_prune(sharded, tmp_path / "out", "--calib", calib_text, "--device", "cuda"))
+    line = one_line_error(_prune(sharded, tmp_path / "out", "--calib", calib_text, "--device", "cuda"))
     assert "--device" in line and "no CUDA device" in line
     assert not (tmp_path / "out").exists()
 
@@ -76,7 +69,7 @@ def test_missing_shard_is_an_error(sharded, calib_text, tmp_path):
     bad = tmp_path / "bad"
     shutil.copytree(sharded, bad)
     (bad / "model-00002-of-00003.safetensors").unlink()
-    line = _one_line_error(_prune(bad, tmp_path / "out", "--calib", calib_text))
+    line = one_line_error(_prune(bad, tmp_path / "out", "--calib", calib_text))
     assert "model-00002-of-00003.safetensors" in line and "missing" in line
     assert not (tmp_path / "out").exists()
 
@@ -87,7 +80,7 @@ def test_wrong_tensor_shape_in_one_shard_is_an_error(sharded, calib_text, tmp_pa
     cfg = json.loads((bad / "config.json").read_text())
     cfg["intermediate_size"] = 320  # the shards hold 256 channels
     (bad / "config.json").write_text(json.dumps(cfg))
-    line = _one_line_error(_prune(bad, tmp_path / "out", "--calib", calib_text))
+    line = one_line_error(_prune(bad, tmp_path / "out", "--calib", calib_text))
     assert "mlp.gate_proj.weight" in line and "layer 0" in line and "[256, 128]" in line
     assert not (tmp_path / "out").exists()
 
@@ -98,14 +91,14 @@ def test_a_config_transformers_refuses_is_an_error(sharded, calib_text, tmp_path
     cfg = json.loads((bad / "config.json").read_text())
     cfg["intermediate_size"] = [256] * 3  # a per-layer list, of the wrong length too
     (bad / "config.json").write_text(json.dumps(cfg))
-    line = _one_line_error(_prune(bad, tmp_path / "out", "--calib", calib_text))
+    line = one_line_error(_prune(bad, tmp_path / "out", "--calib", calib_text))
     assert "config.json" in line and "intermediate_size" in line
     assert not (tmp_path / "out").exists()
 
 
 def test_plan_beyond_max_memory_is_an_error(sharded, calib_text, tmp_path):
     """Refused before any layer runs (nothing written), naming the figure the run needs and what lowers it."""
-    line = _one_line_error(_prune(sharded, tmp_path / "out", "--calib", calib_text, "--max-memory", "64MiB"))
+    line = one_line_error(_prune(sharded, tmp_path / "out", "--calib", calib_text, "--max-memory", "64MiB"))
     assert "--max-memory is 0.06 GiB, and the run needs about" in line and "this process now" in line
     assert "lower it with" in line and "--nsamples" in line and "--seqlen" in line
     assert not (tmp_path / "out").exists()

@@ -1,4 +1,8 @@
-"""`flap-deploy serve --backend vllm`: bad inputs fail before any engine; a real server on the pruned bundled model."""
+"""`flap-deploy serve --backend vllm`: bad inputs fail before any engine; a real server on the pruned bundled model.
+
+The engine test is the vLLM path of `make demo` (whose test runs the ONNX path): `export vllm` of the
+pruned model, `serve` as `compare` starts it, and `compare`'s load generator (`flap-deploy bench`).
+"""
 
 from __future__ import annotations
 
@@ -9,10 +13,13 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
+from cli_util import one_line_error, run_cli
+from exporters.vllm.export import export_vllm
 from factories import tiny_heterogeneous
 from flap_deploy.io.checkpoint import save_checkpoint
 from flap_deploy_cli import main
@@ -23,32 +30,25 @@ def _serve(*args):
     return CliRunner().invoke(main, ["serve", *args, "--backend", "vllm"])
 
 
-def _one_line_error(result, needle):
-    assert result.exit_code == 2, result.output
-    assert result.output.startswith("error: ") and result.output.count("\n") == 1, result.output
-    assert needle in result.output
-    assert "vllm" not in sys.modules or "EngineCore" not in result.output
-
-
-def test_not_a_checkpoint(tmp_path):
+def test_a_directory_that_is_not_a_checkpoint_is_refused(tmp_path):
     (tmp_path / "notes.txt").write_text("hello")
-    _one_line_error(_serve(str(tmp_path)), "not a model checkpoint (no config.json)")
-    _one_line_error(_serve(str(tmp_path / "missing")), "not found")
+    one_line_error(_serve(str(tmp_path)), "not a model checkpoint (no config.json)")
+    one_line_error(_serve(str(tmp_path / "missing")), "not found")
 
 
-def test_tp_violation_before_engine(tmp_path):
+def test_tp_violation_is_refused_before_the_engine(tmp_path):
     ckpt = save_checkpoint(tiny_heterogeneous(head_dim=32), tmp_path / "tiny")
-    _one_line_error(_serve(str(ckpt), "--tp-size", "4"),
+    one_line_error(_serve(str(ckpt), "--tp-size", "4"),
                     "layer 2: 2 query heads are not divisible by tensor-parallel size 4")
 
 
-def test_port_in_use(tmp_path):
+def test_a_port_in_use_is_refused_before_the_engine(tmp_path):
     ckpt = save_checkpoint(tiny_heterogeneous(head_dim=32), tmp_path / "tiny")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         s.listen()
         port = s.getsockname()[1]
-        _one_line_error(_serve(str(ckpt), "--port", str(port)), f"port {port} on 127.0.0.1 is not available")
+        one_line_error(_serve(str(ckpt), "--port", str(port)), f"port {port} on 127.0.0.1 is not available")
 
 
 @needs_vllm
@@ -58,10 +58,13 @@ def test_serve_pruned_bundled_with_openai_client(flap20_dir, tmp_path):
     import psutil
     from openai import OpenAI
 
-    model = flap20_dir
+    # the demo's directory: the pruned model exported for vLLM in float32
+    model = Path(export_vllm(flap20_dir, tmp_path / "vllm-pruned", dtype="float32")["output"])
     port = free_port()
+    # the flags compare passes to each of its servers
     cmd = [sys.executable, "-m", "flap_deploy_cli", "serve", str(model), "--backend", "vllm", "--port", str(port),
-           "--api-key", "secret", "--", "--max-model-len", "512", "--enforce-eager"]
+           "--api-key", "secret", "--max-num-seqs", "4", "--max-model-len", "512", "--served-model-name", "pruned",
+           "--", "--enforce-eager"]
     proc = subprocess.Popen(cmd, cwd=REPO, env=vllm_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     log: list[str] = []
     ready = threading.Event()
@@ -83,11 +86,11 @@ def test_serve_pruned_bundled_with_openai_client(flap20_dir, tmp_path):
         assert len(tree) >= 3  # CLI, API server, engine core (+ worker)
 
         client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="secret", max_retries=0)
-        assert [m.id for m in client.models.list().data] == [model.name]
-        done = client.completions.create(model=model.name, prompt="The capital of France is", max_tokens=8,
+        assert [m.id for m in client.models.list().data] == ["pruned"]
+        done = client.completions.create(model="pruned", prompt="The capital of France is", max_tokens=8,
                                          temperature=0)
         assert done.choices[0].text and done.usage.completion_tokens == 8
-        stream = client.chat.completions.create(model=model.name, messages=[{"role": "user", "content": "Hi!"}],
+        stream = client.chat.completions.create(model="pruned", messages=[{"role": "user", "content": "Hi!"}],
                                                 max_tokens=8, temperature=0, stream=True,
                                                 stream_options={"include_usage": True})
         pieces, usage = [], None
@@ -102,7 +105,7 @@ def test_serve_pruned_bundled_with_openai_client(flap20_dir, tmp_path):
 
         # vLLM's own load generator against the launcher's server (the key from OPENAI_API_KEY)
         bench = subprocess.run([sys.executable, "-m", "serving.vllm.bench", "--backend", "openai",
-                                "--base-url", f"http://127.0.0.1:{port}", "--model", model.name,
+                                "--base-url", f"http://127.0.0.1:{port}", "--model", "pruned",
                                 "--tokenizer", str(model), "--dataset-name", "random", "--random-input-len", "12",
                                 "--random-output-len", "6", "--num-prompts", "8", "--ignore-eos",
                                 "--max-concurrency", "4", "--seed", "0", "--save-result",
@@ -113,6 +116,15 @@ def test_serve_pruned_bundled_with_openai_client(flap20_dir, tmp_path):
         (result_file,) = tmp_path.glob("*.json")
         result = json.loads(result_file.read_text())
         assert result["completed"] == 8 and result["failed"] == 0 and result["total_output_tokens"] == 8 * 6
+
+        # compare's load generator, as compare runs it on each of its servers
+        ours = run_cli("bench", "--base-url", f"http://127.0.0.1:{port}/v1", "--api-key", "secret", "--tokenizer", model,
+                       "--num-prompts", "8", "--input-len", "12", "--output-len", "6", "--concurrency", "1,4", "--json",
+                       timeout=600)
+        assert ours.returncode == 0, ours.stderr[-3000:]
+        rows = json.loads(ours.stdout)
+        assert [row["max_concurrency"] for row in rows] == [1, 4], rows
+        assert all(row["completed"] == 8 and row["failed"] == 0 and row["total_output_tokens"] == 8 * 6 for row in rows)
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGINT)  # Ctrl-C
@@ -136,4 +148,4 @@ def test_foreign_per_layer_checkpoint_needs_export(tmp_path):
            "num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 32, "intermediate_size": 96,
            "vocab_size": 128, "layer_inter_size": model.config.intermediate_size_per_layer}
     (out / "config.json").write_text(json.dumps(cfg))
-    _one_line_error(_serve(str(out)), "convert it first: flap-deploy export vllm")
+    one_line_error(_serve(str(out)), "convert it first: flap-deploy export vllm")

@@ -1,8 +1,9 @@
-"""The ONNX I/O contract (ARCHITECTURE.md) in plain numpy: names, positions, cache hand-over.
+"""The ONNX I/O contract (ARCHITECTURE.md) in plain numpy: names, logits positions, cache hand-over.
 
 Every runtime of the contract (``OnnxCausalLM``, the serving engine, the export check) uses
 these; nothing here needs ONNX Runtime or torch, so the serving engine imports it without
-either. The batch is left-padded with ``flap_deploy.generation.generate.left_pad`` (PyTorch uses it too).
+either. The batch is left-padded with ``flap_deploy.generation.generate.left_pad`` and numbered with its
+``positions`` (PyTorch uses them too).
 """
 
 from __future__ import annotations
@@ -71,8 +72,3 @@ def past_from_present(present: dict[str, Any]) -> dict[str, Any]:
 def logits_index(seq: int, last_only: bool) -> np.ndarray:
     """The ``logits_index`` input: the last position, or every position of a ``seq``-token call."""
     return np.asarray([seq - 1] if last_only else range(seq), dtype=np.int64)
-
-
-def positions(mask: np.ndarray) -> np.ndarray:
-    """position_ids for a left-padded mask: 0 at each row's first real token."""
-    return np.clip(np.cumsum(mask, axis=1) - 1, 0, None).astype(np.int64)

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from flap_deploy.errors import FlapDeployError, ParameterError
 from flap_deploy.io.atomic import atomic_directory, check_output_dir
 from flap_deploy.io.bundled import cache_dir
+from flap_deploy.io.card import rewrite_card, write_card
 from flap_deploy.io.checkpoint import TOKENIZER_FILES, copy_tokenizer_files
 from flap_deploy.io.model_ref import CHECKPOINTS, ModelRef, resolve_model
 from flap_deploy.model.layout import LayerMask
@@ -169,6 +170,7 @@ def quantize_export(onnx_dir: str | os.PathLike, out_dir: str | os.PathLike, ver
         manifest["size_bytes"] = _directory_bytes(tmp)
         manifest["graph_bytes"] = sum(f.stat().st_size for f in tmp.glob(f"{MODEL_NAME}*"))
         _write_manifest(tmp, manifest)
+        rewrite_card(src, tmp, path=out)
     return Path(out)
 
 
@@ -243,6 +245,7 @@ def export_onnx(model_dir_or_name: str | os.PathLike, out_dir: str | os.PathLike
         manifest["size_bytes"] = _directory_bytes(tmp)
         manifest["graph_bytes"] = sum(f.stat().st_size for f in tmp.glob(f"{MODEL_NAME}*"))
         _write_manifest(tmp, manifest)
+        write_card(tmp, model.config.to_dict(), form="onnx", source=source, path=out)
     bar.close()
     return Path(out)
 

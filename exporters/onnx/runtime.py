@@ -1,8 +1,8 @@
 """Generation on ONNX Runtime: ``OnnxCausalLM`` drives an exported decoder, KV cache kept as OrtValues.
 
 One ``forward`` is one call of the contract graph. ``generate`` runs prefill and cached
-decode for a left-padded batch, with greedy or sampled tokens (``flap_deploy.generation.sampling``),
-EOS and stop strings. The cache never leaves ORT between steps: each step's ``present.*``
+decode for a left-padded batch through the loop every runtime shares
+(``flap_deploy.generation.generate.decode``: greedy or sampled tokens, EOS and stop strings). The cache never leaves ORT between steps: each step's ``present.*``
 OrtValues are fed back as the next step's ``past_key_values.*``. The module-level
 ``generate`` is the ONNX twin of ``flap_deploy.generation.generate.generate`` (text prompts in,
 ``Generation`` records out).
@@ -19,16 +19,10 @@ import numpy as np
 import onnxruntime as ort
 
 from flap_deploy.errors import FlapDeployError
-from flap_deploy.generation.generate import Generation, encode_prompt, left_pad
-from flap_deploy.generation.sampling import SamplingParams, find_stop, next_token
+from flap_deploy.generation.generate import Generation, decode, encode_prompt
+from flap_deploy.generation.sampling import SamplingParams
 
-from .contract import (
-    LOGITS_INDEX,
-    CacheLayer,
-    logits_index,
-    past_from_present,
-    positions,
-)
+from .contract import LOGITS_INDEX, CacheLayer, logits_index, past_from_present
 from .manifest import MODEL_NAME, cache_layers_of, check_graph_io, read_manifest
 
 OPT_LEVELS = {
@@ -173,13 +167,11 @@ class OnnxCausalLM:
 
     def generate(self, prompts: str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]],
                  params: SamplingParams | None = None, **sampling: Any) -> list[Generation]:
-        """Generate for a batch of prompts (text or token ids), left-padded, with the KV cache.
+        """Generate for a batch of prompts (text or token ids), left-padded, with the KV cache: the
+        generation loop every runtime runs (``flap_deploy.generation.generate.decode``: sampling,
+        seeds, EOS, stop tokens and strings) over this graph.
 
         ``params``, or its fields as keywords (``max_tokens=32, temperature=0.7, ...``).
-        Temperature 0 is greedy; otherwise tokens are sampled with top-k / top-p, row ``r``
-        using seed ``seed + r`` when a seed is given. A row ends at EOS or a stop token
-        (unless ``ignore_eos``; not before ``min_tokens``), at a stop string (text is cut
-        before it) or after ``max_tokens``.
         """
         if params is None:
             params = SamplingParams(**sampling)
@@ -188,47 +180,13 @@ class OnnxCausalLM:
         if params.stop and self.tokenizer is None:
             raise FlapDeployError(f"{self.path}: stop strings need a tokenizer, and the export has none")
         batch = self.encode(prompts)
-        n = len(batch)
-        rngs = [np.random.default_rng(None if params.seed is None else params.seed + r) for r in range(n)]
-        eos = set() if params.ignore_eos else set(self.eos_token_ids) | set(params.stop_token_ids)
-        new: list[list[int]] = [[] for _ in range(n)]
-        reasons: list[str | None] = [None] * n
-        texts: list[str | None] = [None] * n
+        cache: dict[str, Past] = {"past": self.empty_past(len(batch))}
 
-        ids, mask = left_pad(batch, self.pad_token_id)
-        pos = positions(mask)
-        past: Past = self.empty_past(n)
-        for _ in range(params.max_tokens):
-            logits, present = self.forward(ids, mask, pos, past, last_only=True)
-            past = present
-            last = logits[:, -1, :]
-            step = np.full((n, 1), self.pad_token_id, dtype=np.int64)
-            for r in range(n):
-                if reasons[r] is not None:
-                    continue
-                banned = sorted(eos) if len(new[r]) < params.min_tokens else ()
-                tok = next_token(last[r], params, rngs[r], banned=banned)
-                new[r].append(tok)
-                step[r, 0] = tok
-                if tok in eos:
-                    reasons[r] = "stop"
-                elif params.stop:
-                    text = self.decode(new[r])
-                    cut = find_stop(text, params.stop)
-                    if cut is not None:
-                        reasons[r], texts[r] = "stop", text[:cut]
-                if reasons[r] is None and len(new[r]) >= params.max_tokens:
-                    reasons[r] = "length"
-            if all(x is not None for x in reasons):
-                break
-            ids = step
-            mask = np.concatenate([mask, np.ones((n, 1), dtype=np.int64)], axis=1)
-            pos = pos[:, -1:] + 1
-        out = []
-        for r in range(n):
-            text = texts[r] if texts[r] is not None else self.decode([t for t in new[r] if t not in eos])
-            out.append(Generation(batch[r], new[r], text, reasons[r] or "length"))
-        return out
+        def step(ids: np.ndarray, mask: np.ndarray, pos: np.ndarray) -> np.ndarray:
+            logits, cache["past"] = self.forward(ids, mask, pos, cache["past"], last_only=True)
+            return logits[:, -1, :]
+
+        return decode(step, batch, params, eos=self.eos_token_ids, pad_id=self.pad_token_id, detokenize=self.decode)
 
 
 def generate(model_dir: str | os.PathLike, prompts: Sequence[str], params: SamplingParams,

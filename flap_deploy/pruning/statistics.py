@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from flap_deploy.model.layout import LayerMask
+from flap_deploy.model.adapters import LayerModules
+from flap_deploy.model.layout import LayerMask, kept_columns
 from flap_deploy.pruning.stats import ChannelStats, CovStats
-from flap_deploy.streaming.layers import LayerStream
+from flap_deploy.streaming.layers import LayerStream, hooks
 from flap_deploy.streaming.passes import LayerPass, progress_bar, show_rate
 
 
@@ -32,6 +34,14 @@ class LayerStats:
     @property
     def mlp_cov(self) -> CovStats | None:
         return self.mlp if isinstance(self.mlp, CovStats) else None
+
+
+def input_hooks(m: LayerModules, attn: Callable[[torch.Tensor], Any] | None = None,
+                mlp: Callable[[torch.Tensor], Any] | None = None) -> AbstractContextManager[None]:
+    """For the block, every input of o_proj goes to ``attn`` and every input of down_proj to ``mlp``
+    (a tensor they return replaces the input): how the passes see a layer's channels."""
+    return hooks(*((linear, lambda module, args, fn=fn: fn(args[0]))
+                   for linear, fn in ((m.o_proj, attn), (m.down_proj, mlp)) if fn is not None))
 
 
 @torch.no_grad()
@@ -66,29 +76,16 @@ def calibrate_layers(
             dev = stream.device
             stats = LayerStats(*(covariance(i) if covariance is not None else
                                  (ChannelStats(m.o_proj.in_features, dev), ChannelStats(m.down_proj.in_features, dev))))
-            hooks = [
-                m.o_proj.register_forward_pre_hook(lambda mod, args: stats.attn.update(args[0])),
-                m.down_proj.register_forward_pre_hook(lambda mod, args: stats.mlp.update(args[0])),
-            ]
             show_rate(bar, f"layer {i}: statistics", done, started)
-            try:
+            with input_hooks(m, attn=stats.attn.update, mlp=stats.mlp.update):
                 lp.run(stream.layers[i], write=not propagate_pruned)  # Wanda-sp: statistics from the dense pass
-            finally:
-                for h in hooks:
-                    h.remove()
             mask = on_layer(i, stats)
             if propagate_pruned and mask is not None:
-                keep_attn = mask.heads.to(dev).repeat_interleave(geom.head_dim).to(stream.dtype)
-                keep_mlp = mask.mlp.to(dev).to(stream.dtype)
-                hooks = [
-                    m.o_proj.register_forward_pre_hook(lambda mod, args: (args[0] * keep_attn,)),
-                    m.down_proj.register_forward_pre_hook(lambda mod, args: (args[0] * keep_mlp,)),
-                ]
-                try:
+                kept = kept_columns(mask, geom.head_dim, m.o_proj.in_features, m.down_proj.in_features)
+                attn, mlp = (torch.zeros(linear.in_features, dtype=stream.dtype, device=dev).index_fill_(0, c.to(dev), 1)
+                             for linear, c in zip((m.o_proj, m.down_proj), kept))
+                with input_hooks(m, attn=lambda x: x * attn, mlp=lambda x: x * mlp):
                     lp.run(stream.layers[i])
-                finally:
-                    for h in hooks:
-                        h.remove()
         done += lp.tokens
         bar.update()
     show_rate(bar, "done", done, started)

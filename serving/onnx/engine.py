@@ -39,8 +39,8 @@ from typing import Any, Callable, Iterator, Protocol
 
 import numpy as np
 
-from exporters.onnx.contract import past_from_present, positions
-from flap_deploy.generation.generate import left_pad
+from exporters.onnx.contract import past_from_present
+from flap_deploy.generation.generate import left_pad, positions
 from flap_deploy.generation.sampling import (
     SamplingParams,
     log_softmax,
