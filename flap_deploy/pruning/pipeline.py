@@ -46,7 +46,11 @@ from flap_deploy.pruning.statistics import (
 )
 from flap_deploy.pruning.stats import CovStats
 from flap_deploy.streaming.layers import LayerStream
-from flap_deploy.streaming.memory import parse_size, peak_rss_bytes
+from flap_deploy.streaming.memory import (
+    map_large_allocations,
+    parse_size,
+    peak_rss_bytes,
+)
 from flap_deploy.streaming.passes import progress_bar
 from flap_deploy.streaming.plan import MemoryPlan, hold_layers, plan_memory
 
@@ -208,8 +212,12 @@ def plan_prune(stream: LayerStream, config: PruneConfig, calibrates: bool,
 def _calibration(stream: LayerStream, config: PruneConfig, tokenizer: Any, plan: MemoryPlan) -> Calibration:
     """The calibration windows (self-generated ones with the model's own forward, its layers paged
     through memory but for the ones the plan holds)."""
-    with stream.paged(plan.held_bytes) as model:
-        windows = calibration_windows(config.calib, model, tokenizer, config.nsamples, config.seqlen, config.seed,
+    if config.calib == "self":  # only the model's own generation needs its weights (and its LM head) resident
+        with stream.paged(plan.held_bytes) as model:
+            windows = calibration_windows(config.calib, model, tokenizer, config.nsamples, config.seqlen,
+                                          config.seed, progress=config.progress)
+    else:
+        windows = calibration_windows(config.calib, None, tokenizer, config.nsamples, config.seqlen, config.seed,
                                       progress=config.progress)
     return Calibration(windows.input_ids, windows.describe(config.seed), config.batch_size,
                        "cpu" if plan.buffer_on_host else None, config.progress)
@@ -299,6 +307,7 @@ def prune(model: str | os.PathLike | torch.nn.Module, config: PruneConfig | None
     align = Alignment(config.mlp_multiple, config.tp_size)
     if out is not None:
         check_output_dir(out, overwrite)
+    map_large_allocations()  # freed layers and batch products go back to the OS: the plan's terms hold
     stream, source = open_source(model, config, lambda cfg: check_alignment(cfg, config, align))
     tokenizer = _source_tokenizer(tokenizer, source)
     method = config.pruning_method

@@ -24,12 +24,11 @@ from flap_deploy.streaming.memory import GIB, available_memory_bytes, rss_bytes
 # Bytes per channel and token of the statistics hooks' transients: the float64 copy of a batch, its
 # centred copy, and their square (``ChannelStats.update``) or the float32 product inputs (``CovStats``).
 HOOK_BYTES = 25
-# What the allocator and the process hold beyond the live tensors the terms count, measured on the
-# bundled model and a 3 GB checkpoint (docs/pruning.md): glibc keeps freed chunks below its mmap
-# threshold (up to 32 MiB) in its arenas until they are trimmed, and the run touches code and data
-# pages of torch (LAPACK, kernels of the first forward) and Python objects after the plan measures
-# the runtime. 96 MiB covered the excess over the live terms measured on the bundled model; on the 3 GB
-# test checkpoint the excess was 138 MiB (its peak 3.5 % over the plan: docs/pruning.md).
+# What the process holds beyond the live tensors the terms count: code and data pages of torch (LAPACK,
+# kernels of the first forward) and Python objects touched after the plan measures the runtime, and
+# glibc's arenas for allocations under 1 MiB (larger ones get their own pages, returned when freed:
+# ``memory.map_large_allocations``). 96 MiB covered the excess measured on the bundled model and on the
+# 3 GB test checkpoint, whose peaks stay 2.5-3.5 % under the plan (docs/pruning.md).
 SLACK_BYTES = 96 * 2**20
 # Terms that live where the layers run (the rest, and all of a CPU run, on the host).
 _DEVICE_TERMS = frozenset({"layer", "layer_copy", "embedding", "head", "generation", "held", "activation",
