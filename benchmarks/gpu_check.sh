@@ -62,6 +62,13 @@ print(f"prune 8B on GPU: {d['timings']['total_s']:.1f} s (calibrate {d['timings'
       f"write {d['timings']['write_s']:.1f}); peak host RSS {m['peak_rss_bytes'] / 2**30:.2f} GiB; "
       f"peak GPU memory {m.get('peak_device_bytes', 0) / 2**30:.2f} GiB; checkpoint "
       f"{m['plan']['checkpoint_bytes'] / 2**30:.2f} GiB; removed {100 * d['provenance']['achieved_ratio']:.1f} %")
+# The memory plan is a bound (issue 21): torch.cuda.max_memory_allocated and the host VmHWM at or below
+# the planned device and host peaks, and within 10 % of them.
+for what, planned, measured in (("device", m["plan"]["device_peak_bytes"], m.get("peak_device_bytes", 0)),
+                                ("host", m["plan"]["host_peak_bytes"], m["peak_rss_bytes"])):
+    ok = measured <= planned and measured >= 0.9 * planned
+    print(f"plan check {what}: planned {planned / 2**30:.2f} GiB, measured {measured / 2**30:.2f} GiB: "
+          + ("OK" if ok else "FAIL"))
 PY
 grep -E "Maximum resident|Elapsed" "$WORK/prune.log" || true
 cp "$WORK/prune.json" benchmarks/results/gpu_prune_8b.json

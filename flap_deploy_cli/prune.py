@@ -42,8 +42,8 @@ PRUNE_OPTIONS = (
     click.option("--reconstruct", default="ls", show_default=True, type=click.Choice(list(RECONSTRUCTIONS)),
                  help="What replaces the removed inputs of o_proj / down_proj (FLAP only): "
                       + "; ".join(f"{r.name}, {r.help}" for r in RECONSTRUCTIONS.values())
-                      + " (ls: covariances kept from the statistics pass when --max-memory has room, else from a "
-                        "second calibration pass). --no-bias is an alias of --reconstruct none."),
+                      + " (ls: covariances from a second calibration pass while writing, one layer at a time; "
+                        "kept from the statistics pass instead when --max-memory is given and has room for them). --no-bias is an alias of --reconstruct none."),
     click.option("--ridge", default=0.03, show_default=True, type=float,
                  help="Shrinkage of the ls refit toward the paper's bias solution, in units of the kept channels' "
                       "mean variance (0: plain least squares; larger: closer to --reconstruct bias)."),
@@ -76,8 +76,13 @@ PRUNE_OPTIONS = (
                  help="Compute dtype [default: the checkpoint's on an accelerator, float32 on the CPU]; statistics "
                       "always accumulate in float64."),
     click.option("--max-memory", default=None,
-                 help="Host memory the run may use, e.g. 12GiB [default: what the machine has available]; the plan "
-                      "is checked against it before any layer runs."),
+                 help="Host memory the run may use, e.g. 12GiB [default: what the machine has available]. The plan "
+                      "(every resident term, its peak phase) is printed and checked against it before any layer "
+                      "runs: a limit below the run's peak is refused with the figure and what lowers it "
+                      "(--nsamples, --seqlen, --batch-size, --reconstruct bias, --offload-buffer), and the run "
+                      "stays under it. With --reconstruct ls, a limit with room for every layer's covariances "
+                      "keeps them from the statistics pass (one dense forward fewer; the plan says from what "
+                      "value); without --max-memory they come from a second pass, so memory stays flat in depth."),
     click.option("--offload-buffer/--no-offload-buffer", default=False, show_default=True,
                  help="Keep the calibration buffer in pinned host memory instead of on the device."),
 )

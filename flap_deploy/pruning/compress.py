@@ -46,7 +46,7 @@ def _compensation(weight: torch.Tensor, kept: torch.Tensor, mean: torch.Tensor |
         return None
     pruned = torch.ones(weight.shape[1], dtype=torch.bool)
     pruned[kept] = False
-    return weight.double()[:, pruned] @ mean.double().to(weight.device)[pruned]
+    return weight[:, pruned.to(weight.device)].double() @ mean.double().to(weight.device)[pruned]  # no float64 W
 
 
 def _bias(linear: nn.Linear, compensation: torch.Tensor | None) -> torch.Tensor | None:

@@ -39,8 +39,8 @@ class PruneConfig:
     reconstruct: what replaces the removed inputs of o_proj / down_proj (FLAP only; the baselines
         are never compensated): ``none``; ``bias``, the paper's calibration-mean biases; ``ls``, the
         least-squares refit of the kept columns on the dense calibration inputs (their covariances
-        kept from the statistics pass when memory allows, else accumulated while the pruned layers
-        are written: ``plan_covariances``; see ``reconstruct``).
+        accumulated while the pruned layers are written, or kept from the statistics pass when
+        ``max_memory`` is given and has room for them: ``pipeline.plan_prune``; see ``reconstruct``).
     ridge: ``ls`` shrinkage toward the ``bias`` solution, in units of the mean variance of the kept
         channels (``inf`` gives ``bias``, 0 the plain refit).
     search: ``none`` keeps FLAP's allocation; ``evo`` searches per-layer widths from it (``search``).
@@ -54,7 +54,9 @@ class PruneConfig:
     device: ``auto`` (the first CUDA device, else the CPU), ``cpu``, ``cuda``, ``cuda:N``.
     dtype: compute dtype; default the checkpoint's on an accelerator, float32 on the CPU.
     max_memory: host memory the run may use (bytes or e.g. ``12GiB``; default what the machine has
-        available); the plan is checked against it before any layer runs.
+        available); the plan's peak is checked against it before any layer runs and the run keeps
+        under it. Given with room for them, it also keeps the ``ls`` covariances from the statistics
+        pass (one forward fewer).
     offload_buffer: keep the calibration buffer in pinned host memory instead of on the device.
     """
 

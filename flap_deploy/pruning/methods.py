@@ -59,8 +59,8 @@ def score_flap(stream: LayerStream, config: Any, calib: Calibration | None, stat
                align: Alignment, plan: MemoryPlan) -> Scores:
     """FLAP: the configured metric on dense-calibration statistics, standardized per layer and module.
     With ``statistics`` from an earlier run, only o_proj / down_proj weights are read, layer by layer.
-    Every layer's full input covariances are kept with the statistics when the plan has room for them
-    (``statistics.plan_covariances``)."""
+    Every layer's full input covariances are kept with the statistics when the plan says so
+    (``pipeline.plan_prune``: a ``max_memory`` with room for them)."""
     from flap_deploy.errors import FlapDeployError
 
     from .compress import LayerMeans
@@ -231,7 +231,7 @@ class Reconstruction:
     name: str
     help: str
     build: Callable[..., Compensation]
-    covariances: bool = False  # refits from the dense inputs' covariances (``statistics.plan_covariances``)
+    covariances: bool = False  # refits from the dense inputs' covariances (``pipeline.plan_prune``)
 
 
 RECONSTRUCTIONS = {r.name: r for r in (

@@ -17,9 +17,9 @@ Modes (``PruneConfig.reconstruct``):
   inputs; ``ridge`` -> infinity gives back ``bias`` exactly, ``ridge = 0`` the plain refit.
 
 Statistics: ``stats.CovStats`` streams the covariance in float64, merging batches with Chan et
-al.'s update. Where the memory plan has room (``pruning.plan_covariances``), every layer's full
-covariance is kept from the statistics pass; otherwise the writing pass accumulates each layer's
-against its kept columns only, so Sigma[all, k] (n x |k|) is all that is ever held: for Llama-70B's
+al.'s update. By default the writing pass accumulates each layer's against its kept columns only
+(where ``max_memory`` is given with room for them, ``pipeline.plan_prune``, every layer's full
+covariance is kept from the statistics pass instead), so Sigma[all, k] (n x |k|) is all that is ever held: for Llama-70B's
 MLP (n = 28,672) and 80 % kept channels that is 28,672 x 22,938 x 8 B = 5.3 GB for one layer at a
 time (attention: 8,192 x |k| x 8 B <= 0.5 GB).
 """
@@ -32,9 +32,10 @@ from typing import Any
 
 import torch
 
+from flap_deploy.errors import FlapDeployError
 from flap_deploy.model.adapters import LayerModules
 from flap_deploy.model.layout import LayerMask, kept_columns
-from flap_deploy.pruning.stats import CovStats
+from flap_deploy.pruning.stats import BLOCKS, CovStats, block_slices
 
 
 @dataclass
@@ -60,13 +61,91 @@ class LayerRefit:
 @torch.no_grad()
 def refit_linear(weight: torch.Tensor, bias: torch.Tensor | None, kept: torch.Tensor, stats: CovStats,
                  ridge: float, *, pruned_inputs: bool = False) -> Refit:
-    """The ``ls`` refit of one linear layer on its kept input columns (see the module docstring).
+    """The ``ls`` refit of one linear layer on its kept input columns (see the module docstring), where its
+    statistics live (host or device), within ``refit_nbytes``. ``pruned_inputs``: the study's sequential
+    variant (``_refit_on_pruned_inputs``).
 
-    ``stats``: the dense inputs' covariance against the kept columns. With ``pruned_inputs`` (the
-    sequential variant of ``RefitPass``) it is the joint covariance of [dense inputs, pruned inputs'
-    kept columns] against the latter, and the refit predicts the dense output from the pruned
-    inputs: ``W' = W_k + (W S_dk - W_k S_kk)(S_kk + lam I)^-1``, which is the formula above when
-    both inputs are the same."""
+    The system ``[Sigma[k, k]; Sigma[r, k]]`` (``CovStats.system``: a second-pass accumulator's own
+    co-moment, consumed) is factorized in place (Cholesky of the kept block + lam I). The output rows are
+    independent, so W' is solved one row block at a time: the block's right-hand side ``W[b, r] Sigma[r, k]``
+    in float64, two triangular solves in place, ``W[b, k]`` added, its bias taken, and cast into W' in the
+    weight's dtype; no float64 copy of the whole weight or of W' is made. ``ridge = 0`` factorizes a copy,
+    so that a singular kept block can fall back to the minimum-norm solution."""
+    if pruned_inputs:
+        return _refit_on_pruned_inputs(weight, bias, kept, stats, ridge)
+    dev = stats.mean.device
+    kept = torch.as_tensor(kept, dtype=torch.long).flatten().to(dev)
+    removed = torch.ones(weight.shape[1], dtype=torch.bool, device=dev)
+    removed[kept] = False
+    removed = removed.nonzero().flatten()
+    w, mu, n_kept = weight.detach(), stats.mean, kept.numel()
+    kept_w, removed_w = kept.to(w.device), removed.to(w.device)
+    system = factor = pinv = None
+    if n_kept and removed.numel() and math.isfinite(ridge):
+        system = stats.system(kept)  # [n, |k|] co-moment sums: kept rows, then removed rows
+        lhs = system[:n_kept]  # the count cancels: it scales both sides
+        scale = float(lhs.diagonal().mean())
+        lhs.diagonal().add_(ridge * scale)
+        if scale == 0:  # constant inputs: nothing to predict from, the right-hand side is zero too
+            system = None
+        elif ridge == 0:  # the plain refit: its kept block may be singular, so factorize a copy
+            factor = _cholesky(lhs.clone())
+            if factor is None:
+                pinv = torch.linalg.pinv(lhs, hermitian=True)  # the minimum-norm solution
+        else:
+            factor = _cholesky(lhs)
+            if factor is None:
+                raise FlapDeployError(f"the ls refit's system ({n_kept} kept input channels) is not positive "
+                                      f"definite at ridge {ridge:g}; use a larger `ridge`")
+    new_w = torch.empty(w.shape[0], n_kept, dtype=weight.dtype, device=dev)
+    new_b = (bias.detach().to(dev, torch.float64) if bias is not None
+             else torch.zeros(w.shape[0], dtype=torch.float64, device=dev))
+    for b in block_slices(w.shape[0]):
+        block = w[b][:, kept_w].to(dev, torch.float64)
+        if system is not None:
+            rhs = w[b][:, removed_w].to(dev, torch.float64) @ system[n_kept:]
+            if factor is not None:
+                torch.linalg.solve_triangular(factor.mT, rhs, upper=True, left=False, out=rhs)
+                torch.linalg.solve_triangular(factor, rhs, upper=False, left=False, out=rhs)
+            else:
+                rhs = rhs @ pinv
+            block += rhs
+            del rhs
+        new_b[b] += w[b].to(dev, torch.float64) @ mu - block @ mu[kept]
+        new_w[b] = block
+    return Refit(kept=kept.cpu(), weight=new_w, bias=new_b)
+
+
+def refit_nbytes(out: int, channels: int, kept: int, elt: int, ridge: float, gathered: bool) -> int:
+    """The most ``refit_linear`` holds beyond its statistics, for a weight [out, channels] of ``elt``-byte
+    elements refitted on ``kept`` columns: W' in the weight's dtype; one row block's float64 right-hand side
+    and W'[b], and the weight's row block gathered and cast; ``gathered``: the system copied out of full
+    covariances, and one row block of that gather; ``ridge == 0``: the factorized copy and the minimum-norm
+    fallback (an eigendecomposition, its workspace and the pseudo-inverse)."""
+    step = -(-out // BLOCKS)
+    total = out * kept * elt + 2 * step * kept * 8 + step * channels * (elt + 8)
+    if gathered:
+        total += 8 * channels * kept + 8 * -(-channels // BLOCKS) * kept
+    if ridge == 0:
+        total += 5 * 8 * kept * kept
+    return total
+
+
+def _cholesky(lhs: torch.Tensor) -> torch.Tensor | None:
+    """The lower Cholesky factor of a symmetric positive definite ``lhs``, written over it (on its
+    column-major view, which LAPACK factorizes without a copy); None when ``lhs`` is not positive definite."""
+    factor, info = torch.linalg.cholesky_ex(lhs.mT, out=(lhs.mT, torch.empty((), dtype=torch.int32,
+                                                                                device=lhs.device)))
+    return factor if int(info) == 0 else None
+
+
+def _refit_on_pruned_inputs(weight: torch.Tensor, bias: torch.Tensor | None, kept: torch.Tensor, stats: CovStats,
+                            ridge: float) -> Refit:
+    """The quality study's sequential refit (``RefitPass(pruned_inputs=True)``): ``stats`` is the joint
+    covariance of [dense inputs, pruned inputs' kept columns] against the latter, and the refit predicts
+    the dense output from the pruned inputs: ``W' = W_k + (W S_dk - W_k S_kk)(S_kk + lam I)^-1``, which is
+    the shipped refit's formula when both inputs are the same. A study tool: float64 copies of W, not
+    bounded by ``refit_nbytes``."""
     w = weight.detach().to(torch.float64).cpu()
     n = w.shape[1]
     kept = torch.as_tensor(kept, dtype=torch.long).flatten().cpu()
@@ -74,15 +153,11 @@ def refit_linear(weight: torch.Tensor, bias: torch.Tensor | None, kept: torch.Te
     removed[kept] = False
     removed = removed.nonzero().flatten()
     mu = stats.mean.cpu()
-    mu_dense, mu_kept = (mu[:n], mu[n:]) if pruned_inputs else (mu, mu[kept])
+    mu_dense, mu_kept = mu[:n], mu[n:]
     new_w = w[:, kept].clone()
-    if kept.numel() and (removed.numel() or pruned_inputs) and math.isfinite(ridge):
-        if pruned_inputs:
-            joint = stats.covariance(cols=torch.arange(n, n + kept.numel())).cpu()  # [n + |k|, |k|]
-            s_dk, s_kk = joint[:n], joint[n:]
-        else:
-            s_dk = stats.covariance(cols=kept).cpu()  # [n, |k|]
-            s_kk = s_dk[kept]
+    if kept.numel() and math.isfinite(ridge):
+        joint = stats.covariance(cols=torch.arange(n, n + kept.numel())).cpu()  # [n + |k|, |k|]
+        s_dk, s_kk = joint[:n], joint[n:]
         lam = ridge * float(s_kk.diagonal().mean())
         lhs = s_kk + lam * torch.eye(kept.numel(), dtype=torch.float64)
 
@@ -93,8 +168,7 @@ def refit_linear(weight: torch.Tensor, bias: torch.Tensor | None, kept: torch.Te
                 return torch.linalg.pinv(lhs, hermitian=True) @ rhs
 
         new_w += w[:, removed] @ solve(s_dk[removed].T).T
-        if pruned_inputs:  # the kept columns' own inputs differ from the dense ones
-            new_w += w[:, kept] @ solve((s_dk[kept] - s_kk).T).T
+        new_w += w[:, kept] @ solve((s_dk[kept] - s_kk).T).T
     b = bias.detach().to(torch.float64).cpu() if bias is not None else torch.zeros(w.shape[0], dtype=torch.float64)
     new_b = b + w @ mu_dense - new_w @ mu_kept
     return Refit(kept=kept, weight=new_w.to(weight.dtype), bias=new_b)
@@ -139,6 +213,7 @@ class RefitPass:
     @torch.no_grad()
     def __call__(self, i: int, m: LayerModules) -> LayerRefit:
         from flap_deploy.pruning.statistics import input_hooks
+        from flap_deploy.streaming.memory import give_back_memory
 
         stream, layer = self.lp.stream, self.lp.stream.layers[i]
         linears = dict(zip(MODULES, (m.o_proj, m.down_proj)))
@@ -148,6 +223,7 @@ class RefitPass:
             stats = {k: CovStats(linears[k].in_features, kept[k], stream.device) for k in self.modules}
             with input_hooks(m, **{k: s.update for k, s in stats.items()}):
                 self.lp.run(layer)
+            give_back_memory()  # the pass's activations and batch products, freed, before the solve allocates
             return refit_layer(m.o_proj, m.down_proj, stats.get("attn"), stats.get("mlp"), self.masks[i],
                                stream.geometry.head_dim, self.ridge)
         fits: dict[str, Refit] = {}

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -16,7 +16,6 @@ from flap_deploy.model.layout import LayerMask, kept_columns
 from flap_deploy.pruning.stats import ChannelStats, CovStats
 from flap_deploy.streaming.layers import LayerStream, hooks
 from flap_deploy.streaming.passes import LayerPass, progress_bar, show_rate
-from flap_deploy.streaming.plan import MemoryPlan
 
 
 @dataclass
@@ -98,8 +97,8 @@ class Statistics:
     """FLAP's calibration statistics of every layer (metric-independent, so reusable across
     ratios, metrics, structures, alignments and reconstructions of the same model and calibration
     set), with the calibration windows (for the ``ls`` pass). With full covariances (``layers[i].
-    attn_cov`` / ``mlp_cov``: kept by ``prune`` when its plan has room, ``plan_covariances``, or by
-    ``collect_statistics(covariance=True)``) the ``ls`` refit needs no second pass; they cost n²
+    attn_cov`` / ``mlp_cov``: kept by ``prune`` when ``max_memory`` has room for them, ``pipeline.
+    plan_prune``, or by ``collect_statistics(covariance=True)``) the ``ls`` refit needs no second pass; they cost n²
     float64 per module and layer."""
 
     layers: list[LayerStats]
@@ -115,26 +114,18 @@ class Statistics:
 
 def covariance_nbytes(stream: LayerStream) -> int:
     """Every layer's full float64 input covariances of o_proj and down_proj: what the ``ls`` refit
-    holds until the allocation when its statistics come from the statistics pass."""
+    holds until the end when its statistics come from the statistics pass."""
     g = stream.geometry
-    return 8 * g.num_layers * ((g.num_heads * g.head_dim) ** 2 + g.intermediate_size ** 2)
+    return g.num_layers * (CovStats.nbytes(g.num_heads * g.head_dim, g.num_heads * g.head_dim)
+                           + CovStats.nbytes(g.intermediate_size, g.intermediate_size))
 
 
-def plan_covariances(stream: LayerStream, plan: MemoryPlan) -> MemoryPlan:
-    """Where the ``ls`` refit's statistics come from, as part of the memory plan (of a run whose
-    reconstruction needs them: ``methods.Reconstruction.covariances``).
-
-    Full covariances kept from the statistics pass (``plan.covariance_bytes`` > 0) cost no forward
-    pass; without them the writing pass runs the calibration windows through the dense layers a
-    second time, accumulating each layer's covariance over its kept columns only (one layer's
-    worth of memory). They are kept when they fit in half of the headroom the plan leaves under
-    its limit (the other half for the solve and what the plan does not count), so ``max_memory``
-    decides: a 135M model keeps its 0.6 GiB, a 70B's 530 GiB only where over a terabyte is free.
-    """
-    need = covariance_nbytes(stream)
-    if need > (plan.limit_bytes - plan.host_peak_bytes) // 2:
-        return plan
-    return replace(plan, covariance_bytes=need, host_peak_bytes=plan.host_peak_bytes + need)
+def statistics_nbytes(stream: LayerStream) -> int:
+    """What the statistics of every layer hold until the end: per input channel of o_proj and down_proj,
+    ChannelStats' float64 mean and M2 (for the allocation and for reuse), the float64 means handed to
+    ``compress`` and the float64 scores."""
+    g = stream.geometry
+    return 32 * g.num_layers * (g.num_heads * g.head_dim + g.intermediate_size)
 
 
 def full_covariances(stream: LayerStream) -> Callable[[int], tuple[CovStats, CovStats]]:

@@ -221,6 +221,13 @@ class LayerStream:
     def embedding_nbytes(self) -> int:
         return self._nbytes("model.embed_tokens.")
 
+    def largest_layer_tensor_nbytes(self) -> int:
+        """The largest tensor of any decoder layer, in the compute dtype."""
+        size = torch.empty((), dtype=self.dtype).element_size()
+        if self.reader is None:
+            return max(p.numel() * p.element_size() for p in self.layers.parameters())
+        return max(e.numel * size for n, e in self.reader.entries.items() if n.startswith("model.layers."))
+
     def checkpoint_nbytes(self) -> int:
         if self.reader is None:
             return sum(p.numel() * p.element_size() for p in self.model.parameters())
