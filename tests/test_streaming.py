@@ -217,15 +217,22 @@ def test_streamed_eval_of_a_pruned_checkpoint_equals_its_whole_model(flap20_dir)
     assert streamed.perplexity == pytest.approx(math.exp(nll.item()), rel=1e-4)
 
 
+@pytest.fixture(scope="module")
+def checkpoint_3gb(bundled_dir, tmp_path_factory):
+    """A 3.14 GiB float32 random-weight Llama in 5 shards, written once for both reconstruction modes."""
+    shape = Shape("LlamaForCausalLM", 1536, 6144, 20, 12, 4, 128)
+    return write_random_checkpoint(tmp_path_factory.mktemp("dense-3gb"), shape, tokenizer_from=bundled_dir,
+                                   overwrite=True)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", [(), ("--reconstruct", "bias")], ids=["default", "bias"])
-def test_a_3gb_checkpoint_prunes_under_a_max_memory_of_40_percent_of_its_size_as_planned(mode, bundled_dir,
+def test_a_3gb_checkpoint_prunes_under_a_max_memory_of_40_percent_of_its_size_as_planned(mode, checkpoint_3gb,
                                                                                           calib_text, tmp_path):
     """The shipped default (the ``ls`` refit, its covariances from a second pass) and the paper's bias
     compensation, each under ``--max-memory`` = 40 % of the checkpoint: the peak RSS measured from outside
     stays under the limit, and the plan is a bound, at most 10 % below the measured peak."""
-    shape = Shape("LlamaForCausalLM", 1536, 6144, 20, 12, 4, 128)
-    src = write_random_checkpoint(tmp_path / "dense", shape, tokenizer_from=bundled_dir)
+    src = checkpoint_3gb
     size = ShardedReader(src).nbytes
     assert size >= 3 * 1000**3 and len(list(src.glob("*.safetensors"))) > 1
     limit = int(0.4 * size)
