@@ -55,15 +55,15 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from flap_deploy import PruneConfig, __version__, prune  # noqa: E402
-from flap_deploy.pruning.calibration import calibration_windows  # noqa: E402
-from flap_deploy.pruning.compress import compress  # noqa: E402
-from flap_deploy.pruning.methods import RECONSTRUCTIONS  # noqa: E402
 from flap_deploy.evaluation.perplexity import Tally, log_probs, token_windows  # noqa: E402
 from flap_deploy.heal import HealConfig, heal  # noqa: E402
 from flap_deploy.io.model_ref import load_model, load_tokenizer  # noqa: E402
+from flap_deploy.io.text import load_text, python_docs_text  # noqa: E402
+from flap_deploy.pruning.calibration import calibration_windows  # noqa: E402
+from flap_deploy.pruning.compress import compress  # noqa: E402
+from flap_deploy.pruning.methods import RECONSTRUCTIONS  # noqa: E402
 from flap_deploy.pruning.pipeline import collect_statistics, linear_weights  # noqa: E402
 from flap_deploy.pruning.reconstruct import refit_layers  # noqa: E402
-from flap_deploy.io.text import load_text, python_docs_text  # noqa: E402
 
 WIKITEXT = REPO.parent / "shared" / "data" / "wikitext-2"
 DEFAULT = PruneConfig()
@@ -149,6 +149,59 @@ def measure_costs(args, data: dict, save: Callable[[], None]) -> None:
     save()
 
 
+# ---------------------------------------------------------------- tasks (lm-eval, the checkpoints in --work)
+
+TASKS = "offline"  # WikiText-2 cloze and sentence endings, built from ../shared/data (flap_deploy.evaluation.tasks)
+
+
+def task_result(path: Path, cache: Path, limit: int | None = None) -> dict:
+    """``run_tasks``' result for the checkpoint at ``path``, kept in ``cache`` (JSON) and read back from there, so
+    the figures of a checkpoint can be taken while the lever rows still run."""
+    from flap_deploy.evaluation.tasks import load_tasks, run_tasks, select_tasks
+    from flap_deploy.io.model_ref import CHECKPOINTS, resolve_model
+
+    if cache.exists():
+        return json.loads(cache.read_text())
+    result = run_tasks(resolve_model(str(path), accept=CHECKPOINTS), load_tasks(select_tasks(TASKS)), limit=limit,
+                       batch_size=16, dtype="float32")
+    cache.write_text(json.dumps(result))
+    return result
+
+
+def task_checkpoints(args, data: dict) -> list[tuple[dict, Path]]:
+    """(row, checkpoint) of every row still without task figures that --tasks measures: the dense model; at
+    --lever-ratios the default and the lever rows whose checkpoint is in --work, a heal only at the largest
+    --heal-tokens (a smaller budget is the start of that run)."""
+    from flap_deploy.io.bundled import materialize
+
+    default = main_methods(("default",))[0][0]
+    named = {f"{default} {ratio:.0%}": checkpoint_name(("default", ratio)) for ratio in args.lever_ratios}
+    out = []
+    for r in data["models"]:
+        if "tasks" in r:
+            continue
+        if r["name"] == "dense":
+            out.append((r, materialize("smollm2-135m")))
+            continue
+        name = named.get(r["name"]) if r["group"] == "main" else r.get("checkpoint")
+        healed_less = r.get("heal") and r["heal"][-1]["tokens"] != max(args.heal_tokens)
+        if name and not healed_less and r["target_ratio"] in args.lever_ratios and (args.work / name).is_dir():
+            out.append((r, args.work / name))
+    return out
+
+
+def measure_tasks(args, data: dict, save: Callable[[], None]) -> None:
+    """Accuracy ± stderr of every item of the offline tasks, hf backend, float32, one model at a time."""
+    for r, path in task_checkpoints(args, data):
+        name = "dense" if r["name"] == "dense" else path.name
+        result = task_result(path, args.work / f"{name}.tasks.json", args.task_limit)
+        r["tasks"] = {task: {"n": t["n"], **t["metrics"]} for task, t in result["tasks"].items()}
+        r["tasks_seconds"] = result["seconds"]
+        print(f"tasks {r['name']}: " + ", ".join(f"{task} {100 * t['acc']['value']:.1f}"
+                                                 for task, t in r["tasks"].items()), flush=True)
+        save()
+
+
 # ---------------------------------------------------------------- evaluation
 
 def eval_texts(tok, args) -> dict[str, torch.Tensor]:
@@ -182,7 +235,7 @@ def row(name: str, group: str, result, kw: dict) -> dict:
             "reconstruct": p["reconstruction"]["mode"], "ridge": p["reconstruction"]["ridge"],
             "attn_granularity": p["attn_granularity"], "calibration": p["calibration"],
             "search": p.get("search"), "heal": p.get("heal"),
-            **{k: v for k, v in kw.items() if k in ("modules", "refit", "seconds")}}
+            **{k: v for k, v in kw.items() if k in ("modules", "refit", "seconds", "checkpoint")}}
 
 
 # ---------------------------------------------------------------- report
@@ -224,6 +277,8 @@ def write(out: Path, data: dict) -> None:
             wall = f" ({r['seconds']:.0f} s)" if r.get("seconds") is not None else ""
             lines.append(f"| {r['name']}{wall} | {100 * r['achieved_ratio']:.2f} % | {cal_s} | " + " | ".join(cells) + " |")
         lines.append("")
+    lines += lever_recipes(data)
+    lines += task_table(data)
     if data.get("cost"):
         lines += ["## Cost of pruning (20 %, `flap-deploy prune smollm2-135m` in a fresh process per method)", "",
                   "Each method pruned as a user runs it: layers streamed from the bundled model's safetensors, "
@@ -239,6 +294,52 @@ def write(out: Path, data: dict) -> None:
         lines.append("")
     lines += [f"Machine: {data['machine']}; torch {data['torch']}; flap-deploy {data['package_version']}."]
     (out / "quality.md").write_text("\n".join(lines) + "\n")
+
+
+def lever_recipes(data: dict) -> list[str]:
+    """What each lever row ran, from its provenance: the search's budget and KL, the heal's settings and speed."""
+    lines = []
+    for r in data["models"]:
+        if r["group"] != "levers":
+            continue
+        parts = []
+        if r.get("search"):
+            s = r["search"]
+            parts.append(f"`--search {s['name']} --search-budget {s['budget']}` (seed {s['seed']}, windows "
+                         f"{s['windows'][0]}/{s['windows'][1]}, {s['evaluations']:g} evaluations, {s['generations']} "
+                         f"generations, {s['improvements']} improvements; KL on the large set {s['start_kl']:.4f} → "
+                         f"{s['kl']:.4f})")
+        for h in r.get("heal") or []:
+            lora = f"LoRA rank {h['lora_rank']}" if h["mode"] == "lora" else "full"
+            speed = f", {h['tokens'] / r['seconds']:.0f} tokens/s" if r.get("seconds") else ""
+            source = f"{Path(str(h['data']['source'])).name} x{h['data']['windows']}"
+            parts.append(f"heal on {source} ({h['tokens']:,} tokens = {h['steps']} steps of "
+                         f"{h['batch_size']} x {h['seqlen']}, {lora}, lr {h['lr']:g}, {h['loss']}; final loss "
+                         f"{h['final_loss']:.4f}{speed})")
+        lines.append(f"- {r['name']}: the default's prune (ls ridge {r['ridge']:g}) + " + " + ".join(parts))
+    return ["Lever recipes:", "", *lines, ""] if lines else []
+
+
+def task_table(data: dict) -> list[str]:
+    """The rows with task figures: accuracy ± one standard error (in points), the difference to dense."""
+    rows = [r for r in data["models"] if r.get("tasks")]
+    dense = next((r["tasks"] for r in rows if r["name"] == "dense"), None)
+    if not rows or dense is None:
+        return []
+    cols = [(task, metric) for task, t in dense.items() for metric in t if metric != "n"]
+    n = ", ".join(f"{task} {t['n']}" for task, t in dense.items())
+    lines = ["## Tasks: offline lm-eval set (items: " + n + "; accuracy in points ± one standard error, "
+             "difference to dense)", "",
+             "| model | " + " | ".join(f"{task} {metric}" for task, metric in cols) + " |",
+             "|---|" + "---:|" * len(cols)]
+    for r in rows:
+        cells = []
+        for task, metric in cols:
+            m, d = r["tasks"][task][metric], dense[task][metric]
+            diff = "" if r["name"] == "dense" else f" ({100 * (m['value'] - d['value']):+.1f})"
+            cells.append(f"{100 * m['value']:.1f} ± {100 * m['stderr']:.1f}{diff}")
+        lines.append(f"| {r['name']} | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def plot(out: Path, data: dict) -> None:
@@ -438,6 +539,8 @@ def run(args) -> None:
         flush()
         save()
 
+    if args.tasks:
+        measure_tasks(args, data, save)
     if args.cost:
         measure_costs(args, data, save)
     save()
@@ -449,31 +552,39 @@ def levers(args, ratio: float, add, cache: dict, ls) -> None:
     makes the prune)."""
     tag = f"{ratio:.0%}"
 
-    def pruned(key, **kw):  # the checkpoint a lever starts from, pruned once
+    def pruned(key, **kw):  # the checkpoint a lever starts from, pruned once and kept in --work (for --tasks)
         if key not in cache:
             cache[key] = ls(**kw)()
+            cache[key].save(args.work / checkpoint_name(key), overwrite=True)
         return cache[key]
 
     def healed(key, tokens, **kw):
         base = pruned(key, **kw)
-        state = args.work / f"{'-'.join(map(str, key))}.heal-state"
-        out = args.work / f"{'-'.join(map(str, key))}-heal-{tokens}"
+        state = args.work / f"{checkpoint_name(key)}.heal-state"
+        out = args.work / checkpoint_name(key, tokens)
         done = heal(str(base.path), out, HealConfig(teacher="smollm2-135m", data=str(WIKITEXT / "valid.txt"),
                                                       tokens=tokens, seqlen=args.seqlen, progress=False),
                     state_dir=state, resume=state.is_dir(), keep_state=True, overwrite=True)
         model = load_model(done.path, dtype=torch.float32)
-        return replace(base, _model=model, _cleanup=None, provenance={**base.provenance, "heal": [done.record]},
+        return replace(base, path=done.path, _model=model, _cleanup=None,
+                       provenance={**base.provenance, "heal": [done.record]},
                        timings={**base.timings, "heal_s": done.seconds})
 
     searches = [(("search", ratio, b), dict(search="evo", search_budget=str(b)), f"search evo {b}")
                 for b in args.search_budgets]
     for key, kw, name in searches:
-        add(f"{name} {tag}", "levers", name, lambda key=key, kw=kw: pruned(key, **kw))
+        add(f"{name} {tag}", "levers", name, lambda key=key, kw=kw: pruned(key, **kw), checkpoint=checkpoint_name(key))
     for key, kw, name in [(("default", ratio), {}, "default"), *searches[:1]]:
         for tokens in sorted(args.heal_tokens):
             size = f"{tokens // 1024}k" if tokens % 1024 == 0 else f"{tokens}"
             label = f"{'' if name == 'default' else name + ' + '}heal {size}"
-            add(f"{label} {tag}", "levers", label, lambda key=key, kw=kw, tokens=tokens: healed(key, tokens, **kw))
+            add(f"{label} {tag}", "levers", label, lambda key=key, kw=kw, tokens=tokens: healed(key, tokens, **kw),
+                checkpoint=checkpoint_name(key, tokens))
+
+
+def checkpoint_name(key: tuple, heal_tokens: int | None = None) -> str:
+    """The directory in --work of a lever's checkpoint: its prune (``key``), healed to ``heal_tokens``."""
+    return "-".join(map(str, key)) + (f"-heal-{heal_tokens}" if heal_tokens else "")
 
 
 def main() -> None:
@@ -512,13 +623,18 @@ def main() -> None:
                     help="Heal token budgets (default 65536,262144), one training state continued.")
     ap.add_argument("--work", type=Path, default=Path("/tmp/flap-quality-levers"),
                     help="Healed checkpoints and their training states (default /tmp/flap-quality-levers).")
+    ap.add_argument("--tasks", action="store_true",
+                    help=f"Also the offline lm-eval tasks ({TASKS}: cloze, sentence endings; every item, hf backend, "
+                         "float32) of the dense model and, at --lever-ratios, of the default and the lever rows whose "
+                         "checkpoint is in --work (a heal at the largest --heal-tokens only).")
     ap.add_argument("--no-cost", dest="cost", action="store_false",
                     help="Skip the cost rows (each method's prune timed in a fresh process; run them alone).")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2).")
     ap.add_argument("--group-size", type=int, default=8,
                     help="Pruned models held and evaluated together (memory: about 0.5 GB each).")
     ap.add_argument("--smoke", action="store_true",
-                    help="Tiny sizes (8 windows of 32, 1,024 eval tokens in windows of 256, 20 %% only) to prove it runs.")
+                    help="Tiny sizes (8 windows of 32, 1,024 eval tokens in windows of 256, 20 %% only, 8 items a "
+                         "task) to prove it runs.")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results",
                     help="Directory of quality.{json,md,png} (default benchmarks/results).")
     ap.add_argument("--replot", action="store_true", help="Only rewrite quality.md and quality.png from quality.json.")
@@ -527,6 +643,7 @@ def main() -> None:
                          "protocol, and add only the missing ones.")
     ap.add_argument("--cost-child", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    args.task_limit = None
     if args.cost_child:
         return cost_child(args)
     if args.smoke:
@@ -534,6 +651,7 @@ def main() -> None:
         args.max_tokens, args.eval_seqlen, args.study_nsamples = 1024, 256, [4, 8]
         args.ridges, args.sequential_ridges = [0.1, 1.0], [1.0]
         args.lever_ratios, args.search_budgets, args.heal_tokens = [0.2], [6], [256, 512]
+        args.task_limit = 8
     if args.replot:
         data = json.loads((args.out / "quality.json").read_text())
         write(args.out, data)
