@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -72,8 +73,14 @@ print(json.dumps({{"seconds": time.perf_counter() - t, "peak_rss": peak_rss_byte
 """
 
 
+class Refused(Exception):
+    """The command said no in one line (exit 2): a limit below what the plan needs."""
+
+
 def run_json(cmd: list[str], env: dict[str, str]) -> dict:
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
+    if res.returncode == 2 and res.stderr.strip().splitlines()[-1].startswith("error: "):
+        raise Refused(res.stderr.strip().splitlines()[-1])
     if res.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd[:4])} failed:\n{res.stderr[-3000:]}")
     out = res.stdout.strip()
@@ -122,10 +129,16 @@ def main() -> None:
             for limit in (None, int(args.limit_share * size)):
                 shutil.rmtree(out, ignore_errors=True)
                 t = time.perf_counter()
-                pr = run_json([sys.executable, "-m", "flap_deploy_cli", "prune", str(src), str(out), "--ratio", "0.2",
-                               "--calib", args.calib, "--nsamples", str(args.nsamples), "--seqlen",
-                               str(args.seqlen), "--device", "cpu", "--reconstruct", mode, "--json",
-                               *(["--max-memory", str(limit)] if limit else [])], env)
+                try:
+                    pr = run_json([sys.executable, "-m", "flap_deploy_cli", "prune", str(src), str(out), "--ratio",
+                                   "0.2", "--calib", args.calib, "--nsamples", str(args.nsamples), "--seqlen",
+                                   str(args.seqlen), "--device", "cpu", "--reconstruct", mode, "--json",
+                                   *(["--max-memory", str(limit)] if limit else [])], env)
+                except Refused as e:  # refused before any layer ran: the figure it names is the row
+                    row["runs"].append({"reconstruct": mode, "max_memory": limit, "refused": str(e),
+                                        "prune_s": time.perf_counter() - t})
+                    print(json.dumps(row["runs"][-1]), flush=True)
+                    continue
                 plan = pr["memory"]["plan"]
                 row["runs"].append({"reconstruct": mode, "max_memory": limit, "prune_s": time.perf_counter() - t,
                                     "prune_internal_s": pr["timings"]["total_s"],
@@ -148,6 +161,12 @@ def main() -> None:
                      "calib": args.calib, "load_average": os.getloadavg(), "rows": rows})
 
 
+def _need(error: str) -> str:
+    """The figure a refusal names ("the run needs about X GiB of host memory")."""
+    match = re.search(r"needs about ([\d.]+ GiB)", error)
+    return f"needs {match.group(1)}" if match else error
+
+
 def write(out: Path, data: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "scale.json").write_text(json.dumps(data, indent=2) + "\n")
@@ -166,6 +185,11 @@ def write(out: Path, data: dict) -> None:
     for r in data["rows"]:
         for run in r["runs"]:
             limit = run["max_memory"]
+            if "refused" in run:
+                lines.append(f"| {r['size']} | {r['params'] / 1e9:.2f} B | {r['checkpoint_bytes'] / GIB:.2f} GiB | "
+                             f"{r['layers']} | {r['forward_s']:.1f} | {run['reconstruct']} | {limit / GIB:.2f} GiB | "
+                             f"refused before any layer ran: {_need(run['refused'])} | | | | | | | |")
+                continue
             lines.append(
                 f"| {r['size']} | {r['params'] / 1e9:.2f} B | {r['checkpoint_bytes'] / GIB:.2f} GiB | {r['layers']} | "
                 f"{r['forward_s']:.1f} | {run['reconstruct']} | {f'{limit / GIB:.2f} GiB' if limit else '—'} | "
@@ -195,8 +219,12 @@ def write(out: Path, data: dict) -> None:
     ax.plot(x, x, ":", color="#999999", label="checkpoint size")
     for j, run in enumerate(rows[0]["runs"]):
         label = f"{run['reconstruct']}, " + (f"--max-memory {data['limit_share']:.0%}" if run["max_memory"] else "no limit")
-        line, = ax.plot(x, [r["runs"][j]["peak_rss"] / GIB for r in rows], "o-", label=f"peak RSS, {label}")
-        ax.plot(x, [r["runs"][j]["planned"] / GIB for r in rows], "x:", color=line.get_color(), label=f"plan, {label}")
+        done = [(xi, r["runs"][j]) for xi, r in zip(x, rows) if "peak_rss" in r["runs"][j]]
+        if not done:
+            continue
+        line, = ax.plot([d[0] for d in done], [d[1]["peak_rss"] / GIB for d in done], "o-", label=f"peak RSS, {label}")
+        ax.plot([d[0] for d in done], [d[1]["planned"] / GIB for d in done], "x:", color=line.get_color(),
+                label=f"plan, {label}")
     ax.plot(x, [data["limit_share"] * v for v in x], "--", color="#cc0000", label=f"{data['limit_share']:.0%} of the checkpoint")
     base = [(r["checkpoint_bytes"] / GIB, r["baseline_peak_rss"] / GIB) for r in rows if "baseline_peak_rss" in r]
     if base:
