@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import pytest
 import torch
@@ -97,11 +98,27 @@ def test_a_config_transformers_refuses_is_an_error(sharded, calib_text, tmp_path
 
 
 def test_plan_beyond_max_memory_is_an_error(sharded, calib_text, tmp_path):
-    """Refused before any layer runs (nothing written), naming the figure the run needs and what lowers it."""
+    """Refused before any layer runs (nothing written), naming the figure the run needs, and, the limit being
+    below what this process already holds, that no option lowers it enough."""
     line = one_line_error(_prune(sharded, tmp_path / "out", "--calib", calib_text, "--max-memory", "64MiB"))
     assert "--max-memory is 0.06 GiB, and the run needs about" in line and "this process now" in line
-    assert "lower it with" in line and "--nsamples" in line and "--seqlen" in line
+    assert "no option lowers it under the limit: this process now" in line and "lower it with" not in line
     assert not (tmp_path / "out").exists()
+
+
+def test_a_refusal_names_the_options_that_can_bring_the_run_under_the_limit():
+    from flap_deploy.errors import ParameterError
+    from flap_deploy.streaming.plan import SLACK_BYTES, MemoryPlan
+
+    mib = 2**20
+    plan = MemoryPlan(checkpoint_bytes=0, limit_bytes=0, limit_given=True, device="cpu", buffer_on_host=True,
+                      runtime_bytes=500 * mib, buffer_bytes=400 * mib, activation_bytes=50 * mib)
+    floor = 500 * mib + SLACK_BYTES
+    with pytest.raises(ParameterError, match="lower it with `nsamples` or `seqlen`; `batch_size` or `seqlen`"):
+        MemoryPlan.check(replace(plan, limit_bytes=floor + 100 * mib))
+    with pytest.raises(ParameterError, match=f"this process now, allocator slack alone come to {floor / 2**30:.2f} GiB"):
+        MemoryPlan.check(replace(plan, limit_bytes=floor - mib))
+    assert MemoryPlan.check(replace(plan, limit_bytes=plan.host_peak_bytes)).host_peak_bytes == floor + 450 * mib
 
 
 def _prune_measured(src, out, *args) -> tuple[dict, int]:

@@ -176,11 +176,18 @@ class MemoryPlan:
         return self
 
     def _levers(self, device: bool) -> str:
-        levers = list(dict.fromkeys(_LEVERS[t] for t, _ in self._terms(device) if t in _LEVERS))
+        """What lowers the peak, or, where the terms no option touches exceed the limit alone, that figure."""
+        terms = self._terms(device)
+        movable = [t for t, _ in terms if t in _LEVERS]
+        floor = sum(b for t, b in terms if t not in movable)
+        limit = self.device_free_bytes if device else self.limit_bytes
+        if floor > limit or not movable:
+            fixed = ", ".join(_LABELS[t] for t, _ in terms if t not in movable)
+            return (f"no option lowers it under the limit: {fixed} alone come to {floor / GIB:.2f} GiB; allow at "
+                    "least that, or use a machine with more memory")
+        levers = list(dict.fromkeys(_LEVERS[t] for t in movable if t in _LEVERS))
         if device and not self.buffer_on_host and self.buffer_bytes:
             levers.append("`offload_buffer`")
-        if not levers:
-            return "the run cannot be made smaller: use a machine with more memory"
         return "lower it with " + "; ".join(levers)
 
     def to_dict(self) -> dict[str, Any]:
