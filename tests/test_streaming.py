@@ -238,8 +238,9 @@ def test_streamed_eval_of_a_pruned_checkpoint_equals_its_whole_model(flap20_dir)
 def checkpoint_3gb(bundled_dir, tmp_path_factory):
     """A 3.14 GiB float32 random-weight Llama in 5 shards, written once for both reconstruction modes."""
     shape = Shape("LlamaForCausalLM", 1536, 6144, 20, 12, 4, 128)
-    return write_random_checkpoint(tmp_path_factory.mktemp("dense-3gb"), shape, tokenizer_from=bundled_dir,
-                                   overwrite=True)
+    root = tmp_path_factory.mktemp("dense-3gb")
+    yield write_random_checkpoint(root, shape, tokenizer_from=bundled_dir, overwrite=True)
+    shutil.rmtree(root)  # 3 GiB: not left for the rest of the session
 
 
 @pytest.mark.slow
@@ -255,6 +256,7 @@ def test_a_3gb_checkpoint_prunes_under_a_max_memory_of_40_percent_of_its_size_as
     limit = int(0.4 * size)
     report, peak = _prune_measured(src, tmp_path / "out", "--calib", calib_text, "--nsamples", "4", "--seqlen", "64",
                                    "--max-memory", limit, *mode)
+    shutil.rmtree(tmp_path / "out")  # 2.5 GiB: gone before the next mode writes its own
     planned = report["memory"]["plan"]["host_peak_bytes"]
     assert peak <= limit, f"peak RSS {peak / 2**30:.2f} GiB of a {size / 2**30:.2f} GiB checkpoint"
     assert planned >= 0.9 * peak, f"planned {planned / 2**30:.3f} GiB, measured {peak / 2**30:.3f} GiB"
