@@ -124,6 +124,11 @@ class PruneConfig:
         return RECONSTRUCTIONS[self.effective_reconstruct]
 
     @property
+    def generates_calibration(self) -> bool:
+        """``calib self``: the model writes its own windows, so its weights and LM head must be resident."""
+        return self.calib == "self"
+
+    @property
     def effective_attn_ratio(self) -> float | None:
         if self.structure in MANUAL_MODULE_STRUCTURES:
             return self.attn_ratio if self.attn_ratio is not None else 0.75 * self.ratio

@@ -182,7 +182,7 @@ def plan_prune(stream: LayerStream, config: PruneConfig, calibrates: bool,
     windows = ((config.nsamples, config.seqlen) if calibrates
                else tuple(statistics.windows.shape) if second_pass else None)
     plan = plan_memory(stream, windows=windows, batch_size=config.batch_size,
-                       generate=SELF_BATCH if calibrates and config.calib == "self" else 0,
+                       generate=SELF_BATCH if calibrates and config.generates_calibration else 0,
                        offload_buffer=config.offload_buffer, max_memory=parse_size(config.max_memory, "max_memory"))
     plan = replace(plan, statistics_bytes=statistics_nbytes(stream))
     if config.reconstruction.covariances and (calibrates or statistics is not None):
@@ -212,7 +212,7 @@ def plan_prune(stream: LayerStream, config: PruneConfig, calibrates: bool,
 def _calibration(stream: LayerStream, config: PruneConfig, tokenizer: Any, plan: MemoryPlan) -> Calibration:
     """The calibration windows (self-generated ones with the model's own forward, its layers paged
     through memory but for the ones the plan holds)."""
-    if config.calib == "self":  # only the model's own generation needs its weights (and its LM head) resident
+    if config.generates_calibration:  # only then are the weights (and the LM head) paged in
         with stream.paged(plan.held_bytes) as model:
             windows = calibration_windows(config.calib, model, tokenizer, config.nsamples, config.seqlen,
                                           config.seed, progress=config.progress)
