@@ -1,5 +1,9 @@
 """`flap-deploy serve --backend vllm`: bad inputs fail before any engine; a real server on the pruned bundled model.
 
+The one engine on the real pruned model in this suite: beside the API checks, it answers with PyTorch's
+greedy tokens and teacher-forced top-1 (the vLLM model file on per-layer widths; tests/test_vllm_model.py
+checks the same on a tiny checkpoint under TP and PP).
+
 The engine test is the vLLM path of `make demo` (whose test runs the ONNX path): `export vllm` of the
 pruned model, `serve` as `compare` starts it, and `compare`'s load generator (`flap-deploy bench`).
 """
@@ -99,6 +103,7 @@ def test_serve_pruned_bundled_with_openai_client(flap20_dir, tmp_path):
                 pieces.append(chunk.choices[0].delta.content or "")
             usage = chunk.usage or usage
         assert "".join(pieces) and usage.completion_tokens == 8
+        _matches_pytorch(flap20_dir, f"http://127.0.0.1:{port}/v1")
         wrong_key = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="nope", max_retries=0)
         with pytest.raises(Exception, match="401|Unauthorized"):
             wrong_key.models.list()
@@ -141,6 +146,41 @@ def test_serve_pruned_bundled_with_openai_client(flap20_dir, tmp_path):
     time.sleep(0.5)
     left = [p for p in tree if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
     assert not left, f"processes left: {left}"
+
+
+def _matches_pytorch(flap20_dir: Path, url: str, max_tokens: int = 12) -> None:
+    """The served pruned model (per-layer widths, fused add + RMSNorm wherever a layer keeps both modules) in
+    float32: the same greedy tokens as PyTorch, >= 99 % teacher-forced top-1 (vLLM's prompt log-probabilities)."""
+    import httpx
+    import torch
+
+    from flap_deploy.evaluation.perplexity import teacher_forced_top1
+    from flap_deploy.io.model_ref import resolve_model
+    from vllm_helpers import torch_greedy
+
+    ref = resolve_model(flap20_dir)
+    tok, model = ref.tokenizer(), ref.load(torch.float32)
+    texts = ["The capital of France is", "In 1905, Albert Einstein published",
+             "def fibonacci(n):\n    ", "The river flows through the valley and",
+             "Pruning removes whole attention heads and MLP channels from a trained model, so the model that "
+             "is left is smaller and faster. The removed units are chosen by how much their outputs vary over "
+             "a calibration set: a unit whose output hardly changes can be replaced by its mean, which is "
+             "added back as a bias. The result needs no retraining and runs on the usual kernels."]
+    agree = total = 0
+    for text in texts:
+        prompt = tok(text)["input_ids"]
+        r = httpx.post(url + "/completions", headers={"Authorization": "Bearer secret"}, timeout=120, json={
+            "model": "pruned", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+            "return_token_ids": True, "prompt_logprobs": 1})
+        assert r.status_code == 200, r.text
+        choice = r.json()["choices"][0]
+        assert choice["token_ids"] == torch_greedy(model, prompt, max_tokens), text
+        # position 0 has no prediction; each later one holds the prompt's token and vLLM's rank-1 token
+        served = [next(int(t) for t, lp in pos.items() if lp["rank"] == 1) for pos in choice["prompt_logprobs"][1:]]
+        ref_top1, _ = teacher_forced_top1(model, prompt)
+        agree += sum(a == b for a, b in zip(served, ref_top1))
+        total += len(ref_top1)
+    assert total and agree / total >= 0.99, (agree, total)
 
 
 def test_foreign_per_layer_checkpoint_needs_export(tmp_path):
