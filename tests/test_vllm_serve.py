@@ -65,10 +65,11 @@ def test_serve_pruned_bundled_with_openai_client(flap20_dir, tmp_path):
     # the demo's directory: the pruned model exported for vLLM in float32
     model = Path(export_vllm(flap20_dir, tmp_path / "vllm-pruned", dtype="float32")["output"])
     port = free_port()
-    # the flags compare passes to each of its servers
+    # the flags compare passes to each of its servers, and float32 (vLLM's CPU default for a float32
+    # checkpoint is bfloat16) so that its tokens can be held to PyTorch's
     cmd = [sys.executable, "-m", "flap_deploy_cli", "serve", str(model), "--backend", "vllm", "--port", str(port),
            "--api-key", "secret", "--max-num-seqs", "4", "--max-model-len", "512", "--served-model-name", "pruned",
-           "--", "--enforce-eager"]
+           "--", "--enforce-eager", "--dtype", "float32"]
     proc = subprocess.Popen(cmd, cwd=REPO, env=vllm_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     log: list[str] = []
     ready = threading.Event()
