@@ -139,25 +139,14 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from serving.measure.capacity_report import draw
 
     cases = result["cases"]
     fig, axes = plt.subplots(len(cases), 2, figsize=(11, 3.4 * len(cases)), squeeze=False)
     for row, r in zip(axes, cases):
-        for ax, metric in zip(row, ("ttft", "tpot")):
-            for name, color in (("dense", "C0"), ("pruned", "C1")):
-                points = r["capacity"][name]["points"]
-                for stat, style in (("median", "o-"), ("p99", "s:")):
-                    ax.plot([p["rate"] for p in points], [p[f"{metric}_{stat}_ms"] for p in points], style,
-                            color=color, label=f"{name} {'p50' if stat == 'median' else stat}")
-                if r["capacity"][name]["capacity"]:
-                    ax.axvline(r["capacity"][name]["capacity"], color=color, ls=":", lw=1)
-            ax.set_xscale("log")
-            ax.set_yscale("log")
-            ax.set_xlabel("offered rate (req/s)")
-            ax.set_ylabel(f"{metric.upper()} (ms)")
-            ax.set_title(f"{r['case']['name']}: {r['workload']['slo']}", fontsize=9)
-            ax.grid(alpha=0.3, which="both")
-            ax.legend(fontsize=7)
+        draw(r, row)
+        for ax in row:
+            ax.set_title(f"{r['case']['name']}: {r['workload']['workload']}, SLO {r['workload']['slo']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -92,16 +92,12 @@ def format_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(report: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def draw(report: dict[str, Any], axes: Any) -> None:
+    """TTFT and TPOT p50 / p99 against the offered rate, dense and pruned, onto two matplotlib axes: the
+    SLO's bounds dashed, the capacities dotted (capacity.png, and each row of benchmarks/capacity.py's)."""
     from serving.measure.workload import parse_slo
 
     bounds = {(t.metric, t.percentile): t.ms for t in parse_slo(report["workload"]["slo"]).targets}
-    fig, axes = plt.subplots(1, len(CURVES), figsize=(11, 4))
     for ax, (metric, title) in zip(axes, CURVES):
         for name, color in (("dense", "C0"), ("pruned", "C1")):
             points = report["capacity"][name]["points"]
@@ -120,6 +116,16 @@ def plot(report: dict[str, Any], path: Path) -> None:
         ax.set_ylabel(f"{title} (ms)")
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7)
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(CURVES), figsize=(11, 4))
+    draw(report, axes)
     fig.suptitle(f"{report['workload']['workload']}, SLO {report['workload']['slo']} ({report['backend']})",
                  fontsize=9)
     fig.tight_layout()
