@@ -185,7 +185,7 @@ class MemoryPlan:
             fixed = ", ".join(_LABELS[t] for t, _ in terms if t not in movable)
             return (f"no option lowers it under the limit: {fixed} alone come to {floor / GIB:.2f} GiB; allow at "
                     "least that, or use a machine with more memory")
-        levers = list(dict.fromkeys(_LEVERS[t] for t in movable if t in _LEVERS))
+        levers = list(dict.fromkeys(_LEVERS[t] for t in movable))
         if device and not self.buffer_on_host and self.buffer_bytes:
             levers.append("`offload_buffer`")
         return "lower it with " + "; ".join(levers)
