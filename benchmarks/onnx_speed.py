@@ -122,6 +122,7 @@ def prepare(work: Path, forms: list[str], int8: bool, threads: int) -> dict:
 
 def main() -> None:
     from exporters.onnx.contract import FORMS
+    from flap_model import recipe
     from flap_deploy.io.bundled import cache_dir
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -210,7 +211,8 @@ def main() -> None:
                   "torch": torch.__version__, "onnxruntime": __import__("onnxruntime").__version__,
                   "note": "interleaved round-robin runs, medians; greedy decode, EOS ignored; same token-id prompts; "
                           "ORT thread spinning off; decode tok/s = batch x (new_tokens - 1) / decode seconds"},
-        "pruned_model": str(env["refs"]["pruned"].path), "decode_step_params": env["decode_step_params"],
+        "pruned_model": str(env["refs"]["pruned"].path), "pruned_recipe": recipe(env["refs"]["pruned"].path),
+        "decode_step_params": env["decode_step_params"],
         "ideal_ratio": ideal, "rows": rows, "pruned_over_dense": ratios, "vs_past_present": forms,
         "token_agreement": {"reference": runtimes[0], "by_run": agree},
         "exports": {m: {rt: {k: man.get(k) for k in ("attention", "export_seconds", "quantize_seconds", "size_bytes",
@@ -230,7 +232,8 @@ def render(r: dict) -> str:
     lines = [
         "# ONNX Runtime decode speed: graph forms, dense vs pruned SmolLM2-135M",
         "",
-        f"Pruned model: FLAP 20 % (`benchmarks/flap_model.py`, `{Path(r['pruned_model']).name}`).",
+        f"Pruned model: `flap-deploy prune smollm2-135m` with the shipped defaults (`benchmarks/flap_model.py`, "
+        f"`{Path(r['pruned_model']).name}`): {r.get('pruned_recipe') or 'recipe not recorded'}.",
         "",
         f"`python benchmarks/onnx_speed.py` - {s['threads']} threads, contexts {s['contexts']}, batches "
         f"{s['batches']}, {s['new_tokens']} greedy tokens, {s['reps']} interleaved rounds, medians; "

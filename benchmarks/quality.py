@@ -15,10 +15,18 @@ MLP-only / both; one-pass (dense inputs) vs sequential refit (pruned inputs, den
 calibration windows --study-nsamples; calibration source WikiText-2 valid / ``self`` / a mix
 (half of each). All FLAP variants of one calibration set share one statistics pass that keeps
 full covariances (``collect_statistics(covariance=True)``), so only the refits differ.
+Levers (--levers, issue 25), at every --lever-ratios, beside the default of the main table (same
+statistics, same reconstruction): the width search (``--search evo``) at every --search-budgets; the
+default healed (``flap_deploy.heal``, KL to the dense model, LoRA) on WikiText-2 valid at every
+--heal-tokens; the searched widths healed the same way. The heal budgets of one model continue one
+training state (a run to N tokens is the start of a longer one), kept in --work. Each lever row
+records its wall time: prune + search, or the heal's training time to its tokens (summed over the
+runs that continued its state); both depend on the machine's load.
 
-Cost (one fresh subprocess per method, at 20 %, the real CLI-equivalent path with no reuse):
-prune wall time (calibration and reconstruction included) ÷ the time of one dense decoder forward
-over the same calibration windows (mean of one before and one after), and the subprocess's peak RSS.
+Cost (at 20 %): each method's ``flap-deploy prune smollm2-135m`` in a fresh process (streamed from the
+bundled model's safetensors, calibration, reconstruction and the write included; the wall time of the
+command) ÷ the time of one dense decoder forward over the same calibration windows (its own process,
+mean of one before and one after the prunes), and the command's own peak RSS.
 
     python benchmarks/quality.py --study                     # the full run (see docs/pruning.md)
     python benchmarks/quality.py --smoke --out /tmp/q        # minutes: tiny sizes, proves it runs
@@ -47,22 +55,19 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from flap_deploy import PruneConfig, __version__, prune  # noqa: E402
+from flap_deploy.evaluation.perplexity import Tally, log_probs, token_windows  # noqa: E402
+from flap_deploy.heal import HealConfig, heal  # noqa: E402
+from flap_deploy.io.model_ref import load_model, load_tokenizer  # noqa: E402
+from flap_deploy.io.text import load_text, python_docs_text  # noqa: E402
 from flap_deploy.pruning.calibration import calibration_windows  # noqa: E402
 from flap_deploy.pruning.compress import compress  # noqa: E402
-from flap_deploy.evaluation.perplexity import Tally, log_probs, token_windows  # noqa: E402
-from flap_deploy.streaming.memory import peak_rss_bytes  # noqa: E402
-from flap_deploy.io.model_ref import load_model, load_tokenizer  # noqa: E402
+from flap_deploy.pruning.methods import RECONSTRUCTIONS  # noqa: E402
 from flap_deploy.pruning.pipeline import collect_statistics, linear_weights  # noqa: E402
 from flap_deploy.pruning.reconstruct import refit_layers  # noqa: E402
-from flap_deploy.io.text import load_text, python_docs_text  # noqa: E402
 
 WIKITEXT = REPO.parent / "shared" / "data" / "wikitext-2"
 DEFAULT = PruneConfig()
 DOMAINS = ("wikitext2", "python_docs")
-
-
-def rss_mib() -> float:
-    return peak_rss_bytes() / 2**20
 
 
 @torch.no_grad()
@@ -78,7 +83,7 @@ METHOD_KEYS = ("wanda-group", "wanda-head", "mag", "bias", "default")
 
 
 def main_methods(keys=METHOD_KEYS) -> list[tuple[str, dict]]:
-    default = f"FLAP {DEFAULT.reconstruct}" + (f" ridge {DEFAULT.ridge:g}" if DEFAULT.reconstruct == "ls" else "")
+    default = f"FLAP {DEFAULT.reconstruct}" + (f" ridge {DEFAULT.ridge:g}" if RECONSTRUCTIONS[DEFAULT.reconstruct].covariances else "")
     methods = {
         "wanda-group": ("Wanda-sp group", dict(method="wanda-sp", attn_granularity="group")),
         "wanda-head": ("Wanda-sp head", dict(method="wanda-sp", attn_granularity="head")),
@@ -89,119 +94,112 @@ def main_methods(keys=METHOD_KEYS) -> list[tuple[str, dict]]:
     return [methods[k] for k in keys]
 
 
-# ---------------------------------------------------------------- cost (subprocess)
+# ---------------------------------------------------------------- cost (fresh processes, the CLI)
 
 def cost_child(args) -> None:
-    """One method's prune, timed against the dense forward, in a fresh process (peak RSS is its own)."""
+    """The unit of the cost rows, in a fresh process: one dense decoder forward over the calibration windows."""
     torch.set_num_threads(args.threads)
-    kw = json.loads(args.cost_child)
     dense = load_model("smollm2-135m", dtype=torch.float32)
-    tok = load_tokenizer("smollm2-135m")
-    rss_load = rss_mib()
-    valid = str(WIKITEXT / "valid.txt")
-    calib = calibration_windows(valid, dense, tok, args.nsamples, args.seqlen, 0, progress=False)
-    runs = [dense_forward_s(dense, calib.input_ids, 8)]
-    t = time.perf_counter()
-    result = prune(dense, PruneConfig(calib=valid, nsamples=args.nsamples, seqlen=args.seqlen, progress=False, **kw),
-                   tokenizer=tok)
-    elapsed = time.perf_counter() - t
-    peak = rss_mib()
-    runs.append(dense_forward_s(dense, calib.input_ids, 8))
-    dense_s = sum(runs) / len(runs)
-    print(json.dumps({"prune_s": elapsed, "timings": result.timings, "dense_forward_s": dense_s,
-                      "dense_forward_runs_s": runs, "prune_over_dense_forward": elapsed / dense_s,
-                      "peak_rss_mib": peak, "rss_after_load_mib": rss_load}))
+    calib = calibration_windows(str(WIKITEXT / "valid.txt"), dense, load_tokenizer("smollm2-135m"), args.nsamples,
+                                args.seqlen, 0, progress=False)
+    dense_forward_s(dense, calib.input_ids[:8], 8)  # warm-up: first-call allocations are not the forward's cost
+    print(json.dumps({"dense_forward_s": dense_forward_s(dense, calib.input_ids, 8)}))
 
 
-def measure_cost(args, kw: dict) -> dict:
-    cmd = [sys.executable, __file__, "--cost-child", json.dumps(kw), "--nsamples", str(args.nsamples),
+def dense_forward_cost(args) -> float:
+    cmd = [sys.executable, __file__, "--cost-child", "dense", "--nsamples", str(args.nsamples),
            "--seqlen", str(args.seqlen), "--threads", str(args.threads)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    return json.loads(out.strip().splitlines()[-1])["dense_forward_s"]
 
 
-# ---------------------------------------------------------------- sequential refit (study)
+def cli_prune_cost(args, kw: dict, work: Path) -> dict:
+    """One method's prune as a user runs it: ``flap-deploy prune smollm2-135m`` in a fresh process (layers
+    streamed from the bundled model's safetensors, calibration and reconstruction included, the checkpoint
+    written). Wall time from the command's start (interpreter and imports included) to its exit; peak RSS as
+    the command reports it (its own VmHWM)."""
+    flags = [x for k, v in kw.items() for x in (f"--{k.replace('_', '-')}", str(v))]
+    cmd = [sys.executable, "-m", "flap_deploy_cli", "prune", "smollm2-135m", str(work), "--calib",
+           str(WIKITEXT / "valid.txt"), "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), *flags,
+           "--overwrite", "--json"]
+    t = time.perf_counter()
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=REPO).stdout
+    elapsed = time.perf_counter() - t
+    result = json.loads(out)
+    shown = ["OUT" if arg == str(work) else arg.replace(str(REPO.parent) + "/", "../") for arg in cmd[3:]]
+    return {"command": "flap-deploy " + " ".join(shown), "prune_s": elapsed, "timings": result["timings"],
+            "peak_rss_mib": result["memory"]["peak_rss_bytes"] / 2**20,
+            "achieved_ratio": result["provenance"]["achieved_ratio"]}
 
-@torch.no_grad()
-def sequential_refits(model, input_ids, masks, ridge: float, batch_size: int = 8) -> list:
-    """The study's sequential variant: each layer's o_proj / down_proj refit on the inputs produced by
-    the already pruned and refitted layers before it (and, for down_proj, by its own refitted
-    attention), toward the dense model's outputs of the same module (cross-covariance least squares,
-    ridge toward the kept columns as they are)."""
-    from flap_deploy.model.adapters import get_adapter
-    from flap_deploy.streaming.passes import LayerPass
-    from flap_deploy.pruning.reconstruct import LayerRefit, Refit, kept_columns
-    from flap_deploy.pruning.stats import CovStats
 
-    adapter = get_adapter(model.config)
-    geom = adapter.geometry(model.config)
-    lp = LayerPass(model, input_ids, batch_size=batch_size)
-    dense_h, kwargs_by_size, slices = lp.buffer, lp.kwargs_by_size, lp.slices
-    pruned_h = dense_h.clone()
+def measure_costs(args, data: dict, save: Callable[[], None]) -> None:
+    """The cost rows, dense forward measured before and after the prunes (each in its own process)."""
+    import tempfile
 
-    def _layer_out(out):
-        return out[0] if isinstance(out, tuple) else out
-    refits = []
+    dense_runs = [dense_forward_cost(args)]
+    todo = [(name, kw) for name, kw in main_methods(args.methods) if not (args.resume and name in data["cost"])]
+    with tempfile.TemporaryDirectory() as tmp:
+        costs = {name: cli_prune_cost(args, dict(kw, ratio=0.2), Path(tmp) / "pruned") for name, kw in todo}
+    dense_runs.append(dense_forward_cost(args))
+    dense_s = sum(dense_runs) / len(dense_runs)
+    for name, cost in costs.items():
+        data["cost"][name] = dict(cost, dense_forward_s=dense_s, dense_forward_runs_s=dense_runs,
+                                  prune_over_dense_forward=cost["prune_s"] / dense_s)
+        print(f"cost {name}: {data['cost'][name]['prune_over_dense_forward']:.2f} x dense forward", flush=True)
+    save()
 
-    def fit(linear, kept, joint: CovStats) -> Refit:
-        n = linear.in_features
-        w = linear.weight.double()
-        b = linear.bias.double() if linear.bias is not None else torch.zeros(w.shape[0], dtype=torch.float64)
-        cov, mu = joint.covariance(), joint.mean  # joint variable [x_dense (n), x_pruned_kept (|k|)]
-        s_kk, s_dk = cov[n:, n:], cov[:n, n:]
-        lam = ridge * float(s_kk.diagonal().mean()) if kept.numel() else 0.0
-        w_k = w[:, kept]
-        if kept.numel():  # min ||W x_d - W' x_k||² + lam ||W' - W_k||²
-            rhs = w @ s_dk + lam * w_k
-            new_w = torch.linalg.solve(s_kk + lam * torch.eye(kept.numel(), dtype=torch.float64), rhs.T).T
-        else:
-            new_w = w_k
-        return Refit(kept=kept, weight=new_w, bias=b + w @ mu[:n] - new_w @ mu[n:])
 
-    for i in range(geom.num_layers):
-        layer = adapter.layers(model)[i]
-        m = adapter.layer_modules(model, i)
-        kept_attn, kept_mlp = kept_columns(masks[i], geom.head_dim, m.o_proj.in_features, m.down_proj.in_features)
-        captured: dict[str, torch.Tensor] = {}
-        fits: dict[str, Refit] = {}
+# ---------------------------------------------------------------- tasks (lm-eval, the checkpoints in --work)
 
-        def capture(name):
-            return lambda mod, args: captured.__setitem__(name, args[0])
+TASKS = "offline"  # WikiText-2 cloze and sentence endings, built from ../shared/data (flap_deploy.evaluation.tasks)
 
-        def replace_out(name, kept):  # the pruned stream's module output: the refit (or mask) applied
-            def hook(mod, args, out):
-                x = args[0][..., kept]
-                f = fits.get(name)
-                if f is None:
-                    return torch.nn.functional.linear(x, mod.weight[:, kept], mod.bias)
-                return torch.nn.functional.linear(x, f.weight.to(x.dtype), f.bias.to(x.dtype))
-            return hook
 
-        for name, linear, kept in (("attn", m.o_proj, kept_attn), ("mlp", m.down_proj, kept_mlp)):
-            joint = CovStats(linear.in_features + kept.numel(), device=dense_h.device)
-            for sl in slices:
-                kw = kwargs_by_size[sl.stop - sl.start]
-                h = [linear.register_forward_pre_hook(capture("dense"))]
-                layer(dense_h[sl], **kw)
-                h[0].remove()
-                h = [linear.register_forward_pre_hook(capture("pruned"))]
-                h += [mod.register_forward_hook(replace_out(k, kk)) for k, mod, kk in
-                      (("attn", m.o_proj, kept_attn), ("mlp", m.down_proj, kept_mlp))]
-                layer(pruned_h[sl], **kw)
-                for x in h:
-                    x.remove()
-                joint.update(torch.cat([captured["dense"], captured["pruned"][..., kept]], dim=-1))
-            fits[name] = fit(linear, kept, joint)
-        for sl in slices:  # advance both streams
-            kw = kwargs_by_size[sl.stop - sl.start]
-            dense_h[sl] = _layer_out(layer(dense_h[sl], **kw))
-            h = [mod.register_forward_hook(replace_out(k, kk)) for k, mod, kk in
-                 (("attn", m.o_proj, kept_attn), ("mlp", m.down_proj, kept_mlp))]
-            pruned_h[sl] = _layer_out(layer(pruned_h[sl], **kw))
-            for x in h:
-                x.remove()
-        refits.append(LayerRefit(attn=fits["attn"], mlp=fits["mlp"]))
-    return refits
+def task_result(path: Path, cache: Path, limit: int | None = None) -> dict:
+    """``run_tasks``' result for the checkpoint at ``path``, kept in ``cache`` (JSON) and read back from there, so
+    the figures of a checkpoint can be taken while the lever rows still run."""
+    from flap_deploy.evaluation.tasks import load_tasks, run_tasks, select_tasks
+    from flap_deploy.io.model_ref import CHECKPOINTS, resolve_model
+
+    if cache.exists():
+        return json.loads(cache.read_text())
+    result = run_tasks(resolve_model(str(path), accept=CHECKPOINTS), load_tasks(select_tasks(TASKS)), limit=limit,
+                       batch_size=16, dtype="float32")
+    cache.write_text(json.dumps(result))
+    return result
+
+
+def task_checkpoints(args, data: dict) -> list[tuple[dict, Path]]:
+    """(row, checkpoint) of every row still without task figures that --tasks measures: the dense model; at
+    --lever-ratios the default and the lever rows whose checkpoint is in --work, a heal only at the largest
+    --heal-tokens (a smaller budget is the start of that run)."""
+    from flap_deploy.io.bundled import materialize
+
+    default = main_methods(("default",))[0][0]
+    named = {f"{default} {ratio:.0%}": checkpoint_name(("default", ratio)) for ratio in args.lever_ratios}
+    out = []
+    for r in data["models"]:
+        if "tasks" in r:
+            continue
+        if r["name"] == "dense":
+            out.append((r, materialize("smollm2-135m")))
+            continue
+        name = named.get(r["name"]) if r["group"] == "main" else r.get("checkpoint")
+        healed_less = r.get("heal") and r["heal"][-1]["tokens"] != max(args.heal_tokens)
+        if name and not healed_less and r["target_ratio"] in args.lever_ratios and (args.work / name).is_dir():
+            out.append((r, args.work / name))
+    return out
+
+
+def measure_tasks(args, data: dict, save: Callable[[], None]) -> None:
+    """Accuracy ± stderr of every item of the offline tasks, hf backend, float32, one model at a time."""
+    for r, path in task_checkpoints(args, data):
+        name = "dense" if r["name"] == "dense" else path.name
+        result = task_result(path, args.work / f"{name}.tasks.json", args.task_limit)
+        r["tasks"] = {task: {"n": t["n"], **t["metrics"]} for task, t in result["tasks"].items()}
+        r["tasks_seconds"] = result["seconds"]
+        print(f"tasks {r['name']}: " + ", ".join(f"{task} {100 * t['acc']['value']:.1f}"
+                                                 for task, t in r["tasks"].items()), flush=True)
+        save()
 
 
 # ---------------------------------------------------------------- evaluation
@@ -236,7 +234,8 @@ def row(name: str, group: str, result, kw: dict) -> dict:
             "achieved_ratio": p["achieved_ratio"], "params": p["pruned_params"],
             "reconstruct": p["reconstruction"]["mode"], "ridge": p["reconstruction"]["ridge"],
             "attn_granularity": p["attn_granularity"], "calibration": p["calibration"],
-            **{k: v for k, v in kw.items() if k in ("modules", "refit")}}
+            "search": p.get("search"), "heal": p.get("heal"),
+            **{k: v for k, v in kw.items() if k in ("modules", "refit", "seconds", "checkpoint")}}
 
 
 # ---------------------------------------------------------------- report
@@ -259,7 +258,8 @@ def write(out: Path, data: dict) -> None:
         "Ratio = share of decoder linear weights removed.",
         "",
     ]
-    for group, title in (("main", "Methods at the same budget"), ("study", "Study (FLAP masks; reconstruction variants)")):
+    for group, title in (("main", "Methods at the same budget"), ("study", "Study (FLAP masks; reconstruction variants)"),
+                         ("levers", "Levers: width search and heal (wall time on the machine named below, loaded)")):
         rows = [r for r in data["models"] if r["group"] in (group, "dense")]
         if len(rows) <= 1:
             continue
@@ -274,10 +274,18 @@ def write(out: Path, data: dict) -> None:
                 m = r.get(d) or {}
                 cells += [fmt(m.get("perplexity"), ".2f"), fmt(m.get("kl"), ".4f"),
                           fmt(100 * m["top1"], ".2f") + " %" if m.get("top1") is not None else "-"]
-            lines.append(f"| {r['name']} | {100 * r['achieved_ratio']:.2f} % | {cal_s} | " + " | ".join(cells) + " |")
+            wall = f" ({r['seconds']:.0f} s)" if r.get("seconds") is not None else ""
+            lines.append(f"| {r['name']}{wall} | {100 * r['achieved_ratio']:.2f} % | {cal_s} | " + " | ".join(cells) + " |")
         lines.append("")
+    lines += lever_recipes(data)
+    lines += task_table(data)
     if data.get("cost"):
-        lines += ["## Cost of pruning (20 %, fresh process per method, calibration and reconstruction included)", "",
+        lines += ["## Cost of pruning (20 %, `flap-deploy prune smollm2-135m` in a fresh process per method)", "",
+                  "Each method pruned as a user runs it: layers streamed from the bundled model's safetensors, "
+                  "calibration, reconstruction and the checkpoint write included, wall time from the command's "
+                  "start to its exit (interpreter and imports included); peak RSS as the command reports it. "
+                  "Dense forward: one decoder forward over the same calibration windows in its own process, the "
+                  "mean of one run before and one after the prunes.", "",
                   "| method | prune (s) | dense forward (s) | prune / dense forward | peak RSS (MiB) |",
                   "|---|---:|---:|---:|---:|"]
         for name, cst in data["cost"].items():
@@ -286,6 +294,52 @@ def write(out: Path, data: dict) -> None:
         lines.append("")
     lines += [f"Machine: {data['machine']}; torch {data['torch']}; flap-deploy {data['package_version']}."]
     (out / "quality.md").write_text("\n".join(lines) + "\n")
+
+
+def lever_recipes(data: dict) -> list[str]:
+    """What each lever row ran, from its provenance: the search's budget and KL, the heal's settings and speed."""
+    lines = []
+    for r in data["models"]:
+        if r["group"] != "levers":
+            continue
+        parts = []
+        if r.get("search"):
+            s = r["search"]
+            parts.append(f"`--search {s['name']} --search-budget {s['budget']}` (seed {s['seed']}, windows "
+                         f"{s['windows'][0]}/{s['windows'][1]}, {s['evaluations']:g} evaluations, {s['generations']} "
+                         f"generations, {s['improvements']} improvements; KL on the large set {s['start_kl']:.4f} → "
+                         f"{s['kl']:.4f})")
+        for h in r.get("heal") or []:
+            lora = f"LoRA rank {h['lora_rank']}" if h["mode"] == "lora" else "full"
+            speed = f", {h['tokens'] / r['seconds']:.0f} tokens/s" if r.get("seconds") else ""
+            source = f"{Path(str(h['data']['source'])).name} x{h['data']['windows']}"
+            parts.append(f"heal on {source} ({h['tokens']:,} tokens = {h['steps']} steps of "
+                         f"{h['batch_size']} x {h['seqlen']}, {lora}, lr {h['lr']:g}, {h['loss']}; final loss "
+                         f"{h['final_loss']:.4f}{speed})")
+        lines.append(f"- {r['name']}: the default's prune (ls ridge {r['ridge']:g}) + " + " + ".join(parts))
+    return ["Lever recipes:", "", *lines, ""] if lines else []
+
+
+def task_table(data: dict) -> list[str]:
+    """The rows with task figures: accuracy ± one standard error (in points), the difference to dense."""
+    rows = [r for r in data["models"] if r.get("tasks")]
+    dense = next((r["tasks"] for r in rows if r["name"] == "dense"), None)
+    if not rows or dense is None:
+        return []
+    cols = [(task, metric) for task, t in dense.items() for metric in t if metric != "n"]
+    n = ", ".join(f"{task} {t['n']}" for task, t in dense.items())
+    lines = ["## Tasks: offline lm-eval set (items: " + n + "; accuracy in points ± one standard error, "
+             "difference to dense)", "",
+             "| model | " + " | ".join(f"{task} {metric}" for task, metric in cols) + " |",
+             "|---|" + "---:|" * len(cols)]
+    for r in rows:
+        cells = []
+        for task, metric in cols:
+            m, d = r["tasks"][task][metric], dense[task][metric]
+            diff = "" if r["name"] == "dense" else f" ({100 * (m['value'] - d['value']):+.1f})"
+            cells.append(f"{100 * m['value']:.1f} ± {100 * m['stderr']:.1f}{diff}")
+        lines.append(f"| {r['name']} | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def plot(out: Path, data: dict) -> None:
@@ -414,7 +468,10 @@ def run(args) -> None:
         def add(name, group, method_name, make, **extra):
             if name in rows:
                 return
+            started = time.perf_counter()
             result = make()
+            if group == "levers":  # a heal's training time to its tokens, not its base prune's (shared)
+                extra = {**extra, "seconds": result.timings.get("heal_s", time.perf_counter() - started)}
             r = row(name, group, result, extra)
             r["method_name"] = method_name
             data["models"].append(r)
@@ -444,7 +501,7 @@ def run(args) -> None:
 
             if main_set and ratio in args.ratios:
                 for name, kw in main_methods(args.methods):
-                    if kw.get("method") in ("wanda-sp", "mag-sp"):
+                    if not replace(cfg, **kw).pruning_method.reuses_statistics:
                         # the baselines calibrate (Wanda-sp) on the same windows through their own pass
                         make = lambda kw=kw: prune(dense, replace(cfg, **kw), tokenizer=tok)  # noqa: E731
                     elif kw.get("reconstruct") == "bias":
@@ -453,6 +510,8 @@ def run(args) -> None:
                         make = lambda kw=kw, cfg=cfg: prune(dense, replace(cfg, **kw), tokenizer=tok,  # noqa: E731
                                                             statistics=stats())
                     add(f"{name} {ratio:.0%}", "main", name, make)
+            if main_set and args.levers and ratio in args.lever_ratios:
+                levers(args, ratio, add, cache, ls)
             if not args.study or ratio not in args.study_ratios:
                 continue
             tag = f"{ratio:.0%}" + ("" if main_set else f" calib {label}")
@@ -473,21 +532,59 @@ def run(args) -> None:
                 for ridge in args.sequential_ridges:
                     add(f"ls sequential ridge {ridge:g} {tag}", "study", "ls-sequential",
                         lambda ridge=ridge, variant=variant, bias=bias: variant(
-                            "ls-sequential", ridge, sequential_refits(dense, ids(), bias().masks, ridge), means=False),
+                            "ls-sequential", ridge, refit_layers(dense, ids(), bias().masks, ridge, pruned_inputs=True,
+                                                                 progress=False), means=False),
                         refit="sequential")
         cache.clear()
         flush()
         save()
 
+    if args.tasks:
+        measure_tasks(args, data, save)
     if args.cost:
-        for name, kw in main_methods(args.methods):
-            if resume and name in data["cost"]:
-                continue
-            data["cost"][name] = measure_cost(args, dict(kw, ratio=0.2))
-            print(f"cost {name}: {data['cost'][name]['prune_over_dense_forward']:.2f} x dense forward", flush=True)
-            save()
+        measure_costs(args, data, save)
     save()
     plot(args.out, data)
+
+
+def levers(args, ratio: float, add, cache: dict, ls) -> None:
+    """The lever rows at one ratio: ``ls`` is the default's prune on the shared statistics (``ls(**overrides)``
+    makes the prune)."""
+    tag = f"{ratio:.0%}"
+
+    def pruned(key, **kw):  # the checkpoint a lever starts from, pruned once and kept in --work (for --tasks)
+        if key not in cache:
+            cache[key] = ls(**kw)()
+            cache[key].save(args.work / checkpoint_name(key), overwrite=True)
+        return cache[key]
+
+    def healed(key, tokens, **kw):
+        base = pruned(key, **kw)
+        state = args.work / f"{checkpoint_name(key)}.heal-state"
+        out = args.work / checkpoint_name(key, tokens)
+        done = heal(str(base.path), out, HealConfig(teacher="smollm2-135m", data=str(WIKITEXT / "valid.txt"),
+                                                      tokens=tokens, seqlen=args.seqlen, progress=False),
+                    state_dir=state, resume=state.is_dir(), keep_state=True, overwrite=True)
+        model = load_model(done.path, dtype=torch.float32)
+        return replace(base, path=done.path, _model=model, _cleanup=None,
+                       provenance={**base.provenance, "heal": [done.record]},
+                       timings={**base.timings, "heal_s": done.seconds})
+
+    searches = [(("search", ratio, b), dict(search="evo", search_budget=str(b)), f"search evo {b}")
+                for b in args.search_budgets]
+    for key, kw, name in searches:
+        add(f"{name} {tag}", "levers", name, lambda key=key, kw=kw: pruned(key, **kw), checkpoint=checkpoint_name(key))
+    for key, kw, name in [(("default", ratio), {}, "default"), *searches[:1]]:
+        for tokens in sorted(args.heal_tokens):
+            size = f"{tokens // 1024}k" if tokens % 1024 == 0 else f"{tokens}"
+            label = f"{'' if name == 'default' else name + ' + '}heal {size}"
+            add(f"{label} {tag}", "levers", label, lambda key=key, kw=kw, tokens=tokens: healed(key, tokens, **kw),
+                checkpoint=checkpoint_name(key, tokens))
+
+
+def checkpoint_name(key: tuple, heal_tokens: int | None = None) -> str:
+    """The directory in --work of a lever's checkpoint: its prune (``key``), healed to ``heal_tokens``."""
+    return "-".join(map(str, key)) + (f"-heal-{heal_tokens}" if heal_tokens else "")
 
 
 def main() -> None:
@@ -517,13 +614,27 @@ def main() -> None:
                     help=f"Main-table methods, comma-separated among {','.join(METHOD_KEYS)}.")
     ap.add_argument("--sequential-ridges", type=floats, default=[0.01, 1.0],
                     help="Ridge values of the sequential-refit rows (default 0.01,1).")
+    ap.add_argument("--levers", action="store_true", help="Also the lever rows (width search, heal; issue 25).")
+    ap.add_argument("--lever-ratios", type=floats, default=[0.2, 0.3, 0.5],
+                    help="Ratios of the lever rows (default 0.2,0.3,0.5; among --ratios).")
+    ap.add_argument("--search-budgets", type=ints, default=[100],
+                    help="Width-search budgets in evaluations (default 100); the first is also healed.")
+    ap.add_argument("--heal-tokens", type=ints, default=[65_536, 262_144],
+                    help="Heal token budgets (default 65536,262144), one training state continued.")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/flap-quality-levers"),
+                    help="Healed checkpoints and their training states (default /tmp/flap-quality-levers).")
+    ap.add_argument("--tasks", action="store_true",
+                    help=f"Also the offline lm-eval tasks ({TASKS}: cloze, sentence endings; every item, hf backend, "
+                         "float32) of the dense model and, at --lever-ratios, of the default and the lever rows whose "
+                         "checkpoint is in --work (a heal at the largest --heal-tokens only).")
     ap.add_argument("--no-cost", dest="cost", action="store_false",
                     help="Skip the cost rows (each method's prune timed in a fresh process; run them alone).")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2).")
     ap.add_argument("--group-size", type=int, default=8,
                     help="Pruned models held and evaluated together (memory: about 0.5 GB each).")
     ap.add_argument("--smoke", action="store_true",
-                    help="Tiny sizes (8 windows of 32, 1,024 eval tokens in windows of 256, 20 %% only) to prove it runs.")
+                    help="Tiny sizes (8 windows of 32, 1,024 eval tokens in windows of 256, 20 %% only, 8 items a "
+                         "task) to prove it runs.")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results",
                     help="Directory of quality.{json,md,png} (default benchmarks/results).")
     ap.add_argument("--replot", action="store_true", help="Only rewrite quality.md and quality.png from quality.json.")
@@ -532,12 +643,15 @@ def main() -> None:
                          "protocol, and add only the missing ones.")
     ap.add_argument("--cost-child", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    args.task_limit = None
     if args.cost_child:
         return cost_child(args)
     if args.smoke:
         args.ratios, args.study_ratios, args.nsamples, args.seqlen = [0.2], [0.2], 8, 32
         args.max_tokens, args.eval_seqlen, args.study_nsamples = 1024, 256, [4, 8]
         args.ridges, args.sequential_ridges = [0.1, 1.0], [1.0]
+        args.lever_ratios, args.search_budgets, args.heal_tokens = [0.2], [6], [256, 512]
+        args.task_limit = 8
     if args.replot:
         data = json.loads((args.out / "quality.json").read_text())
         write(args.out, data)

@@ -5,7 +5,10 @@ not values) of about 0.5B, 1B, 2B and 4B parameters. For each, in separate proce
 
 * one streamed dense forward over the calibration set (``layerwise.final_hidden``): the unit
   prune time is measured in;
-* ``flap-deploy prune --ratio 0.2`` (FLAP, text calibration): wall time and peak RSS;
+* ``flap-deploy prune --ratio 0.2`` (FLAP, text calibration) with the shipped default reconstruction
+  (``ls``) and with ``--reconstruct bias``, each without ``--max-memory`` and with it at 40 % of the
+  checkpoint: wall time, the plan's expected peak and the process's own peak RSS (VmHWM of a fresh
+  process);
 * optionally the whole-model baseline (the dense model loaded whole, then pruned in memory),
   where it fits in memory.
 
@@ -19,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -28,6 +32,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from flap_deploy.pruning.config import PruneConfig  # noqa: E402
 from flap_deploy.pruning.synthetic import Shape  # noqa: E402
 
 SIZES = {
@@ -68,8 +73,14 @@ print(json.dumps({{"seconds": time.perf_counter() - t, "peak_rss": peak_rss_byte
 """
 
 
+class Refused(Exception):
+    """The command said no in one line (exit 2): a limit below what the plan needs."""
+
+
 def run_json(cmd: list[str], env: dict[str, str]) -> dict:
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
+    if res.returncode == 2 and res.stderr.strip().splitlines()[-1].startswith("error: "):
+        raise Refused(res.stderr.strip().splitlines()[-1])
     if res.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd[:4])} failed:\n{res.stderr[-3000:]}")
     out = res.stdout.strip()
@@ -89,9 +100,10 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/flap-scale"))
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    ap.add_argument("--reconstruct", default="bias", choices=("none", "bias", "ls"),
-                    help="bias (the paper's) measures the streaming itself; ls adds one layer's input covariance "
-                         "(float64, n x kept) and a second forward while writing")
+    ap.add_argument("--reconstructs", default=f"{PruneConfig().reconstruct},bias",
+                    help="reconstruction modes, comma-separated (default: the shipped default, then bias)")
+    ap.add_argument("--limit-share", type=float, default=0.4,
+                    help="--max-memory of the limited runs, as a share of the checkpoint (default 0.4)")
     args = ap.parse_args()
 
     from flap_deploy.io.bundled import materialize
@@ -111,31 +123,48 @@ def main() -> None:
         fwd = run_json([sys.executable, "-c", FORWARD.format(threads=args.threads, nsamples=args.nsamples,
                                                               seqlen=args.seqlen), str(src), args.calib], env)
         out = args.work / f"pruned-{name}"
-        shutil.rmtree(out, ignore_errors=True)
-        t = time.perf_counter()
-        pr = run_json([sys.executable, "-m", "flap_deploy_cli", "prune", str(src), str(out), "--ratio", "0.2",
-                       "--calib", args.calib, "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
-                       "--device", "cpu", "--reconstruct", args.reconstruct, "--json"], env)
-        prune_s = time.perf_counter() - t
         row = {"size": name, "params": params, "checkpoint_bytes": size, "layers": shape.num_hidden_layers,
-               "forward_s": fwd["seconds"], "forward_peak_rss": fwd["peak_rss"], "prune_s": prune_s,
-               "prune_internal_s": pr["timings"]["total_s"], "prune_peak_rss": pr["memory"]["peak_rss_bytes"],
-               "plan": pr["memory"]["plan"]}
+               "forward_s": fwd["seconds"], "forward_peak_rss": fwd["peak_rss"], "runs": []}
+        for mode in args.reconstructs.split(","):
+            for limit in (None, int(args.limit_share * size)):
+                shutil.rmtree(out, ignore_errors=True)
+                t = time.perf_counter()
+                try:
+                    pr = run_json([sys.executable, "-m", "flap_deploy_cli", "prune", str(src), str(out), "--ratio",
+                                   "0.2", "--calib", args.calib, "--nsamples", str(args.nsamples), "--seqlen",
+                                   str(args.seqlen), "--device", "cpu", "--reconstruct", mode, "--json",
+                                   *(["--max-memory", str(limit)] if limit else [])], env)
+                except Refused as e:  # refused before any layer ran: the figure it names is the row
+                    row["runs"].append({"reconstruct": mode, "max_memory": limit, "refused": str(e),
+                                        "prune_s": time.perf_counter() - t})
+                    print(json.dumps(row["runs"][-1]), flush=True)
+                    continue
+                plan = pr["memory"]["plan"]
+                row["runs"].append({"reconstruct": mode, "max_memory": limit, "prune_s": time.perf_counter() - t,
+                                    "prune_internal_s": pr["timings"]["total_s"],
+                                    "peak_rss": pr["memory"]["peak_rss_bytes"], "planned": plan["host_peak_bytes"],
+                                    "ls_statistics": plan.get("ls_statistics", ""), "plan": plan})
+                print(json.dumps({k: v for k, v in row["runs"][-1].items() if k != "plan"}), flush=True)
         shutil.rmtree(out, ignore_errors=True)
         if name in args.baseline.split(","):
             base_out = args.work / f"baseline-{name}"
             shutil.rmtree(base_out, ignore_errors=True)
             b = run_json([sys.executable, "-c", BASELINE.format(threads=args.threads, nsamples=args.nsamples,
                                                                  seqlen=args.seqlen), str(src), args.calib,
-                          str(base_out), args.reconstruct], env)
+                          str(base_out), args.reconstructs.split(",")[0]], env)
             shutil.rmtree(base_out, ignore_errors=True)
             row.update(baseline_s=b["seconds"], baseline_peak_rss=b["peak_rss"])
         rows.append(row)
-        print(json.dumps({k: v for k, v in row.items() if k != "plan"}), flush=True)
         shutil.rmtree(src, ignore_errors=True)
     write(args.out, {"nsamples": args.nsamples, "seqlen": args.seqlen, "threads": args.threads,
-                     "reconstruct": args.reconstruct,
+                     "limit_share": args.limit_share,
                      "calib": args.calib, "load_average": os.getloadavg(), "rows": rows})
+
+
+def _need(error: str) -> str:
+    """The figure a refusal names ("the run needs about X GiB of host memory")."""
+    match = re.search(r"needs about ([\d.]+ GiB)", error)
+    return f"needs {match.group(1)}" if match else error
 
 
 def write(out: Path, data: dict) -> None:
@@ -143,21 +172,40 @@ def write(out: Path, data: dict) -> None:
     (out / "scale.json").write_text(json.dumps(data, indent=2) + "\n")
     lines = [
         "# Pruning at scale (layer streaming)", "",
-        f"Random-weight Llama checkpoints, float32, FLAP 20 % (`--reconstruct {data['reconstruct']}`), "
-        f"{data['nsamples']} x {data['seqlen']} calibration tokens, "
-        f"CPU ({data['threads']} threads), load average at the end {data['load_average'][0]:.2f}. "
-        "Command: `PYTHONPATH=. python benchmarks/scale.py`.", "",
-        "| size | params | checkpoint | forward s | prune s | prune ÷ forward | peak RSS | RSS ÷ checkpoint | "
-        "whole-model baseline RSS ÷ checkpoint |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"Random-weight Llama checkpoints, float32, FLAP 20 %, text calibration ({Path(data['calib']).name}, "
+        f"{data['nsamples']} x {data['seqlen']} tokens), CPU ({data['threads']} threads), load average at the end "
+        f"{data['load_average'][0]:.2f}. Each prune is `flap-deploy prune SRC OUT --ratio 0.2 --calib FILE "
+        f"--nsamples {data['nsamples']} --seqlen {data['seqlen']} --device cpu --reconstruct MODE "
+        f"[--max-memory {data['limit_share']:.0%} of the checkpoint]` in a fresh process; peak RSS is that "
+        "process's VmHWM, the plan its printed expected peak. Command: `PYTHONPATH=. python benchmarks/scale.py`.", "",
+        "| size | params | checkpoint | layers | forward s | reconstruct | --max-memory | ls covariances | prune s | "
+        "prune ÷ forward | plan | peak RSS | plan ÷ peak | peak ÷ limit | RSS ÷ checkpoint |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in data["rows"]:
-        base = f"{r['baseline_peak_rss'] / r['checkpoint_bytes']:.2f}" if "baseline_peak_rss" in r else "—"
-        lines.append(f"| {r['size']} | {r['params'] / 1e9:.2f} B | {r['checkpoint_bytes'] / GIB:.2f} GiB | "
-                     f"{r['forward_s']:.1f} | {r['prune_s']:.1f} | {r['prune_s'] / r['forward_s']:.2f} | "
-                     f"{r['prune_peak_rss'] / GIB:.2f} GiB | {r['prune_peak_rss'] / r['checkpoint_bytes']:.3f} | {base} |")
+        for run in r["runs"]:
+            limit = run["max_memory"]
+            if "refused" in run:
+                lines.append(f"| {r['size']} | {r['params'] / 1e9:.2f} B | {r['checkpoint_bytes'] / GIB:.2f} GiB | "
+                             f"{r['layers']} | {r['forward_s']:.1f} | {run['reconstruct']} | {limit / GIB:.2f} GiB | "
+                             f"refused before any layer ran: {_need(run['refused'])} | | | | | | | |")
+                continue
+            lines.append(
+                f"| {r['size']} | {r['params'] / 1e9:.2f} B | {r['checkpoint_bytes'] / GIB:.2f} GiB | {r['layers']} | "
+                f"{r['forward_s']:.1f} | {run['reconstruct']} | {f'{limit / GIB:.2f} GiB' if limit else '—'} | "
+                f"{run['ls_statistics'] or '—'} | {run['prune_s']:.1f} | {run['prune_s'] / r['forward_s']:.2f} | "
+                f"{run['planned'] / GIB:.2f} GiB | {run['peak_rss'] / GIB:.2f} GiB | {run['planned'] / run['peak_rss']:.3f} | "
+                + (f"{run['peak_rss'] / limit:.3f} | " if limit else "— | ") +
+                f"{run['peak_rss'] / r['checkpoint_bytes']:.3f} |")
+    base = [r for r in data["rows"] if "baseline_peak_rss" in r]
+    if base:
+        lines += ["", "Whole-model baseline (the dense model loaded whole, then pruned in memory): "
+                  + "; ".join(f"{r['size']}: peak RSS {r['baseline_peak_rss'] / GIB:.2f} GiB "
+                              f"({r['baseline_peak_rss'] / r['checkpoint_bytes']:.2f} × the checkpoint)" for r in base)]
     lines += ["", "prune s is the whole `flap-deploy prune` process (start-up, plan, calibration, scoring, writing); "
-              "forward s is one streamed dense forward over the same windows, in its own process."]
+              "forward s is one streamed dense forward over the same windows, in its own process. "
+              "ls covariances: where the shipped refit's statistics came from (a second pass, flat in depth, "
+              "or kept from the statistics pass when the limit has room for them)."]
     (out / "scale.md").write_text("\n".join(lines) + "\n")
 
     import matplotlib
@@ -169,13 +217,21 @@ def write(out: Path, data: dict) -> None:
     x = [r["checkpoint_bytes"] / GIB for r in rows]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ax.plot(x, x, ":", color="#999999", label="checkpoint size")
-    ax.plot(x, [r["prune_peak_rss"] / GIB for r in rows], "o-", label="streamed prune, peak RSS")
+    for j, run in enumerate(rows[0]["runs"]):
+        label = f"{run['reconstruct']}, " + (f"--max-memory {data['limit_share']:.0%}" if run["max_memory"] else "no limit")
+        done = [(xi, r["runs"][j]) for xi, r in zip(x, rows) if "peak_rss" in r["runs"][j]]
+        if not done:
+            continue
+        line, = ax.plot([d[0] for d in done], [d[1]["peak_rss"] / GIB for d in done], "o-", label=f"peak RSS, {label}")
+        ax.plot([d[0] for d in done], [d[1]["planned"] / GIB for d in done], "x:", color=line.get_color(),
+                label=f"plan, {label}")
+    ax.plot(x, [data["limit_share"] * v for v in x], "--", color="#cc0000", label=f"{data['limit_share']:.0%} of the checkpoint")
     base = [(r["checkpoint_bytes"] / GIB, r["baseline_peak_rss"] / GIB) for r in rows if "baseline_peak_rss" in r]
     if base:
         ax.plot(*zip(*base), "s--", label="whole-model baseline, peak RSS")
     ax.set_xlabel("checkpoint size (GiB, float32)")
     ax.set_ylabel("peak resident memory (GiB)")
-    ax.set_title("FLAP pruning memory vs model size")
+    ax.set_title("FLAP pruning memory vs model size: plan and peak")
     ax.legend()
     fig.tight_layout()
     fig.savefig(out / "scale.png", dpi=110)

@@ -4,7 +4,8 @@
 
 MODEL (default `smollm2-135m`, exported once by `ensure_onnx` in the `--attention` graph form,
 default gqa: the KV cache is one preallocated slot buffer per layer, so RSS should stay flat)
-is served by `flap-deploy serve MODEL --backend onnx` in a subprocess on 127.0.0.1. Each client loops:
+is served by the ONNX backend's entry point (`python -m serving.onnx SETTINGS`, through
+`serving.backends`) in a subprocess on 127.0.0.1. Each client loops:
 with probability `--invalid` it sends a request drawn from a set of invalid ones (each must
 get a 4xx in OpenAI's error shape), with probability `--disconnect` it starts a stream and
 hangs up after a few chunks, otherwise it streams a valid completion to `[DONE]`. The
@@ -20,7 +21,6 @@ import argparse
 import asyncio
 import collections
 import json
-import os
 import random
 import socket
 import sys
@@ -193,21 +193,18 @@ def main() -> int:
     from exporters.onnx.export import ensure_onnx
 
     model_dir = ensure_onnx(args.model, attention=args.attention)  # exported once, outside the timed run
-    port = free_port()
-    cmd = [sys.executable, "-m", "flap_deploy_cli", "serve", str(model_dir), "--backend", "onnx", "--port", str(port),
-           "--max-num-seqs", str(args.max_num_seqs), "--max-queue", str(args.max_queue), "--max-model-len", "2048"]
-    if args.threads:
-        cmd += ["--threads", str(args.threads)]
-    env = {"PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     import tempfile
 
     from flap_deploy.errors import FlapDeployError
-    from serving.process import ManagedServer
+    from serving.backends import BACKENDS
 
-    url = f"http://127.0.0.1:{port}"
+    onnx = BACKENDS["onnx"]  # the soak probes the built-in server
+    settings = onnx.settings_for(model_dir, port=free_port(), max_num_seqs=args.max_num_seqs,
+                                 max_queue=args.max_queue, max_model_len=2048, threads=args.threads)
+    url = settings.base_url
     with tempfile.NamedTemporaryFile("w", prefix="soak-server-", suffix=".log", delete=False) as log:
         print(f"server log: {log.name}", file=sys.stderr)
-        server = ManagedServer(cmd, url, name="soak server", env=env, log=log)
+        server = onnx.process(settings, name="soak server", log=log)
         server.start()
         try:
             try:

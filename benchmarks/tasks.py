@@ -27,9 +27,9 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from flap_model import flap_pruned_bundled, recipe  # noqa: E402
 
-from flap_deploy.io.bundled import materialize  # noqa: E402
 from flap_deploy.evaluation.task_report import format_table  # noqa: E402
-from flap_deploy_cli.evaluate import task_comparison  # noqa: E402
+from flap_deploy.io.bundled import materialize  # noqa: E402
+from serving.measure.tasks import task_comparison  # noqa: E402
 
 
 def backend_agreement(a: dict, b: dict) -> dict:

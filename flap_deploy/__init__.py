@@ -8,7 +8,8 @@ torch: a configuration error comes back before anything heavy is loaded.
 
 Subpackages, in the order they build on each other: ``model`` (the per-layer-width architecture
 and its contract), ``io`` (models on disk), ``streaming`` (one layer resident at a time),
-``pruning`` (FLAP and the baselines), ``evaluation`` and ``generation``.
+``pruning`` (FLAP and the baselines), then ``heal`` (distillation after pruning), ``evaluation`` and
+``generation``.
 """
 
 from __future__ import annotations

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import re
 import sys
-from collections.abc import Iterator
 from typing import Any
 
 import click
@@ -58,9 +55,45 @@ def echo_json(data: Any, *, one_line: bool = False) -> None:
     click.echo(json.dumps(data, indent=None if one_line else 2, default=str))
 
 
+def options(declared: tuple) -> Any:
+    """One decorator applying click options declared as a tuple, listed in their --help order."""
+    def decorate(command: Any) -> Any:
+        for option in reversed(declared):
+            command = option(command)
+        return command
+    return decorate
+
+
 json_option = click.option("--json", "as_json", is_flag=True,
                            help="Print the result as JSON on stdout (messages and progress go to stderr).")
 overwrite_option = click.option("--overwrite", is_flag=True, help="Replace the output directory if it exists.")
+revision_option = click.option(
+    "--revision", default=None, metavar="REV",
+    help="Branch, tag or commit of the MODEL arguments that are Hugging Face Hub ids (namespace/name) "
+         "[default: main]. A Hub id is fetched into the Hugging Face cache (HF_HOME; HF_TOKEN for gated or "
+         "private repositories; HF_HUB_OFFLINE=1 uses the cache alone); a local directory wins over an id "
+         "of the same spelling.")
+
+
+def at_revision(revision: str | None, *models: str | None, out: Any = None, overwrite: bool = False,
+                **resolve: Any) -> list[Any]:
+    """The MODEL arguments as the library takes them: as given without --revision (the library resolves
+    each, Hub ids at their main branch); with it, each Hub id resolved at that revision (a ``ModelRef``,
+    ``resolve`` passed on) and the others as given. --revision with no Hub id among them is an error.
+    An output directory ``out`` is checked first, so that a refused OUT costs no download."""
+    if out is not None:
+        from flap_deploy.io.atomic import check_output_dir
+
+        check_output_dir(out, overwrite)
+    if revision is None:
+        return list(models)
+    from flap_deploy.io.model_ref import is_hub_id, resolve_model
+
+    hub = [m is not None and is_hub_id(m) for m in models]
+    if not any(hub):
+        raise CliError(f"--revision {revision}: applies to Hugging Face Hub ids, and no MODEL argument is one "
+                       f"({', '.join(m for m in models if m is not None)})")
+    return [resolve_model(m, revision=revision, **resolve) if h else m for m, h in zip(models, hub)]
 
 
 def int_list(text: str | None, flag: str) -> list[int | None]:
@@ -80,21 +113,3 @@ class CliError(click.ClickException):
 
     def show(self, file=None) -> None:
         click.echo(f"error: {self.format_message()}", err=True)
-
-
-@contextlib.contextmanager
-def stdout_to_stderr(active: bool = True) -> Iterator[None]:
-    """Send everything written to stdout (file descriptor 1: Python, C code, child processes)
-    to stderr while active, so that a ``--json`` command's stdout carries only its JSON."""
-    if not active:
-        yield
-        return
-    sys.stdout.flush()
-    saved = os.dup(1)
-    os.dup2(2, 1)
-    try:
-        yield
-    finally:
-        sys.stdout.flush()
-        os.dup2(saved, 1)
-        os.close(saved)

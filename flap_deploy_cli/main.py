@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from . import evaluate, export, measure, prune, run
+from . import evaluate, export, heal, measure, prune, run
 from .common import FlapGroup
 
 
@@ -14,10 +14,10 @@ def main() -> None:
     """flap-deploy: prune LLMs with FLAP and deploy them to PyTorch, ONNX Runtime and vLLM.
 
     MODEL arguments take a checkpoint directory or the bundled model name `smollm2-135m`.
-    The commands are listed in the order of the flow: prune, inspect, evaluate, export, run, measure.
+    The commands are listed in the order of the flow: prune, heal, inspect, evaluate, export, run, measure.
     """
 
 
-for _command in (prune.prune, evaluate.info, evaluate.eval_command, export.export, export.quantize, run.generate, run.serve,
-                 measure.bench, measure.compare):
+for _command in (prune.prune, heal.heal, evaluate.info, evaluate.eval_command, export.export, export.quantize,
+                 run.generate, run.serve, measure.bench, measure.compare):
     main.add_command(_command)

@@ -2,18 +2,28 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 
 import click
 
 from serving.backends import BACKENDS
+from serving.settings import API_KEY_ENV
 
-from .common import CliError, FlapCommand, echo_json, json_option
+from .common import (
+    CliError,
+    FlapCommand,
+    at_revision,
+    echo_json,
+    json_option,
+    revision_option,
+)
 
 
 @click.command(cls=FlapCommand)
 @click.argument("model")
 @click.argument("prompt", nargs=-1, required=True)
+@revision_option
 @click.option("--max-new-tokens", "-n", "max_tokens", type=int, default=64, show_default=True,
               help="Tokens to generate.")
 @click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy.")
@@ -26,7 +36,7 @@ from .common import CliError, FlapCommand, echo_json, json_option
 @click.option("--device", default="auto", show_default=True,
               help="PyTorch: auto (the first CUDA device, else the CPU), cpu, cuda or cuda:N.")
 @json_option
-def generate(model: str, prompt: tuple[str, ...], max_tokens: int, temperature: float, top_p: float, top_k: int,
+def generate(model: str, prompt: tuple[str, ...], revision: str | None, max_tokens: int, temperature: float, top_p: float, top_k: int,
              seed: int | None, stop: tuple[str, ...], chat: bool, threads: int | None, device: str,
              as_json: bool) -> None:
     """Generate text for each PROMPT with MODEL: an ONNX export directory runs on ONNX Runtime,
@@ -38,7 +48,7 @@ def generate(model: str, prompt: tuple[str, ...], max_tokens: int, temperature: 
 
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
                             stop=stop)
-    ref = resolve_model(model)
+    ref = resolve_model(model, revision=revision)
     if ref.kind == "onnx":
         from exporters.onnx.runtime import generate as run_generate
     else:
@@ -56,91 +66,78 @@ def generate(model: str, prompt: tuple[str, ...], max_tokens: int, temperature: 
             click.echo(g.text)
 
 
+def _setting(flag: str, name: str, help: str, **kw):
+    """A `serve` option that is the backend setting ``name``: given options only reach the backend (a backend
+    that lacks the setting refuses it by name), so its help names the backends that take it and their default."""
+    takers = [b for b in BACKENDS.values() if name in b.options]
+    defaults = {b.name: next(f.default for f in dataclasses.fields(b.settings) if f.name == name) for b in takers}
+    shown = {k: _shown(v, kw.get("metavar")) for k, v in defaults.items() if v not in (None, ())}
+    if len(takers) < len(BACKENDS):
+        lead = help[0] if help[1:2].isupper() else help[0].lower()  # an acronym keeps its case
+        help = f"{' / '.join(defaults)}: {lead}{help[1:]}"
+    if len(set(shown.values())) == 1 and len(shown) == len(takers):
+        help += f"  [default: {next(iter(shown.values()))}]"
+    elif shown:
+        help += f"  [default: {'; '.join(f'{k} {v}' for k, v in shown.items())}; otherwise the engine's own]"
+    return click.option(flag, name, default=None, help=help, **kw)
+
+
+def _shown(value: object, metavar: str | None) -> str:
+    if metavar == "SIZE" and isinstance(value, int) and value % (1 << 20) == 0:
+        return f"{value >> 20}M"
+    return str(value)
+
+
 @click.command(cls=FlapCommand)
 @click.argument("model")
-@click.option("--backend", type=click.Choice(BACKENDS), default=None,
-              help="Engine behind the endpoint: vllm when vLLM is installed, else onnx (the built-in ONNX Runtime "
-                   "server with continuous batching).")
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (0.0.0.0 exposes it).")
-@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True,
-              help="TCP port of the endpoint (checked free before the model loads).")
-@click.option("--api-key", default=None, envvar="FLAP_DEPLOY_API_KEY",
-              help="Require 'Authorization: Bearer KEY' on /v1/* (env FLAP_DEPLOY_API_KEY).")
-@click.option("--served-model-name", default=None,
-              help="Model id in /v1/models and requests (default: the bundled name or the directory name).")
-@click.option("--max-num-seqs", default=None, type=click.IntRange(min=1),
-              help="Sequences decoded together at most [onnx default: 8; vllm: its own default].")
-@click.option("--max-model-len", default=None, type=click.IntRange(min=2),
-              help="Context length (prompt + output tokens); default: the model's max positions.")
-@click.option("--tp-size", type=click.IntRange(min=1), default=1, show_default=True,
-              help="vllm: tensor-parallel size; the checkpoint is checked against it before the engine starts.")
-@click.option("--pp-size", type=click.IntRange(min=1), default=1, show_default=True,
-              help="vllm: pipeline-parallel size (stages of whole layers; at most the number of layers). "
-                   "Combines with --tp-size: TP x PP workers.")
-@click.option("--ready-timeout", type=float, default=900.0, show_default=True,
-              help="vllm: seconds to wait for the engine to answer /health.")
-@click.option("--max-queue", default=256, show_default=True, type=click.IntRange(min=1),
-              help="onnx: waiting sequences at most; beyond it requests get 503 (400 if one request alone "
-                   "asks for more).")
-@click.option("--max-request-bytes", default="4M", show_default=True, metavar="SIZE",
-              help="onnx: largest request body (e.g. 512K, 4M); larger ones get 413 before they are read.")
-@click.option("--max-prefill-tokens", default=1024, show_default=True, type=click.IntRange(min=1),
-              help="onnx: tokens per prefill graph call; longer prompts are prefilled in chunks, so a prompt's "
-                   "memory is bounded by this, not by its length.")
-@click.option("--max-memory", default=None, metavar="SIZE",
-              help="onnx: refuse to start when the stated memory budget (weights + full KV cache + one prefill "
-                   "chunk) exceeds SIZE (e.g. 8G).")
-@click.option("--shutdown-timeout", default=30.0, show_default=True, type=click.FloatRange(min=0),
-              help="onnx: seconds a SIGTERM waits for running requests; the rest end with an error event.")
-@click.option("--header-timeout", default=10.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
-              help="onnx: seconds a new connection may take to send its request headers.")
-@click.option("--threads", default=None, type=int, help="onnx: ONNX Runtime intra-op threads (default: ORT's).")
-@click.argument("backend_args", nargs=-1, type=click.UNPROCESSED)
-def serve(model: str, backend: str | None, host: str, port: int, api_key: str | None, served_model_name: str | None,
-          max_num_seqs: int | None, max_model_len: int | None, tp_size: int, pp_size: int, ready_timeout: float,
-          max_queue: int, max_request_bytes: str, max_prefill_tokens: int, max_memory: str | None,
-          shutdown_timeout: float, header_timeout: float, threads: int | None, backend_args: tuple[str, ...]) -> None:
+@revision_option
+@click.option("--backend", type=click.Choice(tuple(BACKENDS)), default=None,
+              help="Engine behind the endpoint: " + "; ".join(f"{b.name}: {b.summary}" for b in BACKENDS.values())
+                   + ". Default: the first installed of " + ", ".join(BACKENDS) + ".")
+@_setting("--host", "host", "Address to bind (0.0.0.0 exposes it).")
+@_setting("--port", "port", "TCP port of the endpoint (checked free before the model loads).", type=int)
+@click.option("--api-key", default=None, envvar=API_KEY_ENV,
+              help=f"Require 'Authorization: Bearer KEY' on /v1/* (env {API_KEY_ENV}).")
+@_setting("--served-model-name", "served_model_name",
+          "Model id in /v1/models and requests (default: the bundled name or the directory name).")
+@_setting("--max-num-seqs", "max_num_seqs", "Sequences decoded together at most.", type=int)
+@_setting("--max-model-len", "max_model_len",
+          "Context length (prompt + output tokens); default: the model's max positions.", type=int)
+@_setting("--tp-size", "tp_size", "Tensor-parallel size; the checkpoint is checked against it before the engine "
+                                  "starts.", type=int)
+@_setting("--pp-size", "pp_size", "Pipeline-parallel size (stages of whole layers; at most the number of layers). "
+                                  "Combines with --tp-size: TP x PP workers.", type=int)
+@_setting("--ready-timeout", "ready_timeout_s", "Seconds to wait for the engine to answer /health.", type=float)
+@_setting("--max-queue", "max_queue", "Waiting sequences at most; beyond it requests get 503 (400 if one request "
+                                      "alone asks for more).", type=int)
+@_setting("--max-request-bytes", "max_request_bytes", "Largest request body (e.g. 512K, 4M); larger ones get 413 "
+                                                      "before they are read.", metavar="SIZE")
+@_setting("--max-prefill-tokens", "max_prefill_tokens",
+          "Tokens per prefill graph call; longer prompts are prefilled in chunks, so a prompt's memory is bounded "
+          "by this, not by its length.", type=int)
+@_setting("--max-memory", "max_memory", "Refuse to start when the stated memory budget (weights + full KV cache + "
+                                        "one prefill chunk) exceeds SIZE (e.g. 8G).", metavar="SIZE")
+@_setting("--shutdown-timeout", "shutdown_timeout_s",
+          "Seconds a SIGTERM waits for running requests; the rest end with an error event.", type=float)
+@_setting("--header-timeout", "header_timeout_s",
+          "Seconds a new connection may take to send its request headers.", type=float)
+@_setting("--threads", "threads", "ONNX Runtime intra-op threads (default: ORT's).", type=int)
+@click.argument("extra_args", nargs=-1, type=click.UNPROCESSED, metavar="[-- ENGINE_ARGS...]")
+def serve(model: str, revision: str | None, backend: str | None, extra_args: tuple[str, ...], **options: object
+          ) -> None:
     """Serve MODEL on an OpenAI-compatible endpoint (/v1/completions, /v1/chat/completions, /v1/models,
     /health, /metrics) until Ctrl-C / SIGTERM.
 
     MODEL: a checkpoint (pruned or dense), `smollm2-135m`, or (onnx) an ONNX export directory; the onnx
-    backend exports a checkpoint once into the cache first. Arguments after `--` go to vLLM unchanged,
-    e.g. `flap-deploy serve DIR --backend vllm -- --enforce-eager`.
+    backend exports a checkpoint once into the cache first. Arguments after `--` go to the engine unchanged
+    (vllm), e.g. `flap-deploy serve DIR --backend vllm -- --enforce-eager`.
     """
-    from serving.backends import default_backend
+    from serving.backends import get_backend
 
-    backend = backend or default_backend()
-    if backend == "vllm":
-        from serving.vllm.launcher import prepare_vllm_server, serve_vllm
-
-        cfg = prepare_vllm_server(model, host=host, port=port, tp_size=tp_size, pp_size=pp_size, api_key=api_key,
-                                  max_num_seqs=max_num_seqs, max_model_len=max_model_len,
-                                  extra_args=list(backend_args), served_model_name=served_model_name)
-        if pp_size > 1:
-            from exporters.vllm.validate import describe_split
-
-            click.echo(f"flap-deploy: {pp_size} pipeline stages: {describe_split(cfg.pp_split)}", err=True)
-
-        def ready(server, seconds: float) -> None:
-            click.echo(f"flap-deploy: {cfg.served_model_name} ready at {cfg.base_url}/v1 after {seconds:.1f} s "
-                       "(Ctrl-C stops it)", err=True)
-
-        sys.exit(serve_vllm(cfg, ready_timeout=ready_timeout, on_ready=ready))
-    if tp_size != 1 or pp_size != 1:
-        raise CliError(f"{'--tp-size' if tp_size != 1 else '--pp-size'} needs --backend vllm")
-    if backend_args:
-        raise CliError(f"arguments after -- are for vLLM; the onnx backend takes none ({' '.join(backend_args)})")
-    from flap_deploy.streaming.memory import parse_size
-    from serving.onnx.server import serve_onnx
-    from serving.vllm.launcher import check_port_free
-
-    sizes = {flag: parse_size(value, param) for flag, param, value in (
-        ("--max-request-bytes", "max_request_bytes", max_request_bytes), ("--max-memory", "max_memory", max_memory))}
-    if threads is not None and threads < 1:
-        raise click.BadParameter(f"must be at least 1, got {threads}", param_hint="'--threads'")
-    check_port_free(host, port)  # before the model loads
-    sys.exit(serve_onnx(model, host=host, port=port, api_key=api_key, max_num_seqs=max_num_seqs or 8,
-                        max_model_len=max_model_len, max_queue=max_queue, served_model_name=served_model_name,
-                        threads=threads, max_request_bytes=sizes["--max-request-bytes"],
-                        max_prefill_tokens=max_prefill_tokens, shutdown_timeout_s=shutdown_timeout,
-                        header_timeout_s=header_timeout, max_memory=sizes["--max-memory"]))
+    b = get_backend(backend)
+    if extra_args and "extra_args" not in b.options:
+        raise CliError(f"arguments after -- go to the engine; the {b.name} backend takes none ({' '.join(extra_args)})")
+    if revision is not None:  # the Hub id's snapshot at that revision, served under the id's name
+        (ref,) = at_revision(revision, model)
+        model, options["served_model_name"] = str(ref.path), options.get("served_model_name") or ref.name
+    sys.exit(b.serve(b.settings_for(model, extra_args=extra_args, **options)))

@@ -9,15 +9,34 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 from typing import IO, Any
 
 from flap_deploy.errors import FlapDeployError
+
+
+def check_port_free(host: str, port: int) -> None:
+    """FlapDeployError if ``host:port`` cannot be bound (another server holds it): checked before a model loads."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise FlapDeployError(f"port {port} on {host} is not available ({e.strerror or e})") from None
+
+
+def with_project_on_path(env: dict[str, str]) -> dict[str, str]:
+    """``env`` with this project's root first on PYTHONPATH: a server module (``python -m serving.onnx``,
+    the vLLM guard) is imported from the project that starts it, installed or a source checkout."""
+    root = str(Path(__file__).resolve().parents[1])  # the directory holding the serving package
+    paths = [p for p in (env.get("PYTHONPATH") or os.environ.get("PYTHONPATH", "")).split(os.pathsep) if p]
+    return {**env, "PYTHONPATH": os.pathsep.join([root] + [p for p in paths if p != root])}
 
 
 def _tree(pid: int) -> set[int]:
@@ -59,9 +78,10 @@ class ManagedServer:
     """A running HTTP server subprocess: ``start()``, ``wait_ready()``, ``stop()``; a context manager."""
 
     def __init__(self, command: list[str], base_url: str, *, name: str = "server", env: dict[str, str] | None = None,
-                 log: IO[str] | None = None):
+                 log: IO[str] | None = None, health: str = "/health"):
         self.command = list(command)
         self.base_url = base_url
+        self.health = health  # the path that answers 200 once the server takes requests
         self.name = name
         self.env = dict(env or {})
         self.log = log if log is not None else sys.stderr
@@ -90,14 +110,14 @@ class ManagedServer:
                 break
 
     def wait_ready(self, timeout: float = 900.0, stop: threading.Event | None = None) -> float | None:
-        """Poll ``/health`` until it answers 200; seconds since start (None if ``stop`` was set).
+        """Poll the health path until it answers 200; seconds since start (None if ``stop`` was set).
 
         Raises FlapDeployError if the server exits first or is not ready within ``timeout``
         (the caller stops it).
         """
         assert self.proc is not None
         deadline = time.perf_counter() + timeout
-        url = self.base_url + "/health"
+        url = self.base_url + self.health
         while time.perf_counter() < deadline:
             if stop is not None and stop.is_set():
                 return None

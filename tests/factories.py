@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 import transformers
 
+from flap_deploy.model.adapters import get_adapter
 from flap_deploy.model.layout import LayerMask
-from flap_deploy.pruning.compress import LayerMeans, compress
 from flap_deploy.model.modeling_flap_llama import FlapLlamaForCausalLM
+from flap_deploy.pruning.compress import LayerMeans, compress
+from flap_deploy.pruning.config import PruneConfig
+from flap_deploy.streaming.layers import hooks
 
 VOCAB = 128
 
@@ -81,6 +85,40 @@ def tiny_heterogeneous(seed: int = 0, head_dim: int = 16) -> FlapLlamaForCausalL
     means = [LayerMeans(attn=0.1 * torch.randn(8 * head_dim, generator=g), mlp=0.1 * torch.randn(96, generator=g))
              for _ in range(4)]
     return compress(dense, masks, means)
+
+
+def small(**kw) -> PruneConfig:
+    """A PruneConfig for tiny models: few short calibration windows, no progress bars."""
+    return PruneConfig(**{**dict(nsamples=12, seqlen=24, batch_size=5, progress=False), **kw})
+
+
+def masked_dense_logits(dense, result, x):
+    """The dense model's logits with a pruning result's units zeroed and its compensation (mean biases or
+    refits) applied: what the pruned checkpoint must compute. Its own column expansion
+    (``repeat_interleave``), independent of the slicing it checks."""
+    adapter = get_adapter(dense.config)
+    geom = adapter.geometry(dense.config)
+    outputs = []
+    for i, mask in enumerate(result.masks):
+        m = adapter.layer_modules(dense, i)
+        mean = result.means[i] if result.means else None
+        refit = result.refits[i] if result.refits else None
+        for mod, keep, mu, fit in ((m.o_proj, mask.heads.repeat_interleave(geom.head_dim), mean.attn if mean else None,
+                                    refit.attn if refit else None),
+                                   (m.down_proj, mask.mlp, mean.mlp if mean else None, refit.mlp if refit else None)):
+            def output(mod, args, out, keep=keep, mu=mu, fit=fit):
+                weight, bias = mod.weight, mod.bias
+                if fit is not None:  # the recorded refit, scattered onto the kept columns
+                    weight = torch.zeros_like(mod.weight)
+                    weight[:, fit.kept] = fit.weight.to(weight.dtype)
+                    bias = fit.bias.to(weight.dtype)
+                y = F.linear(args[0] * keep.to(args[0].dtype), weight, bias)
+                if mu is not None:
+                    y = y + (mod.weight.double()[:, ~keep] @ mu.double()[~keep]).to(y.dtype)
+                return y
+            outputs.append((mod, output))
+    with torch.no_grad(), hooks(after=outputs):
+        return dense(input_ids=x, use_cache=False).logits
 
 
 def logits_without_package(checkpoint, ids: list[list[int]], workdir) -> list[float]:

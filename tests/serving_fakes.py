@@ -125,3 +125,38 @@ class TinyNumpyGqaLM(TinyNumpyLM):
 
 
 FAKES = {"past-present": TinyNumpyLM, "gqa": TinyNumpyGqaLM}
+
+
+class SaturatingServer:
+    """A server simulated in event time, of known saturation: ``slots`` requests at once, each taking
+    ``prefill_s`` to its first token and ``tpot_s`` per further token; arrivals beyond a free slot wait
+    in order. It saturates at ``slots / (prefill_s + (output_tokens - 1) × tpot_s)`` requests/s."""
+
+    def __init__(self, slots: int = 2, prefill_s: float = 0.05, tpot_s: float = 0.01, output_tokens: int = 6):
+        self.slots, self.prefill_s, self.tpot_s, self.output_tokens = slots, prefill_s, tpot_s, output_tokens
+
+    @property
+    def service_s(self) -> float:
+        return self.prefill_s + (self.output_tokens - 1) * self.tpot_s
+
+    @property
+    def saturation(self) -> float:
+        return self.slots / self.service_s
+
+    def run(self, arrivals: np.ndarray) -> tuple[list, float]:
+        """Per-request results (``bench.RequestResult``) and the run's duration for requests sent at ``arrivals``."""
+        import heapq
+
+        from serving.measure.bench import RequestResult
+
+        free = [0.0] * self.slots
+        results, end = [], 0.0
+        for t in arrivals:
+            start = max(float(t), heapq.heappop(free))
+            done = start + self.service_s
+            heapq.heappush(free, done)
+            end = max(end, done)
+            results.append(RequestResult(success=True, ttft=start - t + self.prefill_s, latency=done - t,
+                                         itl=[self.tpot_s] * (self.output_tokens - 1), prompt_len=8,
+                                         output_tokens=self.output_tokens, start_time=float(t)))
+        return results, end

@@ -39,7 +39,7 @@ def test_materialized_once_as_plain_safetensors(bundled_dir):
     assert time.perf_counter() - start < 1.0
 
 
-def test_greedy_paris(dense, tokenizer):
+def test_bundled_model_greedily_answers_paris(dense, tokenizer):
     ids = tokenizer("The capital of France is", return_tensors="pt")
     out = dense.generate(**ids, max_new_tokens=8, do_sample=False)
     assert "Paris" in tokenizer.decode(out[0, ids["input_ids"].shape[1]:])

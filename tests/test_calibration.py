@@ -73,3 +73,22 @@ def test_self_generated_samples_are_seeded_and_start_at_bos():
     assert (a[:, 0] == model.config.bos_token_id).all()
     assert not (a[:, 1:] == model.config.eos_token_id).any()
     assert len(set(a[:, 1:].flatten().tolist())) > 10  # sampled, not a constant
+
+
+def test_a_long_text_is_tokenized_in_pieces_with_the_ids_of_one_call(wikitext_dir, bundled_dir, monkeypatch):
+    """The calibration text goes through the tokenizer a piece at a time (its working memory bounded), and
+    the ids equal those of the whole text at once for the bundled byte-level BPE tokenizer."""
+    from transformers import AutoTokenizer
+
+    from flap_deploy.io.text import load_text
+    from flap_deploy.pruning import calibration
+
+    tok = AutoTokenizer.from_pretrained(bundled_dir)
+    text = load_text(wikitext_dir / "valid.txt")
+    calls = []
+    real = tok.__call__
+    monkeypatch.setattr(type(tok), "__call__", lambda self, piece, **kw: calls.append(len(piece)) or real(piece, **kw))
+    ids = calibration._tokens(tok, text)
+    assert len(calls) > 10 and max(calls) < 2 * calibration.TOKENIZE_CHARS and sum(calls) == len(text)
+    monkeypatch.undo()
+    assert ids == tok(text, add_special_tokens=False)["input_ids"]

@@ -49,8 +49,8 @@ def test_usage_errors_import_no_torch():
 
 
 def test_commands_are_listed_in_flow_order():
-    assert list(main.commands) == ["prune", "info", "eval", "export", "quantize", "generate", "serve", "bench",
-                                  "compare"]
+    assert list(main.commands) == ["prune", "heal", "info", "eval", "export", "quantize", "generate", "serve",
+                                  "bench", "compare"]
 
 
 def _option(command, name):
@@ -58,14 +58,26 @@ def _option(command, name):
 
 
 def test_prune_options_are_the_prune_config_fields_with_its_defaults_and_choices():
-    from flap_deploy.pruning.config import CHOICES, PruneConfig
+    from flap_deploy.pruning.config import PruneConfig, choices
 
     command = main.commands["prune"]
     fields = {f.name: f.default for f in dataclasses.fields(PruneConfig) if f.name != "progress"}
-    options = {p.name: p.default for p in command.params if p.name not in ("model", "out", "overwrite", "as_json", "no_bias")}
+    options = {p.name: p.default for p in command.params if p.name not in ("model", "out", "revision", "overwrite", "as_json",
+                                                                            "no_bias")}
     assert options == fields
-    for name, vocabulary in CHOICES.items():
+    for name, vocabulary in choices().items():
         assert tuple(_option(command, name).type.choices) == tuple(v for v in vocabulary if v is not None), name
+
+
+def test_heal_options_are_the_heal_config_fields_with_its_defaults():
+    from flap_deploy.heal.config import DTYPES, HealConfig
+
+    command = main.commands["heal"]
+    fields = {f.name: f.default for f in dataclasses.fields(HealConfig) if f.name != "progress"}
+    options = {p.name: p.default for p in command.params
+               if p.name not in ("pruned", "out", "overwrite", "as_json", "state_dir", "resume", "keep_state")}
+    assert options == fields
+    assert tuple(_option(command, "dtype").type.choices) == DTYPES
 
 
 def test_a_bad_prune_value_is_refused_without_torch():
@@ -92,3 +104,23 @@ def test_synthetic_choices_are_the_synthetic_shapes():
 
     assert tuple(_option(main.commands["compare"], "synthetic").type.choices) == tuple(SHAPES) == SYNTHETIC_SHAPES
 
+
+
+def test_every_command_with_a_model_argument_takes_the_one_revision_flag():
+    from flap_deploy_cli.common import revision_option
+
+    declared = click.command()(revision_option(lambda revision: None)).params[0]
+    with_model = {path for path in all_command_paths() if _command(path).params and any(
+        isinstance(p, click.Argument) and p.name in ("model", "dense") for p in _command(path).params)}
+    assert with_model == {("prune",), ("info",), ("eval",), ("export", "onnx"), ("export", "vllm"), ("export", "hf"),
+                          ("quantize",), ("generate",), ("serve",), ("compare",)}
+    for path in with_model:
+        option = _option(_command(path), "revision")
+        assert (option.opts, option.help, option.default) == (declared.opts, declared.help, declared.default), path
+
+
+def _command(path):
+    command = main
+    for name in path:
+        command = command.commands[name]
+    return command

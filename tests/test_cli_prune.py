@@ -3,6 +3,7 @@ import json
 import pytest
 from click.testing import CliRunner
 
+from cli_util import one_line_error
 from factories import tiny_dense
 from flap_deploy.io.checkpoint import validate_checkpoint
 from flap_deploy_cli import main
@@ -17,16 +18,6 @@ def tiny_dir_no_tok(tmp_path_factory):
 
 def run(*args):
     return CliRunner().invoke(main, ["prune", *map(str, args)])
-
-
-def one_line_error(res) -> str:
-    """The error line (progress bars of model loading may precede it), checked to be the only one."""
-    assert res.exit_code == 2, res.output
-    assert "Traceback" not in res.output
-    lines = [part for line in res.output.splitlines() for part in line.split("\r") if part.strip()]
-    errors = [line for line in lines if line.startswith("error: ")]
-    assert len(errors) == 1 and lines[-1] == errors[0], res.output
-    return errors[0]
 
 
 def test_prune_cli_writes_a_valid_checkpoint_with_provenance_and_report(tiny_dir_no_tok, tmp_path):

@@ -8,6 +8,7 @@ from flap_deploy.model.adapters import get_adapter
 from flap_deploy.model.layout import LayerMask
 from flap_deploy.pruning.compress import LayerMeans, compress
 from flap_deploy.errors import FlapDeployError
+from flap_deploy.streaming.layers import hooks
 
 FAMILIES = sorted(FAMILY_CONFIGS)
 
@@ -44,9 +45,9 @@ def _random_masks_and_means(dense, seed):
 
 
 def _dense_with_means(dense, geom, masks, means):
-    """Hooks that replace the pruned input channels of o_proj / down_proj by their means."""
+    """Hooks that replace the pruned input channels of o_proj / down_proj by their means (for ``hooks``)."""
     adapter = get_adapter(dense.config)
-    handles = []
+    replaced = []
     for i, (mask, mean) in enumerate(zip(masks, means)):
         mods = adapter.layer_modules(dense, i)
         head_keep = mask.heads.repeat_interleave(geom.head_dim)
@@ -54,8 +55,8 @@ def _dense_with_means(dense, geom, masks, means):
             def hook(_m, args, keep=keep, mu=mu):
                 x = args[0]
                 return (torch.where(keep, x, mu.to(x.dtype)),)
-            handles.append(module.register_forward_pre_hook(hook))
-    return handles
+            replaced.append((module, hook))
+    return replaced
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -66,12 +67,8 @@ def test_random_masks_with_compensation_equal_mean_replacement(family):
     ids = _ids(seed=1)
     with torch.no_grad():
         got = pruned(ids).logits
-        handles = _dense_with_means(dense, geom, masks, means)
-        try:
+        with hooks(*_dense_with_means(dense, geom, masks, means)):
             want = dense(ids).logits
-        finally:
-            for h in handles:
-                h.remove()
     assert (got - want).abs().max().item() <= 1e-4
     # and the model really is smaller
     assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in dense.parameters())
@@ -90,13 +87,11 @@ def test_whole_module_removal_keeps_its_mean_as_constant():
     ids = _ids()
     with torch.no_grad():
         got = pruned(ids).logits
-        handles = _dense_with_means(dense, geom, [
-            LayerMask(heads=masks[0].heads, mlp=torch.ones(96, dtype=torch.bool)),
-            LayerMask(heads=torch.ones(8, dtype=torch.bool), mlp=masks[1].mlp),
-            LayerMask(heads=torch.ones(8, dtype=torch.bool), mlp=torch.ones(96, dtype=torch.bool))], means)
-        want = dense(ids).logits
-        for h in handles:
-            h.remove()
+        with hooks(*_dense_with_means(dense, geom, [
+                LayerMask(heads=masks[0].heads, mlp=torch.ones(96, dtype=torch.bool)),
+                LayerMask(heads=torch.ones(8, dtype=torch.bool), mlp=masks[1].mlp),
+                LayerMask(heads=torch.ones(8, dtype=torch.bool), mlp=torch.ones(96, dtype=torch.bool))], means)):
+            want = dense(ids).logits
     assert (got - want).abs().max().item() <= 1e-4
 
 

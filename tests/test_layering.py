@@ -14,12 +14,12 @@ LAYERS = [
     ["flap_deploy.io"],
     ["flap_deploy.streaming"],
     ["flap_deploy.pruning"],
-    ["flap_deploy.evaluation", "flap_deploy.generation"],
+    ["flap_deploy.heal", "flap_deploy.evaluation", "flap_deploy.generation"],
     ["flap_deploy"],  # the package's own __init__: public names, loaded lazily by name
     ["exporters"],  # its package root
     ["exporters.onnx", "exporters.vllm"],
     ["serving"],  # its package root
-    ["serving.process", "serving.child_guard"],
+    ["serving.process", "serving.child_guard", "serving.settings"],
     ["serving.onnx", "serving.vllm"],
     ["serving.backends"],
     ["serving.measure"],
@@ -132,3 +132,8 @@ def test_no_import_cycle():
             visit(node)
     assert not cycles, "import cycles:\n" + "\n".join(" -> ".join(c) for c in cycles)
 
+
+
+def test_serving_never_starts_the_cli():
+    for path in (REPO / "serving").rglob("*.py"):
+        assert "flap_deploy_cli" not in path.read_text(), path

@@ -15,7 +15,7 @@ def model():
     return tiny_heterogeneous()
 
 
-def test_heterogeneous_widths(model):
+def test_config_and_modules_have_the_per_layer_widths(model):
     cfg = model.config
     assert cfg.num_attention_heads_per_layer == [8, 0, 2, 2]
     assert cfg.num_key_value_heads_per_layer == [2, 0, 1, 2]

@@ -17,9 +17,11 @@ from onnx_helpers import (
     tiny_tokenizer,
 )
 
+from cli_util import one_line_error
 from exporters.onnx import OnnxCausalLM, export_onnx
 from exporters.onnx.manifest import MANIFEST_NAME
 from flap_deploy.errors import FlapDeployError
+from flap_deploy.generation.sampling import SamplingParams
 from flap_deploy.io.checkpoint import save_checkpoint
 from flap_deploy_cli import main
 
@@ -246,6 +248,28 @@ def test_cli_generate_uses_the_runtime_the_directory_holds(tiny):
     assert records["onnx"]["text"] == records["pytorch"]["text"]
 
 
+@pytest.mark.parametrize("form", FORMS)
+def test_one_seed_samples_the_same_tokens_on_pytorch_and_onnx_runtime(tiny, tiny_gqa, form):
+    """Both runtimes run one generation loop with one sampler (``generation.generate.decode``), so on an
+    fp32 export of either form the same seed picks the same tokens, greedy or sampled, batch of two lengths."""
+    from exporters.onnx.runtime import generate as onnx_generate
+    from flap_deploy.generation.generate import generate as torch_generate
+
+    _, ckpt, out = {"gqa": tiny_gqa, "past-present": tiny}[form]
+    prompts = ["w5 w9 w17", "w11 w60 w7 w3 w44 w71 w2"]
+    sampled = SamplingParams(max_tokens=32, temperature=1.0, top_p=0.9, top_k=40, seed=3, ignore_eos=True)
+    greedy = SamplingParams(max_tokens=32, ignore_eos=True)
+    runs = {}
+    for params in (sampled, greedy):
+        want = torch_generate(ckpt, prompts, params, device="cpu")
+        got = onnx_generate(out, prompts, params)
+        assert [len(g.token_ids) for g in want] == [32, 32]
+        assert [g.token_ids for g in got] == [g.token_ids for g in want]
+        assert [g.text for g in got] == [g.text for g in want]
+        runs[params.greedy] = want
+    assert all(s.token_ids != g.token_ids for s, g in zip(runs[False], runs[True]))  # it really sampled
+
+
 def _family(family: str):
     if family != "mistral-window":
         return tiny_dense(family)
@@ -344,10 +368,7 @@ def test_fp16_export_verifies(tmp_path, form):
 # -- bad inputs: one-line errors, nothing half-written ---------------------------------------
 
 def _cli_error(args):
-    res = CliRunner().invoke(main, args)
-    assert res.exit_code == 2, res.output
-    assert res.output.startswith("error: ") and res.output.count("\n") == 1, res.output
-    return res.output
+    return one_line_error(CliRunner().invoke(main, args))
 
 
 def test_export_refuses_a_directory_that_is_not_a_checkpoint(tmp_path):
@@ -442,5 +463,9 @@ def test_quantize_export_makes_a_verified_int8_copy(tiny, tmp_path):
     assert m["quantize"] == "int8" and m["verification"]["int8"]["finite"]
     assert m["verification"]["fp32"] == json.loads((tiny[2] / MANIFEST_NAME).read_text())["verification"]["fp32"]
     assert (out / "model.onnx").stat().st_size < (tiny[2] / "model.onnx").stat().st_size
+    # the float export's card, for the copy: its own path in the commands
+    card, float_card = (out / "README.md").read_text(), (tiny[2] / "README.md").read_text()
+    assert card == float_card.replace(str(tiny[2]), str(out)).replace(f"# {tiny[2].name}\n", f"# {out.name}\n")
+    assert f"flap-deploy serve {out} --backend onnx" in card
     with pytest.raises(FlapDeployError, match="unquantized float32"):
         quantize_export(out, tmp_path / "again")

@@ -1,21 +1,15 @@
 import pytest
 import torch
-import torch.nn.functional as F
 
-from factories import VOCAB, tiny_dense
-from flap_deploy import PruneConfig, prune
+from factories import VOCAB, masked_dense_logits, small, tiny_dense
+from flap_deploy import prune
 from flap_deploy.model.adapters import get_adapter
 from flap_deploy.pruning.config import STRUCTURES
 from flap_deploy.pruning.statistics import calibrate_layers
 from flap_deploy.pruning.stats import ChannelStats
+from flap_deploy.streaming.layers import hooks
 
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3"]
-
-
-def small(**kw) -> PruneConfig:
-    base = dict(nsamples=12, seqlen=24, batch_size=5, progress=False)
-    base.update(kw)
-    return PruneConfig(**base)
 
 
 def ids(n=6, seqlen=20, seed=0):
@@ -30,16 +24,12 @@ def test_layer_by_layer_statistics_equal_a_full_forward(family):
     adapter = get_adapter(model.config)
     x = ids()
     captured = {}
-    hooks = []
-    for i in range(model.config.num_hidden_layers):
-        m = adapter.layer_modules(model, i)
-        for key, mod in (("attn", m.o_proj), ("mlp", m.down_proj)):
-            hooks.append(mod.register_forward_pre_hook(
-                lambda mod, args, k=(i, key): captured.__setitem__(k, args[0].detach().clone())))
-    with torch.no_grad():
+    capture = [(mod, lambda mod, args, k=(i, key): captured.__setitem__(k, args[0].detach().clone()))
+               for i in range(model.config.num_hidden_layers)
+               for key, mod in zip(("attn", "mlp"), (adapter.layer_modules(model, i).o_proj,
+                                                     adapter.layer_modules(model, i).down_proj))]
+    with torch.no_grad(), hooks(*capture):
         model(input_ids=x, use_cache=False)
-    for h in hooks:
-        h.remove()
 
     streamed = {}
     calibrate_layers(model, x, lambda i, s: streamed.__setitem__(i, s), batch_size=4, progress=False)
@@ -48,37 +38,6 @@ def test_layer_by_layer_statistics_equal_a_full_forward(family):
         stats: ChannelStats = getattr(streamed[i], key)
         torch.testing.assert_close(stats.mean, flat.mean(0), rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(stats.var, flat.var(0), rtol=1e-4, atol=1e-6)
-
-
-def masked_dense_logits(dense, result, x):
-    """The dense model with pruned units zeroed and the compensation biases added."""
-    adapter = get_adapter(dense.config)
-    geom = adapter.geometry(dense.config)
-    hooks = []
-    for i, mask in enumerate(result.masks):
-        m = adapter.layer_modules(dense, i)
-        mean = result.means[i] if result.means else None
-        refit = result.refits[i] if result.refits else None
-        for mod, keep, mu, fit in ((m.o_proj, mask.heads.repeat_interleave(geom.head_dim), mean.attn if mean else None,
-                                    refit.attn if refit else None),
-                                   (m.down_proj, mask.mlp, mean.mlp if mean else None, refit.mlp if refit else None)):
-            def hook(mod, args, out, keep=keep, mu=mu, fit=fit):
-                weight, bias = mod.weight, mod.bias
-                if fit is not None:  # the recorded refit, scattered onto the kept columns
-                    weight = torch.zeros_like(mod.weight)
-                    weight[:, fit.kept] = fit.weight.to(weight.dtype)
-                    bias = fit.bias.to(weight.dtype)
-                y = F.linear(args[0] * keep.to(args[0].dtype), weight, bias)
-                if mu is not None:
-                    y = y + (mod.weight.double()[:, ~keep] @ mu.double()[~keep]).to(y.dtype)
-                return y
-            hooks.append(mod.register_forward_hook(hook))
-    try:
-        with torch.no_grad():
-            return dense(input_ids=x, use_cache=False).logits
-    finally:
-        for h in hooks:
-            h.remove()
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -137,7 +96,7 @@ def test_reused_statistics_give_the_same_model():
         assert torch.equal(x.heads, y.heads) and torch.equal(x.mlp, y.mlp)
 
 
-def test_provenance_block():
+def test_provenance_records_the_recipe_calibration_source_and_sizes():
     dense = tiny_dense("mistral")
     p = prune(dense, small(ratio=0.25, calib="self", seed=7)).provenance
     for key in ("method", "metric", "structure", "target_ratio", "achieved_ratio", "calibration", "source_model",

@@ -7,7 +7,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from factories import VOCAB, tiny_dense
+from factories import VOCAB, masked_dense_logits, small, tiny_dense
 from flap_deploy import prune
 from flap_deploy.model.adapters import get_adapter
 from flap_deploy.model.layout import LayerMask
@@ -15,8 +15,6 @@ from flap_deploy.pruning.compress import LayerMeans, compress
 from flap_deploy.pruning.reconstruct import refit_layers
 from flap_deploy.pruning.stats import CovStats
 from flap_deploy.streaming.layers import LayerStream
-from flap_deploy.streaming.plan import MemoryPlan
-from test_pruning import masked_dense_logits, small
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 2e-6)])
@@ -75,6 +73,26 @@ def test_ls_reproduces_the_dense_model_where_the_removed_channels_are_redundant_
     assert (bias - ref).abs().max() > 1e-2
 
 
+def test_sequential_refit_on_pruned_inputs_also_reproduces_redundant_channels():
+    """The study's variant (each module refitted on the pruned stream's inputs) is the same pass and
+    the same solve: where the removed channels are redundant the pruned stream is the dense one, so
+    it gives the one-pass refit and reproduces the dense model (in float64, where nothing but the
+    solve rounds)."""
+    dense, masks = redundant_model()
+    dense = dense.double()
+    calib = torch.randint(0, VOCAB, (12, 24), generator=torch.Generator().manual_seed(1))
+    one_pass = refit_layers(dense, calib, masks, ridge=0.0, batch_size=5, progress=False)
+    sequential = refit_layers(dense, calib, masks, ridge=0.0, batch_size=5, progress=False, pruned_inputs=True)
+    with torch.no_grad():
+        ref = dense(input_ids=calib, use_cache=False).logits
+        got = compress(dense, masks, refits=sequential)(input_ids=calib, use_cache=False).logits
+    assert (got - ref).abs().max() <= 1e-10
+    for a, b in zip(one_pass, sequential):
+        for x, y in ((a.attn, b.attn), (a.mlp, b.mlp)):
+            torch.testing.assert_close(y.weight, x.weight, rtol=0, atol=1e-10)
+            torch.testing.assert_close(y.bias, x.bias, rtol=0, atol=1e-10)
+
+
 def test_infinite_ridge_is_the_bias_compensation():
     dense = tiny_dense("qwen2")
     ls = prune(dense, small(ratio=0.35, reconstruct="ls", ridge=math.inf))
@@ -84,17 +102,16 @@ def test_infinite_ridge_is_the_bias_compensation():
         torch.testing.assert_close(ls.model(input_ids=x).logits, bias.model(input_ids=x).logits, rtol=0, atol=1e-5)
 
 
-def test_first_pass_covariance_gives_the_second_pass_refit(monkeypatch):
+def test_first_pass_covariance_gives_the_second_pass_refit():
     from flap_deploy.pruning import pipeline, statistics
 
     dense = tiny_dense("mistral")
     config = small(ratio=0.35, ridge=0.1)
-    one = prune(dense, config)  # a tiny model's covariances fit: kept from the statistics pass
+    one = prune(dense, replace(config, max_memory="1TiB"))  # a budget with room: kept from the statistics pass
     held = sum(c.comoment.numel() * 8 for s in one.statistics.layers for c in (s.attn_cov, s.mlp_cov))
     assert one.memory["plan"]["covariance_bytes"] == held == statistics.covariance_nbytes(LayerStream.open(dense))
     reused = prune(dense, config, statistics=pipeline.collect_statistics(dense, config, covariance=True))
-    monkeypatch.setattr(statistics, "covariance_nbytes", lambda stream: 1 << 50)  # as if they never fit
-    two = prune(dense, config)
+    two = prune(dense, config)  # the default: a second pass, whatever the machine has
     assert two.memory["plan"]["covariance_bytes"] == 0 and two.statistics.covariances is None
     for r in (one, reused):
         assert r.provenance["reconstruction"]["statistics"]["pass"].startswith("first")
@@ -105,19 +122,34 @@ def test_first_pass_covariance_gives_the_second_pass_refit(monkeypatch):
             torch.testing.assert_close(x.attn.bias, c.attn.bias, rtol=1e-6, atol=1e-6)
 
 
-def test_the_plan_keeps_full_covariances_within_half_its_headroom_only():
-    from flap_deploy.pruning.statistics import covariance_nbytes, plan_covariances
+def test_covariances_are_kept_only_under_a_max_memory_that_has_room_for_them(monkeypatch):
+    from flap_deploy.pruning.pipeline import plan_prune
+    from flap_deploy.pruning.statistics import covariance_nbytes
+    from flap_deploy.streaming import plan as plan_module
 
+    monkeypatch.setattr(plan_module, "rss_bytes", lambda: 100 << 20)  # the same runtime for every plan
     stream = LayerStream.open(tiny_dense("llama"))
     cfg = stream.model.config
     need = covariance_nbytes(stream)
     assert need == 8 * cfg.num_hidden_layers * ((cfg.num_attention_heads * cfg.head_dim) ** 2 + cfg.intermediate_size ** 2)
-    base = MemoryPlan(0, 0, 0, 0, "host", 0, host_peak_bytes=1000, device_peak_bytes=0, limit_bytes=1000 + 2 * need)
-    kept = plan_covariances(stream, small(), base)
-    assert kept.covariance_bytes == need and kept.host_peak_bytes == 1000 + need and "ls covariances" in kept.describe()
-    tight = replace(base, limit_bytes=1000 + 2 * need - 2)
-    assert plan_covariances(stream, small(), tight) == tight
-    assert plan_covariances(stream, small(reconstruct="bias"), base) == base
+    default = plan_prune(stream, small(), calibrates=True)
+    assert default.ls_statistics == "second pass" and default.covariance_bytes == 0
+    assert f"--max-memory {math.ceil(default.kept_need_bytes / 2**30 * 10) / 10:.1f}GiB" in default.describe()
+    kept = plan_prune(stream, small(max_memory=default.kept_need_bytes), calibrates=True)
+    assert kept.ls_statistics == "kept" and kept.covariance_bytes == need
+    assert kept.host_peak_bytes == default.kept_need_bytes <= kept.limit_bytes
+    second = plan_prune(stream, small(max_memory=default.kept_need_bytes - 1), calibrates=True)
+    assert second.ls_statistics == "second pass" and second.host_peak_bytes <= second.limit_bytes
+    assert plan_prune(stream, small(reconstruct="bias"), calibrates=True).ls_statistics == ""
+    searched = plan_prune(stream, small(search="evo"), calibrates=True)  # its candidates refit from them
+    assert searched.ls_statistics == "kept" and searched.covariance_bytes == need
+
+
+def test_only_the_ls_reconstruction_plans_covariances():
+    dense = tiny_dense("llama")
+    assert prune(dense, small(ratio=0.3, max_memory="8GiB")).memory["plan"]["covariance_bytes"] > 0
+    for kw in (dict(reconstruct="bias"), dict(reconstruct="none"), dict(method="wanda-sp")):
+        assert prune(dense, small(ratio=0.3, max_memory="8GiB", **kw)).memory["plan"]["covariance_bytes"] == 0, kw
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
@@ -137,7 +169,7 @@ def test_provenance_records_the_reconstruction():
     ls = prune(dense, small(ratio=0.3, ridge=0.5)).provenance["reconstruction"]
     assert ls["mode"] == "ls" and ls["ridge"] == 0.5
     assert ls["statistics"]["calibration"] == {"source": "self", "samples": 12, "seqlen": 24, "seed": 0}
-    assert "float64" in ls["statistics"]["covariance"] and ls["statistics"]["pass"].startswith("first")
+    assert "float64" in ls["statistics"]["covariance"] and ls["statistics"]["pass"].startswith("second")
     bias = prune(dense, small(ratio=0.3, reconstruct="bias")).provenance
     assert bias["reconstruction"]["mode"] == "bias" and bias["reconstruction"]["ridge"] is None
     assert bias["bias_compensation"] is True

@@ -31,7 +31,7 @@ def test_low_temperature_sharpens():
     assert p[0] > 0.9 and np.isclose(p.sum(), 1)
 
 
-def test_greedy_and_seeded_sampling():
+def test_greedy_is_the_argmax_and_a_seed_repeats_draws_at_their_probabilities():
     assert next_token(LOGITS, SamplingParams()) == 0
     params = SamplingParams(temperature=1.0, seed=7)
     draws = [next_token(LOGITS, params, rng) for rng in [params.rng()] for _ in range(400)]

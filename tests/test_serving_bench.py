@@ -6,14 +6,18 @@ import json
 
 import numpy as np
 import pytest
+from cli_util import one_line_error
 from click.testing import CliRunner
 from serving_fakes import TinyNumpyLM
 from serving_util import running, tiny_tokenizer
 
-from flap_deploy_cli import main
 from flap_deploy.errors import FlapDeployError
-from serving.measure.bench import RequestResult, build_requests, calculate_metrics, run_bench
-from serving.onnx.server import OnnxServer, create_app
+from flap_deploy_cli import main
+from serving.measure.bench import RequestResult, calculate_metrics, run_bench
+from serving.measure.workload import parse_workload
+from serving.onnx.app import create_app
+from serving.onnx.server import OnnxServer
+from serving.onnx.settings import OnnxServerSettings
 
 
 def test_metric_definitions_follow_vllm():
@@ -32,7 +36,11 @@ def test_metric_definitions_follow_vllm():
     assert m["e2el_ms"]["p90"] == pytest.approx(np.percentile([1000, 500], 90))
 
 
-def test_build_requests_self_and_file(tmp_path):
+def build_requests(tok, source, n, input_len, output_len, seed=0, chat=False):
+    return parse_workload(f"fixed:{input_len},{output_len}").requests(tok, n, prompts=source, seed=seed, chat=chat)
+
+
+def test_fixed_requests_from_self_and_file(tmp_path):
     tok = tiny_tokenizer()
     a = build_requests(tok, "self", 5, 12, 3, seed=1)
     b = build_requests(tok, "self", 5, 12, 3, seed=1)
@@ -46,7 +54,7 @@ def test_build_requests_self_and_file(tmp_path):
         assert any(stream[i:i + 6] == r.prompt for i in range(len(stream) - 5))
     with pytest.raises(FlapDeployError, match="no such file"):
         build_requests(tok, str(tmp_path / "missing.txt"), 1, 2, 2)
-    with pytest.raises(FlapDeployError, match="fewer than"):
+    with pytest.raises(FlapDeployError, match="fewer than a prompt's 10000"):
         build_requests(tok, str(text), 1, 10_000, 2)
 
 
@@ -54,8 +62,8 @@ def test_build_requests_self_and_file(tmp_path):
 def served(tmp_path_factory):
     tok_dir = tmp_path_factory.mktemp("tok")
     tok = tiny_tokenizer(save_to=tok_dir)
-    server = OnnxServer(TinyNumpyLM(vocab=len(tok)), tok, model_name="tiny", max_model_len=128, max_num_seqs=4,
-                        model_root=str(tok_dir))
+    server = OnnxServer(TinyNumpyLM(vocab=len(tok)), tok, OnnxServerSettings(model="tiny", max_model_len=128,
+                                                                             max_num_seqs=4), model_root=str(tok_dir))
     with running(create_app(server)) as url:
         yield url, tok
 
@@ -92,12 +100,44 @@ def test_poisson_rate_and_errors_are_counted(served):
 def test_bench_cli_writes_report(served, tmp_path):
     url, _ = served
     out = tmp_path / "report"
-    r = CliRunner().invoke(main, ["bench", "--base-url", url, "--num-prompts", "6", "--input-len", "8",
-                                  "--output-len", "4", "--concurrency", "1,3", "--out", str(out), "--json"])
+    r = CliRunner().invoke(main, ["bench", "--base-url", url, "--num-prompts", "6", "--workload", "fixed:8,4",
+                                  "--concurrency", "1,3", "--out", str(out), "--json"])
     assert r.exit_code == 0, r.output
     rows = json.loads(r.output)
     assert [row["max_concurrency"] for row in rows] == [1, 3] and all(row["completed"] == 6 for row in rows)
     assert {p.name for p in out.iterdir()} == {"bench.json", "bench.md", "bench.png"}
     assert "TTFT" in (out / "bench.md").read_text()
-    bad = CliRunner().invoke(main, ["bench", "--base-url", "http://127.0.0.1:9/v1", "--num-prompts", "1"])
-    assert bad.exit_code == 2 and "cannot reach" in bad.output
+    one_line_error(CliRunner().invoke(main, ["bench", "--base-url", "http://127.0.0.1:9/v1", "--num-prompts", "1"]),
+                   "cannot reach")
+
+
+def test_open_loop_sends_at_the_requested_rate(served):
+    """Measured send times of a seeded Poisson run: mean gap within 10 % of 1 / rate."""
+    url, tok = served
+    reqs = build_requests(tok, "self", 40, 4, 1, seed=0)
+    run = run_bench(url, reqs, request_rate=40.0, seed=3, tokenizer=tok, progress=False, warmup=0)["runs"][0]
+    sent = sorted(r["start_time"] for r in run["requests"])
+    # 40 arrivals span 40 / rate = 1 s (vLLM's scaling): the first gap is from the clock's start, not a send
+    gaps = np.diff(sent)
+    assert run["completed"] == 40 and gaps.mean() == pytest.approx(1 / 40, rel=0.1)
+
+
+def test_goodput_counts_the_requests_that_missed_the_slo(served):
+    """A burst on a server of four slots: the requests queued behind the first four wait for a slot, so a TTFT
+    bound at the fourth-fastest is missed by the rest, each judged by its own TTFT; a generous SLO makes
+    goodput equal throughput."""
+    from serving.measure.workload import parse_slo
+
+    url, tok = served
+    reqs = build_requests(tok, "self", 12, 8, 24, seed=0)
+    loose = run_bench(url, reqs, tokenizer=tok, progress=False, warmup=0,
+                      slo=parse_slo("ttft_p99=60s,tpot_p99=60s,itl_p90=60s,e2el_p50=60s"))["runs"][0]
+    assert loose["good"] == 12 and loose["slo_met"]
+    assert loose["request_goodput"] == pytest.approx(loose["request_throughput"])
+    # the same requests judged by a tight bound (the run's own figures, so the verdicts are known)
+    results = [RequestResult(**r) for r in loose["requests"]]
+    bound_ms = 1000 * sorted(r.ttft for r in results)[3]
+    tight = calculate_metrics(results, loose["duration_s"], tok, slo=parse_slo(f"ttft_p99={bound_ms}ms"))
+    met = sum(1000 * r.ttft <= bound_ms for r in results)
+    assert tight["good"] == met and 4 <= met < 12 and not tight["slo_met"]
+    assert tight["request_goodput"] == pytest.approx(met / loose["duration_s"])

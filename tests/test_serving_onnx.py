@@ -7,10 +7,13 @@ import json
 import numpy as np
 import openai
 import pytest
+from cli_util import one_line_error
 from factories import tiny_heterogeneous
 from serving_util import concurrent_streams, running, tiny_tokenizer
 
-from serving.onnx.server import create_app, load_onnx_server
+from serving.onnx.app import create_app
+from serving.onnx.server import load_onnx_server
+from serving.onnx.settings import OnnxServerSettings
 
 pytestmark = pytest.mark.slow  # exports a model (~30 s) and runs ONNX Runtime
 MAX_LENGTH = 128
@@ -34,7 +37,8 @@ def onnx_dir(tiny_ckpt):
 
 @pytest.fixture(scope="module")
 def served(onnx_dir):
-    server = load_onnx_server(onnx_dir, served_model_name="tiny-onnx", max_num_seqs=8, max_model_len=128, threads=1)
+    server = load_onnx_server(OnnxServerSettings(model=onnx_dir, served_model_name="tiny-onnx", max_num_seqs=8,
+                                                 max_model_len=128, threads=1))
     with running(create_app(server)) as url:
         yield server, url
 
@@ -113,10 +117,11 @@ def test_chat_on_onnx(served):
 
 
 def test_bench_full_metric_set_on_onnx(served):
-    from serving.measure.bench import build_requests, run_bench
+    from serving.measure.bench import run_bench
+    from serving.measure.workload import parse_workload
 
     server, url = served
-    reqs = build_requests(server.tokenizer, "self", 12, 10, 6, seed=0)
+    reqs = parse_workload("fixed:10,6").requests(server.tokenizer, 12, seed=0)
     result = run_bench(url, reqs, concurrency=[2, 8], tokenizer=server.tokenizer, progress=False)
     for run in result["runs"]:
         assert run["completed"] == 12 and run["failed"] == 0
@@ -129,28 +134,41 @@ def test_bench_full_metric_set_on_onnx(served):
 
 @pytest.mark.slow
 @pytest.mark.vllm
-def test_vllm_bench_serve_against_onnx_server(served, tmp_path):
-    """`vllm bench serve` (from the vLLM install) runs against our server without errors."""
+def test_bench_agrees_with_vllm_bench_serve(served, tmp_path):
+    """`vllm bench serve` (from the vLLM install) and our bench, the same open-loop workload against the same
+    server: same completed count, request throughput and goodput within 10 % of each other."""
     import os
     import subprocess
     import sys
     from pathlib import Path
 
+    from click.testing import CliRunner
+
+    from flap_deploy_cli import main
+
     pytest.importorskip("vllm")
     server, url = served
+    n, rate = 32, 8.0
     repo = Path(__file__).resolve().parent.parent
     cmd = [sys.executable, "-m", "serving.vllm.bench", "--backend", "openai", "--base-url", url[:-3],
            "--model", "tiny-onnx", "--tokenizer", server.model_root, "--dataset-name", "random",
-           "--random-input-len", "12", "--random-output-len", "6", "--num-prompts", "16", "--ignore-eos",
-           "--max-concurrency", "4", "--seed", "0", "--save-result", "--result-dir", str(tmp_path)]
+           "--random-input-len", "12", "--random-output-len", "6", "--num-prompts", str(n), "--ignore-eos",
+           "--request-rate", str(rate), "--burstiness", "1.0", "--goodput", "ttft:2000", "tpot:500", "e2el:5000",
+           "--seed", "0", "--save-result", "--result-dir", str(tmp_path)]
     env = dict(os.environ, PYTHONPATH=f"{repo}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     (result_file,) = tmp_path.glob("*.json")
-    result = json.loads(result_file.read_text())
-    assert result["completed"] == 16 and result["failed"] == 0
-    assert result["total_output_tokens"] == 16 * 6
-    assert result["mean_ttft_ms"] > 0 and result["mean_tpot_ms"] > 0
+    theirs = json.loads(result_file.read_text())
+    res = CliRunner().invoke(main, ["bench", "--base-url", url, "--model", "tiny-onnx", "--workload", "fixed:12,6",
+                                    "--num-prompts", str(n), "--request-rate", str(rate), "--burstiness", "1",
+                                    "--slo", "ttft_p99=2s,tpot_p99=500ms,e2el_p99=5s", "--seed", "0", "--json"])
+    assert res.exit_code == 0, res.output
+    (ours,) = json.loads(res.stdout)
+    assert theirs["completed"] == ours["completed"] == n and theirs["failed"] == ours["failed"] == 0
+    assert theirs["total_output_tokens"] == ours["total_output_tokens"] == n * 6
+    assert ours["request_throughput"] == pytest.approx(theirs["request_throughput"], rel=0.1)
+    assert ours["request_goodput"] == pytest.approx(theirs["request_goodput"], rel=0.1)
 
 
 def test_serve_cli_subprocess(onnx_dir, tmp_path):
@@ -204,7 +222,30 @@ def test_serve_cli_user_errors(tmp_path):
 
     from flap_deploy_cli import main
 
-    r = CliRunner().invoke(main, ["serve", str(tmp_path / "nope"), "--backend", "onnx"])
-    assert r.exit_code == 2 and "not found" in r.output
-    r = CliRunner().invoke(main, ["serve", str(tmp_path), "--backend", "onnx", "--max-num-seqs", "0"])
-    assert r.exit_code == 2 and "--max-num-seqs" in r.output
+    one_line_error(CliRunner().invoke(main, ["serve", str(tmp_path / "nope"), "--backend", "onnx"]), "not found")
+    one_line_error(CliRunner().invoke(main, ["serve", str(tmp_path), "--backend", "onnx", "--max-num-seqs", "0"]),
+                   "--max-num-seqs")
+
+
+def test_the_onnx_entry_point_started_through_the_backend_table(onnx_dir, tmp_path):
+    """`python -m serving.onnx SETTINGS` as compare and soak start it: the key only in its environment,
+    the settings as given, and no process left after the stop."""
+    import httpx
+    from serving_util import free_port
+
+    from serving.backends import BACKENDS
+
+    onnx = BACKENDS["onnx"]
+    settings = onnx.settings_for(onnx_dir, port=free_port(), api_key="k1", served_model_name="tiny", max_num_seqs=2,
+                                 max_model_len=64, threads=1)
+    with open(tmp_path / "server.log", "w") as log, onnx.process(settings, log=log) as server:
+        server.wait_ready(120)
+        assert server.command[1:3] == ["-m", "serving.onnx"] and not any("k1" in a for a in server.command)
+        client = openai.OpenAI(base_url=settings.base_url + "/v1", api_key="k1", max_retries=0)
+        card = client.models.list().data[0]
+        assert (card.id, card.max_model_len) == ("tiny", 64)
+        r = client.completions.create(model="tiny", prompt=[5, 6, 7], max_tokens=3, temperature=0,
+                                      extra_body={"ignore_eos": True})
+        assert r.usage.completion_tokens == 3
+        assert httpx.get(settings.base_url + "/v1/models", timeout=5).status_code == 401
+    assert server.proc.returncode in (0, -15) and not server.pids()

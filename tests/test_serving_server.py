@@ -15,7 +15,9 @@ import pytest
 from serving_fakes import TinyNumpyLM
 from serving_util import concurrent_streams, running, tiny_tokenizer
 
-from serving.onnx.server import OnnxServer, create_app
+from serving.onnx.app import create_app
+from serving.onnx.server import OnnxServer
+from serving.onnx.settings import OnnxServerSettings
 
 KEY = "sk-test-key"
 
@@ -27,9 +29,9 @@ def tokenizer():
 
 def _server(tokenizer, **kw) -> OnnxServer:
     model = TinyNumpyLM(vocab=len(tokenizer), seed=3)
-    opts = dict(model_name="tiny", max_model_len=64, max_num_seqs=4, max_queue=64)
+    opts = dict(model="tiny", max_model_len=64, max_num_seqs=4, max_queue=64)
     opts.update(kw)
-    return OnnxServer(model, tokenizer, **opts)
+    return OnnxServer(model, tokenizer, OnnxServerSettings(**opts))
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +53,7 @@ def _metric(base_url: str, name: str) -> float:
     raise AssertionError(f"{name} not in /metrics")
 
 
-def test_models_health_metrics(base_url, client):
+def test_models_health_and_metrics_endpoints_answer(base_url, client):
     assert [m.id for m in client.models.list().data] == ["tiny"]
     assert httpx.get(base_url[:-3] + "/health").json()["status"] == "ok"
     text = httpx.get(base_url[:-3] + "/metrics").text
@@ -161,12 +163,12 @@ def _assert_error(r: httpx.Response, status: int, param: str | None = None) -> d
     return err
 
 
-def test_malformed_json(base_url):
+def test_malformed_json_is_400(base_url):
     _assert_error(_post(base_url, "/completions", b'{"prompt": "hi", '), 400)
     _assert_error(_post(base_url, "/completions", b"[1, 2]"), 400)
 
 
-def test_unknown_model(base_url, client):
+def test_unknown_model_is_404_model_not_found(base_url, client):
     err = _assert_error(_post(base_url, "/completions", {"model": "gpt-9", "prompt": "hi"}), 404, "model")
     assert err["code"] == "model_not_found"
     with pytest.raises(openai.NotFoundError):
@@ -174,13 +176,13 @@ def test_unknown_model(base_url, client):
 
 
 @pytest.mark.parametrize("max_tokens", [0, -3])
-def test_max_tokens_not_positive(base_url, max_tokens):
+def test_max_tokens_not_positive_is_400(base_url, max_tokens):
     _assert_error(_post(base_url, "/completions", {"prompt": "hi", "max_tokens": max_tokens}), 400, "max_tokens")
     _assert_error(_post(base_url, "/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
                                                         "max_tokens": max_tokens}), 400, "max_tokens")
 
 
-def test_beyond_context(base_url, client):
+def test_a_request_beyond_the_context_is_400(base_url, client):
     err = _assert_error(_post(base_url, "/completions", {"prompt": "w11 w12", "max_tokens": 63}), 400, "max_tokens")
     assert "maximum context length is 64" in err["message"]
     with pytest.raises(openai.BadRequestError):
@@ -190,7 +192,7 @@ def test_beyond_context(base_url, client):
 @pytest.mark.parametrize("field,value", [("max_tokens", "many"), ("temperature", "hot"), ("n", [1]),
                                          ("stream", {"a": 1}), ("stop", 5), ("prompt", 3.5), ("seed", "x"),
                                          ("temperature", 9.0), ("top_p", 0)])
-def test_wrong_field_types(base_url, field, value):
+def test_wrong_field_types_are_400_naming_the_field(base_url, field, value):
     body = {"prompt": "hi", "max_tokens": 2, field: value}
     _assert_error(_post(base_url, "/completions", body), 400, field)
 
@@ -204,7 +206,7 @@ def test_unknown_route_uses_error_body(base_url):
     _assert_error(httpx.get(base_url + "/nothing"), 404)
 
 
-def test_api_key(tokenizer):
+def test_requests_without_the_api_key_are_401_and_health_stays_open(tokenizer):
     with running(create_app(_server(tokenizer, api_key=KEY))) as url:
         for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": KEY}):
             err = _assert_error(_post(url, "/completions", {"prompt": "hi", "max_tokens": 1}, headers), 401)
@@ -223,8 +225,8 @@ def test_queue_full_is_503_and_a_request_that_never_fits_is_400(tokenizer):
             time.sleep(0.05)
             return super().forward(*args)
 
-    server = OnnxServer(Slow(vocab=len(tokenizer)), tokenizer, model_name="tiny", max_model_len=64, max_num_seqs=1,
-                        max_queue=1)
+    server = OnnxServer(Slow(vocab=len(tokenizer)), tokenizer,
+                        OnnxServerSettings(model="tiny", max_model_len=64, max_num_seqs=1, max_queue=1))
     with running(create_app(server)) as url:
         body = {"prompt": "hi", "max_tokens": 3, "n": 3}  # three sequences can never be queued at once
         err = _assert_error(_post(url, "/completions", body), 400, "n")
@@ -253,7 +255,8 @@ def test_disconnect_mid_stream_frees_the_slot(tokenizer):
             time.sleep(0.01)
             return super().forward(*args)
 
-    server = OnnxServer(Slow(vocab=len(tokenizer)), tokenizer, model_name="tiny", max_model_len=256, max_num_seqs=1)
+    server = OnnxServer(Slow(vocab=len(tokenizer)), tokenizer,
+                        OnnxServerSettings(model="tiny", max_model_len=256, max_num_seqs=1))
     with running(create_app(server)) as url:
         body = {"prompt": "hi", "max_tokens": 250, "stream": True, "ignore_eos": True, "temperature": 0}
         with httpx.stream("POST", url + "/completions", json=body, timeout=30) as r:

@@ -9,15 +9,18 @@ import pytest
 from serving_util import running
 
 from exporters.onnx.export import ensure_onnx
-from serving.onnx.server import create_app, load_onnx_server
+from serving.onnx.app import create_app
+from serving.onnx.server import load_onnx_server
+from serving.onnx.settings import OnnxServerSettings
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def served(bundled_dir):
-    server = load_onnx_server(ensure_onnx(bundled_dir, progress=False), served_model_name="smollm2", max_num_seqs=4,
-                              max_model_len=512, threads=2)
+    server = load_onnx_server(OnnxServerSettings(model=ensure_onnx(bundled_dir, progress=False),
+                                                 served_model_name="smollm2", max_num_seqs=4, max_model_len=512,
+                                                 threads=2))
     with running(create_app(server)) as url:
         yield server, url
 

@@ -27,7 +27,7 @@ def test_pair_hits_ratio_with_varying_widths(name, tp, bundled_dir, tmp_path):
     assert 1.15 < ideal_ratio(refs["dense"], refs["pruned"])["ideal_ratio"] < 1.3
 
 
-def test_unknown_shape(bundled_dir, tmp_path):
+def test_unknown_synthetic_shape_is_an_error(bundled_dir, tmp_path):
     with pytest.raises(FlapDeployError, match="unknown synthetic shape 'gpt5'"):
         build_synthetic_pair("gpt5", tmp_path / "x", 0.2, tokenizer_from=bundled_dir)
 

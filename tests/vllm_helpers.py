@@ -25,13 +25,11 @@ def vllm_env() -> dict[str, str]:
 
 
 def run_vllm_offline(request: dict[str, Any], workdir: Path, timeout: float = 900) -> dict[str, Any]:
-    """``serving.vllm.offline`` in a subprocess (vLLM's engine processes stay out of pytest)."""
+    """``serving.vllm.offline`` in a subprocess (vLLM's engine processes stay out of pytest); a failed run
+    raises RuntimeError with the tail of its stderr."""
     from serving.vllm.offline import run_offline_subprocess
 
-    try:
-        return run_offline_subprocess(request, workdir, timeout=timeout, env=vllm_env())
-    except RuntimeError as e:
-        raise AssertionError(str(e)) from None
+    return run_offline_subprocess(request, workdir, timeout=timeout, env=vllm_env())
 
 
 @torch.no_grad()

@@ -31,9 +31,9 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from flap_deploy.generation.generate import left_pad
+from flap_deploy.generation.generate import left_pad, positions
 
-from .contract import GQA, PAST_PRESENT, past_from_present, positions
+from .contract import GQA, PAST_PRESENT, past_from_present
 
 
 class RowCache:

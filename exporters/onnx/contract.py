@@ -124,8 +124,3 @@ def past_from_present(present: dict[str, Any]) -> dict[str, Any]:
 def logits_index(seq: int, last_only: bool) -> np.ndarray:
     """The ``logits_index`` input: the last position, or every position of a ``seq``-token call."""
     return np.asarray([seq - 1] if last_only else range(seq), dtype=np.int64)
-
-
-def positions(mask: np.ndarray) -> np.ndarray:
-    """position_ids for a left-padded mask: 0 at each row's first real token."""
-    return np.clip(np.cumsum(mask, axis=1) - 1, 0, None).astype(np.int64)

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from flap_deploy.errors import FlapDeployError, ParameterError
 from flap_deploy.io.atomic import atomic_directory, check_output_dir
 from flap_deploy.io.bundled import cache_dir
+from flap_deploy.io.card import rewrite_card, write_card
 from flap_deploy.io.checkpoint import TOKENIZER_FILES, copy_tokenizer_files
 from flap_deploy.io.model_ref import CHECKPOINTS, ModelRef, resolve_model
 from flap_deploy.model.layout import LayerMask
@@ -202,6 +203,7 @@ def quantize_export(onnx_dir: str | os.PathLike, out_dir: str | os.PathLike, ver
         manifest["size_bytes"] = _directory_bytes(tmp)
         manifest["graph_bytes"] = sum(f.stat().st_size for f in tmp.glob(f"{MODEL_NAME}*"))
         _write_manifest(tmp, manifest)
+        rewrite_card(src, tmp, path=out)
     return Path(out)
 
 
@@ -291,6 +293,7 @@ def export_onnx(model_dir_or_name: str | os.PathLike, out_dir: str | os.PathLike
         manifest["size_bytes"] = _directory_bytes(tmp)
         manifest["graph_bytes"] = sum(f.stat().st_size for f in tmp.glob(f"{MODEL_NAME}*"))
         _write_manifest(tmp, manifest)
+        write_card(tmp, model.config.to_dict(), form="onnx", source=source, path=out)
     bar.close()
     return Path(out)
 
@@ -302,8 +305,9 @@ def ensure_onnx(model: str | os.PathLike | ModelRef, *, progress: bool = True, a
     """An ONNX export directory for MODEL: itself if it is one, else a cached export of the checkpoint.
 
     Checkpoints (or `smollm2-135m`) are exported once, fp32, into ``<cache_dir()>/onnx``, keyed
-    by the source's identity (path, config and weight-header hashes) and the form's graph
-    version, so a changed checkpoint or graph is exported again. ``attention`` (default: ``default_form``
+    by the source's identity (where its weight files' bytes live, config and weight-header hashes) and the
+    form's graph version, so a changed checkpoint or graph is exported again, and the same weights reached
+    through a Hub snapshot's links (or any other link) are not. ``attention`` (default: ``default_form``
     of the checkpoint) picks the graph form.
     """
     ref = resolve_model(model)
@@ -311,9 +315,13 @@ def ensure_onnx(model: str | os.PathLike | ModelRef, *, progress: bool = True, a
     if ref.kind == "onnx":
         return path
     attention = attention or default_form(ref)
-    identity = {**source_identity(path), "graph": FORMS[attention].version}
+    identity = {**source_identity(path), "graph": FORMS[attention].version}  # a changed graph is exported again
+    # Where the weight bytes live, not the directory that names them: a Hub snapshot's files link to
+    # blobs named by their content, so a model reached by its Hub id and by a local path is exported once.
+    weights = sorted(f.resolve() for f in path.glob("*.safetensors"))
+    identity["path"] = [str(f) for f in weights]
     key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
-    out = cache_dir() / "onnx" / f"{path.name}-{key}"
+    out = cache_dir() / "onnx" / f"{(weights[0].parent if weights else path).name}-{key}"
     if not (out / MANIFEST_NAME).is_file():
         export_onnx(ref, out, overwrite=True, progress=progress, attention=attention)
     return out

@@ -4,8 +4,8 @@ The graph call of each form: ``forward`` (past-present: the cache goes in as ``p
 and comes back grown as ``present.*`` OrtValues, fed back unchanged) and ``run_rows`` (gqa:
 inputs and outputs bound with IO binding, the KV buffers bound as both past and present so that
 the graph appends in place and a decode step copies no cache). ``new_cache`` wraps either in the
-form's ``batch.RowCache``, through which ``generate`` runs prefill and cached decode with greedy
-or sampled tokens (``flap_deploy.generation.sampling``), EOS and stop strings. The module-level
+form's ``batch.RowCache``, over which ``generate`` runs the loop every runtime shares
+(``flap_deploy.generation.generate.decode``: greedy or sampled tokens, EOS and stop strings). The module-level
 ``generate`` is the ONNX twin of ``flap_deploy.generation.generate.generate`` (text prompts in,
 ``Generation`` records out).
 """
@@ -21,8 +21,8 @@ import numpy as np
 import onnxruntime as ort
 
 from flap_deploy.errors import FlapDeployError
-from flap_deploy.generation.generate import Generation, encode_prompt
-from flap_deploy.generation.sampling import SamplingParams, find_stop, next_token
+from flap_deploy.generation.generate import Generation, decode, encode_prompt
+from flap_deploy.generation.sampling import SamplingParams
 
 from .batch import RowCache, new_cache
 from .contract import (
@@ -263,14 +263,12 @@ class OnnxCausalLM:
 
     def generate(self, prompts: str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]],
                  params: SamplingParams | None = None, **sampling: Any) -> list[Generation]:
-        """Generate for a batch of prompts (text or token ids), one cache row each (``new_cache``).
+        """Generate for a batch of prompts (text or token ids), one row of this graph's cache each
+        (``new_cache``): the generation loop every runtime runs (``flap_deploy.generation.generate.decode``:
+        sampling, seeds, EOS, stop tokens and strings, ``max_tokens``, and ``max_length``: a row ends
+        "length" when prompt and generated tokens reach it).
 
         ``params``, or its fields as keywords (``max_tokens=32, temperature=0.7, ...``).
-        Temperature 0 is greedy; otherwise tokens are sampled with top-k / top-p, row ``r``
-        using seed ``seed + r`` when a seed is given. A row ends at EOS or a stop token
-        (unless ``ignore_eos``; not before ``min_tokens``), at a stop string (text is cut
-        before it), after ``max_tokens`` or when prompt + generated tokens reach ``max_length``
-        ("length").
         """
         if params is None:
             params = SamplingParams(**sampling)
@@ -279,7 +277,6 @@ class OnnxCausalLM:
         if params.stop and self.tokenizer is None:
             raise FlapDeployError(f"{self.path}: stop strings need a tokenizer, and the export has none")
         batch = self.encode(prompts)
-        n = len(batch)
         longest = max(len(p) for p in batch)
         if self.max_length and longest >= self.max_length:
             raise FlapDeployError(f"generate: a prompt of {longest} tokens leaves no room for a token within the "
@@ -287,39 +284,8 @@ class OnnxCausalLM:
         # prompt + generated tokens stay within max_length (the last token is never cached)
         capacity = longest + params.max_tokens - 1
         capacity = min(capacity, self.max_length - 1) if self.max_length else capacity
-        rngs = [np.random.default_rng(None if params.seed is None else params.seed + r) for r in range(n)]
-        eos = set() if params.ignore_eos else set(self.eos_token_ids) | set(params.stop_token_ids)
-        new: list[list[int]] = [[] for _ in range(n)]
-        reasons: list[str | None] = [None] * n
-        texts: list[str | None] = [None] * n
-
-        cache = self.new_cache(n, capacity)
-        live = list(range(n))
-        last = dict(zip(live, cache.prefill(live, batch, PREFILL_TOKENS)))
-        while True:
-            for r in live:
-                banned = sorted(eos) if len(new[r]) < params.min_tokens else ()
-                tok = next_token(last[r], params, rngs[r], banned=banned)
-                new[r].append(tok)
-                if tok in eos:
-                    reasons[r] = "stop"
-                elif params.stop:
-                    text = self.decode(new[r])
-                    cut = find_stop(text, params.stop)
-                    if cut is not None:
-                        reasons[r], texts[r] = "stop", text[:cut]
-                if reasons[r] is None and (len(new[r]) >= params.max_tokens or cache.lengths[r] >= capacity):
-                    reasons[r] = "length"  # max_tokens, or max_length reached
-            cache.release([r for r in live if reasons[r] is not None])
-            live = [r for r in live if reasons[r] is None]
-            if not live:
-                break
-            last = dict(zip(live, cache.decode(live, [new[r][-1] for r in live])))
-        out = []
-        for r in range(n):
-            text = texts[r] if texts[r] is not None else self.decode([t for t in new[r] if t not in eos])
-            out.append(Generation(batch[r], new[r], text, reasons[r] or "length"))
-        return out
+        return decode(self.new_cache(len(batch), capacity), batch, params, eos=self.eos_token_ids,
+                      detokenize=self.decode, max_length=self.max_length, chunk_tokens=PREFILL_TOKENS)
 
 
 def generate(model_dir: str | os.PathLike, prompts: Sequence[str], params: SamplingParams,

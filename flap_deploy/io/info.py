@@ -6,19 +6,22 @@ import os
 from pathlib import Path
 from typing import Any
 
+from flap_deploy.io.card import KV_ELEMENT_BYTES
 from flap_deploy.io.model_ref import CHECKPOINTS, ModelRef, resolve_model
 from flap_deploy.model.config import as_flap_config, dense_config
-from flap_deploy.model.params import count_params
+from flap_deploy.model.params import count_params, kv_bytes_per_token
 
 
 def checkpoint_report(model: str | os.PathLike | ModelRef) -> dict[str, Any]:
-    """Widths, dense widths, parameter counts and provenance of a checkpoint (pruned or dense)."""
+    """Widths, dense widths, parameter counts, KV-cache bytes per token (at the model card's 16-bit cache)
+    and provenance of a checkpoint (pruned or dense)."""
     ref = resolve_model(model, accept=CHECKPOINTS)
     path, cfg = ref.path, ref.config
     if ref.kind == "dense":
         cfg = as_flap_config(cfg)
     dense = dense_config(cfg)
     pruned_counts, dense_counts = count_params(cfg), count_params(dense)
+    kv_pruned, kv_dense = (kv_bytes_per_token(c, KV_ELEMENT_BYTES) for c in (cfg, dense))
     layers = [
         {"layer": i, "heads": q, "kv_heads": kv, "mlp": m,
          "dense_heads": dense["num_attention_heads"], "dense_kv_heads": dense["num_key_value_heads"],
@@ -35,6 +38,8 @@ def checkpoint_report(model: str | os.PathLike | ModelRef) -> dict[str, Any]:
             "decoder_linear_removed": 1 - pruned_counts.decoder_linear / dense_counts.decoder_linear,
             "total_removed": 1 - pruned_counts.total / dense_counts.total,
         },
+        "kv_bytes_per_token": {"element_bytes": KV_ELEMENT_BYTES, "dense": kv_dense, "pruned": kv_pruned,
+                               "saving": 1 - kv_pruned / kv_dense},
         "provenance": cfg.get("flap") or {},
     }
 
@@ -47,15 +52,17 @@ def format_report(report: dict[str, Any]) -> str:
             f"{row['layer']:>5}  {row['heads']:>4}/{row['dense_heads']:<4}  {row['kv_heads']:>4}/{row['dense_kv_heads']:<4}"
             f"  {row['mlp']:>5}/{row['dense_mlp']:<5}"
         )
-    p = report["params"]
+    p, kv = report["params"], report["kv_bytes_per_token"]
+    kv_row = f"KV cache B/token ({8 * kv['element_bytes']}-bit)"
     lines += [
         "",
         f"{'parameters':<24}{'dense':>14}{'pruned':>14}",
         f"{'total':<24}{p['dense']['total']:>14,}{p['pruned']['total']:>14,}",
         f"{'decoder layers':<24}{p['dense']['decoder']:>14,}{p['pruned']['decoder']:>14,}",
         f"{'decoder linear weights':<24}{p['dense']['decoder_linear']:>14,}{p['pruned']['decoder_linear']:>14,}",
+        f"{kv_row:<24}{kv['dense']:>14,}{kv['pruned']:>14,}",
         f"removed: {100 * p['decoder_linear_removed']:.2f} % of decoder linear weights, "
-        f"{100 * p['total_removed']:.2f} % of all parameters",
+        f"{100 * p['total_removed']:.2f} % of all parameters; KV cache per token {100 * kv['saving']:.2f} % smaller",
     ]
     prov = report["provenance"]
     if prov:

@@ -54,6 +54,7 @@ class Adapter:
     """How one architecture lays out a decoder layer."""
 
     architecture: str
+    model_type: str  # transformers' name of the family (config.json's model_type)
     qkv_bias: Callable[[Any], bool]
     mlp_bias: Callable[[Any], bool]
     qk_norm: bool
@@ -117,6 +118,7 @@ ADAPTERS: dict[str, Adapter] = {
     for a in (
         Adapter(  # Llama 1/2/3, SmolLM, TinyLlama (MHA or GQA, rope scaling)
             "LlamaForCausalLM",
+            "llama",
             qkv_bias=_attr("attention_bias", False),
             mlp_bias=_attr("mlp_bias", False),
             qk_norm=False,
@@ -124,6 +126,7 @@ ADAPTERS: dict[str, Adapter] = {
         ),
         Adapter(  # Mistral (GQA, optional sliding window)
             "MistralForCausalLM",
+            "mistral",
             qkv_bias=lambda c: False,
             mlp_bias=lambda c: False,
             qk_norm=False,
@@ -131,6 +134,7 @@ ADAPTERS: dict[str, Adapter] = {
         ),
         Adapter(  # Qwen2 / Qwen2.5 (GQA, q/k/v biases)
             "Qwen2ForCausalLM",
+            "qwen2",
             qkv_bias=lambda c: True,
             mlp_bias=lambda c: False,
             qk_norm=False,
@@ -138,6 +142,7 @@ ADAPTERS: dict[str, Adapter] = {
         ),
         Adapter(  # Qwen3 dense (GQA, per-head q/k RMSNorm)
             "Qwen3ForCausalLM",
+            "qwen3",
             qkv_bias=_attr("attention_bias", False),
             mlp_bias=lambda c: False,
             qk_norm=True,
@@ -154,8 +159,7 @@ def architecture_of(config: Any) -> str:
     if archs:
         return archs[0]
     model_type = get("model_type") or ""
-    by_type = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-               "qwen3": "Qwen3ForCausalLM", "flap_llama": "FlapLlamaForCausalLM"}
+    by_type = {a.model_type: a.architecture for a in (*ADAPTERS.values(), FLAP_ADAPTER)}
     return by_type.get(model_type, model_type or "<unknown>")
 
 
@@ -173,6 +177,7 @@ def get_adapter(config: Any) -> Adapter:
 # pruning source: ``get_adapter`` keeps refusing it, ``runnable_adapter`` takes it.
 FLAP_ADAPTER = Adapter(
     "FlapLlamaForCausalLM",
+    "flap_llama",
     qkv_bias=_attr("attention_bias", False),
     mlp_bias=_attr("mlp_bias", False),
     qk_norm=False,

@@ -7,6 +7,7 @@ and one column of down_proj.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -53,10 +54,18 @@ def kept_head_order(heads: torch.Tensor, geom: Geometry, layer: int) -> tuple[li
     return q_kept, kv_kept
 
 
-def head_rows(heads: list[int], head_dim: int) -> torch.Tensor:
-    if not heads:
-        return torch.zeros(0, dtype=torch.long)
-    return torch.cat([torch.arange(h * head_dim, (h + 1) * head_dim) for h in heads])
+def head_columns(heads: Sequence[int] | torch.Tensor, head_dim: int) -> torch.Tensor:
+    """The columns of o_proj (rows of q_proj, or of k_proj / v_proj for KV heads) that the given heads
+    own, in the heads' order: the one head -> column expansion."""
+    heads = torch.as_tensor(heads, dtype=torch.long).flatten().cpu()
+    return (heads[:, None] * head_dim + torch.arange(head_dim)).flatten()
+
+
+def kept_columns(mask: LayerMask, head_dim: int, attn_in: int, mlp_in: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(o_proj, down_proj) input columns a layer's mask keeps, ascending (None keeps all)."""
+    attn = torch.arange(attn_in) if mask.heads is None else head_columns(mask.heads.bool().cpu().nonzero(), head_dim)
+    mlp = torch.arange(mlp_in) if mask.mlp is None else mask.mlp.bool().cpu().nonzero().flatten()
+    return attn, mlp
 
 
 def layer_widths(mask: LayerMask, geom: Geometry, layer: int) -> LayerWidths:

@@ -46,6 +46,17 @@ PER_LAYER_KEYS = (
 )
 
 
+# transformers' per-layer form (``per_layer_config``): the attributes that may differ per layer, the
+# lists this class keeps them in, and the removed module (``skip``) that makes each 0.
+PER_LAYER_ATTRIBUTES = {
+    "num_attention_heads": "num_attention_heads_per_layer",
+    "num_key_value_heads": "num_key_value_heads_per_layer",
+    "intermediate_size": "intermediate_size_per_layer",
+}
+SKIPPABLE_BY = {"num_attention_heads": "self_attn", "num_key_value_heads": "self_attn", "intermediate_size": "mlp"}
+SKIPPABLE = ("self_attn", "mlp")
+
+
 class FlapConfigError(ValueError):
     """A config that breaks the pruned-checkpoint contract; the message names key and layer."""
 
@@ -116,6 +127,11 @@ class FlapLlamaConfig(LlamaConfig):
     flap: dict | None = None
 
     def __post_init__(self, **kwargs):
+        per_layer_config = kwargs.pop("per_layer_config", None)
+        # transformers' opt-in to global reads of per-layer attributes: this class reads only its lists
+        kwargs.pop("allow_global_per_layer_attribute_access", None)
+        if per_layer_config is not None:
+            self._read_per_layer_config(per_layer_config)
         # A config built without per-layer lists (e.g. AutoConfig.for_model) is uniform.
         n = self.num_hidden_layers
         heads = self.num_attention_heads
@@ -131,6 +147,35 @@ class FlapLlamaConfig(LlamaConfig):
     def validate_architecture(self):
         # Replaces Llama's hidden_size % num_attention_heads check, which pruned widths break.
         validate_flap_config(self)
+
+    def _read_per_layer_config(self, per_layer_config: Mapping[str, Any]) -> None:
+        """The widths of transformers' per-layer form (``flap-deploy export hf``): a sparse map from layer
+        index to the attributes that differ there, over global values; ``skip`` names removed modules.
+        Per-layer lists come out of it and the globals become their maxima, as this class keeps them."""
+        if any(getattr(self, key) is not None for key in PER_LAYER_KEYS):
+            raise FlapConfigError("config has both per_layer_config and per-layer width lists")
+        n = self.num_hidden_layers
+        overrides: dict[int, Mapping[str, Any]] = {}
+        for key, values in per_layer_config.items():
+            layer = int(key)
+            if not 0 <= layer < n:
+                raise FlapConfigError(f"config key 'per_layer_config' layer {key}: not in [0, {n})")
+            unknown = set(values) - set(PER_LAYER_ATTRIBUTES) - {"skip"}
+            unknown_skips = set(values.get("skip", ())) - set(SKIPPABLE)
+            if unknown or unknown_skips:
+                raise FlapConfigError(f"config key 'per_layer_config' layer {layer}: "
+                                      f"{sorted(unknown | unknown_skips)} cannot differ per layer in FlapLlama")
+            overrides[layer] = values
+        for key, attribute in PER_LAYER_ATTRIBUTES.items():
+            default = getattr(self, key)
+            if key == "num_key_value_heads" and default is None:
+                default = self.num_attention_heads
+            widths = []
+            for layer in range(n):
+                values = overrides.get(layer, {})
+                widths.append(0 if SKIPPABLE_BY[key] in values.get("skip", ()) else values.get(key, default))
+            setattr(self, attribute, widths)
+            setattr(self, key, max(max(widths), 1))
 
 
 class FlapLlamaMLP(nn.Module):

@@ -64,3 +64,14 @@ def decode_step_bytes(cfg: dict[str, Any], element_bytes: int) -> int:
     return (params - linear) * element_bytes + linear * bits // 8
 
 
+
+
+def kv_bytes_per_token(cfg: dict[str, Any], element_bytes: int) -> int:
+    """KV-cache bytes one token holds across all layers: the sum over layers of 2 (key and value) ×
+    KV heads × head_dim × ``element_bytes`` (2 for a bf16 / fp16 cache). Takes a pruned config.json
+    (per-layer KV heads; 0 where attention was removed), a dense one, or an ONNX manifest."""
+    layers = cfg["num_hidden_layers"]
+    kv = cfg.get("num_key_value_heads_per_layer") or \
+        [cfg.get("num_key_value_heads") or cfg["num_attention_heads"]] * layers
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    return sum(2 * heads * head_dim * element_bytes for heads in kv)

@@ -30,7 +30,7 @@ from flap_deploy.model.adapters import Geometry
 from flap_deploy.model.layout import LayerMask
 from flap_deploy.model.params import layer_linear_params
 from flap_deploy.model.tp import layer_tp_problem
-from flap_deploy.pruning.config import GRANULARITIES, STRUCTURES
+from flap_deploy.pruning.choices import GRANULARITIES, STRUCTURES
 
 
 @dataclass
@@ -170,9 +170,15 @@ def dense_layer_cost(geom: Geometry) -> tuple[int, int]:
 
 @dataclass
 class Allocation:
+    """Per-layer masks, and the menus and choices (option indices) they come from: a width search starts
+    from them (``search``)."""
+
     masks: list[LayerMask]
     dense_cost: int
     kept_cost: int
+    attn_menus: list[Menu] = field(default_factory=list, repr=False)
+    mlp_menus: list[Menu] = field(default_factory=list, repr=False)
+    picks: list[tuple[int, int]] = field(default_factory=list)  # (attention, MLP) option of every layer
 
     @property
     def achieved_ratio(self) -> float:
@@ -220,6 +226,12 @@ def allocate(attn_scores: list[torch.Tensor], mlp_scores: list[torch.Tensor], ge
         attn_kept = sum(int(m.cost[p]) for m, p in zip(attn, a_pick))
         m_pick = fit_threshold(mlp, target - attn_kept)
 
-    masks = [LayerMask(heads=attn[i].mask_of(a_pick[i]), mlp=mlp[i].mask_of(m_pick[i])) for i in range(L)]
-    kept = sum(int(attn[i].cost[a_pick[i]]) + int(mlp[i].cost[m_pick[i]]) for i in range(L))
-    return Allocation(masks=masks, dense_cost=total, kept_cost=kept)
+    return chosen(attn, mlp, list(zip(a_pick, m_pick)), total)
+
+
+def chosen(attn: list[Menu], mlp: list[Menu], picks: list[tuple[int, int]], dense_cost: int) -> Allocation:
+    """The allocation of one (attention, MLP) option per layer."""
+    masks = [LayerMask(heads=attn[i].mask_of(a), mlp=mlp[i].mask_of(m)) for i, (a, m) in enumerate(picks)]
+    kept = sum(int(attn[i].cost[a]) + int(mlp[i].cost[m]) for i, (a, m) in enumerate(picks))
+    return Allocation(masks=masks, dense_cost=dense_cost, kept_cost=kept, attn_menus=attn, mlp_menus=mlp,
+                      picks=list(picks))

@@ -11,6 +11,7 @@ The same source, sizes and seed give the same windows, bit for bit.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from tqdm.auto import tqdm
 from flap_deploy.errors import FlapDeployError, ParameterError
 
 HF_SOURCES = {"hf:wikitext2": ("wikitext", "wikitext-2-raw-v1", "train")}
+SELF_BATCH = 128  # sequences self-generated at a time (part of the recipe: the sampling order depends on it)
 
 
 @dataclass
@@ -45,8 +47,35 @@ def random_windows(ids: list[int] | torch.Tensor, nsamples: int, seqlen: int, se
     return torch.stack([ids[s : s + seqlen] for s in starts.tolist()])
 
 
+TOKENIZE_CHARS = 1 << 16  # text per tokenizer call: a fast tokenizer holds ~250 B a character while it runs
+
+
+def _pieces(text: str) -> Iterator[str]:
+    """``text`` in pieces of about ``TOKENIZE_CHARS``, each ending with a line break that starts a word (the
+    next line begins with a non-space, or one space and a non-space): byte-level BPE tokenizers (GPT-2,
+    Llama 3, Qwen, SmolLM) split there anyway, so the pieces' ids are the whole text's."""
+    start = 0
+    while start < len(text):
+        end = text.find("\n", start + TOKENIZE_CHARS)
+        while end != -1 and not _starts_a_word(text, end + 1):
+            end = text.find("\n", end + 1)
+        end = len(text) if end == -1 else end + 1
+        yield text[start:end]
+        start = end
+
+
+def _starts_a_word(text: str, i: int) -> bool:
+    return i < len(text) and (not text[i].isspace() or (text[i] == " " and i + 1 < len(text)
+                                                         and not text[i + 1].isspace()))
+
+
 def _tokens(tokenizer: Any, text: str) -> list[int]:
-    return tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    """The token ids of ``text``, tokenized a piece at a time (``_pieces``), so that a calibration file of any
+    size costs the tokenizer's working memory of one piece."""
+    ids: list[int] = []
+    for piece in _pieces(text):
+        ids += tokenizer(piece, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    return ids
 
 
 def text_windows(path: str | Path, tokenizer: Any, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
@@ -86,7 +115,7 @@ def start_token(model: torch.nn.Module, tokenizer: Any | None) -> int:
 
 @torch.no_grad()
 def self_generated(model: torch.nn.Module, tokenizer: Any | None, nsamples: int, seqlen: int, seed: int,
-                   batch_size: int = 128, progress: bool = True) -> torch.Tensor:
+                   batch_size: int = SELF_BATCH, progress: bool = True) -> torch.Tensor:
     """Windows sampled from the model itself, starting at BOS (temperature 1, EOS suppressed so
     every window is full length). Batches are drawn in a fixed order from one seeded generator."""
     device = next(model.parameters()).device

@@ -20,7 +20,7 @@ from flap_deploy.model.adapters import Geometry, LayerModules, get_adapter
 from flap_deploy.model.config import flap_config
 from flap_deploy.model.layout import (
     LayerMask,
-    head_rows,
+    head_columns,
     kept_head_order,
     layer_widths,
     mlp_channels,
@@ -46,7 +46,7 @@ def _compensation(weight: torch.Tensor, kept: torch.Tensor, mean: torch.Tensor |
         return None
     pruned = torch.ones(weight.shape[1], dtype=torch.bool)
     pruned[kept] = False
-    return weight.double()[:, pruned] @ mean.double().to(weight.device)[pruned]
+    return weight[:, pruned.to(weight.device)].double() @ mean.double().to(weight.device)[pruned]  # no float64 W
 
 
 def _bias(linear: nn.Linear, compensation: torch.Tensor | None) -> torch.Tensor | None:
@@ -79,7 +79,7 @@ def slice_layer(m: LayerModules, i: int, geom: Geometry, mask: LayerMask, means:
 
     heads = mask.heads if mask.heads is not None else torch.ones(geom.num_heads, dtype=torch.bool)
     q_kept, kv_kept = kept_head_order(heads, geom, i)
-    q_rows, kv_rows = head_rows(q_kept, hd), head_rows(kv_kept, hd)
+    q_rows, kv_rows = head_columns(q_kept, hd), head_columns(kv_kept, hd)
     o_weight, o_bias = _out_proj(m.o_proj, q_rows, means.attn if means else None, refit.attn if refit else None, i)
     if q_kept:
         out[prefix + "input_layernorm.weight"] = m.input_layernorm.weight.detach()

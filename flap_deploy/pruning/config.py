@@ -8,15 +8,21 @@ from dataclasses import dataclass
 from flap_deploy.errors import ParameterError
 from flap_deploy.streaming.memory import parse_size
 
-from .methods import METHODS, RECONSTRUCTIONS, Method
+from .choices import (
+    DTYPES,
+    GRANULARITIES,
+    MANUAL_MODULE_STRUCTURES,
+    METRICS,
+    STRUCTURES,
+    parse_budget,
+)
+from .methods import METHODS, RECONSTRUCTIONS, SEARCHES, Method, Reconstruction
 
-METRICS = ("WIFV", "IFV", "WIFN")  # importance.channel_metric
-STRUCTURES = ("AL-AM", "AL-MM", "UL-MM", "UL-UM")  # allocation.allocate
-MANUAL_MODULE_STRUCTURES = ("AL-MM", "UL-MM")  # attention and MLP get fixed shares of the budget
-GRANULARITIES = ("group", "head")
-DTYPES = ("float32", "bfloat16", "float16")
-CHOICES = {"method": tuple(METHODS), "metric": METRICS, "structure": STRUCTURES, "attn_granularity": GRANULARITIES,
-           "reconstruct": tuple(RECONSTRUCTIONS), "dtype": (None, *DTYPES)}
+
+def choices() -> dict[str, tuple]:
+    """Every field with a vocabulary, and its values (the tables' as they are now)."""
+    return {"method": tuple(METHODS), "metric": METRICS, "structure": STRUCTURES, "attn_granularity": GRANULARITIES,
+            "reconstruct": tuple(RECONSTRUCTIONS), "search": tuple(SEARCHES), "dtype": (None, *DTYPES)}
 
 
 @dataclass
@@ -24,7 +30,7 @@ class PruneConfig:
     """Everything that decides a pruning run (recorded in the checkpoint's provenance), then how it runs.
 
     ratio: fraction of the decoder layers' linear weights (q/k/v/o, gate/up/down) to remove.
-    method: ``flap`` or the baselines ``wanda-sp`` / ``mag-sp`` (uniform per layer, no compensation).
+    method: a name of ``methods.METHODS`` (FLAP, or a baseline at the same budget).
     metric / structure: FLAP's importance metric and width structure (see ``importance``, ``allocation``).
     attn_ratio: fraction of attention weights removed by the manual-module structures UL-MM / AL-MM
         (default 0.75 x ratio, the authors' ablation setting of 384 of 1024 heads at 50 %).
@@ -33,17 +39,24 @@ class PruneConfig:
     reconstruct: what replaces the removed inputs of o_proj / down_proj (FLAP only; the baselines
         are never compensated): ``none``; ``bias``, the paper's calibration-mean biases; ``ls``, the
         least-squares refit of the kept columns on the dense calibration inputs (their covariances
-        kept from the statistics pass when memory allows, else accumulated while the pruned layers
-        are written: ``plan_covariances``; see ``reconstruct``).
+        accumulated while the pruned layers are written, or kept from the statistics pass when
+        ``max_memory`` is given and has room for them: ``pipeline.plan_prune``; see ``reconstruct``).
     ridge: ``ls`` shrinkage toward the ``bias`` solution, in units of the mean variance of the kept
         channels (``inf`` gives ``bias``, 0 the plain refit).
-    calib: ``self`` | ``hf:wikitext2`` | a text file or directory. nsamples x seqlen tokens, seed.
+    search: ``none`` keeps FLAP's allocation; ``evo`` searches per-layer widths from it (``search``).
+    search_budget: candidate evaluations (``200``) or wall time (``10m``) the search may spend.
+    search_windows: calibration windows most candidates are measured on; the best of each generation
+        and the start are measured on four times as many (at most ``nsamples``).
+    calib: ``self`` | ``hf:wikitext2`` | a text file or directory. nsamples x seqlen tokens, seed
+        (the search's seed too).
     mlp_multiple / tp_size: alignment of every layer's widths (see ``allocation.Alignment``).
     batch_size: calibration windows per layer forward.
     device: ``auto`` (the first CUDA device, else the CPU), ``cpu``, ``cuda``, ``cuda:N``.
     dtype: compute dtype; default the checkpoint's on an accelerator, float32 on the CPU.
     max_memory: host memory the run may use (bytes or e.g. ``12GiB``; default what the machine has
-        available); the plan is checked against it before any layer runs.
+        available); the plan's peak is checked against it before any layer runs and the run keeps
+        under it. Given with room for them, it also keeps the ``ls`` covariances from the statistics
+        pass (one forward fewer).
     offload_buffer: keep the calibration buffer in pinned host memory instead of on the device.
     """
 
@@ -55,6 +68,9 @@ class PruneConfig:
     attn_granularity: str = "group"
     reconstruct: str = "ls"
     ridge: float = 0.03
+    search: str = "none"
+    search_budget: str = "100"
+    search_windows: int = 8
     calib: str = "self"
     nsamples: int = 1024
     seqlen: int = 128
@@ -74,18 +90,25 @@ class PruneConfig:
             raise ParameterError("ratio", f"must be in [0, 1), got {self.ratio}")
         if self.attn_ratio is not None and not 0 <= self.attn_ratio < 1:
             raise ParameterError("attn_ratio", f"must be in [0, 1), got {self.attn_ratio}")
-        for name, choices in CHOICES.items():
-            if getattr(self, name) not in choices:
-                raise ParameterError(name, f"{getattr(self, name)!r} is not one of {', '.join(choices)}")
+        for name, values in choices().items():
+            if getattr(self, name) not in values:
+                raise ParameterError(name, f"{getattr(self, name)!r} is not one of {', '.join(map(str, values))}")
         if not (isinstance(self.ridge, (int, float)) and self.ridge >= 0):
             raise ParameterError("ridge", f"must be a number >= 0, got {self.ridge}")
-        for name in ("nsamples", "seqlen", "mlp_multiple", "tp_size", "batch_size"):
+        for name in ("nsamples", "seqlen", "mlp_multiple", "tp_size", "batch_size", "search_windows"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ParameterError(name, f"must be a positive integer, got {value}")
         if self.seqlen < 2:
             raise ParameterError("seqlen", f"must be at least 2, got {self.seqlen}")
         parse_size(self.max_memory, "max_memory")
+        parse_budget(self.search_budget)
+        if self.search != "none" and not self.pruning_method.searchable:
+            raise ParameterError("search", f"starts from FLAP's allocation and statistics; method {self.method} has "
+                                           "neither (use `method` flap)")
+        if self.search != "none" and self.search_windows > self.nsamples:
+            raise ParameterError("search_windows", f"{self.search_windows} is more than the {self.nsamples} "
+                                                   "calibration windows (`nsamples`)")
 
     @property
     def pruning_method(self) -> Method:
@@ -95,6 +118,15 @@ class PruneConfig:
     def effective_reconstruct(self) -> str:
         """The reconstruction the run applies: a method that does not compensate gets none."""
         return self.reconstruct if self.pruning_method.compensates else "none"
+
+    @property
+    def reconstruction(self) -> Reconstruction:
+        return RECONSTRUCTIONS[self.effective_reconstruct]
+
+    @property
+    def generates_calibration(self) -> bool:
+        """``calib self``: the model writes its own windows, so its weights and LM head must be resident."""
+        return self.calib == "self"
 
     @property
     def effective_attn_ratio(self) -> float | None:

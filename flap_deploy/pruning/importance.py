@@ -17,18 +17,24 @@ from __future__ import annotations
 
 import torch
 
-from flap_deploy.pruning.stats import ChannelStats
+from flap_deploy.pruning.stats import ChannelStats, block_slices
+
+
+def _per_column(weight: torch.Tensor, reduce) -> torch.Tensor:
+    """``reduce`` of each input column of ``weight`` in float64, taken over column blocks so that no float64
+    copy of the whole weight is made (the same values, bit for bit: each column's reduction is its own)."""
+    w = weight.detach()
+    return torch.cat([reduce(w[:, cols].double()) for cols in block_slices(w.shape[1])])
 
 
 def channel_metric(metric: str, weight: torch.Tensor, stats: ChannelStats) -> torch.Tensor:
     """One float64 score per input channel of ``weight``."""
-    w = weight.detach().double()
     if metric == "IFV":
-        return stats.var.to(w.device)
+        return stats.var.to(weight.device)
     if metric == "WIFV":
-        return stats.var.to(w.device) * w.square().sum(dim=0)
+        return stats.var.to(weight.device) * _per_column(weight, lambda w: w.square().sum(dim=0))
     if metric == "WIFN":
-        return w.abs().mean(dim=0) * stats.mean_square.to(w.device).sqrt()
+        return _per_column(weight, lambda w: w.abs().mean(dim=0)) * stats.mean_square.to(weight.device).sqrt()
     raise ValueError(f"unknown metric {metric!r}")
 
 
@@ -39,7 +45,7 @@ def wanda_metric(weight: torch.Tensor, stats: ChannelStats) -> torch.Tensor:
 
 def magnitude_metric(weight: torch.Tensor) -> torch.Tensor:
     """Magnitude-sp: the L2 norm of each input channel's weight column."""
-    return weight.detach().double().norm(dim=0)
+    return _per_column(weight, lambda w: w.norm(dim=0))
 
 
 def standardize(x: torch.Tensor) -> torch.Tensor:

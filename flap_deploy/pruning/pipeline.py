@@ -2,10 +2,10 @@
 
 ``prune(model, config)``: validate → open the source as a ``LayerStream`` (tensor shapes and
 alignment checked, nothing read yet) → state the memory plan → calibration windows → score
-(pass 1, layer by layer: ``score_flap``, ``score_wanda_sp``, ``score_magnitude_sp``) →
-allocate widths globally (``allocation``) → slice and write (pass 2, layer by layer,
-``compress.compress_stream``) → provenance. The pruned checkpoint is written straight into
-the output directory (atomically); the CLI only wraps this.
+(pass 1, layer by layer: the method's scorer, ``methods.METHODS``) → allocate widths globally
+(``allocation``) → the reconstruction's compensation (``methods.RECONSTRUCTIONS``) → slice and
+write (pass 2, layer by layer, ``compress.compress_stream``) → provenance. The pruned checkpoint
+is written straight into the output directory (atomically); the CLI only wraps this.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import shutil
 import tempfile
 import time
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -24,24 +24,35 @@ import torch
 from flap_deploy.errors import FlapDeployError
 from flap_deploy.model.layout import LayerMask
 from flap_deploy.pruning.allocation import Alignment, allocate
-from flap_deploy.pruning.calibration import calibration_windows
+from flap_deploy.pruning.calibration import SELF_BATCH, calibration_windows
 from flap_deploy.pruning.compress import LayerMeans, compress_stream
 from flap_deploy.pruning.config import PruneConfig
-from flap_deploy.pruning.methods import RECONSTRUCTIONS
-from flap_deploy.pruning.reconstruct import LayerRefit
-from flap_deploy.pruning.scores import Calibration, Scores
+from flap_deploy.pruning.methods import (
+    RECONSTRUCTIONS,
+    SEARCHES,
+    Calibration,
+    Compensation,
+    Scores,
+)
+from flap_deploy.pruning.reconstruct import LayerRefit, refit_nbytes
 from flap_deploy.pruning.statistics import (
     LayerStats,
     Statistics,
     calibrate_layers,
+    covariance_nbytes,
     full_covariances,
     held,
-    plan_covariances,
+    statistics_nbytes,
 )
+from flap_deploy.pruning.stats import CovStats
 from flap_deploy.streaming.layers import LayerStream
-from flap_deploy.streaming.memory import parse_size, peak_rss_bytes
+from flap_deploy.streaming.memory import (
+    map_large_allocations,
+    parse_size,
+    peak_rss_bytes,
+)
 from flap_deploy.streaming.passes import progress_bar
-from flap_deploy.streaming.plan import MemoryPlan, plan_memory
+from flap_deploy.streaming.plan import MemoryPlan, hold_layers, plan_memory
 
 
 @dataclass
@@ -58,6 +69,7 @@ class PrunedModel:
     means: list[LayerMeans] | None = None
     refits: list[LayerRefit] | None = None  # kept for an in-memory source only (they are weights)
     statistics: Statistics | None = None
+    search: Any = None  # the width search's ``SearchResult`` (every candidate it measured), when one ran
     timings: dict[str, float] = field(default_factory=dict)
     memory: dict[str, Any] = field(default_factory=dict)
     _model: torch.nn.Module | None = field(default=None, repr=False)
@@ -142,8 +154,7 @@ def collect_statistics(model: Any, config: PruneConfig, tokenizer: Any = None, c
     replace the configured calibration source."""
     stream, _ = open_source(model, config)
     if windows is None:
-        plan = plan_memory(stream, config.nsamples * config.seqlen, offload_buffer=config.offload_buffer,
-                           head=config.calib == "self", max_memory=parse_size(config.max_memory, "max_memory"))
+        plan = plan_prune(stream, config, calibrates=True)
         calib = _calibration(stream, config, tokenizer, plan)
         windows, calibration = calib.input_ids, calib.description
     layers: list[LayerStats] = []
@@ -152,22 +163,68 @@ def collect_statistics(model: Any, config: PruneConfig, tokenizer: Any = None, c
     return Statistics(layers=layers, calibration=calibration or {}, windows=windows)
 
 
+def plan_prune(stream: LayerStream, config: PruneConfig, calibrates: bool,
+               statistics: Statistics | None = None) -> MemoryPlan:
+    """The memory plan of a prune, checked against ``max_memory``: the streaming terms (``plan_memory``),
+    the statistics, and where the ``ls`` refit's covariances come from.
+
+    Kept from the statistics pass (``ls_statistics`` "kept"), every layer's full covariances are held to
+    the end (n² float64 per module and layer) and no forward pass is added; from a second pass
+    ("second pass"), the writing pass runs the calibration windows through the dense layers again with
+    one layer's accumulators at a time (n x |k|, bounded by n x n before the allocation), so memory stays
+    flat in depth. The second pass is the default: covariances are kept only when ``max_memory`` is given
+    and the peak with them fits under it (a budget the run may spend to save a pass). Statistics passed
+    in are resident already: the runtime counts them."""
+    g = stream.geometry
+    attn, mlp = g.num_heads * g.head_dim, g.intermediate_size
+    second_pass = (config.reconstruction.covariances and statistics is not None
+                   and statistics.covariances is None and statistics.windows is not None)
+    windows = ((config.nsamples, config.seqlen) if calibrates
+               else tuple(statistics.windows.shape) if second_pass else None)
+    plan = plan_memory(stream, windows=windows, batch_size=config.batch_size,
+                       generate=SELF_BATCH if calibrates and config.generates_calibration else 0,
+                       offload_buffer=config.offload_buffer, max_memory=parse_size(config.max_memory, "max_memory"))
+    plan = replace(plan, statistics_bytes=statistics_nbytes(stream))
+    if config.reconstruction.covariances and (calibrates or statistics is not None):
+        elt = torch.empty((), dtype=stream.dtype).element_size()
+        rows = min(config.batch_size, windows[0] if windows else 0) * (windows[1] if windows else 0)
+
+        def solve(gathered: bool) -> int:  # widths unknown before the allocation: bounded by the dense ones
+            return max(refit_nbytes(g.hidden_size, n, n, elt, config.ridge, gathered) for n in (attn, mlp))
+
+        update = max(CovStats.update_nbytes(n, n, rows, stream.dtype) for n in (attn, mlp))
+        one_layer = CovStats.nbytes(attn, attn) + CovStats.nbytes(mlp, mlp)
+        second = replace(plan, ls_statistics="second pass", accumulator_bytes=one_layer, update_bytes=update,
+                         solve_bytes=solve(gathered=False))
+        if statistics is not None:
+            plan = second if second_pass else replace(plan, ls_statistics="kept", solve_bytes=solve(gathered=True))
+        else:
+            kept = replace(plan, ls_statistics="kept", covariance_bytes=covariance_nbytes(stream),
+                           update_bytes=update, solve_bytes=solve(gathered=True),
+                           accumulator_bytes=one_layer if plan.on_device else 0)  # on the host: the covariances
+            fits = kept.host_peak_bytes <= kept.limit_bytes and kept.device_peak_bytes <= kept.device_free_bytes
+            # a search refits every candidate from the held covariances: it keeps them whenever they fit
+            wanted = plan.limit_given or SEARCHES[config.search].run is not None
+            plan = replace(kept if wanted and fits else second, kept_need_bytes=kept.host_peak_bytes)
+    return hold_layers(plan, g.num_layers).check()
+
+
 def _calibration(stream: LayerStream, config: PruneConfig, tokenizer: Any, plan: MemoryPlan) -> Calibration:
     """The calibration windows (self-generated ones with the model's own forward, its layers paged
-    through the memory the plan leaves free)."""
-    if stream.device.type == "cuda":  # resident layers then live on the device
-        budget = max(torch.cuda.mem_get_info(stream.device)[0] - plan.device_peak_bytes, 0)
+    through memory but for the ones the plan holds)."""
+    if config.generates_calibration:  # only then are the weights (and the LM head) paged in
+        with stream.paged(plan.held_bytes) as model:
+            windows = calibration_windows(config.calib, model, tokenizer, config.nsamples, config.seqlen,
+                                          config.seed, progress=config.progress)
     else:
-        budget = max(plan.limit_bytes - plan.host_peak_bytes, 0)
-    with stream.paged(budget) as model:
-        windows = calibration_windows(config.calib, model, tokenizer, config.nsamples, config.seqlen, config.seed,
+        windows = calibration_windows(config.calib, None, tokenizer, config.nsamples, config.seqlen, config.seed,
                                       progress=config.progress)
     return Calibration(windows.input_ids, windows.describe(config.seed), config.batch_size,
                        "cpu" if plan.buffer_on_host else None, config.progress)
 
 
 def _provenance(config: PruneConfig, align: Alignment, scores: Scores, stream: LayerStream,
-                pruned_config: Any, reconstruction: dict[str, Any]) -> dict[str, Any]:
+                pruned_config: Any, compensation: Compensation, search: dict[str, Any] | None) -> dict[str, Any]:
     """The run's record; the achieved ratio from the weights the pruned checkpoint holds (the contract's shapes)."""
     from flap_deploy.model.config import as_flap_config
     from flap_deploy.model.params import count_params
@@ -180,10 +237,12 @@ def _provenance(config: PruneConfig, align: Alignment, scores: Scores, stream: L
         "attn_granularity": config.attn_granularity,
         "target_ratio": config.ratio,
         "achieved_ratio": 1 - pruned.decoder_linear / dense.decoder_linear,
-        "bias_compensation": scores.means is not None and config.effective_reconstruct == "bias",
-        "reconstruction": reconstruction,
+        "bias_compensation": compensation.means is not None,
+        "reconstruction": compensation.record,
+        "search": search,
         "calibration": scores.calibration,
         "source_model": stream.name,
+        "source_revision": stream.revision,
         "source_architecture": stream.adapter.architecture,
         "alignment": align.to_dict(),
         "package_version": __version__,
@@ -216,6 +275,7 @@ def _write(stream: LayerStream, config: PruneConfig, masks: list[LayerMask], mea
            refit: Callable | None, provenance: Callable[[Any], dict[str, Any]], target: Path, writing: Any,
            tokenizer: Any, source: Path | None) -> Any:
     """Pass 2: every layer sliced (and refitted) into ``target``'s shards, then config, tokenizer and report."""
+    from flap_deploy.io.card import write_card
     from flap_deploy.io.checkpoint import finish_checkpoint
 
     with writing as tmp:
@@ -225,6 +285,7 @@ def _write(stream: LayerStream, config: PruneConfig, masks: list[LayerMask], mea
         pruned_config.flap = {**provenance(pruned_config), **pruned_config.flap}
         finish_checkpoint(tmp, pruned_config, tokenizer=tokenizer if source is None else None, tokenizer_from=source)
         write_report(tmp)
+        write_card(tmp, pruned_config.to_dict(), source=source, path=target)
     return pruned_config
 
 
@@ -246,26 +307,35 @@ def prune(model: str | os.PathLike | torch.nn.Module, config: PruneConfig | None
     align = Alignment(config.mlp_multiple, config.tp_size)
     if out is not None:
         check_output_dir(out, overwrite)
+    map_large_allocations()  # freed layers and batch products go back to the OS: the plan's terms hold
     stream, source = open_source(model, config, lambda cfg: check_alignment(cfg, config, align))
     tokenizer = _source_tokenizer(tokenizer, source)
     method = config.pruning_method
     calibrates = method.needs_calibration(statistics)
-    plan = plan_memory(stream, config.nsamples * config.seqlen if calibrates else 0,
-                       offload_buffer=config.offload_buffer, head=config.calib == "self",
-                       max_memory=parse_size(config.max_memory, "max_memory"))
-    if calibrates:
-        plan = plan_covariances(stream, config, plan)
+    plan = plan_prune(stream, config, calibrates, statistics)
     _say(config, f"plan: {plan.describe()}")
+    search = SEARCHES[config.search]
+    if search.run is not None:
+        from flap_deploy.pruning.search import plan_search
+
+        search_plan = plan_search(stream, config, plan, statistics)
+        _say(config, search_plan.describe())
 
     t0 = time.perf_counter()
     calib = _calibration(stream, config, tokenizer, plan) if calibrates else None
-    scores = method.score(stream, config, calib, statistics, align, plan)
+    scores = method.scorer(stream, config, calib, statistics, align, plan)
     timings = {"calibrate_s": time.perf_counter() - t0}
     allocation = allocate(scores.attn, scores.mlp, stream.geometry, ratio=config.ratio,
                           structure=method.structure(config),
                           attn_ratio=config.effective_attn_ratio, granularity=config.attn_granularity, align=align)
-    means, refit, reconstruction = RECONSTRUCTIONS[config.effective_reconstruct].build(
-        stream, config, scores, calib, allocation.masks)
+    found = None
+    if search.run is not None:
+        t_search = time.perf_counter()
+        found = search.run(stream, config, scores, calib, allocation, align, search_plan)
+        allocation = found.allocation
+        timings["search_s"] = time.perf_counter() - t_search
+    compensation = config.reconstruction.build(stream, config, scores, calib, allocation.masks)
+    means, refit = compensation.means, compensation.refit
     refits: list[LayerRefit] = []
     if refit is not None and not stream.streamed:  # small in-memory models keep them for inspection
         keep_refit = refit
@@ -278,7 +348,8 @@ def prune(model: str | os.PathLike | torch.nn.Module, config: PruneConfig | None
     target = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="flap-pruned-"))
     writing = atomic_directory(out, overwrite) if out is not None else _plain_directory(target)
     pruned_config = _write(stream, config, allocation.masks, means, refit,
-                           lambda cfg: _provenance(config, align, scores, stream, cfg, reconstruction),
+                           lambda cfg: _provenance(config, align, scores, stream, cfg, compensation,
+                                                   found.record if found is not None else None),
                            target, writing, tokenizer, source)
     timings.update(write_s=time.perf_counter() - t1, total_s=time.perf_counter() - t0)
     memory = {"plan": plan.to_dict(), "peak_rss_bytes": peak_rss_bytes()}
@@ -286,7 +357,7 @@ def prune(model: str | os.PathLike | torch.nn.Module, config: PruneConfig | None
         memory["peak_device_bytes"] = torch.cuda.max_memory_allocated(stream.device)
     result = PrunedModel(path=target, masks=allocation.masks, provenance=pruned_config.flap, means=means,
                          refits=refits or None, statistics=scores.statistics if method.reuses_statistics else statistics,
-                         timings=timings, memory=memory)
+                         search=found, timings=timings, memory=memory)
     if out is None:
         result._cleanup = weakref.finalize(result, shutil.rmtree, target, True)
     return result

@@ -35,13 +35,14 @@ def recipe_name(**overrides: Any) -> str:
 def describe_recipe(config: dict[str, Any]) -> str:
     """The exact recipe of a pruned checkpoint, from its config.json (provenance and dtype): what every
     result that measures it must name."""
+    from flap_deploy.io.card import reconstruction_of
+
     p = config["flap"]
-    rec = p.get("reconstruction") or {}
-    mode = rec.get("mode", "bias" if p.get("bias_compensation") else "none")
+    mode, ridge = reconstruction_of(p)
     calib = p.get("calibration") or {}
     source = calib.get("source", "?")
     text = (f"{p['method']} {100 * p['target_ratio']:g} % ({p['metric']}, {p['structure']}, "
-            f"reconstruction {mode}" + (f" ridge {rec['ridge']:g}" if rec.get("ridge") is not None else "")
+            f"reconstruction {mode}" + (f" ridge {ridge:g}" if ridge is not None else "")
             + f", calibration {source} {calib.get('samples', '?')} x {calib.get('seqlen', '?')}, "
               f"seed {calib.get('seed', '?')}")
     align = p.get("alignment") or {}

@@ -5,18 +5,17 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from flap_deploy.model.layout import LayerMask
+from flap_deploy.model.adapters import LayerModules
+from flap_deploy.model.layout import LayerMask, kept_columns
 from flap_deploy.pruning.stats import ChannelStats, CovStats
-from flap_deploy.streaming.layers import LayerStream
+from flap_deploy.streaming.layers import LayerStream, hooks
 from flap_deploy.streaming.passes import LayerPass, progress_bar, show_rate
-from flap_deploy.streaming.plan import MemoryPlan
-
-from .config import PruneConfig
 
 
 @dataclass
@@ -35,6 +34,14 @@ class LayerStats:
     @property
     def mlp_cov(self) -> CovStats | None:
         return self.mlp if isinstance(self.mlp, CovStats) else None
+
+
+def input_hooks(m: LayerModules, attn: Callable[[torch.Tensor], Any] | None = None,
+                mlp: Callable[[torch.Tensor], Any] | None = None) -> AbstractContextManager[None]:
+    """For the block, every input of o_proj goes to ``attn`` and every input of down_proj to ``mlp``
+    (a tensor they return replaces the input): how the passes see a layer's channels."""
+    return hooks(*((linear, lambda module, args, fn=fn: fn(args[0]))
+                   for linear, fn in ((m.o_proj, attn), (m.down_proj, mlp)) if fn is not None))
 
 
 @torch.no_grad()
@@ -69,29 +76,16 @@ def calibrate_layers(
             dev = stream.device
             stats = LayerStats(*(covariance(i) if covariance is not None else
                                  (ChannelStats(m.o_proj.in_features, dev), ChannelStats(m.down_proj.in_features, dev))))
-            hooks = [
-                m.o_proj.register_forward_pre_hook(lambda mod, args: stats.attn.update(args[0])),
-                m.down_proj.register_forward_pre_hook(lambda mod, args: stats.mlp.update(args[0])),
-            ]
             show_rate(bar, f"layer {i}: statistics", done, started)
-            try:
+            with input_hooks(m, attn=stats.attn.update, mlp=stats.mlp.update):
                 lp.run(stream.layers[i], write=not propagate_pruned)  # Wanda-sp: statistics from the dense pass
-            finally:
-                for h in hooks:
-                    h.remove()
             mask = on_layer(i, stats)
             if propagate_pruned and mask is not None:
-                keep_attn = mask.heads.to(dev).repeat_interleave(geom.head_dim).to(stream.dtype)
-                keep_mlp = mask.mlp.to(dev).to(stream.dtype)
-                hooks = [
-                    m.o_proj.register_forward_pre_hook(lambda mod, args: (args[0] * keep_attn,)),
-                    m.down_proj.register_forward_pre_hook(lambda mod, args: (args[0] * keep_mlp,)),
-                ]
-                try:
+                kept = kept_columns(mask, geom.head_dim, m.o_proj.in_features, m.down_proj.in_features)
+                attn, mlp = (torch.zeros(linear.in_features, dtype=stream.dtype, device=dev).index_fill_(0, c.to(dev), 1)
+                             for linear, c in zip((m.o_proj, m.down_proj), kept))
+                with input_hooks(m, attn=lambda x: x * attn, mlp=lambda x: x * mlp):
                     lp.run(stream.layers[i])
-                finally:
-                    for h in hooks:
-                        h.remove()
         done += lp.tokens
         bar.update()
     show_rate(bar, "done", done, started)
@@ -103,8 +97,8 @@ class Statistics:
     """FLAP's calibration statistics of every layer (metric-independent, so reusable across
     ratios, metrics, structures, alignments and reconstructions of the same model and calibration
     set), with the calibration windows (for the ``ls`` pass). With full covariances (``layers[i].
-    attn_cov`` / ``mlp_cov``: kept by ``prune`` when its plan has room, ``plan_covariances``, or by
-    ``collect_statistics(covariance=True)``) the ``ls`` refit needs no second pass; they cost n²
+    attn_cov`` / ``mlp_cov``: kept by ``prune`` when ``max_memory`` has room for them, ``pipeline.
+    plan_prune``, or by ``collect_statistics(covariance=True)``) the ``ls`` refit needs no second pass; they cost n²
     float64 per module and layer."""
 
     layers: list[LayerStats]
@@ -120,25 +114,18 @@ class Statistics:
 
 def covariance_nbytes(stream: LayerStream) -> int:
     """Every layer's full float64 input covariances of o_proj and down_proj: what the ``ls`` refit
-    holds until the allocation when its statistics come from the statistics pass."""
+    holds until the end when its statistics come from the statistics pass."""
     g = stream.geometry
-    return 8 * g.num_layers * ((g.num_heads * g.head_dim) ** 2 + g.intermediate_size ** 2)
+    return g.num_layers * (CovStats.nbytes(g.num_heads * g.head_dim, g.num_heads * g.head_dim)
+                           + CovStats.nbytes(g.intermediate_size, g.intermediate_size))
 
 
-def plan_covariances(stream: LayerStream, config: PruneConfig, plan: MemoryPlan) -> MemoryPlan:
-    """Where the ``ls`` refit's statistics come from, as part of the memory plan.
-
-    Full covariances kept from the statistics pass (``plan.covariance_bytes`` > 0) cost no forward
-    pass; without them the writing pass runs the calibration windows through the dense layers a
-    second time, accumulating each layer's covariance over its kept columns only (one layer's
-    worth of memory). They are kept when they fit in half of the headroom the plan leaves under
-    its limit (the other half for the solve and what the plan does not count), so ``max_memory``
-    decides: a 135M model keeps its 0.6 GiB, a 70B's 530 GiB only where over a terabyte is free.
-    """
-    need = covariance_nbytes(stream)
-    if config.effective_reconstruct != "ls" or need > (plan.limit_bytes - plan.host_peak_bytes) // 2:
-        return plan
-    return replace(plan, covariance_bytes=need, host_peak_bytes=plan.host_peak_bytes + need)
+def statistics_nbytes(stream: LayerStream) -> int:
+    """What the statistics of every layer hold until the end: per input channel of o_proj and down_proj,
+    ChannelStats' float64 mean and M2 (for the allocation and for reuse), the float64 means handed to
+    ``compress`` and the float64 scores."""
+    g = stream.geometry
+    return 32 * g.num_layers * (g.num_heads * g.head_dim + g.intermediate_size)
 
 
 def full_covariances(stream: LayerStream) -> Callable[[int], tuple[CovStats, CovStats]]:

@@ -61,59 +61,125 @@ class ChannelStats:
         return self.m2 / self.count + self.mean.square()
 
 
-_TRIANGLE_BLOCKS = 8
+BLOCKS = 8  # every product and copy of a co-moment runs in row blocks: at most 1/BLOCKS of it at a time
 
 
-def _mirror_upper(upper: torch.Tensor) -> torch.Tensor:
-    """The symmetric matrix whose upper triangle (diagonal included) is ``upper``'s."""
-    return upper.triu() + upper.triu(1).T
+def block_slices(n: int) -> list[slice]:
+    """The ``BLOCKS`` row ranges of an n-row matrix."""
+    step = max(-(-n // BLOCKS), 1)
+    return [slice(s, min(s + step, n)) for s in range(0, n, step)]
 
 
 class CovStats(ChannelStats):
-    """ChannelStats plus the co-moment ``sum (x - mu)(x[cols] - mu[cols])^T`` ([channels, len(cols)],
-    float64) of every channel against a subset of columns (``cols=None``: all), merged the same
-    way: the covariance equals that of the concatenated inputs whatever the batching."""
+    """ChannelStats plus the co-moment ``sum (x - mu)(x[cols] - mu[cols])^T`` of every channel against a
+    subset of columns (``cols=None``: all), float64, merged the same way: the covariance equals that of
+    the concatenated inputs whatever the batching.
+
+    Layouts, chosen for the refit that consumes them (``reconstruct.refit_linear``): with ``cols`` the
+    co-moment is [channels, len(cols)] with its rows in ``rows`` order, the columns first and then the
+    others, so that its first ``len(cols)`` rows are the kept block of the refit's system and the rest
+    its removed block, in place; without, it is [channels, channels], accumulated on and above the
+    diagonal only (9/16 of the products) and mirrored once before it is read.
+    """
 
     def __init__(self, channels: int, cols: torch.Tensor | None = None, device: torch.device | str = "cpu") -> None:
         super().__init__(channels, device)
         self.channels = channels
+        self.full = cols is None
         self.cols = (torch.arange(channels) if cols is None
                      else torch.as_tensor(cols, dtype=torch.long).flatten()).to(device)
-        self.full = cols is None
-        self.comoment = torch.zeros(channels, self.cols.numel(), dtype=torch.float64, device=device)
+        others = torch.ones(channels, dtype=torch.bool, device=device)
+        others[self.cols] = False
+        self.rows = torch.cat([self.cols, others.nonzero().flatten()]) if not self.full else self.cols
+        self.comoment: torch.Tensor | None = torch.zeros(channels, self.cols.numel(), dtype=torch.float64,
+                                                         device=device)
+        self._mirrored = False
+
+    @staticmethod
+    def nbytes(channels: int, cols: int) -> int:
+        """The co-moment of ``channels`` inputs against ``cols`` of them."""
+        return 8 * channels * cols
+
+    @staticmethod
+    def update_nbytes(channels: int, cols: int, rows: int, dtype: torch.dtype) -> int:
+        """What one ``update`` of ``rows`` inputs holds beyond the statistics hook's copies of the batch
+        (``streaming.plan.HOOK_BYTES``): one row block's product and the batch columns it multiplies."""
+        elt = torch.empty((), dtype=torch.promote_types(dtype, torch.float32)).element_size()
+        step = -(-channels // BLOCKS)
+        return elt * (step * cols + rows * (step + cols))
 
     def _merge(self, centred: torch.Tensor, delta: torch.Tensor, weight: float, dtype: torch.dtype) -> None:
         super()._merge(centred, delta, weight, dtype)
         # The batch product is the pass's cost: it runs in the inputs' precision (at least
-        # float32); the sums over batches are float64, so many batches add no error of their own.
+        # float32), one row block at a time, added in place into the float64 sums, so many
+        # batches add no error of their own and no copy of the co-moment is ever made.
         c = centred.to(torch.promote_types(dtype, torch.float32))
+        self._mirrored = False
         if not self.full:
-            self.comoment += (c.T @ c[:, self.cols]).to(torch.float64) + torch.outer(delta, delta[self.cols]) * weight
+            right, d_right = c[:, self.cols], delta[self.cols]
+            for b in block_slices(self.channels):
+                rows = self.rows[b]
+                self.comoment[b].add_(c[:, rows].T @ right).addr_(delta[rows], d_right, alpha=weight)
             return
-        # Symmetric: only the blocks on and above the diagonal (9/16 of the product's cost);
-        # ``covariance`` mirrors them.
-        n, step = self.channels, -(-self.channels // _TRIANGLE_BLOCKS)
-        for s in range(0, n, step):
-            e = min(s + step, n)
-            block = (c[:, s:e].T @ c[:, s:]).to(torch.float64)
-            self.comoment[s:e, s:] += block + torch.outer(delta[s:e], delta[s:]) * weight
+        for b in block_slices(self.channels):  # symmetric: the blocks on and above the diagonal
+            self.comoment[b, b.start:].add_(c[:, b].T @ c[:, b.start:]).addr_(delta[b], delta[b.start:],
+                                                                                 alpha=weight)
 
     def to(self, device: torch.device | str) -> CovStats:
         """The same statistics on ``device`` (in place; full first-pass covariances wait on the host)."""
-        for name in ("mean", "m2", "cols", "comoment"):
-            setattr(self, name, getattr(self, name).to(device))
+        for name in ("mean", "m2", "cols", "rows", "comoment"):
+            if getattr(self, name) is not None:
+                setattr(self, name, getattr(self, name).to(device))
         return self
+
+    def _mirror(self) -> torch.Tensor:
+        """The full co-moment made symmetric in place (its lower blocks from the upper ones), once."""
+        if self.full and not self._mirrored:
+            m = self.comoment
+            for b in block_slices(self.channels):
+                m[b.stop:, b].copy_(m[b, b.stop:].T)
+                block = m[b, b]
+                block.copy_(block.triu() + block.triu(1).T)
+            self._mirrored = True
+        return self.comoment
 
     def covariance(self, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> torch.Tensor:
         """Population covariance Sigma[rows, cols] (original channel indices; cols must be accumulated)."""
-        cov = self.comoment / max(self.count, 1)
-        if self.full:
-            cov = _mirror_upper(cov)
+        if self.comoment is None:
+            raise ValueError("this co-moment was consumed by a refit")
+        cov = self._mirror() / max(self.count, 1)
+        dev = self.cols.device
+        if not self.full:  # back to the channels' own order
+            order = torch.empty_like(self.rows)
+            order[self.rows] = torch.arange(self.channels, device=dev)
+            cov = cov[order]
         if cols is not None:
-            pos = torch.full((self.channels,), -1, dtype=torch.long, device=self.cols.device)
-            pos[self.cols] = torch.arange(self.cols.numel(), device=self.cols.device)
-            index = pos[torch.as_tensor(cols, dtype=torch.long, device=pos.device)]
+            pos = torch.full((self.channels,), -1, dtype=torch.long, device=dev)
+            pos[self.cols] = torch.arange(self.cols.numel(), device=dev)
+            index = pos[torch.as_tensor(cols, dtype=torch.long, device=dev)]
             if bool((index < 0).any()):
                 raise ValueError("covariance requested for columns that were not accumulated")
             cov = cov[:, index]
         return cov if rows is None else cov[torch.as_tensor(rows, dtype=torch.long, device=cov.device)]
+
+    def system(self, kept: torch.Tensor) -> torch.Tensor:
+        """The least-squares system of the refit on the ``kept`` columns: the co-moment sums (not divided by
+        the count) [channels, len(kept)], rows the kept channels then the removed ones, both ascending.
+
+        An accumulator over exactly ``kept`` hands over its own co-moment (no copy; this object can give no
+        covariance after it: the refit factorizes it in place). Full covariances stay as they are: the
+        system is gathered from them into a new matrix, one row block at a time."""
+        kept = torch.as_tensor(kept, dtype=torch.long, device=self.cols.device).flatten()
+        if not self.full:
+            if not torch.equal(kept, self.cols):
+                raise ValueError("a refit needs the accumulator of its own kept columns")
+            system, self.comoment = self.comoment, None
+            return system
+        full = self._mirror()
+        removed = torch.ones(self.channels, dtype=torch.bool, device=kept.device)
+        removed[kept] = False
+        order = torch.cat([kept, removed.nonzero().flatten()])
+        system = torch.empty(self.channels, kept.numel(), dtype=torch.float64, device=full.device)
+        for b in block_slices(self.channels):
+            system[b] = full[order[b, None], kept]
+        return system

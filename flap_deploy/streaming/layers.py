@@ -14,7 +14,7 @@ dtype is given; statistics accumulate in float64 wherever they are computed.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -27,6 +27,26 @@ from flap_deploy.streaming.memory import give_back_memory
 
 DEVICE_CHOICES = "auto, cpu, cuda or cuda:N"
 COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+Hook = tuple[nn.Module, Callable[..., Any]]
+
+
+@contextlib.contextmanager
+def hooks(*pre: Hook, after: Sequence[Hook] = (), with_kwargs: bool = False) -> Iterator[None]:
+    """Forward pre-hooks ``(module, fn)`` (and forward hooks ``after``) for the block, removed when it
+    ends, however it ends: the package's one way of hooking a module's forward. ``with_kwargs``
+    passes the pre-hooks the call's keyword arguments too."""
+    handles = []
+    try:
+        for module, fn in pre:
+            handles.append(module.register_forward_pre_hook(fn, with_kwargs=with_kwargs))
+        for module, fn in after:
+            handles.append(module.register_forward_hook(fn))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
@@ -63,12 +83,13 @@ class LayerStream:
     """A transformers causal LM whose decoder layers enter and leave memory one at a time."""
 
     def __init__(self, model: nn.Module, *, reader: ShardedReader | None, device: torch.device,
-                 dtype: torch.dtype, name: str):
+                 dtype: torch.dtype, name: str, revision: str | None = None):
         self.model = model
         self.reader = reader
         self.device = device
         self.dtype = dtype
         self.name = name
+        self.revision = revision  # the commit of a Hugging Face Hub source (ModelRef.revision)
         self.adapter: Adapter = runnable_adapter(model.config)
         self.geometry: Geometry = self.adapter.geometry(model.config)
         self.layers: nn.ModuleList = self.adapter.layers(model)
@@ -108,7 +129,7 @@ class LayerStream:
         for name, buf in list(model.named_buffers()):
             _set_tensor(model, name, buf.to(dev), parameter=False)
         _check_tensors(model, reader, ref.path)
-        return cls(model, reader=reader, device=dev, dtype=compute, name=ref.arg)
+        return cls(model, reader=reader, device=dev, dtype=compute, name=ref.arg, revision=ref.revision)
 
     # ------------------------------------------------------------------ residency
 
@@ -172,17 +193,14 @@ class LayerStream:
         keep = len(self.layers) if budget_bytes is None else max(0, int(budget_bytes // max(per_layer, 1)))
         self._held = set(range(min(keep, len(self.layers))))
         self.load_head(lm_head=True)
-        handles = []
-        for i, layer in enumerate(self.layers):
-            handles.append(layer.register_forward_pre_hook(
-                lambda module, args, i=i: self.materialize(module, f"model.layers.{i}.")))
-            handles.append(layer.register_forward_hook(
-                lambda module, args, out, i=i: None if i in self._held else self.release(module)))
+        enter = [(layer, lambda module, args, i=i: self.materialize(module, f"model.layers.{i}."))
+                 for i, layer in enumerate(self.layers)]
+        leave = [(layer, lambda module, args, out, i=i: None if i in self._held else self.release(module))
+                 for i, layer in enumerate(self.layers)]
         try:
-            yield self.model
+            with hooks(*enter, after=leave):
+                yield self.model
         finally:
-            for h in handles:
-                h.remove()
             held, self._held = self._held, set()
             for i in held:
                 self.release(self.layers[i])
@@ -202,6 +220,13 @@ class LayerStream:
 
     def embedding_nbytes(self) -> int:
         return self._nbytes("model.embed_tokens.")
+
+    def largest_layer_tensor_nbytes(self) -> int:
+        """The largest tensor of any decoder layer, in the compute dtype."""
+        size = torch.empty((), dtype=self.dtype).element_size()
+        if self.reader is None:
+            return max(p.numel() * p.element_size() for p in self.layers.parameters())
+        return max(e.numel * size for n, e in self.reader.entries.items() if n.startswith("model.layers."))
 
     def checkpoint_nbytes(self) -> int:
         if self.reader is None:

@@ -68,12 +68,13 @@ def available_memory_bytes() -> int:
 
 
 _libc: Any = None
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+# Tensors of 1 MiB or more (a layer's weights, a batch's products, a row block) get pages of their own.
+MMAP_THRESHOLD_BYTES = 1 << 20
 
 
-def give_back_memory() -> None:
-    """Return freed heap pages to the OS (glibc ``malloc_trim``; a no-op elsewhere). Tensors of a few
-    MiB come from the heap, and glibc keeps what they free: without this, a layer-by-layer run's
-    resident memory would grow towards the sum of every layer it has read."""
+def _glibc() -> Any:
+    """glibc through ctypes, or False elsewhere."""
     global _libc
     if _libc is None:
         name = ctypes.util.find_library("c")
@@ -83,5 +84,22 @@ def give_back_memory() -> None:
                 _libc = False
         except OSError:
             _libc = False
-    if _libc:
+    return _libc
+
+
+def give_back_memory() -> None:
+    """Return freed heap pages to the OS (glibc ``malloc_trim``; a no-op elsewhere). Tensors of a few
+    MiB come from the heap, and glibc keeps what they free: without this, a layer-by-layer run's
+    resident memory would grow towards the sum of every layer it has read."""
+    if _glibc():
         _libc.malloc_trim(0)
+
+
+def map_large_allocations() -> None:
+    """Every allocation of ``MMAP_THRESHOLD_BYTES`` or more gets its own pages, unmapped when freed (glibc
+    ``mallopt(M_MMAP_THRESHOLD)``; a no-op elsewhere). glibc otherwise raises that threshold to the size of
+    each large block freed (up to 32 MiB), so the next layer's batch products and row blocks land on the
+    heap, where what they free stays fragmented: measured on the 3 GB test checkpoint, the second pass's
+    peak varied by 0.12 GiB from run to run above its plan. Idempotent; it only moves where memory comes from."""
+    if _glibc():
+        _libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from flap_deploy.streaming.layers import LayerStream
+from flap_deploy.streaming.layers import LayerStream, hooks
 from flap_deploy.streaming.memory import GIB, rss_bytes
 
 
@@ -55,27 +55,34 @@ class LayerPass:
             current["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
             raise _Captured
 
-        handle = stream.layers[0].register_forward_pre_hook(catch, with_kwargs=True)
         try:
-            for sl in self.slices:
-                try:
-                    stream.model.model(input_ids=input_ids[sl].to(stream.device), use_cache=False)
-                except _Captured:
-                    pass
-                self.buffer[sl] = current["hidden"]
-                self.kwargs_by_size.setdefault(sl.stop - sl.start, current["kwargs"])
+            with hooks((stream.layers[0], catch), with_kwargs=True):
+                for sl in self.slices:
+                    try:
+                        stream.model.model(input_ids=input_ids[sl].to(stream.device), use_cache=False)
+                    except _Captured:
+                        pass
+                    self.buffer[sl] = current["hidden"]
+                    self.kwargs_by_size.setdefault(sl.stop - sl.start, current["kwargs"])
         finally:
-            handle.remove()
             stream.release_head()
 
     @torch.no_grad()
-    def run(self, layer: torch.nn.Module, *, write: bool = True) -> None:
-        """``layer`` over every chunk; ``write`` puts its outputs back into the buffer."""
-        dev = self.stream.device
+    def forward(self, layer: torch.nn.Module, sl: slice, buffer: torch.Tensor | None = None) -> torch.Tensor:
+        """``layer``'s output for the windows ``sl`` of ``buffer`` (default the pass's own)."""
+        buffer = self.buffer if buffer is None else buffer
+        out = layer(buffer[sl].to(self.stream.device, non_blocking=True), **self.kwargs_by_size[sl.stop - sl.start])
+        return out[0] if isinstance(out, tuple) else out
+
+    @torch.no_grad()
+    def run(self, layer: torch.nn.Module, *, write: bool = True, buffer: torch.Tensor | None = None) -> None:
+        """``layer`` over every chunk of ``buffer`` (default the pass's own, or hidden states of the same windows
+        held elsewhere, e.g. one per candidate of a width search); ``write`` puts its outputs back."""
+        buffer = self.buffer if buffer is None else buffer
         for sl in self.slices:
-            out = layer(self.buffer[sl].to(dev, non_blocking=True), **self.kwargs_by_size[sl.stop - sl.start])
+            out = self.forward(layer, sl, buffer)
             if write:
-                self.buffer[sl] = (out[0] if isinstance(out, tuple) else out).to(self.buffer.device)
+                buffer[sl] = out.to(buffer.device)
 
 
 def as_stream(model: LayerStream | torch.nn.Module) -> LayerStream:

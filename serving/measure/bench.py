@@ -12,10 +12,11 @@ and lib/endpoint_request_func.py) so that figures are comparable:
 - throughputs divide by the wall time of the whole run (first send to last answer);
 - percentiles are numpy's (linear interpolation) over successful requests.
 
-Prompts are fixed before the run: `self` draws seeded random token ids from the tokenizer's
-vocabulary (like vLLM's `random` dataset), a FILE gives windows of its token stream. They
-are sent as token ids to /v1/completions (exact input lengths), or as text to
-/v1/chat/completions.
+Requests (serving.measure.workload) are fixed before the run and sent as token ids to
+/v1/completions (exact input lengths), or as text to /v1/chat/completions. Closed loop, at most
+a concurrency bound in flight; open loop, sent at the workload module's arrival times (vLLM's),
+whether or not earlier answers came. Given an SLO, the run also reports goodput (requests/s
+that met every bound, vLLM's `--goodput`) and whether its percentiles met it.
 """
 
 from __future__ import annotations
@@ -31,15 +32,9 @@ from typing import Any, Sequence
 import numpy as np
 
 from flap_deploy.errors import FlapDeployError, ParameterError
+from serving.measure.workload import SLO, BenchRequest, arrival_offsets, mean_lengths
 
 PERCENTILES = (50.0, 90.0, 99.0)
-
-
-@dataclass
-class BenchRequest:
-    prompt: list[int] | str
-    prompt_len: int
-    output_len: int
 
 
 @dataclass
@@ -53,42 +48,6 @@ class RequestResult:
     generated_text: str = ""
     start_time: float = 0.0
     error: str = ""
-
-
-# ------------------------------------------------------------------------------ prompts
-
-
-def _special_ids(tokenizer: Any) -> set[int]:
-    return set(getattr(tokenizer, "all_special_ids", []) or [])
-
-
-def build_requests(tokenizer: Any, source: str, num_prompts: int, input_len: int, output_len: int,
-                   seed: int = 0, chat: bool = False) -> list[BenchRequest]:
-    """`num_prompts` fixed requests of `input_len` prompt tokens and `output_len` output tokens.
-
-    source: "self" (seeded random ids of ordinary tokens) or a text file path (seeded
-    windows of its token stream). With `chat`, prompts are decoded to text.
-    """
-    if num_prompts < 1 or input_len < 1 or output_len < 1:
-        raise FlapDeployError("num-prompts, input-len and output-len must all be at least 1")
-    rng = np.random.default_rng(seed)
-    if source == "self":
-        special = _special_ids(tokenizer)
-        pool = np.asarray([i for i in range(len(tokenizer)) if i not in special])
-        prompts = [[int(t) for t in rng.choice(pool, size=input_len)] for _ in range(num_prompts)]
-    else:
-        path = Path(source)
-        if not path.is_file():
-            raise ParameterError("prompts", f"{source}: no such file (give a text file or 'self')")
-        text = path.read_text(encoding="utf-8", errors="replace")[:4_000_000]
-        stream = tokenizer.encode(text, add_special_tokens=False)
-        if len(stream) < input_len + 1:
-            raise ParameterError("prompts", f"{source}: only {len(stream)} tokens, fewer than input_len {input_len}")
-        starts = rng.integers(0, len(stream) - input_len, size=num_prompts)
-        prompts = [list(stream[s:s + input_len]) for s in starts]
-    if chat:
-        return [BenchRequest(tokenizer.decode(p), input_len, output_len) for p in prompts]
-    return [BenchRequest(p, input_len, output_len) for p in prompts]
 
 
 # ------------------------------------------------------------------------------ one request
@@ -162,8 +121,8 @@ async def send_request(session: Any, url: str, model: str, req: BenchRequest, *,
 
 
 async def _run(url: str, model: str, requests: Sequence[BenchRequest], *, chat: bool, api_key: str | None,
-               concurrency: int | None, request_rate: float, seed: int, ignore_eos: bool, temperature: float,
-               warmup: int, timeout_s: float, extra_body: dict[str, Any] | None, progress: bool
+               concurrency: int | None, request_rate: float, burstiness: float, seed: int, ignore_eos: bool,
+               temperature: float, warmup: int, timeout_s: float, extra_body: dict[str, Any] | None, progress: bool
                ) -> tuple[list[RequestResult], float]:
     import aiohttp
     from tqdm import tqdm
@@ -193,13 +152,16 @@ async def _run(url: str, model: str, requests: Sequence[BenchRequest], *, chat: 
             bar.update()
             return r
 
-        rng = np.random.default_rng(seed)
+        # the schedule is drawn before the clock starts, and each send waits for its time from the start
+        # rather than for a gap after the previous send, so lateness does not accumulate
+        offsets = arrival_offsets(len(requests), request_rate, burstiness, seed)
         tasks = []
         start = time.perf_counter()
-        for req in requests:
+        for req, at in zip(requests, offsets):
+            delay = start + at - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
             tasks.append(asyncio.create_task(one(req)))
-            if request_rate != float("inf"):
-                await asyncio.sleep(float(rng.exponential(1.0 / request_rate)))  # Poisson arrivals
         results = await asyncio.gather(*tasks)
         duration = time.perf_counter() - start
         bar.close()
@@ -215,8 +177,11 @@ def _stats(values: list[float], percentiles: Sequence[float]) -> dict[str, float
 
 
 def calculate_metrics(results: list[RequestResult], duration: float, tokenizer: Any = None,
-                      percentiles: Sequence[float] = PERCENTILES) -> dict[str, Any]:
-    """Aggregate per-request results the way `vllm bench serve` does (times in ms)."""
+                      percentiles: Sequence[float] = PERCENTILES, slo: SLO | None = None) -> dict[str, Any]:
+    """Aggregate per-request results the way `vllm bench serve` does (times in ms); with an SLO, its
+    percentiles are among those reported, and goodput and whether the run met it are added."""
+    if slo is not None:
+        percentiles = sorted(set(percentiles) | slo.percentiles)
     ok = [r for r in results if r.success]
     out_lens = []
     tpots, itls, ttfts, e2els = [], [], [], []
@@ -232,12 +197,13 @@ def calculate_metrics(results: list[RequestResult], duration: float, tokenizer: 
         e2els.append(r.latency)
     total_in = sum(r.prompt_len for r in ok)
     total_out = sum(out_lens)
+    good = sum(slo.good(r, n) for r, n in zip(ok, out_lens)) if slo is not None else None
     errors: dict[str, int] = {}
     for r in results:
         if not r.success:
             key = r.error.splitlines()[0][:120] if r.error else "unknown"
             errors[key] = errors.get(key, 0) + 1
-    return {
+    metrics = {
         "completed": len(ok), "failed": len(results) - len(ok), "errors": errors,
         "duration_s": duration, "total_input_tokens": total_in, "total_output_tokens": total_out,
         "request_throughput": len(ok) / duration, "output_throughput": total_out / duration,
@@ -245,6 +211,11 @@ def calculate_metrics(results: list[RequestResult], duration: float, tokenizer: 
         "ttft_ms": _stats(ttfts, percentiles), "tpot_ms": _stats(tpots, percentiles),
         "itl_ms": _stats(itls, percentiles), "e2el_ms": _stats(e2els, percentiles),
     }
+    if slo is not None:
+        # a failed request met no SLO: a run with failures does not meet it, whatever its percentiles
+        metrics.update(slo=str(slo), good=good, request_goodput=good / duration,
+                       slo_met=slo.met_by(metrics) and not metrics["failed"])
+    return metrics
 
 
 def resolve_endpoint(base_url: str, chat: bool) -> str:
@@ -279,30 +250,35 @@ def served_model(base_url: str, api_key: str | None = None, timeout: float = 30.
 
 def run_bench(base_url: str, requests: Sequence[BenchRequest], *, model: str | None = None,
               concurrency: Sequence[int | None] = (None,), request_rate: float = float("inf"),
+              burstiness: float = 1.0, slo: SLO | None = None, workload: str | None = None,
               chat: bool = False, api_key: str | None = None, seed: int = 0, ignore_eos: bool = True,
               temperature: float = 0.0, warmup: int = 1, timeout_s: float = 600.0, tokenizer: Any = None,
               percentiles: Sequence[float] = PERCENTILES, extra_body: dict[str, Any] | None = None,
               progress: bool = True) -> dict[str, Any]:
     """Run the workload once per concurrency level; return the settings and a result per level.
 
-    concurrency: max requests in flight per run (None = unbounded). request_rate: Poisson
-    arrivals per second (inf = all at once, the concurrency bound then sets the load).
+    concurrency: max requests in flight per run (None = unbounded). request_rate: arrivals per
+    second, gamma gaps of shape ``burstiness`` (1: Poisson; inf rate = all at once, the concurrency
+    bound then sets the load). ``workload`` names the requests' workload in the result.
     """
     api_key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY")
     model = model or served_model(base_url, api_key)
     url = resolve_endpoint(base_url, chat)
+    if slo is not None:
+        percentiles = sorted(set(percentiles) | slo.percentiles)
     runs = []
     for level in concurrency:
         results, duration = asyncio.run(_run(
             url, model, requests, chat=chat, api_key=api_key, concurrency=level, request_rate=request_rate,
-            seed=seed, ignore_eos=ignore_eos, temperature=temperature, warmup=warmup, timeout_s=timeout_s,
+            burstiness=burstiness, seed=seed, ignore_eos=ignore_eos, temperature=temperature, warmup=warmup, timeout_s=timeout_s,
             extra_body=extra_body, progress=progress))
-        metrics = calculate_metrics(results, duration, tokenizer, percentiles)
-        runs.append({"max_concurrency": level, "request_rate": request_rate, **metrics,
+        metrics = calculate_metrics(results, duration, tokenizer, percentiles, slo)
+        runs.append({"max_concurrency": level, "request_rate": request_rate, "burstiness": burstiness, **metrics,
                      "requests": [asdict(r) | {"generated_text": None} for r in results]})
     return {
-        "base_url": base_url, "endpoint": url, "model": model, "num_prompts": len(requests),
-        "input_len": requests[0].prompt_len if requests else 0, "output_len": requests[0].output_len if requests else 0,
+        "base_url": base_url, "endpoint": url, "model": model, "num_prompts": len(requests), "workload": workload,
+        **mean_lengths(requests),
+        "slo": str(slo) if slo is not None else None,
         "seed": seed, "ignore_eos": ignore_eos, "temperature": temperature, "warmup": warmup,
         "percentiles": list(percentiles), "runs": runs,
     }

@@ -19,9 +19,10 @@ def summary_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
     """One flat row per run (no per-request data), for tables and comparisons."""
     rows = []
     for run in result["runs"]:
-        row = {k: run[k] for k in ("max_concurrency", "request_rate", "completed", "failed", "duration_s",
-                                   "total_input_tokens", "total_output_tokens", "request_throughput",
-                                   "output_throughput", "total_token_throughput")}
+        row = {k: run.get(k) for k in ("max_concurrency", "request_rate", "burstiness", "completed", "failed",
+                                       "duration_s", "total_input_tokens", "total_output_tokens",
+                                       "request_throughput", "output_throughput", "total_token_throughput",
+                                       "good", "request_goodput", "slo_met")}
         for key, _ in _LAT:
             for stat, value in run[key].items():
                 row[f"{key[:-3]}_{stat}_ms"] = value
@@ -29,20 +30,29 @@ def summary_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def describe_workload(result: dict[str, Any]) -> str:
+    """The requests of a run in words: workload, mean lengths."""
+    return (f"workload `{result.get('workload') or 'given requests'}` (mean {result['mean_input_len']:.0f} input / "
+            f"{result['mean_output_len']:.0f} output tokens)")
+
+
 def format_markdown(result: dict[str, Any], title: str = "Serving benchmark") -> str:
     pk = _pkeys(result)
+    slo = result.get("slo")
     lines = [f"# {title}", "",
              f"Endpoint `{result['endpoint']}`, model `{result['model']}`; {result['num_prompts']} requests per run, "
-             f"{result['input_len']} input / {result['output_len']} output tokens, ignore_eos={result['ignore_eos']}, "
-             f"temperature={result['temperature']}, seed={result['seed']}, warm-up {result['warmup']}.",
-             "Definitions as `vllm bench serve` (times in ms).", "",
-             "| concurrency | rate (req/s) | ok | failed | req/s | out tok/s | total tok/s | "
-             + " | ".join(f"{name} {s}" for _, name in _LAT for s in pk) + " |",
-             "|" + "---|" * (7 + len(_LAT) * len(pk))]
+             f"{describe_workload(result)}, ignore_eos={result['ignore_eos']}, "
+             f"temperature={result['temperature']}, seed={result['seed']}, warm-up {result['warmup']}"
+             + (f"; SLO `{slo}`." if slo else "."),
+             "Definitions as `vllm bench serve` (times in ms; goodput: requests/s that met every SLO bound).", "",
+             "| concurrency | rate (req/s) | burstiness | ok | failed | req/s | goodput | SLO met | out tok/s | "
+             "total tok/s | " + " | ".join(f"{name} {s}" for _, name in _LAT for s in pk) + " |",
+             "|" + "---|" * (10 + len(_LAT) * len(pk))]
     for run in result["runs"]:
-        cells = [str(run["max_concurrency"] or "inf"), f"{run['request_rate']:g}", str(run["completed"]),
-                 str(run["failed"]), f"{run['request_throughput']:.2f}", f"{run['output_throughput']:.1f}",
-                 f"{run['total_token_throughput']:.1f}"]
+        cells = [str(run["max_concurrency"] or "inf"), f"{run['request_rate']:g}", f"{run.get('burstiness', 1.0):g}",
+                 str(run["completed"]), str(run["failed"]), f"{run['request_throughput']:.2f}",
+                 f"{run['request_goodput']:.2f}" if slo else "-", ("yes" if run["slo_met"] else "no") if slo else "-",
+                 f"{run['output_throughput']:.1f}", f"{run['total_token_throughput']:.1f}"]
         cells += [f"{run[key][s]:.1f}" for key, _ in _LAT for s in pk]
         lines.append("| " + " | ".join(cells) + " |")
     errors = {e: n for run in result["runs"] for e, n in run["errors"].items()}
@@ -54,13 +64,17 @@ def format_markdown(result: dict[str, Any], title: str = "Serving benchmark") ->
 def format_console(result: dict[str, Any]) -> str:
     out = []
     for run in result["runs"]:
-        out.append(f"== concurrency {run['max_concurrency'] or 'inf'}, request rate {run['request_rate']:g} ==")
+        out.append(f"== concurrency {run['max_concurrency'] or 'inf'}, request rate {run['request_rate']:g}, "
+                   f"burstiness {run.get('burstiness', 1.0):g} ==")
         out.append(f"{'Successful requests:':<34}{run['completed']}")
         out.append(f"{'Failed requests:':<34}{run['failed']}")
         out.append(f"{'Benchmark duration (s):':<34}{run['duration_s']:.2f}")
         out.append(f"{'Total input tokens:':<34}{run['total_input_tokens']}")
         out.append(f"{'Total generated tokens:':<34}{run['total_output_tokens']}")
         out.append(f"{'Request throughput (req/s):':<34}{run['request_throughput']:.2f}")
+        if run.get("slo"):
+            out.append(f"{'Request goodput (req/s):':<34}{run['request_goodput']:.2f}")
+            out.append(f"{'SLO ' + run['slo'] + ':':<34}{'met' if run['slo_met'] else 'missed'}")
         out.append(f"{'Output token throughput (tok/s):':<34}{run['output_throughput']:.2f}")
         out.append(f"{'Total token throughput (tok/s):':<34}{run['total_token_throughput']:.2f}")
         for key, name in _LAT:

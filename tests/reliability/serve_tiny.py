@@ -9,7 +9,9 @@ sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).res
 from serving_fakes import TinyNumpyLM  # noqa: E402
 from serving_util import tiny_tokenizer  # noqa: E402
 
-from serving.onnx.server import OnnxServer, run_server  # noqa: E402
+from serving.onnx.app import run_server  # noqa: E402
+from serving.onnx.server import OnnxServer  # noqa: E402
+from serving.onnx.settings import OnnxServerSettings  # noqa: E402
 
 
 class Slow(TinyNumpyLM):
@@ -20,6 +22,6 @@ class Slow(TinyNumpyLM):
 
 if __name__ == "__main__":
     tok = tiny_tokenizer()
-    server = OnnxServer(Slow(vocab=len(tok)), tok, model_name="tiny", max_model_len=256, max_num_seqs=4,
-                        shutdown_timeout_s=float(sys.argv[2]))
-    sys.exit(run_server(server, port=int(sys.argv[1]), log_level="warning"))
+    settings = OnnxServerSettings(model="tiny", max_model_len=256, max_num_seqs=4, port=int(sys.argv[1]),
+                                  shutdown_timeout_s=float(sys.argv[2]), log_level="warning")
+    sys.exit(run_server(OnnxServer(Slow(vocab=len(tok)), tok, settings)))

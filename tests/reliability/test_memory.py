@@ -1,4 +1,4 @@
-"""Issue 13, item 2: a long prompt's memory goes back (bundled SmolLM2 export, vocabulary 49,152)."""
+"""A long prompt's memory goes back (bundled SmolLM2 export, vocabulary 49,152; a probe of issue 13)."""
 
 from __future__ import annotations
 
@@ -15,12 +15,15 @@ pytestmark = [pytest.mark.reliability, pytest.mark.slow]
 GIB = 1 << 30
 
 
-def test_item2_rss_returns_after_a_3000_token_prompt(bundled_dir):
+def test_rss_returns_after_a_3000_token_prompt(bundled_dir):
     from exporters.onnx.export import ensure_onnx
-    from serving.onnx.server import create_app, load_onnx_server
+    from serving.onnx.app import create_app
+    from serving.onnx.server import load_onnx_server
+    from serving.onnx.settings import OnnxServerSettings
 
-    server = load_onnx_server(ensure_onnx(bundled_dir, progress=False), served_model_name="smollm2", max_num_seqs=2,
-                              max_model_len=4096, threads=2)
+    server = load_onnx_server(OnnxServerSettings(model=ensure_onnx(bundled_dir, progress=False),
+                                                 served_model_name="smollm2", max_num_seqs=2, max_model_len=4096,
+                                                 threads=2))
     with running(create_app(server)) as url:
         warm = httpx.post(url + "/completions", json={"prompt": "Hello", "max_tokens": 4}, timeout=120)
         assert warm.status_code == 200

@@ -1,7 +1,5 @@
-"""Issue 13's probes against the ONNX Runtime server, on the numpy contract model (fast), 127.0.0.1 only.
-
-Each test names the numbered failure of the issue that it pins down.
-"""
+"""The ONNX Runtime server survives bad requests, slow clients and abandoned requests (the probes of
+issue 13), on the numpy contract model (fast), 127.0.0.1 only."""
 
 from __future__ import annotations
 
@@ -15,7 +13,9 @@ import pytest
 from serving_fakes import TinyNumpyLM
 from serving_util import free_port, running, tiny_tokenizer
 
-from serving.onnx.server import OnnxServer, create_app, run_server
+from serving.onnx.app import create_app, run_server
+from serving.onnx.server import OnnxServer
+from serving.onnx.settings import OnnxServerSettings
 
 pytestmark = pytest.mark.reliability
 
@@ -43,9 +43,9 @@ class PoisonPill(TinyNumpyLM):
 
 
 def _server(tokenizer, model=None, **kw) -> OnnxServer:
-    opts = dict(model_name="tiny", max_model_len=256, max_num_seqs=4, max_queue=8)
+    opts = dict(model="tiny", max_model_len=256, max_num_seqs=4, max_queue=8, log_level="warning")
     opts.update(kw)
-    return OnnxServer(model or TinyNumpyLM(vocab=len(tokenizer), seed=3), tokenizer, **opts)
+    return OnnxServer(model or TinyNumpyLM(vocab=len(tokenizer), seed=3), tokenizer, OnnxServerSettings(**opts))
 
 
 def _wait_listening(port: int) -> None:
@@ -66,7 +66,7 @@ def _openai_error(r: httpx.Response, status: int) -> dict:
     return err
 
 
-def test_item1_poison_temperature_does_not_kill_the_engine(tokenizer):
+def test_poison_temperature_does_not_kill_the_engine(tokenizer):
     server = _server(tokenizer, model=Slow(vocab=len(tokenizer)))
     with running(create_app(server)) as url:
         stream_body = {"prompt": "w1 w2", "max_tokens": 40, "stream": True, "ignore_eos": True, "temperature": 0}
@@ -82,7 +82,7 @@ def test_item1_poison_temperature_does_not_kill_the_engine(tokenizer):
         assert httpx.post(url + "/completions", json={"prompt": "w3", "max_tokens": 2}, timeout=20).status_code == 200
 
 
-def test_item1_a_failing_request_ends_alone(tokenizer):
+def test_a_failing_request_ends_alone(tokenizer):
     server = _server(tokenizer, model=PoisonPill(vocab=len(tokenizer)))
     with running(create_app(server)) as url:
         bad = httpx.post(url + "/completions", json={"prompt": [7, 8], "max_tokens": 3}, timeout=20)
@@ -96,16 +96,15 @@ def test_item1_a_failing_request_ends_alone(tokenizer):
         assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] >= 1
 
 
-def test_item1_engine_death_exits_non_zero(tokenizer):
+def test_engine_death_exits_non_zero(tokenizer):
     class Fatal(TinyNumpyLM):
         def empty_past(self, batch):
             raise SystemExit("the runtime is gone")  # escapes the per-request isolation
 
-    server = _server(tokenizer, model=Fatal(vocab=len(tokenizer)))
     port = free_port()
+    server = _server(tokenizer, model=Fatal(vocab=len(tokenizer)), port=port)
     result: list[int] = []
-    thread = threading.Thread(target=lambda: result.append(run_server(server, port=port, log_level="warning")),
-                              daemon=True)
+    thread = threading.Thread(target=lambda: result.append(run_server(server)), daemon=True)
     thread.start()
     _wait_listening(port)
     r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json={"prompt": "w1", "max_tokens": 2}, timeout=20)
@@ -114,7 +113,7 @@ def test_item1_engine_death_exits_non_zero(tokenizer):
     assert result == [1]  # the process would exit 1, so a supervisor restarts it
 
 
-def test_item3_oversized_body_is_refused_before_it_is_read(tokenizer):
+def test_oversized_body_is_refused_before_it_is_read(tokenizer):
     server = _server(tokenizer, max_request_bytes=1 << 20)
     with running(create_app(server)) as url:
         prompt = "w1 " * 1_000_000  # 3 MB
@@ -126,11 +125,11 @@ def test_item3_oversized_body_is_refused_before_it_is_read(tokenizer):
         assert health.status_code == 200
 
 
-def test_item3_slow_headers_are_timed_out(tokenizer):
+def test_slow_headers_are_timed_out(tokenizer):
     server = _server(tokenizer)
     port = free_port()
-    thread = threading.Thread(target=run_server, args=(server,),
-                              kwargs={"port": port, "log_level": "warning", "header_timeout_s": 1.0}, daemon=True)
+    server = _server(tokenizer, port=port, header_timeout_s=1.0)
+    thread = threading.Thread(target=run_server, args=(server,), daemon=True)
     thread.start()
     _wait_listening(port)
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
@@ -141,7 +140,7 @@ def test_item3_slow_headers_are_timed_out(tokenizer):
     server.engine.shutdown()
 
 
-def test_item4_abandoned_non_streaming_request_frees_its_slot(tokenizer):
+def test_abandoned_non_streaming_request_frees_its_slot(tokenizer):
     server = _server(tokenizer, model=Slow(vocab=len(tokenizer)), max_num_seqs=1)
     with running(create_app(server)) as url:
         body = {"prompt": "w1", "max_tokens": 200, "ignore_eos": True}  # 10 s of decoding
@@ -154,7 +153,7 @@ def test_item4_abandoned_non_streaming_request_frees_its_slot(tokenizer):
         assert time.perf_counter() - gave_up < 1.0  # a step or two, not the 200 tokens
 
 
-def test_item5_negative_seed_and_deep_json_get_openai_errors(tokenizer):
+def test_negative_seed_and_deep_json_get_openai_errors(tokenizer):
     server = _server(tokenizer)
     with running(create_app(server)) as url:
         r = httpx.post(url + "/completions", json={"prompt": "w1", "max_tokens": 2, "seed": -1}, timeout=20)
@@ -165,7 +164,7 @@ def test_item5_negative_seed_and_deep_json_get_openai_errors(tokenizer):
         _openai_error(r, 400)
 
 
-def test_item6_more_sequences_than_the_queue_is_400_not_503(tokenizer):
+def test_more_sequences_than_the_queue_is_400_not_503(tokenizer):
     server = _server(tokenizer, max_queue=4)
     with running(create_app(server)) as url:
         r = httpx.post(url + "/completions", json={"prompt": ["w1"] * 3, "n": 2, "max_tokens": 1}, timeout=20)
@@ -173,7 +172,7 @@ def test_item6_more_sequences_than_the_queue_is_400_not_503(tokenizer):
         assert "Retry-After" not in r.headers and "--max-queue" in err["message"]
 
 
-def test_item10_docs_and_openapi_need_the_key(tokenizer):
+def test_docs_and_openapi_need_the_key(tokenizer):
     server = _server(tokenizer, api_key="sk-key")
     with running(create_app(server)) as url:
         base = url[:-3]

@@ -1,4 +1,4 @@
-"""Issue 13, items 7 and 8: vLLM cannot outlive its launcher, and its API key is not on any command line."""
+"""vLLM cannot outlive its launcher, and its API key is not on any command line (probes of issue 13)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ pytestmark = pytest.mark.reliability
 REPO = Path(__file__).resolve().parents[2]
 
 
-def test_item8_api_key_goes_through_the_environment_not_argv():
+def test_api_key_goes_through_the_environment_not_argv():
     cfg = VllmServerConfig(model=Path("/m"), served_model_name="m", api_key="sk-secret")
     assert not any("sk-secret" in a for a in build_command(cfg))
     assert build_env(cfg)["VLLM_API_KEY"] == "sk-secret"
@@ -51,7 +51,7 @@ def _live(pids: set[int]) -> set[int]:
 @needs_vllm
 @pytest.mark.slow
 @pytest.mark.vllm
-def test_item7_sigkill_of_the_launcher_leaves_no_vllm_process(bundled_dir):
+def test_sigkill_of_the_launcher_leaves_no_vllm_process(bundled_dir):
     """The launcher is killed once vLLM's engine core exists (API server + engine core: the tree that
     used to survive with parent 1); waiting for readiness would prove nothing more."""
     import psutil
@@ -73,7 +73,7 @@ def test_item7_sigkill_of_the_launcher_leaves_no_vllm_process(bundled_dir):
             time.sleep(0.2)
         assert api is not None and _tree(api) - {api}, "vLLM's engine core never started"
         seen |= _tree(launcher.pid)
-        # item 8 on the real process: the key is in the environment, not on the command line
+        # on the real process too: the key is in the environment, not on the command line
         assert not any("sk-secret" in a for a in psutil.Process(api).cmdline())
         assert b"VLLM_API_KEY=sk-secret" in Path(f"/proc/{api}/environ").read_bytes()
         os.kill(launcher.pid, signal.SIGKILL)

@@ -1,0 +1,1 @@
+"""transformers' per-layer form of a pruned checkpoint (``export hf``); see export.py."""
