@@ -46,9 +46,9 @@ def served(onnx_dir):
 def test_the_context_length_defaults_to_the_exports_max_length(onnx_dir):
     from flap_deploy.errors import ParameterError
 
-    assert load_onnx_server(onnx_dir, threads=1).max_model_len == MAX_LENGTH
+    assert load_onnx_server(OnnxServerSettings(model=onnx_dir, threads=1)).max_model_len == MAX_LENGTH
     with pytest.raises(ParameterError, match="max_model_len"):
-        load_onnx_server(onnx_dir, max_model_len=MAX_LENGTH + 1)
+        load_onnx_server(OnnxServerSettings(model=onnx_dir, max_model_len=MAX_LENGTH + 1))
 
 
 @pytest.mark.parametrize("form", ["gqa", "past-present"])
