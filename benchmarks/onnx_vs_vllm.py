@@ -7,7 +7,8 @@ onnx, ...). In each turn the same fixed requests (`serving.measure.bench`, promp
 token ids, `ignore_eos`, greedy) run at every shape (prompt x output tokens, `--shapes`) and
 concurrency (`--concurrency`), `--per-slot` requests per concurrency slot and at least
 `--num-prompts` (so a run is as long at every level); the report keeps the median over repeats. The ONNX server runs
-the export's graph form(s) `--forms` (default gqa; `ensure_onnx`, exported once before any run).
+the export's graph form(s) `--forms` (default gqa; `ensure_onnx`, exported once before any run);
+vLLM runs its defaults (bf16 on CPU) without prefix caching unless `--vllm-prefix-caching`.
 
     python benchmarks/onnx_vs_vllm.py [MODEL] [--concurrency 1 4 16 32] [--shapes 128x64 1024x64]
         [--num-prompts 8] [--per-slot 4] [--repeats 2] [--max-num-seqs 32] [--threads N] [--backends onnx vllm]
@@ -61,6 +62,9 @@ def main() -> int:
     ap.add_argument("--max-model-len", type=int, default=2048, help="server context length (both backends)")
     ap.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads (default: ORT's)")
     ap.add_argument("--vllm-arg", dest="vllm_args", action="append", default=[], help="extra vLLM argument")
+    ap.add_argument("--vllm-prefix-caching", action="store_true",
+                    help="keep vLLM's prefix caching on (off by default: the ONNX server has none, and the "
+                         "requests share no prefix, so it could only reuse what the warm-up left)")
     ap.add_argument("--smoke", action="store_true", help=f"a quick check that everything runs ({SMOKE})")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = ap.parse_args()
@@ -75,6 +79,9 @@ def main() -> int:
     if max(p + o for p, o in shapes) > args.max_model_len:
         ap.error(f"--shapes: a request of {max(p + o for p, o in shapes)} tokens exceeds --max-model-len "
                  f"{args.max_model_len}")
+
+    if not args.vllm_prefix_caching:
+        args.vllm_args = ["--no-enable-prefix-caching", *args.vllm_args]
 
     from flap_deploy.io.model_ref import resolve_model
     from serving.backends import BACKENDS
@@ -143,7 +150,7 @@ def render(r: dict) -> str:
              f"`python benchmarks/onnx_vs_vllm.py` - requests per run by concurrency "
              f"{s.get('requests_per_run') or s['num_prompts']}, max_num_seqs "
              f"{s['max_num_seqs']}, max_model_len {s['max_model_len']}, {s['repeats']} repeats (servers in turn, "
-             f"order alternating), medians; {s['cpu_count']} CPUs."
+             f"order alternating), medians; vLLM arguments {' '.join(s['vllm_args']) or 'none'}; {s['cpu_count']} CPUs."
              + (" **Smoke run: not a measurement.**" if s["smoke"] else ""), "",
              "| server | prompt | output | concurrency | out tok/s | TTFT median ms | TPOT median ms | "
              "E2E median ms | failed |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]

@@ -59,7 +59,8 @@ SYNTHETIC_SHAPES = ("llama2-7b", "llama2-13b", "llama3-8b", "mistral-7b", "qwen2
 @burstiness_option
 @slo_option
 @click.option("--warmup", default=1, show_default=True, type=int,
-              help="Warm-up requests per run, sent at once under the run's concurrency bound (as vllm bench serve).")
+              help="Warm-up requests per run: the first request this many times, at once under the run's "
+                   "concurrency bound (as vllm bench serve; no measured prompt reaches a prefix cache first).")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of prompts and arrival times.")
 @click.option("--temperature", default=0.0, show_default=True, type=float, help="Sampling temperature sent.")
 @click.option("--percentiles", default="50,90,99", show_default=True, help="Latency percentiles to report.")
@@ -159,8 +160,8 @@ def bench(base_url: str, model: str | None, tokenizer: str | None, endpoint: str
               help="Prompt tokens of a length workload: 'self' or a text FILE (see bench).")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the prompts.")
 @click.option("--warmup", default=2, show_default=True, type=int,
-              help="Warm-up requests per server and level; at least the level's concurrency, so the full batch "
-                   "has run once (0: none).")
+              help="Warm-up requests per server and level (the first request repeated); at least the level's "
+                   "concurrency, so the full batch has run once (0: none).")
 @click.option("--max-num-seqs", default=8, show_default=True, type=int, help="Server batch bound (both models).")
 @click.option("--max-model-len", default=None, type=int, help="Server context length (both models).")
 @click.option("--threads", default=None, type=int, help="onnx: ONNX Runtime threads.")

@@ -36,6 +36,24 @@ def test_metric_definitions_follow_vllm():
     assert m["e2el_ms"]["p90"] == pytest.approx(np.percentile([1000, 500], 90))
 
 
+def test_the_warm_up_repeats_the_first_request_only(monkeypatch):
+    """As `vllm bench serve`: a prefix-caching server must not see the measured prompts before the run."""
+    import serving.measure.bench as bench
+
+    sent = []
+
+    async def fake_send(session, url, model, req, **kw):
+        sent.append(req.prompt)
+        return RequestResult(success=True, latency=0.1, ttft=0.05, itl=[0.05], prompt_len=req.prompt_len,
+                             output_tokens=2)
+
+    monkeypatch.setattr(bench, "send_request", fake_send)
+    reqs = build_requests(tiny_tokenizer(), "self", 6, 8, 2, seed=0)
+    run_bench("http://127.0.0.1:9/v1", reqs, model="m", concurrency=[4], warmup=4, progress=False)
+    assert sent[:4] == [reqs[0].prompt] * 4  # the warm-up
+    assert sent[4:] == [r.prompt for r in reqs]  # then every measured request once
+
+
 def build_requests(tok, source, n, input_len, output_len, seed=0, chat=False):
     return parse_workload(f"fixed:{input_len},{output_len}").requests(tok, n, prompts=source, seed=seed, chat=chat)
 

@@ -140,8 +140,10 @@ async def _run(url: str, model: str, requests: Sequence[BenchRequest], *, chat: 
             async with sem:
                 return await send_request(session, url, model, req, **kw)
 
-        # as in `vllm bench serve`: warm-up requests go out at once, under the run's concurrency bound
-        warm = await asyncio.gather(*(send(requests[i % len(requests)]) for i in range(warmup)))
+        # as in `vllm bench serve`: the first request, `warmup` times at once under the run's concurrency
+        # bound. Not the first `warmup` requests: a server with prefix caching (vLLM's default) would
+        # then answer that many of the measured prompts from its cache.
+        warm = await asyncio.gather(*(send(requests[0]) for _ in range(warmup)))
         failed = next((r for r in warm if not r.success), None)
         if failed is not None:
             raise FlapDeployError(f"warm-up request failed: {failed.error}")
