@@ -63,24 +63,33 @@ class TinyNumpyLM:
         p = np.exp(scores - scores.max(-1, keepdims=True))
         return (p / p.sum(-1, keepdims=True)) @ v
 
-    def forward(self, input_ids, attention_mask, position_ids, past, last_only=False):
-        b, s = input_ids.shape
-        self._called(input_ids)
-        x = self.emb[input_ids] + self.pos[position_ids]
-        present = {}
+    def _layers(self, x, attention):
+        """The residual stream through every layer; ``attention(i, q, k, v)`` is layer i's attention output."""
         for i in range(len(self.layers)):
             projected = self._project(x, i)
             if projected is None:
                 x = x + 0.1 * np.tanh(x)
                 continue
             q, k, v, wo = projected
+            b, s = x.shape[:2]
+            x = x + attention(i, q, k, v).transpose(0, 2, 1, 3).reshape(b, s, -1) @ wo
+        return x
+
+    def forward(self, input_ids, attention_mask, position_ids, past, last_only=False):
+        b, s = input_ids.shape
+        self._called(input_ids)
+        present = {}
+
+        def attention(i, q, k, v):
             k = np.concatenate([past[f"past_key_values.{i}.key"], k], axis=2)
             v = np.concatenate([past[f"past_key_values.{i}.value"], v], axis=2)
             present[f"present.{i}.key"], present[f"present.{i}.value"] = k, v
             t = k.shape[2]
             causal = np.arange(t)[None, :] <= (t - s + np.arange(s))[:, None]
             allowed = causal[None, None] & (attention_mask[:, None, None, :] > 0)
-            x = x + self._attend(q, k, v, allowed).transpose(0, 2, 1, 3).reshape(b, s, -1) @ wo
+            return self._attend(q, k, v, allowed)
+
+        x = self._layers(self.emb[input_ids] + self.pos[position_ids], attention)
         if last_only:
             x = x[:, -1:]
         return (x @ self.out).astype(np.float32), present
@@ -101,13 +110,8 @@ class TinyNumpyGqaLM(TinyNumpyLM):
         self._called(input_ids)
         before = seqlens_k + 1 - query_seqlens  # tokens each row held before the call
         pos = np.minimum(before[:, None] + np.arange(s)[None, :], self.pos.shape[0] - 1)
-        x = self.emb[input_ids] + self.pos[pos]
-        for i in range(len(self.layers)):
-            projected = self._project(x, i)
-            if projected is None:
-                x = x + 0.1 * np.tanh(x)
-                continue
-            q, k, v, wo = projected
+
+        def attention(i, q, k, v):
             keys, values = kv[f"{i}.key"][lo:hi], kv[f"{i}.value"][lo:hi]  # views: written in place
             out = np.zeros_like(q)
             for r in range(b):
@@ -119,7 +123,9 @@ class TinyNumpyGqaLM(TinyNumpyLM):
                 t = start + n
                 causal = np.arange(t)[None, :] <= (start + np.arange(n))[:, None]
                 out[r, :, :n] = self._attend(q[r, :, :n], keys[r, :, :t], values[r, :, :t], causal[None])
-            x = x + out.transpose(0, 2, 1, 3).reshape(b, s, -1) @ wo
+            return out
+
+        x = self._layers(self.emb[input_ids] + self.pos[pos], attention)
         picked = np.take_along_axis(x, logits_index[:, :, None], axis=1)
         return (picked @ self.out).astype(np.float32)
 
