@@ -83,16 +83,19 @@ def encode_prompt(tokenizer: Any, prompt: str, chat: bool = False) -> list[int]:
 
 
 class LeftPadded:
-    """``Rows`` over a ``Step`` that runs one left-padded batch: every row takes every step (a row
-    that has ended is fed padding, its logits unused), so ``release`` frees nothing."""
+    """``Rows`` over a ``Step`` that runs one left-padded batch: one prefill, of rows 0 .. n-1 (as
+    ``decode`` makes it), then every row takes every step (a row that has ended is fed padding, its
+    logits unused), so ``release`` frees nothing."""
 
     def __init__(self, step: Step, pad_id: int):
         self.step, self.pad_id = step, pad_id
 
     def prefill(self, rows: Sequence[int], prompts: Sequence[Sequence[int]], chunk_tokens: int = 0) -> list[np.ndarray]:
-        self.ids, self.mask = left_pad(prompts, self.pad_id)
+        if list(rows) != list(range(len(prompts))):
+            raise ValueError("a left-padded batch is prefilled once, rows 0 .. n-1 in order")
+        ids, self.mask = left_pad(prompts, self.pad_id)
         self.pos = positions(self.mask)
-        return list(self.step(self.ids, self.mask, self.pos))
+        return list(self.step(ids, self.mask, self.pos))
 
     def decode(self, rows: Sequence[int], tokens: Sequence[int]) -> np.ndarray:
         n = len(self.mask)
