@@ -237,8 +237,9 @@ def export_onnx(model_dir_or_name: str | os.PathLike, out_dir: str | os.PathLike
         raise ParameterError("max_length", f"must be at least 1, got {max_length}")
     out = check_output_dir(out_dir, overwrite)
     source_ref = resolve_model(model_dir_or_name, accept=CHECKPOINTS)  # fail on a bad source before any work
-    attention = attention or default_form(source_ref)
-    if attention == GQA:
+    if attention is None:
+        attention = default_form(source_ref)  # gqa only where check_gqa passes
+    elif attention == GQA:
         check_gqa(source_ref.hf_config())
     if verify and max_length is not None:
         _check_verification_fits(source_ref, max_length)

@@ -140,8 +140,7 @@ def _rotary_caches(model: FlapLlamaForCausalLM, max_length: int) -> tuple[np.nda
     return (freqs.cos() * scale).numpy(), (freqs.sin() * scale).numpy()
 
 
-def _attention(w: _Writer, i: int, attn: Any, x: str, cfg: Any, rotary: tuple[str, str],
-               step: dict[str, str]) -> str:
+def _attention(w: _Writer, i: int, attn: Any, x: str, cfg: Any, rotary: tuple[str, str]) -> str:
     """One layer's attention, before o_proj: projections, q/k norms (Qwen3), GroupQueryAttention."""
     hd = cfg.head_dim
     prefix = f"model.layers.{i}.self_attn"
@@ -174,8 +173,8 @@ def _attention(w: _Writer, i: int, attn: Any, x: str, cfg: Any, rotary: tuple[st
     past_k, past_v = f"past_key_values.{i}.key", f"past_key_values.{i}.value"
     out, _, _ = w.node(
         "GroupQueryAttention",
-        qkv + [past_k, past_v, step[SEQLENS_K], step[TOTAL_SEQUENCE_LENGTH], rotary[0], rotary[1],
-               "", "", "", "", "", "", "", step[QUERY_SEQLENS]],
+        qkv + [past_k, past_v, SEQLENS_K, TOTAL_SEQUENCE_LENGTH, rotary[0], rotary[1],
+               "", "", "", "", "", "", "", QUERY_SEQLENS],
         [w.name("attention"), f"present.{i}.key", f"present.{i}.value"], domain=MS,
         num_heads=heads, kv_num_heads=kv_heads, scale=float(attn.scaling), do_rotary=1, rotary_interleaved=0,
         local_window_size=int(cfg.sliding_window or -1),
@@ -192,7 +191,6 @@ def build_gqa_model(model: FlapLlamaForCausalLM, *, max_length: int, opset: int,
     w = _Writer(dtype, data, data_name)
     elem = ONNX_TYPES[dtype]
     layers = cache_layers(cfg)
-    step = {n: n for n in (SEQLENS_K, QUERY_SEQLENS, TOTAL_SEQUENCE_LENGTH)}
     cos, sin = _rotary_caches(model, max_length)
     rotary = (w.const("rotary.cos_cache", cos.astype(dtype)), w.const("rotary.sin_cache", sin.astype(dtype)))
 
@@ -204,7 +202,7 @@ def build_gqa_model(model: FlapLlamaForCausalLM, *, max_length: int, opset: int,
         if layer.has_attention:
             x = residual.norm(layer.input_layernorm.weight, f"model.layers.{i}.input_layernorm.weight")
             attn = layer.self_attn
-            out = _attention(w, i, attn, x, cfg, rotary, step)
+            out = _attention(w, i, attn, x, cfg, rotary)
             residual.block = w.linear(out, attn.o_proj.weight, f"model.layers.{i}.self_attn.o_proj.weight_t")
             residual.add_bias(attn.o_proj.bias)
         elif layer.self_attn is not None:
