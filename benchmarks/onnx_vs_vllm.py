@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -87,7 +86,7 @@ def main() -> int:
     from serving.backends import BACKENDS
     from serving.measure.bench import run_bench
     from serving.measure.bench_report import summary_rows
-    from serving.measure.compare import SUMMARY_KEYS, launched_servers
+    from serving.measure.compare import launched_servers, median_rows
     from serving.measure.workload import parse_workload
 
     ref = resolve_model(args.model)
@@ -123,10 +122,8 @@ def main() -> int:
     medians = []
     for key, runs in rows.items():
         name, p, o, level = key.split("|")
-        row = {"server": name, "prompt_tokens": int(p), "output_tokens": int(o), "concurrency": int(level),
-               "failed": sum(r["failed"] for r in runs), "repeats": len(runs)}
-        row.update({k: statistics.median(r[k] for r in runs) for k in SUMMARY_KEYS})
-        medians.append(row)
+        medians.append({"server": name, "prompt_tokens": int(p), "output_tokens": int(o), "concurrency": int(level),
+                        **median_rows([[r] for r in runs])[0]})
     result = {
         "model": str(ref.path), "servers": {n: {"backend": b, "serves": str(m)} for n, (b, m) in targets.items()},
         "setup": {"concurrency": args.concurrency, "shapes": args.shapes, "num_prompts": args.num_prompts,

@@ -121,7 +121,7 @@ def launched_servers(settings: dict[str, ServerSettings], backend: Backend, *, s
 # ------------------------------------------------------------------------------ the comparison
 
 
-def _median_rows(runs: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+def median_rows(runs: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
     """Median over repeats of each summary figure, per concurrency level."""
     out = []
     for level_rows in zip(*runs):
@@ -192,7 +192,7 @@ def compare(dense: str, pruned: str, *, backend: str | None = None, out_dir: str
         return summary_rows(result)  # per-request timings stay out of the report
 
     start_s, rows = _run_schedule(b, settings, servers, repeats, concurrency, measure, startup_timeout)
-    medians = {name: _median_rows([rows[rep, name] for rep in range(repeats)]) for name in ("dense", "pruned")}
+    medians = {name: median_rows([rows[rep, name] for rep in range(repeats)]) for name in ("dense", "pruned")}
     report = {
         "backend": b.name, "dense": str(dense), "pruned": str(pruned),
         "workload": {"workload": str(workload), "prompts": prompts, "num_prompts": num_prompts,
