@@ -137,7 +137,10 @@ def measure_costs(args, data: dict, save: Callable[[], None]) -> None:
     import tempfile
 
     dense_runs = [dense_forward_cost(args)]
-    todo = [(name, kw) for name, kw in main_methods(args.methods) if not (args.resume and name in data["cost"])]
+    methods = main_methods(args.methods)
+    if args.levers:  # the search as a user runs it: the default's prune plus --search, in the same fresh process
+        methods += [(f"search evo {b}", dict(search="evo", search_budget=b)) for b in args.search_budgets[:1]]
+    todo = [(name, kw) for name, kw in methods if not (args.resume and name in data["cost"])]
     with tempfile.TemporaryDirectory() as tmp:
         costs = {name: cli_prune_cost(args, dict(kw, ratio=0.2), Path(tmp) / "pruned") for name, kw in todo}
     dense_runs.append(dense_forward_cost(args))
@@ -235,7 +238,7 @@ def row(name: str, group: str, result, kw: dict) -> dict:
             "reconstruct": p["reconstruction"]["mode"], "ridge": p["reconstruction"]["ridge"],
             "attn_granularity": p["attn_granularity"], "calibration": p["calibration"],
             "search": p.get("search"), "heal": p.get("heal"),
-            **{k: v for k, v in kw.items() if k in ("modules", "refit", "seconds", "checkpoint")}}
+            **{k: v for k, v in kw.items() if k in ("modules", "refit", "seconds", "search_s", "checkpoint") and v is not None}}
 
 
 # ---------------------------------------------------------------- report
@@ -259,7 +262,7 @@ def write(out: Path, data: dict) -> None:
         "",
     ]
     for group, title in (("main", "Methods at the same budget"), ("study", "Study (FLAP masks; reconstruction variants)"),
-                         ("levers", "Levers: width search and heal (wall time on the machine named below, loaded)")):
+                         ("levers", "Levers: width search and heal (wall time on the machine named below)")):
         rows = [r for r in data["models"] if r["group"] in (group, "dense")]
         if len(rows) <= 1:
             continue
@@ -286,11 +289,14 @@ def write(out: Path, data: dict) -> None:
                   "start to its exit (interpreter and imports included); peak RSS as the command reports it. "
                   "Dense forward: one decoder forward over the same calibration windows in its own process, the "
                   "mean of one run before and one after the prunes.", "",
-                  "| method | prune (s) | dense forward (s) | prune / dense forward | peak RSS (MiB) |",
-                  "|---|---:|---:|---:|---:|"]
+                  "| method | prune (s) | dense forward (s) | prune / dense forward | of which search / dense forward "
+                  "| peak RSS (MiB) |",
+                  "|---|---:|---:|---:|---:|---:|"]
         for name, cst in data["cost"].items():
+            search_s = cst["timings"].get("search_s")
+            search = f"{search_s / cst['dense_forward_s']:.2f} ({search_s:.0f} s)" if search_s is not None else "-"
             lines.append(f"| {name} | {cst['prune_s']:.1f} | {cst['dense_forward_s']:.1f} | "
-                         f"**{cst['prune_over_dense_forward']:.2f}** | {cst['peak_rss_mib']:.0f} |")
+                         f"**{cst['prune_over_dense_forward']:.2f}** | {search} | {cst['peak_rss_mib']:.0f} |")
         lines.append("")
     lines += [f"Machine: {data['machine']}; torch {data['torch']}; flap-deploy {data['package_version']}."]
     (out / "quality.md").write_text("\n".join(lines) + "\n")
@@ -308,7 +314,7 @@ def lever_recipes(data: dict) -> list[str]:
             parts.append(f"`--search {s['name']} --search-budget {s['budget']}` (seed {s['seed']}, windows "
                          f"{s['windows'][0]}/{s['windows'][1]}, {s['evaluations']:g} evaluations, {s['generations']} "
                          f"generations, {s['improvements']} improvements; KL on the large set {s['start_kl']:.4f} → "
-                         f"{s['kl']:.4f})")
+                         f"{s['kl']:.4f}" + (f"; search {r['search_s']:.0f} s" if r.get("search_s") else "") + ")")
         for h in r.get("heal") or []:
             lora = f"LoRA rank {h['lora_rank']}" if h["mode"] == "lora" else "full"
             speed = f", {h['tokens'] / r['seconds']:.0f} tokens/s" if r.get("seconds") else ""
@@ -471,7 +477,8 @@ def run(args) -> None:
             started = time.perf_counter()
             result = make()
             if group == "levers":  # a heal's training time to its tokens, not its base prune's (shared)
-                extra = {**extra, "seconds": result.timings.get("heal_s", time.perf_counter() - started)}
+                extra = {**extra, "seconds": result.timings.get("heal_s", time.perf_counter() - started),
+                         "search_s": result.timings.get("search_s")}
             r = row(name, group, result, extra)
             r["method_name"] = method_name
             data["models"].append(r)
@@ -575,7 +582,7 @@ def levers(args, ratio: float, add, cache: dict, ls) -> None:
     for key, kw, name in searches:
         add(f"{name} {tag}", "levers", name, lambda key=key, kw=kw: pruned(key, **kw), checkpoint=checkpoint_name(key))
     for key, kw, name in [(("default", ratio), {}, "default"), *searches[:1]]:
-        for tokens in sorted(args.heal_tokens):
+        for tokens in sorted(args.heal_tokens) if ratio in args.heal_ratios else []:
             size = f"{tokens // 1024}k" if tokens % 1024 == 0 else f"{tokens}"
             label = f"{'' if name == 'default' else name + ' + '}heal {size}"
             add(f"{label} {tag}", "levers", label, lambda key=key, kw=kw, tokens=tokens: healed(key, tokens, **kw),
@@ -621,6 +628,8 @@ def main() -> None:
                     help="Width-search budgets in evaluations (default 100); the first is also healed.")
     ap.add_argument("--heal-tokens", type=ints, default=[65_536, 262_144],
                     help="Heal token budgets (default 65536,262144), one training state continued.")
+    ap.add_argument("--heal-ratios", type=floats,
+                    help="Ratios of the heal rows (default: every --lever-ratios; among them).")
     ap.add_argument("--work", type=Path, default=Path("/tmp/flap-quality-levers"),
                     help="Healed checkpoints and their training states (default /tmp/flap-quality-levers).")
     ap.add_argument("--tasks", action="store_true",
@@ -646,6 +655,8 @@ def main() -> None:
     args.task_limit = None
     if args.cost_child:
         return cost_child(args)
+    if args.heal_ratios is None:
+        args.heal_ratios = args.lever_ratios
     if args.smoke:
         args.ratios, args.study_ratios, args.nsamples, args.seqlen = [0.2], [0.2], 8, 32
         args.max_tokens, args.eval_seqlen, args.study_nsamples = 1024, 256, [4, 8]
