@@ -62,7 +62,7 @@ from flap_deploy.io.text import load_text, python_docs_text  # noqa: E402
 from flap_deploy.pruning.calibration import calibration_windows  # noqa: E402
 from flap_deploy.pruning.compress import compress  # noqa: E402
 from flap_deploy.pruning.methods import RECONSTRUCTIONS  # noqa: E402
-from flap_deploy.pruning.pipeline import collect_statistics, linear_weights  # noqa: E402
+from flap_deploy.pruning.pipeline import PrunedModel, collect_statistics, linear_weights  # noqa: E402
 from flap_deploy.pruning.reconstruct import refit_layers  # noqa: E402
 
 WIKITEXT = REPO.parent / "shared" / "data" / "wikitext-2"
@@ -560,9 +560,13 @@ def levers(args, ratio: float, add, cache: dict, ls) -> None:
     tag = f"{ratio:.0%}"
 
     def pruned(key, **kw):  # the checkpoint a lever starts from, pruned once and kept in --work (for --tasks)
+        path = args.work / checkpoint_name(key)
+        if key not in cache and (path / "config.json").is_file():  # a later run heals on: no second search
+            provenance = json.loads((path / "config.json").read_text())["flap"]
+            cache[key] = PrunedModel(path=path, masks=[], provenance=provenance)
         if key not in cache:
             cache[key] = ls(**kw)()
-            cache[key].save(args.work / checkpoint_name(key), overwrite=True)
+            cache[key].save(path, overwrite=True)
         return cache[key]
 
     def healed(key, tokens, **kw):
@@ -579,6 +583,7 @@ def levers(args, ratio: float, add, cache: dict, ls) -> None:
 
     searches = [(("search", ratio, b), dict(search="evo", search_budget=str(b)), f"search evo {b}")
                 for b in args.search_budgets]
+    pruned(("default", ratio))  # kept at every lever ratio, so that --tasks has the default beside the levers
     for key, kw, name in searches:
         add(f"{name} {tag}", "levers", name, lambda key=key, kw=kw: pruned(key, **kw), checkpoint=checkpoint_name(key))
     for key, kw, name in [(("default", ratio), {}, "default"), *searches[:1]]:
