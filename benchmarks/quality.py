@@ -666,7 +666,9 @@ def main() -> None:
         args.ratios, args.study_ratios, args.nsamples, args.seqlen = [0.2], [0.2], 8, 32
         args.max_tokens, args.eval_seqlen, args.study_nsamples = 1024, 256, [4, 8]
         args.ridges, args.sequential_ridges = [0.1, 1.0], [1.0]
-        args.lever_ratios, args.search_budgets, args.heal_tokens = [0.2], [6], [256, 512]
+        args.lever_ratios, args.search_budgets = [0.2], [6]
+        if args.heal_tokens == ap.get_default("heal_tokens"):  # a given list is kept: it proves --resume heals on
+            args.heal_tokens = [256, 512]
         args.task_limit = 8
     if args.replot:
         data = json.loads((args.out / "quality.json").read_text())
