@@ -18,8 +18,9 @@ full covariances (``collect_statistics(covariance=True)``), so only the refits d
 Levers (--levers, issue 25), at every --lever-ratios, beside the default of the main table (same
 statistics, same reconstruction): the width search (``--search evo``) at every --search-budgets; the
 default healed (``flap_deploy.heal``, KL to the dense model, LoRA) on WikiText-2 valid at every
---heal-tokens; the searched widths healed the same way. The heal budgets of one model continue one
-training state (a run to N tokens is the start of a longer one), kept in --work. Each lever row
+--heal-tokens; the searched widths healed the same way (at every --heal-ratios). The heal budgets of one
+model continue one training state (a run to N tokens is the start of a longer one), kept in --work with
+the checkpoints, which a later run reuses. Each lever row
 records its wall time: prune + search, or the heal's training time to its tokens (summed over the
 runs that continued its state); both depend on the machine's load.
 
@@ -238,7 +239,8 @@ def row(name: str, group: str, result, kw: dict) -> dict:
             "reconstruct": p["reconstruction"]["mode"], "ridge": p["reconstruction"]["ridge"],
             "attn_granularity": p["attn_granularity"], "calibration": p["calibration"],
             "search": p.get("search"), "heal": p.get("heal"),
-            **{k: v for k, v in kw.items() if k in ("modules", "refit", "seconds", "search_s", "checkpoint") and v is not None}}
+            **{k: v for k, v in kw.items()
+               if k in ("modules", "refit", "seconds", "search_s", "checkpoint") and v is not None}}
 
 
 # ---------------------------------------------------------------- report
@@ -563,7 +565,9 @@ def levers(args, ratio: float, add, cache: dict, ls) -> None:
         path = args.work / checkpoint_name(key)
         if key not in cache and (path / "config.json").is_file():  # a later run heals on: no second search
             provenance = json.loads((path / "config.json").read_text())["flap"]
-            cache[key] = PrunedModel(path=path, masks=[], provenance=provenance)
+            cal = provenance["calibration"]
+            if (cal["samples"], cal["seqlen"], provenance["target_ratio"]) == (args.nsamples, args.seqlen, ratio):
+                cache[key] = PrunedModel(path=path, masks=[], provenance=provenance)
         if key not in cache:
             cache[key] = ls(**kw)()
             cache[key].save(path, overwrite=True)
@@ -583,7 +587,8 @@ def levers(args, ratio: float, add, cache: dict, ls) -> None:
 
     searches = [(("search", ratio, b), dict(search="evo", search_budget=str(b)), f"search evo {b}")
                 for b in args.search_budgets]
-    pruned(("default", ratio))  # kept at every lever ratio, so that --tasks has the default beside the levers
+    if args.tasks:  # the default kept at every lever ratio, so that its task figures stand beside the levers'
+        pruned(("default", ratio))
     for key, kw, name in searches:
         add(f"{name} {tag}", "levers", name, lambda key=key, kw=kw: pruned(key, **kw), checkpoint=checkpoint_name(key))
     for key, kw, name in [(("default", ratio), {}, "default"), *searches[:1]]:
