@@ -499,6 +499,11 @@ def run(args) -> None:
                     cache[key] = prune(dense, replace(cfg, reconstruct="bias"), tokenizer=tok, statistics=stats())
                 return cache[key]
 
+            def default(cfg=cfg, key=("default", ratio)):  # the default's prune, shared with the lever rows
+                if key not in cache:
+                    cache[key] = prune(dense, cfg, tokenizer=tok, statistics=stats())
+                return cache[key]
+
             def ls(cfg=cfg, **kw):
                 return lambda: prune(dense, replace(cfg, reconstruct="ls", **kw), tokenizer=tok, statistics=stats())
 
@@ -515,6 +520,8 @@ def run(args) -> None:
                         make = lambda kw=kw: prune(dense, replace(cfg, **kw), tokenizer=tok)  # noqa: E731
                     elif kw.get("reconstruct") == "bias":
                         make = bias
+                    elif not kw:
+                        make = default
                     else:
                         make = lambda kw=kw, cfg=cfg: prune(dense, replace(cfg, **kw), tokenizer=tok,  # noqa: E731
                                                             statistics=stats())
@@ -570,7 +577,7 @@ def levers(args, ratio: float, add, cache: dict, ls) -> None:
                 cache[key] = PrunedModel(path=path, masks=[], provenance=provenance)
         if key not in cache:
             cache[key] = ls(**kw)()
-            cache[key].save(path, overwrite=True)
+        cache[key].save(path, overwrite=True)  # nothing to do where it already is
         return cache[key]
 
     def healed(key, tokens, **kw):
